@@ -1,0 +1,226 @@
+"""Architectures: what a ViT checkpoint's weights say it is, and building it without waste.
+
+`infer_arch` reads patch size, width, layers, image size, MLP ratio and embedding size from the
+tensor shapes (and head count / activation from a pickled module's records when there are any);
+`arch_for_name` reads open_clip's config for a model name; `build_clip` constructs the open_clip
+``CLIP`` for an architecture, on the meta device when asked, so no time goes into initialising
+weights that are about to be replaced.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import ArchitectureMismatchError, ConfigError
+
+__all__ = [
+    "VisionArch",
+    "OPENAI_MODEL_NAMES",
+    "arch_for_name",
+    "infer_arch",
+    "build_clip",
+    "check_arch",
+    "name_for_arch",
+]
+
+log = logging.getLogger(__name__)
+
+# Architectures OpenAI released; the task-arithmetic checkpoints come from their weights, whose
+# transformer uses QuickGELU, so these names default to QuickGELU here.
+OPENAI_MODEL_NAMES = frozenset(
+    {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"}
+)
+_SHAPE_FIELDS = ("image_size", "patch_size", "width", "layers", "mlp_ratio", "embed_dim")
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """A ViT CLIP image tower plus the shapes of the text pieces an ImageEncoder keeps."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    embed_dim: int
+    quick_gelu: bool | None = None
+    text_context_length: int = 77
+    text_vocab_size: int = 49408
+    text_width: int = 512
+
+    def describe(self) -> str:
+        act = {True: ", QuickGELU", False: ", GELU", None: ""}[self.quick_gelu]
+        return (f"patch {self.patch_size}, width {self.width}, {self.layers} layers, "
+                f"{self.image_size} px, embed {self.embed_dim}{act}")
+
+    def shapes(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in _SHAPE_FIELDS)
+
+    def vision_cfg(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.width,
+                "layers": self.layers, "head_width": self.width // max(1, self.heads),
+                "mlp_ratio": self.mlp_ratio}
+
+    def text_cfg(self) -> dict[str, Any]:
+        # The text transformer is deleted right after construction; one block keeps it cheap.
+        return {"context_length": self.text_context_length, "vocab_size": self.text_vocab_size,
+                "width": self.text_width, "heads": max(1, self.text_width // 64), "layers": 1}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _registry() -> dict[str, VisionArch]:
+    """Every plain-ViT model config open_clip ships, as VisionArch."""
+    import open_clip
+
+    out: dict[str, VisionArch] = {}
+    for name in open_clip.list_models():
+        try:
+            out[name] = _arch_from_config(name, open_clip.get_model_config(name))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _arch_from_config(name: str, cfg: Mapping[str, Any] | None) -> VisionArch:
+    if not cfg:
+        raise KeyError(name)
+    v, t = dict(cfg["vision_cfg"]), dict(cfg.get("text_cfg", {}))
+    if v.get("timm_model_name") or not isinstance(v.get("layers"), int) or "patch_size" not in v:
+        raise ValueError(f"{name} is not a plain ViT")
+    extra = set(v) - {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+    if extra - {"ls_init_value", "patch_dropout"} or v.get("ls_init_value"):
+        raise ValueError(f"{name} has vision options this loader does not build: {sorted(extra)}")
+    width = int(v.get("width", 768))
+    image_size = v.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if image_size[0] != image_size[1]:
+            raise ValueError("non-square")
+        image_size = image_size[0]
+    quick = cfg.get("quick_gelu")
+    if quick is None:
+        quick = True if _base_name(name) in OPENAI_MODEL_NAMES else False
+    return VisionArch(
+        image_size=int(image_size), patch_size=int(v["patch_size"]), width=width,
+        layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
+        mlp_ratio=float(v.get("mlp_ratio", 4.0)), embed_dim=int(cfg["embed_dim"]),
+        quick_gelu=bool(quick), text_context_length=int(t.get("context_length", 77)),
+        text_vocab_size=int(t.get("vocab_size", 49408)), text_width=int(t.get("width", 512)),
+    )
+
+
+def _base_name(name: str) -> str:
+    return re.sub(r"-quickgelu$", "", name)
+
+
+def arch_for_name(model_name: str, quick_gelu: bool | None = None) -> VisionArch:
+    """The architecture open_clip's config gives ``model_name``.
+
+    OpenAI names (ViT-B-32, ViT-B-16, ViT-L-14, ...) mean QuickGELU unless ``quick_gelu`` says
+    otherwise, because the published checkpoints come from OpenAI's weights.
+    """
+    registry = _registry()
+    if model_name not in registry:
+        vits = sorted(n for n in registry if n.startswith("ViT"))
+        raise ConfigError(
+            f"model_name {model_name!r} is not an open_clip ViT config this loader can build. "
+            f"Known ViT names include: {', '.join(vits[:12])} ... ({len(registry)} in all). Leave "
+            "model_name out to infer the architecture from the weights.")
+    arch = registry[model_name]
+    if model_name.endswith("-quickgelu") or _base_name(model_name) in OPENAI_MODEL_NAMES:
+        arch = replace(arch, quick_gelu=True)
+    if quick_gelu is not None:
+        arch = replace(arch, quick_gelu=bool(quick_gelu))
+    return arch
+
+
+def name_for_arch(arch: VisionArch) -> str | None:
+    """The open_clip name whose config has these shapes (OpenAI names first), or None."""
+    matches = [n for n, a in _registry().items() if a.shapes() == arch.shapes()]
+    if not matches:
+        return None
+    matches.sort(key=lambda n: (_base_name(n) not in OPENAI_MODEL_NAMES, n.endswith("-quickgelu"), len(n), n))
+    return matches[0]
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any] | None = None,
+               *, source: str = "checkpoint") -> VisionArch:
+    """Read the architecture off normalised CLIP keys (``visual.*``, ``token_embedding.weight``...).
+
+    ``modules`` (from `pool.checkpoint.Checkpoint.modules`, keys without the ``model.`` prefix)
+    supplies what shapes cannot: the attention head count and QuickGELU vs GELU.
+    """
+    try:
+        conv = state_dict["visual.conv1.weight"]
+        pos = state_dict["visual.positional_embedding"]
+        proj = state_dict["visual.proj"]
+        fc = state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    except KeyError as exc:
+        raise ArchitectureMismatchError(
+            f"{source}: no ViT image tower found (missing {exc.args[0]!r}); expected an open_clip "
+            f"ViT CLIP image encoder. Keys seen: {', '.join(list(state_dict)[:6])} ...") from None
+    width, patch = int(conv.shape[0]), int(conv.shape[-1])
+    grid = int(round((pos.shape[0] - 1) ** 0.5))
+    layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith("visual.transformer.resblocks."))
+    heads, quick = width // 64, None
+    if modules:
+        attn = modules.get("visual.transformer.resblocks.0.attn")
+        if attn is not None and isinstance(attn.attributes.get("num_heads"), int):
+            heads = attn.attributes["num_heads"]
+        types = {m.type.rsplit(".", 1)[-1] for m in modules.values()}
+        if "QuickGELU" in types:
+            quick = True
+        elif "GELU" in types:
+            quick = False
+    text = state_dict.get("token_embedding.weight")
+    ctx = state_dict.get("positional_embedding")
+    return VisionArch(
+        image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=max(1, heads),
+        mlp_ratio=float(fc.shape[0]) / width, embed_dim=int(proj.shape[1]), quick_gelu=quick,
+        text_context_length=int(ctx.shape[0]) if ctx is not None else 77,
+        text_vocab_size=int(text.shape[0]) if text is not None else 49408,
+        text_width=int(text.shape[1]) if text is not None else int(proj.shape[1]),
+    )
+
+
+def _label(arch: VisionArch) -> str:
+    name = name_for_arch(arch)
+    return f"{name} ({arch.describe()})" if name else f"a custom ViT ({arch.describe()})"
+
+
+def check_arch(weights: VisionArch, configured: VisionArch, model_name: str, source: str) -> None:
+    """Raise ArchitectureMismatchError when the weights are not the configured architecture."""
+    if weights.shapes() == configured.shapes():
+        return
+    raise ArchitectureMismatchError(
+        f"{source}: weights are {_label(replace(weights, quick_gelu=None))}; config says "
+        f"{model_name} ({replace(configured, quick_gelu=None).describe()}). Set model_name to the "
+        "weights' architecture, or leave it out to infer it from the weights.")
+
+
+def build_clip(arch: VisionArch, *, device: str | torch.device = "meta") -> torch.nn.Module:
+    """An open_clip ``CLIP`` for ``arch`` with the text transformer removed.
+
+    On the meta device (the default) nothing is allocated or initialised: the caller assigns the
+    real tensors with ``load_state_dict(..., assign=True)``.
+    """
+    from open_clip.model import CLIP
+
+    with torch.device(device):
+        model = CLIP(arch.embed_dim, arch.vision_cfg(), arch.text_cfg(),
+                     quick_gelu=bool(arch.quick_gelu))
+    del model.transformer
+    if "attn_mask" in model._buffers:  # the text tower's causal mask: no text tower, no mask
+        del model._buffers["attn_mask"]
+        model.attn_mask = None
+    return model

@@ -1,0 +1,47 @@
+"""The exception hierarchy of `pool`.
+
+Every failure a user can cause is one of these, with a message that names the file (and the pool
+entry where there is one), what was expected, what was found and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PoolError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "CorruptCheckpointError",
+    "ArchitectureMismatchError",
+    "ConfigError",
+]
+
+
+class PoolError(Exception):
+    """Base of every error raised by `pool`."""
+
+
+class CheckpointError(PoolError):
+    """A checkpoint file cannot be used: base of all checkpoint problems."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file names a global that could run code or touch the system.
+
+    `globals` lists each offending ``module.name``; nothing from the file was executed.
+    """
+
+    def __init__(self, message: str, globals: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.globals = list(globals or [])
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Truncated, wrong magic, unreadable container or inconsistent tensor data."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """The weights do not fit the architecture the configuration names."""
+
+
+class ConfigError(PoolError, ValueError):
+    """A pool configuration is malformed or names an unknown entry."""

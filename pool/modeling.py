@@ -1,0 +1,212 @@
+"""`ImageEncoder` and `ClassificationHead`: the task-arithmetic modules, rebuilt safely.
+
+Both mirror the originals in ``src.modeling`` (attributes, forward, ``state_dict()`` keys) but are
+built from weights: the CLIP is constructed on the meta device and the checkpoint's tensors are
+assigned into it, so there is no download and no initialisation thrown away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import VisionArch, arch_for_name, build_clip, check_arch, infer_arch, name_for_arch
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import ArchitectureMismatchError, CheckpointError
+from .keys import ENCODER_PREFIX, TEXT_SIDE_KEYS, to_clip_keys
+
+__all__ = ["ImageEncoder", "ClassificationHead", "DType"]
+
+log = logging.getLogger(__name__)
+
+DType = torch.dtype | str | None
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def resolve_dtype(dtype: DType) -> torch.dtype | None:
+    """``"bf16"``, ``"torch.bfloat16"`` or a torch.dtype -> torch.dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _finish(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
+    dt = resolve_dtype(dtype)
+    if device is not None or dt is not None:
+        module = module.to(device=device, dtype=dt)
+    return module
+
+
+class ImageEncoder(nn.Module):
+    """An open_clip image encoder shaped like task_vectors' ``src.modeling.ImageEncoder``.
+
+    ``.model`` is the open_clip ``CLIP`` (text transformer removed), ``forward(images)`` is
+    ``model.encode_image(images)``, ``.train_preprocess`` / ``.val_preprocess`` are open_clip's
+    transforms for the architecture, ``.arch`` describes it, and ``state_dict()`` has the
+    original checkpoint's keys (``model.visual...``).
+    """
+
+    def __init__(self, model: nn.Module, train_preprocess: Any = None, val_preprocess: Any = None,
+                 *, arch: VisionArch | None = None, model_name: str | None = None,
+                 cache_dir: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.train_preprocess = train_preprocess
+        self.val_preprocess = val_preprocess
+        self.cache_dir = cache_dir
+        self.arch = arch
+        self.model_name = model_name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], *, model_name: str | None = None,
+                        quick_gelu: bool | None = None, device: Any = None, dtype: DType = None,
+                        modules: Mapping[str, Any] | None = None, source: str = "state dict") -> ImageEncoder:
+        """Build from tensors in any known key layout; infer or check the architecture.
+
+        ``model_name`` (an open_clip name) is checked against the weights; without it the
+        architecture is read from the tensor shapes. QuickGELU: an explicit ``quick_gelu`` wins,
+        then the activation class a pickle names, then the model name's default (OpenAI names
+        use QuickGELU).
+        """
+        sd = to_clip_keys(state_dict, source=source)
+        clip_modules = {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
+                        for k, v in (modules or {}).items()}
+        weights = infer_arch(sd, clip_modules, source=source)
+        if model_name:
+            arch = arch_for_name(model_name)
+            check_arch(weights, arch, model_name, source)
+            arch = replace(arch, heads=weights.heads if modules else arch.heads,
+                           text_context_length=weights.text_context_length,
+                           text_vocab_size=weights.text_vocab_size, text_width=weights.text_width)
+            if weights.quick_gelu is not None:
+                arch = replace(arch, quick_gelu=weights.quick_gelu)
+        else:
+            arch = weights if weights.quick_gelu is not None else replace(
+                weights, quick_gelu=_default_quick_gelu(weights))
+        if quick_gelu is not None:
+            arch = replace(arch, quick_gelu=bool(quick_gelu))
+        model = _assign(build_clip(arch), sd, source)
+        encoder = cls(model, *_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
+        return _finish(encoder, device, dtype)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
+        """Build from a `pool.checkpoint.Checkpoint` (uses its module records when it has them)."""
+        kwargs.setdefault("source", str(checkpoint.path))
+        return cls.from_state_dict(checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | PathLike[str], *, model_name: str | None = None, quick_gelu: bool | None = None,
+             device: Any = None, dtype: DType = None, mmap: bool | None = None) -> ImageEncoder:
+        """Read any supported encoder file (pickle, state dict, safetensors) and build it."""
+        ckpt = read_checkpoint(path, map_location=device, mmap=mmap)
+        return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
+                                   dtype=dtype)
+
+
+def _default_quick_gelu(arch: VisionArch) -> bool:
+    """No activation recorded: OpenAI shapes mean QuickGELU, as the published weights use it."""
+    name = name_for_arch(arch)
+    return arch_for_name(name).quick_gelu if name else True
+
+
+def _transforms(arch: VisionArch) -> tuple[Any, Any]:
+    import open_clip
+
+    return (open_clip.image_transform(arch.image_size, is_train=True),
+            open_clip.image_transform(arch.image_size, is_train=False))
+
+
+def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Assign checkpoint tensors into a meta-device CLIP; drop text-side parts the file lacks."""
+    expected = model.state_dict()
+    for key in TEXT_SIDE_KEYS:
+        if key in expected and key not in sd:
+            owner, _, leaf = key.rpartition(".")
+            target = model.get_submodule(owner) if owner else model
+            if owner and not any(k.startswith(owner + ".") and k in sd for k in expected):
+                delattr(model, owner)  # e.g. ln_final absent: drop the whole module
+            elif leaf in target._parameters:
+                del target._parameters[leaf]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ArchitectureMismatchError(
+            f"{source}: the weights do not fit the architecture: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}. Is this an open_clip ViT image encoder?")
+    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items() if sd[k].shape != v.shape]
+    if bad:
+        k, got, want = bad[0]
+        raise ArchitectureMismatchError(
+            f"{source}: tensor {k} has shape {got}, the architecture needs {want} "
+            f"({len(bad)} tensors differ).")
+    model.load_state_dict(sd, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ArchitectureMismatchError(f"{source}: no weights for {leftover[:5]}")
+    return model
+
+
+class ClassificationHead(nn.Linear):
+    """task_vectors' ``ClassificationHead``: a linear map, L2-normalising inputs when ``normalize``."""
+
+    def __init__(self, normalize: bool, weights: torch.Tensor, biases: torch.Tensor | None = None) -> None:
+        output_size, input_size = weights.shape
+        super().__init__(input_size, output_size, device="meta", dtype=weights.dtype)
+        self.normalize = bool(normalize)
+        self.weight = nn.Parameter(weights.detach().clone())
+        bias = biases if biases is not None else torch.zeros(output_size, dtype=weights.dtype)
+        self.bias = nn.Parameter(bias.detach().clone().to(weights.device))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            inputs = inputs / inputs.norm(dim=-1, keepdim=True)
+        return super().forward(inputs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, *, normalize: bool | None = None, device: Any = None,
+                        dtype: DType = None) -> ClassificationHead:
+        """Rebuild from a read checkpoint: weight, bias and the ``normalize`` flag it stored."""
+        sd = {k.removeprefix("module."): v for k, v in checkpoint.state_dict.items()}
+        weight = sd.get("weight")
+        if weight is None or weight.dim() != 2:
+            raise CheckpointError(
+                f"{checkpoint.path}: expected a classification head (a 'weight' of shape [classes, "
+                f"embed_dim]); found {', '.join(list(sd)[:5])}.")
+        stored = checkpoint.attributes.get("normalize", checkpoint.metadata.get("normalize"))
+        if normalize is None:
+            normalize = stored if stored is not None else True
+            if stored is None:
+                log.info("%s: no normalize flag stored; using normalize=True as task_vectors did", checkpoint.path)
+        if isinstance(normalize, str):
+            normalize = normalize.lower() in ("1", "true", "yes")
+        head = cls(bool(normalize), weight, sd.get("bias"))
+        return _finish(head, device, dtype)
+
+    @classmethod
+    def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,
+             dtype: DType = None) -> ClassificationHead:
+        """Read a head file (pickled ClassificationHead, state dict or safetensors) and build it."""
+        return cls.from_checkpoint(read_checkpoint(path, map_location=device), normalize=normalize,
+                                   device=device, dtype=dtype)

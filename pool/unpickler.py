@@ -1,0 +1,300 @@
+"""Restricted unpickling: turn pickle bytes into data without running anything from the file.
+
+A pickle names globals (``module.name``) and asks the reader to import and call them. This
+unpickler imports only a short allowlist of tensor-rebuilding functions and plain containers.
+Every other global becomes an inert stand-in class (`InertRecord`) that only remembers the
+arguments and state the pickle hands it. Globals that could run code or touch the system are
+refused outright with `UnsafeCheckpointError` (or, for `inspect`, recorded and kept inert).
+
+This module knows about torch tensors and storages, and nothing about open_clip or any model.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import pickle
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["InertRecord", "GlobalName", "RestrictedReader", "is_unsafe_global"]
+
+# Modules whose globals can run code, spawn processes, touch files or the network, or load more
+# pickles. A file naming any of them is refused even though its record would stay inert.
+_UNSAFE_MODULE_ROOTS = frozenset(
+    {
+        "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys",
+        "importlib", "runpy", "shutil", "socket", "_socket", "ctypes", "_ctypes", "pickle",
+        "_pickle", "marshal", "pty", "code", "codeop", "multiprocessing", "signal", "webbrowser",
+        "tempfile", "pathlib", "io", "_io", "asyncio", "threading", "_thread", "urllib", "http",
+        "ftplib", "smtplib", "telnetlib", "requests", "dill", "cloudpickle", "joblib", "pip",
+        "setuptools", "distutils", "zipimport", "pkgutil", "platform", "inspect", "gc", "weakref",
+        "operator", "functools", "types", "commands", "pdb", "bdb", "timeit",
+        "trace", "cProfile", "profile", "sqlite3", "mmap", "fcntl", "resource", "glob",
+    }
+)
+# torch entry points that read files, compile or execute code.
+_UNSAFE_TORCH_PREFIXES = (
+    "torch.load", "torch.save", "torch.hub", "torch.jit", "torch._C", "torch.ops",
+    "torch.utils.cpp_extension", "torch.package", "torch._dynamo", "torch.compile",
+    "torch.serialization", "torch.storage._load_from_file", "torch.from_file",
+    "torch.classes", "torch.library", "torch._ops", "torch.cuda",
+)
+# Plain builtins a state dict or module may legitimately name; every other builtin is refused.
+_SAFE_BUILTINS: dict[str, Any] = {
+    name: getattr(__import__("builtins"), name)
+    for name in (
+        "set", "frozenset", "slice", "complex", "bytearray", "list", "dict", "tuple",
+        "int", "float", "bool", "str", "bytes", "range", "object",
+    )
+}
+_TORCH_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                     "_rebuild_parameter", "_rebuild_parameter_with_state")
+
+
+@dataclass(frozen=True)
+class GlobalName:
+    """One ``module.name`` a file names, and whether it is on the unsafe list."""
+
+    module: str
+    name: str
+    unsafe: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def is_unsafe_global(module: str, name: str) -> bool:
+    """Whether a global could run code or touch the system if it were ever called."""
+    root = module.split(".", 1)[0]
+    if module == "builtins":
+        return name not in _SAFE_BUILTINS
+    if root in _UNSAFE_MODULE_ROOTS:
+        return True
+    dotted = f"{module}.{name}"
+    if dotted == "torch.storage._load_from_bytes":
+        return False  # read by this module's own rules, see RestrictedReader.load_from_bytes
+    return any(dotted == p or dotted.startswith(p + ".") or module == p or module.startswith(p + ".")
+               for p in _UNSAFE_TORCH_PREFIXES)
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Map Python 2 names (protocol-2 pickles write ``__builtin__.set``) as pickle itself does."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class InertRecord:
+    """Stand-in for an object of a class the file names. It runs nothing and keeps what the pickle
+    gave it: constructor arguments (`_pool_args`), state (`_pool_state`) and appended items."""
+
+    __pool_global__ = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InertRecord":
+        self = object.__new__(cls)
+        self.__dict__["_pool_args"] = args
+        self.__dict__["_pool_kwargs"] = kwargs
+        self.__dict__["_pool_state"] = None
+        self.__dict__["_pool_items"] = []
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # the class named by the file never runs
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_pool_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["_pool_items"].append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.__dict__["_pool_items"].append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__["_pool_items"].extend(values)
+
+    def __repr__(self) -> str:
+        return f"<inert {self.__pool_global__}>"
+
+
+def _inert_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """copyreg._reconstructor without calling the base class: objects stay inert."""
+    if isinstance(cls, type) and issubclass(cls, InertRecord):
+        return cls()
+    raise CorruptCheckpointError(f"copyreg._reconstructor called with {cls!r}, not a class record")
+
+
+def _rebuild_from_type_v2(func: Callable[..., Any], new_type: Any, args: tuple, state: Any) -> Any:
+    """torch._tensor._rebuild_from_type_v2 restricted to plain tensors and parameters."""
+    tensor = func(*args)
+    if not isinstance(tensor, torch.Tensor):
+        raise CorruptCheckpointError(f"tensor rebuild returned {type(tensor).__name__}, not a tensor")
+    if new_type is torch.nn.Parameter and not isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+    return tensor  # unknown tensor subclasses are read as plain tensors
+
+
+class RestrictedReader:
+    """One read of one file: the allowlist, the globals seen, and the nested-blob reader.
+
+    `module` is a pickle-module stand-in to hand to ``torch.load(pickle_module=...)``, so torch
+    still parses its own containers (zip, legacy, mmap) while every global goes through
+    `find_class` here.
+    """
+
+    def __init__(self, source: str, *, refuse_unsafe: bool = True, max_bytes: int | None = None,
+                 record_sizes: dict[str, int] | None = None) -> None:
+        self.source = source
+        self.refuse_unsafe = refuse_unsafe
+        self.max_bytes = max_bytes
+        self.record_sizes = record_sizes
+        self.globals: dict[tuple[str, str], GlobalName] = {}
+        self._inert_types: dict[tuple[str, str], type] = {}
+        self.module = self._make_pickle_module()
+
+    # -- globals -------------------------------------------------------------------------------
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve a global the file names: allowlisted object, inert class, or refusal."""
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise CorruptCheckpointError(f"{self.source}: pickle names a non-string global")
+        module, name = _python3_name(module, name)
+        unsafe = is_unsafe_global(module, name)
+        self.globals.setdefault((module, name), GlobalName(module, name, unsafe))
+        if unsafe:
+            if self.refuse_unsafe:
+                raise UnsafeCheckpointError(
+                    f"{self.source}: refused to load: the file names the global '{module}.{name}', "
+                    "which could run code or touch the system if called. Nothing from the file was "
+                    "executed. This is no checkpoint to keep using: get the file from a trusted "
+                    "source, or run `python -m pool inspect` on it to see every global it names.",
+                    [f"{module}.{name}"],
+                )
+            return self._inert(module, name)
+        allowed = self._allowed(module, name)
+        return allowed if allowed is not None else self._inert(module, name)
+
+    def _allowed(self, module: str, name: str) -> Any:
+        if module == "builtins":
+            return _SAFE_BUILTINS.get(name)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "copyreg" and name == "_reconstructor":
+            return _inert_reconstructor
+        if module == "torch._utils" and name in _TORCH_REBUILDERS:
+            return getattr(torch._utils, name, None)
+        if module in ("torch._tensor", "torch.tensor") and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type_v2
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return self.load_from_bytes
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if isinstance(obj, (torch.dtype, torch.memory_format, torch.layout)):
+                return obj
+            if name in ("Size", "device"):
+                return obj
+            if isinstance(obj, type) and name.endswith("Storage"):
+                return obj
+        if module == "torch.nn.parameter" and name == "Parameter":
+            return torch.nn.Parameter
+        return None
+
+    def _inert(self, module: str, name: str) -> type:
+        key = (module, name)
+        cls = self._inert_types.get(key)
+        if cls is None:
+            cls = type(name, (InertRecord,), {"__module__": module, "__qualname__": name,
+                                               "__pool_global__": f"{module}.{name}"})
+            self._inert_types[key] = cls
+        return cls
+
+    # -- nested legacy blobs ---------------------------------------------------------------------
+    def load_from_bytes(self, data: bytes) -> Any:
+        """Read a ``torch.storage._load_from_bytes`` blob (a legacy torch file) by the same rules."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise CorruptCheckpointError(f"{self.source}: storage blob is {type(data).__name__}, not bytes")
+        nested = RestrictedReader(self.source, refuse_unsafe=self.refuse_unsafe, max_bytes=len(data))
+        nested.globals = self.globals  # one list of globals for the whole file
+        nested._inert_types = self._inert_types
+        return nested.torch_load(io.BytesIO(bytes(data)), map_location="cpu", mmap=False)
+
+    def torch_load(self, f: Any, *, map_location: Any, mmap: bool) -> Any:
+        """torch's own container parsing, with this reader as its pickle module."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            warnings.filterwarnings("ignore", category=torch.serialization.SourceChangeWarning)
+            # The restricted reader's deliberate use of torch.load: pickle_module=self.module makes
+            # every global go through find_class above, so nothing from the file is imported or run.
+            return torch.load(f, map_location=map_location, pickle_module=self.module,  # noqa: S614
+                              mmap=mmap)
+
+    # -- storage size guard ----------------------------------------------------------------------
+    def check_storage(self, pid: Any) -> None:
+        """Refuse storages larger than the bytes that could hold them, before torch allocates."""
+        if not (isinstance(pid, tuple) and len(pid) >= 5):
+            return
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        dtype = getattr(storage_type, "dtype", torch.uint8)
+        if storage_type is torch.UntypedStorage:
+            dtype = torch.uint8
+        if not isinstance(numel, int) or numel < 0:
+            raise CorruptCheckpointError(f"{self.source}: storage {key!r} has invalid size {numel!r}")
+        nbytes = numel * torch._utils._element_size(dtype)
+        limit = self.max_bytes
+        if self.record_sizes is not None:
+            limit = self.record_sizes.get(str(key))
+            if limit is None:
+                raise CorruptCheckpointError(
+                    f"{self.source}: storage {key!r} is named by the pickle but the archive has no "
+                    "data record for it; the file is damaged: download it again.")
+        if limit is not None and nbytes > limit:
+            raise CorruptCheckpointError(
+                f"{self.source}: storage {key!r} claims {nbytes} bytes but only {limit} are "
+                "there; the file is truncated or damaged: download it again.")
+
+    def _make_pickle_module(self) -> types.SimpleNamespace:
+        reader = self
+
+        class Unpickler(pickle.Unpickler):
+            """pickle.Unpickler whose globals and persistent ids go through the reader."""
+
+            def find_class(self, module: str, name: str) -> Any:
+                return reader.find_class(module, name)
+
+            @property
+            def persistent_load(self) -> Callable[[Any], Any]:  # type: ignore[override]
+                return self._pool_checked_persistent_load
+
+            @persistent_load.setter
+            def persistent_load(self, fn: Callable[[Any], Any]) -> None:
+                self._pool_persistent_load = fn
+
+            def _pool_checked_persistent_load(self, pid: Any) -> Any:
+                fn = self.__dict__.get("_pool_persistent_load")
+                if fn is None:
+                    raise CorruptCheckpointError(
+                        f"{reader.source}: the pickle refers to external data (persistent id) "
+                        "but is not inside a torch container")
+                reader.check_storage(pid)
+                return fn(pid)
+
+        def load(file: Any, **kwargs: Any) -> Any:
+            return Unpickler(file, **kwargs).load()
+
+        return types.SimpleNamespace(__name__="pool.unpickler", Unpickler=Unpickler, load=load)
+
+    def unpickle(self, file: Any) -> Any:
+        """Unpickle a plain pickle stream (no torch container around it)."""
+        return self.module.Unpickler(file, encoding="utf-8").load()
+
+    @property
+    def named_globals(self) -> list[GlobalName]:
+        return list(self.globals.values())
+
