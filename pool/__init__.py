@@ -17,10 +17,12 @@ from .errors import (
     CheckpointError,
     ConfigError,
     CorruptCheckpointError,
+    DatasetError,
     PoolError,
     UnsafeCheckpointError,
 )
 from .modeling import ClassificationHead, ImageEncoder
+from .modelpool import OpenCLIPVisionModelPool
 
 __version__ = "0.1.0"
 
@@ -31,7 +33,9 @@ __all__ = [
     "ClassificationHead",
     "ConfigError",
     "CorruptCheckpointError",
+    "DatasetError",
     "ImageEncoder",
+    "OpenCLIPVisionModelPool",
     "PoolError",
     "UnsafeCheckpointError",
     "VisionArch",

@@ -13,6 +13,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ArchitectureMismatchError",
     "ConfigError",
+    "DatasetError",
 ]
 
 
@@ -45,3 +46,7 @@ class ArchitectureMismatchError(CheckpointError):
 
 class ConfigError(PoolError, ValueError):
     """A pool configuration is malformed or names an unknown entry."""
+
+
+class DatasetError(PoolError):
+    """A dataset entry cannot be loaded (unknown name, offline hub, unreadable directory)."""

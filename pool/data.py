@@ -1,0 +1,76 @@
+"""Dataset entries: a ``datasets.load_dataset`` string, a local directory, or a Hydra config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import DatasetError
+
+__all__ = ["load_dataset_entry", "SPLITS"]
+
+log = logging.getLogger(__name__)
+
+#: The split each pool section asks for, with the names tried when the first is absent.
+SPLITS = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("offline", "connection", "couldn't reach", "could not reach",
+                                   "max retries", "name resolution", "network", "timed out",
+                                   "hf_hub_offline", "not found on the hub"))
+
+
+def _load_string(spec: str, split: str, label: str) -> Any:
+    import datasets
+
+    local = Path(spec).expanduser()
+    candidates = SPLITS.get(split, (split,))
+    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(local))
+        if isinstance(loaded, datasets.DatasetDict):
+            for name in candidates:
+                if name in loaded:
+                    return loaded[name]
+            raise DatasetError(f"{label}: {local} has splits {list(loaded)}; none of {list(candidates)}.")
+        return loaded
+    last: Exception | None = None
+    for name in candidates:
+        try:
+            return datasets.load_dataset(spec, split=name)
+        except ValueError as exc:  # unknown split: try the next spelling
+            last = exc
+            if "split" not in str(exc).lower():
+                break
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; classify below
+            last = exc
+            break
+    assert last is not None
+    if not local.exists():
+        reason = "which could not be reached" if _is_offline_error(last) else "which failed"
+        raise DatasetError(
+            f"{label}: dataset {spec!r} is not a local directory ({local.absolute()} does not exist), "
+            f"so datasets looked for it on the Hugging Face hub, {reason} "
+            f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}). Download it "
+            "where there is network (datasets.load_dataset(...).save_to_disk(DIR)) and point the "
+            "config at DIR.") from last
+    raise DatasetError(f"{label}: dataset {spec!r} (split {split!r}) could not be loaded: "
+                       f"{type(last).__name__}: {last}") from last
+
+
+def load_dataset_entry(config: Any, split: str, label: str) -> Any:
+    """Load one dataset entry: a string goes to `datasets.load_dataset(string, split=...)` (or
+    `load_from_disk` for a saved directory); any other config goes to Hydra ``instantiate``."""
+    if isinstance(config, (str, Path)):
+        return _load_string(str(config), split, label)
+    if isinstance(config, Mapping) or hasattr(config, "keys"):
+        from hydra.utils import instantiate
+
+        try:
+            return instantiate(config)
+        except Exception as exc:  # noqa: BLE001 - report with the entry's name
+            raise DatasetError(f"{label}: instantiating {dict(config)!r} failed: {exc}") from exc
+    return config  # an already-built dataset object

@@ -1,0 +1,85 @@
+"""Pool entries: which configuration form an entry uses, and what it points at.
+
+One entry of ``models:`` or ``classification_heads:`` can be:
+
+* a string: the path of a checkpoint file (any container; a pickled encoder or head);
+* ``{model_name, pickle_path}`` or ``{model_name, state_dict_path}`` (``model_name`` optional:
+  the architecture is read from the weights), with optional ``quick_gelu``, ``normalize``;
+* a Hydra config with ``_target_`` (configs are trusted code: Hydra runs what it names);
+* an ``nn.Module`` instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["Entry", "resolve_entry", "is_special_name"]
+
+FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
+_OPTION_KEYS = {"model_name", "quick_gelu", "normalize", "dtype", "device", "mmap"}
+
+
+def is_special_name(name: str) -> bool:
+    """``_pretrained_`` and the like: kept out of `model_names`."""
+    return len(name) > 2 and name.startswith("_") and name.endswith("_")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A resolved pool entry: its form, file (if any) and options."""
+
+    name: str
+    section: str  # "models" or "classification_heads"
+    form: str
+    path: Path | None = None
+    model_name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    config: Any = None  # the Hydra config or module instance
+
+    @property
+    def label(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _plain(config: Any) -> Any:
+    """DictConfig -> dict with interpolations resolved; other values unchanged."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return config
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
+    """Classify one entry's configuration into an `Entry`."""
+    if isinstance(config, nn.Module):
+        return Entry(name, section, "module", config=config)
+    if isinstance(config, (str, Path)):
+        return Entry(name, section, "path", path=Path(config).expanduser())
+    if isinstance(config, Mapping) or hasattr(config, "keys"):
+        if "_target_" in config:
+            return Entry(name, section, "hydra", config=config)
+        plain = _plain(config)
+        options = {k: v for k, v in plain.items() if k in _OPTION_KEYS and k != "model_name"}
+        for form in ("pickle_path", "state_dict_path"):
+            if plain.get(form):
+                unknown = set(plain) - _OPTION_KEYS - {form}
+                if unknown:
+                    raise ConfigError(
+                        f"{section}.{name}: unknown keys {sorted(unknown)}; a {form} entry takes "
+                        f"{form} plus any of {sorted(_OPTION_KEYS)}.")
+                return Entry(name, section, form, path=Path(str(plain[form])).expanduser(),
+                             model_name=plain.get("model_name"), options=options)
+    raise ConfigError(
+        f"{section}.{name}: cannot tell how to load {config!r}. Give a checkpoint path string, "
+        "{model_name, pickle_path}, {model_name, state_dict_path}, a Hydra config with _target_, "
+        "or an nn.Module instance.")
