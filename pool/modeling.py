@@ -138,15 +138,14 @@ def _transforms(arch: VisionArch) -> tuple[Any, Any]:
 
 def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Assign checkpoint tensors into a meta-device CLIP; drop text-side parts the file lacks."""
-    expected = model.state_dict()
     for key in TEXT_SIDE_KEYS:
-        if key in expected and key not in sd:
-            owner, _, leaf = key.rpartition(".")
-            target = model.get_submodule(owner) if owner else model
-            if owner and not any(k.startswith(owner + ".") and k in sd for k in expected):
-                delattr(model, owner)  # e.g. ln_final absent: drop the whole module
-            elif leaf in target._parameters:
-                del target._parameters[leaf]
+        if key in sd or key not in model.state_dict():
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if owner and not any(k.startswith(owner + ".") for k in sd):
+            delattr(model, owner)  # e.g. no ln_final.* at all: drop the whole module
+        else:
+            del (model.get_submodule(owner) if owner else model)._parameters[leaf]
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
