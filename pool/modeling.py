@@ -116,8 +116,13 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, model_name: str | None = None, quick_gelu: bool | None = None,
-             device: Any = None, dtype: DType = None, mmap: bool | None = None) -> ImageEncoder:
-        """Read any supported encoder file (pickle, state dict, safetensors) and build it."""
+             device: Any = None, dtype: DType = None, mmap: bool | None = None,
+             map_location: Any = None) -> ImageEncoder:
+        """Read any supported encoder file (pickle, state dict, safetensors) and build it.
+
+        ``map_location`` is an alias of ``device``, as in ``torch.load``.
+        """
+        device = device if device is not None else map_location
         ckpt = read_checkpoint(path, map_location=device, mmap=mmap)
         return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
                                    dtype=dtype)
@@ -205,7 +210,8 @@ class ClassificationHead(nn.Linear):
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,
-             dtype: DType = None) -> ClassificationHead:
+             dtype: DType = None, map_location: Any = None) -> ClassificationHead:
         """Read a head file (pickled ClassificationHead, state dict or safetensors) and build it."""
+        device = device if device is not None else map_location
         return cls.from_checkpoint(read_checkpoint(path, map_location=device), normalize=normalize,
                                    device=device, dtype=dtype)

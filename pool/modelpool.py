@@ -167,11 +167,15 @@ class OpenCLIPVisionModelPool:
             raise _with_entry(exc, entry) from None
 
     # -- models ------------------------------------------------------------------------------------
-    def load_model(self, name_or_config: Any, *, device: Any = None, dtype: DType = None) -> nn.Module:
-        """Load one encoder by pool name (or from an inline configuration of any form)."""
+    def load_model(self, name_or_config: Any, *, device: Any = None, dtype: DType = None,
+                   map_location: Any = None) -> nn.Module:
+        """Load one encoder by pool name (or from an inline configuration of any form).
+
+        ``device`` (alias ``map_location``) and ``dtype`` override the entry's and the pool's.
+        """
         entry = self.entry(name_or_config, "models")
-        device = device if device is not None else entry.options.get("device", self.device)
-        dtype = dtype if dtype is not None else entry.options.get("dtype", self.dtype)
+        device = _first(device, map_location, entry.options.get("device"), self.device)
+        dtype = _first(dtype, entry.options.get("dtype"), self.dtype)
         start = time.perf_counter()
         if entry.form == "module":
             model = entry.config
@@ -217,11 +221,11 @@ class OpenCLIPVisionModelPool:
 
     # -- heads -------------------------------------------------------------------------------------
     def load_classification_head(self, name_or_config: Any, *, device: Any = None,
-                                 dtype: DType = None) -> nn.Module:
+                                 dtype: DType = None, map_location: Any = None) -> nn.Module:
         """Load one head by pool name (pickle path, {pickle_path/state_dict_path}, Hydra, instance)."""
         entry = self.entry(name_or_config, "classification_heads")
-        device = device if device is not None else entry.options.get("device", self.device)
-        dtype = dtype if dtype is not None else entry.options.get("dtype", self.dtype)
+        device = _first(device, map_location, entry.options.get("device"), self.device)
+        dtype = _first(dtype, entry.options.get("dtype"), self.dtype)
         if entry.form == "module":
             head = entry.config
         elif entry.form == "hydra":
@@ -318,6 +322,11 @@ def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None
             f"pool entry {name!r}: the classification head takes {in_features}-dim features but the "
             f"encoder produces {embed}-dim features; the head belongs to another architecture. Pair "
             "it with an encoder of that size or fix the config.")
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (None if all are)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _dtype(dtype: DType) -> Any:

@@ -136,9 +136,19 @@ def test_dtype_and_device_options(write_encoder):
     pool = OpenCLIPVisionModelPool(models={"a": str(path)}, dtype="bfloat16")
     encoder = pool.load_model("a")
     assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
-    encoder32 = pool.load_model("a", dtype=torch.float32, device="cpu")
+    encoder32 = pool.load_model("a", dtype=torch.float32, map_location="cpu")
     assert {p.dtype for p in encoder32.parameters()} == {torch.float32}
     assert {p.device.type for p in encoder32.parameters()} == {"cpu"}
+
+
+def test_entry_options_set_dtype(write_encoder, write_head):
+    path, _ = write_encoder("zip")
+    head_path, _ = write_head("pickle")
+    pool = OpenCLIPVisionModelPool(models={"a": {"pickle_path": str(path), "dtype": "float16"}},
+                                   classification_heads={"a": {"pickle_path": str(head_path), "dtype": "bf16"}})
+    assert {p.dtype for p in pool.load_model("a").parameters()} == {torch.float16}
+    assert pool.load_classification_head("a").weight.dtype == torch.bfloat16
+    assert pool.load_classification_head("a", dtype="float32").weight.dtype == torch.float32
 
 
 def test_loaded_encoder_has_no_meta_tensors_and_copies(write_encoder):
