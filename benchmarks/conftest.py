@@ -1,0 +1,125 @@
+"""Benchmark fixtures: architectures, cached synthesized checkpoints, the ratio summary.
+
+Architectures: ``$POOL_BENCH_ARCHS`` (comma separated, or ``all`` for ViT-B-32, ViT-B-16,
+ViT-L-14); unset, or with ``--benchmark-disable``, ViT-B-32 alone. Checkpoints are synthesized
+once under ``benchmarks/.cache/`` (random weights at the real size; never downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+
+def _disabled(config: pytest.Config) -> bool:
+    try:
+        return bool(config.getoption("benchmark_disable"))
+    except ValueError:
+        return True
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "arch" in metafunc.fixturenames:
+        metafunc.parametrize("arch", benchlib.selected_archs(_disabled(metafunc.config)), scope="session")
+
+
+@pytest.fixture(scope="session")
+def bench_disabled(request: pytest.FixtureRequest) -> bool:
+    """True for ``--benchmark-disable`` (each benchmark once, as a test)."""
+    return _disabled(request.config)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(arch: str) -> dict[str, Path]:
+    """``{form: path}`` for ``arch``: zip/legacy/pickle/state_dict/safetensors + finetuned_<i>."""
+    return benchlib.ensure_checkpoints(arch)
+
+
+@pytest.fixture(scope="session")
+def rounds(bench_disabled: bool) -> dict[str, int]:
+    """Rounds per kind of benchmark (``$POOL_BENCH_ROUNDS`` scales the slow ones)."""
+    slow = int(os.environ.get("POOL_BENCH_ROUNDS", "5"))
+    return {"fast": 20, "slow": slow, "manual": max(1, min(slow, 3))}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "open_clip", "safetensors", "numpy", "pool"):
+        try:
+            module = __import__(name)
+            out[name] = str(getattr(module, "__version__", "?"))
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def _host() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count()}
+    try:
+        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except (OSError, ValueError):
+        pass
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    machine_info["pool_versions"] = _versions()
+    machine_info["pool_host"] = _host()
+
+
+def summary() -> dict[str, Any]:
+    """Figures, ratios and memory results of this run, by architecture."""
+    out: dict[str, Any] = {"versions": _versions(), "host": _host(), "archs": {}}
+    for arch in sorted(set(benchlib.RESULTS) | set(benchlib.MEMORY)):
+        out["archs"][arch] = {"figures": benchlib.RESULTS.get(arch, {}), "ratios": benchlib.ratios(arch),
+                              "memory": benchlib.MEMORY.get(arch, {})}
+    return out
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    output_json["pool_summary"] = summary()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not benchlib.RESULTS and not benchlib.MEMORY:
+        return
+    tr = terminalreporter
+    mode = "each benchmark once (--benchmark-disable): indicative only" if _disabled(config) else "medians"
+    tr.write_sep("=", f"pool benchmarks: ratios in this run ({mode})")
+    for arch in sorted(set(benchlib.RESULTS) | set(benchlib.MEMORY)):
+        figures = benchlib.RESULTS.get(arch, {})
+        if figures:
+            tr.write_line(f"{arch}: load times (s)")
+            tr.write_line("  " + "  ".join(f"{k}={v['seconds']:.4g}" for k, v in figures.items()))
+            tr.write_line(f"  {'ratio':<30} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
+            for name, r in benchlib.ratios(arch).items():
+                met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+                tr.write_line(f"  {name:<30} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
+                              f"{r['denominator_s']:>12.4f}  {r['target']:>7}  {met}")
+        memory = benchlib.MEMORY.get(arch, {})
+        if memory:
+            tr.write_line(f"{arch}: peak RSS over the import-only baseline, vs one checkpoint's size")
+            for name, m in memory.items():
+                target = benchlib.MEMORY_TARGETS.get(name)
+                met = "-" if target is None else ("yes" if m["ratio"] <= target else "NO")
+                tr.write_line(f"  {name:<30} {m['ratio']:>8.2f}  peak +{m['peak_delta_mb']:.0f} MB "
+                              f"(anon {m.get('anon_delta_mb', 0):.0f} MB, file-backed {m.get('file_mb', 0):.0f} MB) "
+                              f"/ {m['checkpoint_mb']:.0f} MB  target <= {target if target else '-'}  {met}")

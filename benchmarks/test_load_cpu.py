@@ -1,0 +1,108 @@
+"""CPU load time: a ready `pool.ImageEncoder` from each form, beside the baselines of the same run.
+
+Baselines first (pytest runs functions in file order), so each of ours can put its ratio into
+``benchmark.extra_info``; the session summary prints every ratio against the issue's targets.
+No timing thresholds here: a benchmark fails only when loading fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import benchlib
+import pytest
+import torch
+
+from pool.modeling import ImageEncoder
+
+HERE = Path(__file__).resolve().parent
+OURS = [label for label, _, _ in benchlib.FORMS]
+
+
+def _info(benchmark, arch: str, label: str, role: str, path: Path | None, seconds: float, n: int, **extra) -> None:
+    benchmark.extra_info.update({"arch": arch, "label": label, "role": role, "median_s": seconds, "rounds": n,
+                                 "file_bytes": path.stat().st_size if path else None, **extra})
+    benchlib.record(arch, label, seconds, rounds=n, role=role, **extra)
+
+
+# -- baselines -------------------------------------------------------------------------------------
+def test_floor_torch_load_mmap(benchmark, arch, checkpoints, rounds):
+    """The floor: ``torch.load(state_dict_file, mmap=True, weights_only=True)`` of the same tensors."""
+    path = checkpoints["state_dict"]
+    benchmark.group = f"{arch} load"
+    seconds, n = benchlib.time_it(benchmark, lambda: torch.load(path, mmap=True, weights_only=True),
+                                  rounds=rounds["fast"])
+    _info(benchmark, arch, "floor", "baseline", path, seconds, n)
+
+
+def test_floor_torch_load_no_mmap(benchmark, arch, checkpoints, rounds):
+    """``torch.load(state_dict_file, weights_only=True)`` without mmap (BASELINES.md: 0.34 s)."""
+    path = checkpoints["state_dict"]
+    benchmark.group = f"{arch} load"
+    seconds, n = benchlib.time_it(benchmark, lambda: torch.load(path, weights_only=True),
+                                  rounds=rounds["slow"])
+    _info(benchmark, arch, "floor_nommap", "baseline", path, seconds, n)
+
+
+@pytest.mark.parametrize("form", ["legacy", "pickle"])
+def test_read_bytes_once(benchmark, arch, checkpoints, rounds, form):
+    """Reading the file's bytes once (``open(f).read()``): the yardstick for legacy/plain pickles."""
+    path = checkpoints[form]
+
+    def read() -> int:
+        with open(path, "rb") as f:
+            return len(f.read())
+
+    benchmark.group = f"{arch} load"
+    seconds, n = benchlib.time_it(benchmark, read, rounds=rounds["slow"])
+    _info(benchmark, arch, f"read_{form}", "baseline", path, seconds, n)
+
+
+def test_manual_careful_path(benchmark, arch, checkpoints, rounds):
+    """BASELINES.md's careful manual path (unsafe unpickle + shims, create_model, load_state_dict),
+    in a subprocess. The figure is the subprocess's own per-round time, imports excluded; the
+    pytest-benchmark wall time of this test includes interpreter start and imports."""
+    path = checkpoints["zip"]
+    n_rounds = rounds["manual"] if not getattr(benchmark, "disabled", False) else 1
+    cmd = [sys.executable, str(HERE / "manual_load.py"), "--arch", arch, "--rounds", str(n_rounds), str(path)]
+    out: dict = {}
+
+    def run() -> None:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise AssertionError(f"manual path failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    benchmark.group = f"{arch} manual (subprocess wall)"
+    benchlib.time_it(benchmark, run, rounds=1, warmup=0)
+    seconds = benchlib.median(out["total_s"])
+    _info(benchmark, arch, "manual", "baseline", path, seconds, len(out["total_s"]),
+          unpickle_s=benchlib.median(out["unpickle_s"]), create_and_load_s=benchlib.median(out["create_and_load_s"]),
+          inner_total_s=out["total_s"])
+
+
+def test_fusion_bench_pool(arch):
+    """fusion_bench's OpenCLIPVisionModelPool on the same files, when it is installed."""
+    pytest.importorskip("fusion_bench", reason="fusion_bench is not installed: no comparison with it in this run")
+    pytest.skip("fusion_bench is installed but its comparison is not written yet")
+
+
+# -- ours ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", OURS)
+def test_load_encoder(benchmark, arch, checkpoints, rounds, form):
+    """``ImageEncoder.load(path)`` -> a ready encoder, for each form."""
+    path = checkpoints[form]
+    encoder = ImageEncoder.load(path)  # fails loudly (not as a benchmark figure) if the form is broken
+    assert sum(p.numel() for p in encoder.parameters()) > 1_000_000
+    del encoder
+    slow = form in ("legacy", "pickle")
+    benchmark.group = f"{arch} load"
+    seconds, n = benchlib.time_it(benchmark, lambda: ImageEncoder.load(path),
+                                  rounds=rounds["slow"] if slow else rounds["fast"])
+    _info(benchmark, arch, form, "ours", path, seconds, n)
+    ratios = {name: round(r["ratio"], 3) for name, r in benchlib.ratios(arch).items()
+              if form == benchlib.TARGETS[name][0] or form == benchlib.TARGETS[name][1]}
+    benchmark.extra_info["ratios"] = ratios
