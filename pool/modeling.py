@@ -112,6 +112,8 @@ class ImageEncoder(nn.Module):
     def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
         """Build from a `pool.checkpoint.Checkpoint` (uses its module records when it has them)."""
         kwargs.setdefault("source", str(checkpoint.path))
+        if kwargs.get("quick_gelu") is None and not checkpoint.modules and "pool.quick_gelu" in checkpoint.metadata:
+            kwargs["quick_gelu"] = checkpoint.metadata["pool.quick_gelu"] == "true"  # written by convert
         return cls.from_state_dict(checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
 
     @classmethod

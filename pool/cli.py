@@ -1,0 +1,555 @@
+"""``python -m pool`` / ``openclip-pool``: verify, inspect, convert, synth.
+
+Exit status: 0 all good; 1 the command ran and found a problem (an entry failed, a file names
+unsafe globals, a conversion failed); 2 the command could not run as asked (usage, a missing or
+malformed config or input file, a destination that exists without --force).
+Errors are one paragraph on stderr; ``--debug`` adds the traceback and debug logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, PoolError
+from .report import Style, human_count, human_size, human_time, paragraph, table
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+PROG = "openclip-pool"
+
+
+class UsageError(PoolError):
+    """The command cannot run as asked: exit status 2."""
+
+
+# -- plumbing -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _logging(debug: bool) -> Iterator[None]:
+    """Library logs to stderr while the command runs: warnings, or everything with --debug."""
+    logger = logging.getLogger("pool")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if debug:
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+class _Progress:
+    """A tqdm bar on stderr, only when stderr is a terminal (and stdout is not JSON)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total > 0:
+            from tqdm import tqdm
+
+            try:
+                columns = os.get_terminal_size(sys.stderr.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                columns = 0
+            # a pty with no size set reports 0 columns, which tqdm would draw as nothing
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="entry",
+                            ncols=min(columns or 100, 120))
+        self.started = False
+
+    def tick(self, label: str) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_postfix_str(label, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.bar.close()
+
+
+def _stderr_tty() -> bool:
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename and str(exc.filename) not in text:
+            text += f": {exc.filename}"
+        return text
+    return str(exc) or type(exc).__name__
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda, cuda:1, mps ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+
+
+def _rel(path: str | Path | None, root: Path | None) -> str:
+    if path is None:
+        return "-"
+    p = Path(path)
+    if root is not None:
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            pass
+    return str(p)
+
+
+def _common_root(paths: Sequence[str]) -> Path | None:
+    if not paths:
+        return None
+    try:
+        common = Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
+    except ValueError:
+        return None
+    if len(paths) == 1 or common.suffix in (".pt", ".safetensors") or (common.exists() and common.is_file()):
+        common = common.parent
+    return common
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
+    from . import synth
+    from .verify import prepare_pool, verify_pool
+
+    _check_device(args.device)
+    json_target = args.json
+    if json_target not in (None, "-"):
+        parent = Path(json_target).expanduser().absolute().parent
+        if not parent.is_dir():
+            raise UsageError(f"--json {json_target}: the folder {parent} does not exist.")
+
+    def run(config: Path, label: str, note: str | None) -> int:
+        pool, models, heads = prepare_pool(config)
+        progress = _Progress(len(models) + len(heads), "verify", _stderr_tty() and json_target != "-")
+        try:
+            report = verify_pool(pool, models, heads, config_label=label, device=args.device,
+                                 integrity=args.integrity, debug=args.debug, progress=progress.tick)
+        finally:
+            progress.close()
+        report.note = note
+        if args.debug:
+            for entry in report.failed:
+                if entry.traceback:
+                    print(f"--- traceback for {entry.label} ---\n{entry.traceback}", file=sys.stderr)
+        payload = report.as_dict()
+        if json_target == "-":
+            print(json.dumps(payload, indent=2, default=str))
+        else:
+            print(_render_verify(report, config, out))
+            if json_target:
+                Path(json_target).expanduser().write_text(json.dumps(payload, indent=2, default=str) + "\n")
+                print(out.dim(f"JSON report written to {json_target}"))
+        return 0 if report.ok else 1
+
+    if args.config is None:
+        with tempfile.TemporaryDirectory(prefix="pool-verify-") as tmp:
+            if _stderr_tty() and json_target != "-":
+                print("synthesizing a tiny checkpoint tree ...", file=sys.stderr, end="\r", flush=True)
+            tree = synth.write_tree(tmp)
+            note = (f"embedded default: a tiny checkpoint tree in the task-arithmetic layout (every "
+                    f"container and form, heads, {len(tree.tasks)} tasks), synthesized in {tmp} and "
+                    "removed afterwards")
+            return run(tree.config, "embedded default", note)
+    config = Path(args.config).expanduser()
+    if config.is_dir():
+        inside = [c.name for c in (config / "pool.yaml", config / "pool.safetensors.yaml") if c.is_file()]
+        hint = f" It holds {', '.join(inside)}: pass that file." if inside else ""
+        raise ConfigError(f"{config.absolute()} is a folder, not a pool config (YAML) file.{hint}")
+    if not config.is_file():
+        raise ConfigError(f"pool config not found: {config.absolute()}. Pass a pool YAML file, or no "
+                          "argument to verify the embedded default.")
+    return run(config, str(config.absolute()), None)
+
+
+def _status(ok: bool, out: Style) -> str:
+    return out.ok("PASS") if ok else out.bad("FAIL")
+
+
+def _render_verify(report: Any, config: Path, out: Style) -> str:
+    models = [e for e in report.entries if e.section == "models"]
+    heads = [e for e in report.entries if e.section != "models"]
+    root = _common_root([e.file for e in report.entries if e.file])
+    lines = [out.bold("openclip-pool verify")]
+    if report.note:
+        lines.append(paragraph(report.note, prefix="  ", indent="  "))
+    lines.append(f"  config     {config if report.config == 'embedded default' else report.config}")
+    lines.append(f"  files      {root if root else '-'}")
+    lines.append(f"  device     {report.device}")
+    if report.integrity_checked:
+        lines.append("  integrity  checked before loading: zip CRC32 of every member, safetensors headers "
+                     "and offsets (legacy and pickle files carry no checksums)")
+    else:
+        lines.append("  integrity  " + out.warn("not checked") + " (add --integrity to check zip CRC32s and "
+                     "safetensors headers before loading)")
+    if models:
+        rows = []
+        for e in models:
+            arch = e.architecture or {}
+            arch_cell = arch.get("inferred") or "?"
+            if arch.get("configured"):
+                arch_cell += " = config" if arch.get("inferred") else f" (config: {arch['configured']})"
+            elif not arch:
+                arch_cell = "-"
+            fwd = e.forward or {}
+            if "output" in fwd:
+                fwd_cell = "x".join(map(str, fwd["output"])) + (" ok" if fwd.get("finite") else " NaN")
+            else:
+                fwd_cell = fwd.get("skipped", "-") if fwd else "-"
+            tv = e.task_vector or {}
+            tv_cell = f"{tv['l2_norm']:.4g}" if "l2_norm" in tv else ("skipped" if tv else "-")
+            rows.append([e.name, e.form, e.container or "-", _rel(e.file, root), arch_cell,
+                         human_count(e.params) if e.params is not None else "-",
+                         human_time(e.load_s) if e.load_s is not None else "-", fwd_cell, tv_cell,
+                         _status(e.ok, out)])
+        lines += ["", out.bold(f"models ({len(models)})"),
+                  table(["name", "form", "container", "file", "architecture", "params", "load", "forward",
+                         "task vector L2", "status"], rows, right=(5, 6, 8))]
+    if heads:
+        rows = []
+        for e in heads:
+            h = e.head or {}
+            logits = "x".join(map(str, h["logits"])) + " ok" if h.get("logits") and e.ok else "-"
+            paired = h.get("paired_with") or "-"
+            rows.append([e.name, e.form, e.container or "-", _rel(e.file, root),
+                         str(h.get("classes", "-")), str(h.get("input_dim", "-")),
+                         str(h.get("normalize", "-")).lower(), paired,
+                         human_time(e.load_s) if e.load_s is not None else "-", logits, _status(e.ok, out)])
+        lines += ["", out.bold(f"classification heads ({len(heads)})"),
+                  table(["name", "form", "container", "file", "classes", "dim", "normalize", "paired with",
+                         "load", "logits", "status"], rows, right=(4, 5, 8))]
+    if report.integrity_checked:
+        notes = [f"{e.label}: {e.integrity['detail']}" for e in report.entries
+                 if e.integrity and not e.integrity.get("checked")]
+        if notes:
+            lines += ["", out.bold("integrity notes")] + [paragraph(n, prefix="  ", indent="    ") for n in notes]
+    failed = report.failed
+    if failed:
+        lines += ["", out.bad(f"failures ({len(failed)})")]
+        lines += [paragraph(f"{e.label}: {e.error}", prefix="  ", indent="    ") for e in failed]
+    total = len(report.entries)
+    counts = (f"{sum(e.ok for e in models)}/{len(models)} models, "
+              f"{sum(e.ok for e in heads)}/{len(heads)} heads")
+    if report.ok:
+        summary = out.ok(f"all {total} entries passed") + f" ({counts}) in {human_time(report.seconds)}"
+    else:
+        summary = out.bad(f"{len(failed)} of {total} entries failed") + f" ({counts} passed) in {human_time(report.seconds)}"
+    lines += ["", summary]
+    return "\n".join(lines)
+
+
+# -- inspect --------------------------------------------------------------------------------------
+def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
+    from .convert import sha256_file
+    from .inspection import CONTAINER_NAMES, inspect_file
+
+    path = Path(args.checkpoint).expanduser()
+    if not path.exists():
+        from .checkpoint import sniff_container
+
+        sniff_container(path)  # raises the reader's not-found message (lists what is near)
+    if path.is_dir():
+        raise UsageError(f"{path.absolute()} is a folder; inspect takes one checkpoint file.")
+    info = inspect_file(path, sha256_file(path))
+    unsafe = info.unsafe
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2, default=str))
+    else:
+        rows = [
+            ("file", str(info.path.absolute())),
+            ("size", f"{human_size(info.size)} ({info.size:,} bytes)"),
+            ("sha256", info.sha256),
+            ("container", f"{info.container}: {CONTAINER_NAMES.get(info.container, info.container)}"),
+        ]
+        if info.error is None:
+            rows += [("root type", info.root_type or "-"), ("kind", info.description),
+                     ("keys", info.key_layout or "-"),
+                     ("tensors", f"{info.tensors} ("
+                      + ", ".join(f"{k} x{v}" for k, v in info.dtypes.items()) + ")"),
+                     ("parameters", f"{info.parameters:,}" + (f" ({human_count(info.parameters)})"
+                                                             if info.parameters >= 10_000 else ""))]
+        else:
+            rows.append(("tensors", "none: " + info.error.removeprefix(f"{info.path}: ")))
+        for key, value in sorted(info.metadata.items()):
+            rows.append((f"metadata {key}" if key != "format" else "metadata format", value))
+        if info.container != "safetensors":
+            count = f"{len(info.globals)} named, " + (out.bad(f"{len(unsafe)} UNSAFE") if unsafe else "none unsafe")
+            rows.append(("globals", count))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        for g in sorted(info.globals, key=lambda g: (not g.unsafe, str(g))):
+            flag = "  " + out.bad("UNSAFE: could run code or touch the system; pool refuses to load this file") if g.unsafe else ""
+            lines.append(f"  {g}{flag}")
+        print("\n".join(lines))
+    if unsafe:
+        _error(f"{path}: names {len(unsafe)} unsafe global(s): {', '.join(unsafe)}. They were listed, "
+               "not executed; pool refuses to load this file. Get the checkpoint from a trusted source.",
+               "inspect", args.prog)
+        return 1
+    if info.error is not None:
+        _error(info.error, "inspect", args.prog)
+        return 2
+    return 0
+
+
+# -- convert --------------------------------------------------------------------------------------
+def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
+    from .checkpoint import CheckpointNotFoundError
+    from .convert import DestinationExistsError, convert_file, convert_tree, plan_tree
+
+    if args.tree:
+        if args.source or args.destination:
+            raise UsageError("convert takes either SRC DST or --tree DIR, not both.")
+        try:
+            plan = plan_tree(args.tree, force=args.force)
+        except DestinationExistsError as exc:
+            raise UsageError(_message(exc)) from None
+        progress = _Progress(len(plan.items), "convert", _stderr_tty())
+        try:
+            results, configs = convert_tree(plan, force=args.force,
+                                            progress=lambda item: progress.tick(item.source.name))
+        finally:
+            progress.close()
+        root = plan.root.absolute()
+        rows = [[_rel(r.source.absolute(), root), _rel(r.destination.absolute(), root), r.kind or "-",
+                 (r.model_name or "custom ViT") if r.kind == "encoder" else (r.architecture or "-"),
+                 str(r.tensors or "-"), human_size(r.bytes) if r.bytes else "-",
+                 out.ok(r.status) if r.ok else out.bad(r.status)] for r in results]
+        lines = [out.bold(f"openclip-pool convert --tree {root}"),
+                 table(["source", "safetensors", "kind", "architecture", "tensors", "size", "status"], rows,
+                       right=(4, 5))]
+        if plan.unplaced:
+            lines += ["", paragraph("converted but named in no config (not zeroshot.pt, <Task>/finetuned.pt "
+                                    "or head_<Task>.pt): " + ", ".join(_rel(p.absolute(), root) for p in plan.unplaced),
+                                    prefix="  ", indent="  ")]
+        failed = [r for r in results if not r.ok]
+        if failed:
+            lines += ["", out.bad(f"failures ({len(failed)})")]
+            lines += [paragraph(f"{_rel(r.source.absolute(), root)}: {r.error}", prefix="  ", indent="    ") for r in failed]
+            lines += ["", out.bad(f"{len(failed)} of {len(results)} files failed") + "; no config written "
+                      "(fix or remove them and run again: converted files are kept and skipped as up to date)"]
+            print("\n".join(lines))
+            return 1
+        lines.append("")
+        fresh = sum(r.status == "converted" for r in results)
+        lines.append(out.ok(f"{len(results)} files: {fresh} converted, {len(results) - fresh} up to date; "
+                            "all read back bit-identical") + "; sources unchanged")
+        for config in configs:
+            lines.append(f"config: {config}")
+            lines.append(f"  check it: python -m pool verify {config}")
+        print("\n".join(lines))
+        return 0
+    if not (args.source and args.destination):
+        raise UsageError("convert needs SRC and DST (or --tree DIR); see `convert --help`.")
+    try:
+        res = convert_file(args.source, args.destination, force=args.force)
+    except (DestinationExistsError, CheckpointNotFoundError) as exc:
+        raise UsageError(_message(exc)) from None
+    rows = [("converted", f"{res.source} -> {res.destination}"),
+            ("kind", f"{res.kind}: " + (f"{res.model_name or 'a custom ViT'} ({res.architecture})"
+                                         if res.kind == "encoder" else
+                                         f"{res.architecture}, normalize={str(res.normalize).lower()}")),
+            ("tensors", f"{res.tensors}, {human_size(res.bytes)} written, read back bit-identical"),
+            ("source", f"sha256 {res.source_sha256} (never modified)"),
+            ("time", human_time(res.seconds))]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    if res.kind == "encoder" and res.quick_gelu is not None:
+        from .arch import arch_for_name
+
+        default = arch_for_name(res.model_name).quick_gelu if res.model_name else True
+        if res.quick_gelu != default:
+            print(paragraph(f"note: this encoder uses {'QuickGELU' if res.quick_gelu else 'GELU'}; a "
+                            "safetensors file does not record the activation, so configure it as "
+                            f"{{state_dict_path: {res.destination}, quick_gelu: {str(res.quick_gelu).lower()}}}."))
+    return 0
+
+
+# -- synth ----------------------------------------------------------------------------------------
+def _cmd_synth(args: argparse.Namespace, out: Style) -> int:
+    from . import synth
+    from .arch import arch_for_name
+
+    arch: Any = synth.TINY
+    if args.arch and args.arch.lower() != "tiny":
+        arch_for_name(args.arch)  # ConfigError (exit 2) for an unknown name, listing known ones
+        arch = args.arch
+    tasks: Sequence[str] = synth.DEFAULT_TASKS
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if not all(c.isalnum() or c in "-_" for c in t)]
+        if not tasks or bad:
+            raise UsageError(f"--tasks {args.tasks!r}: give comma-separated task names made of letters, "
+                             f"digits, - and _ (e.g. Cars,DTD,MNIST){'; bad: ' + ', '.join(bad) if bad else ''}.")
+        lowered = [t.lower() for t in tasks]
+        if len(set(lowered)) != len(lowered):
+            raise UsageError(f"--tasks {args.tasks!r}: task names must differ (case-insensitively).")
+    root = Path(args.directory).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} exists and is not a folder.")
+    if (root / "pool.yaml").exists() and not args.force:
+        raise UsageError(f"{root / 'pool.yaml'} exists; refusing to overwrite a checkpoint tree. Pass "
+                         "--force to write over it, or choose an empty folder.")
+    start = time.perf_counter()
+    if _stderr_tty():
+        print(f"writing a {arch if isinstance(arch, str) else 'tiny'} checkpoint tree ...", file=sys.stderr,
+              end="\r", flush=True)
+    tree = synth.write_tree(root, arch=arch, tasks=tasks)
+    seconds = time.perf_counter() - start
+    files = sorted(tree.files.values())
+    total = sum(p.stat().st_size for p in files)
+    rows = [[str(p.relative_to(tree.root)), human_size(p.stat().st_size)] for p in files]
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(tree.config)
+    lines = [out.bold(f"wrote a {tree.model_name or 'tiny'} checkpoint tree ({len(cfg.models)} models, "
+                      f"{len(cfg.classification_heads)} heads, {human_size(total)}, random weights) in "
+                      f"{human_time(seconds)}"),
+             f"  root    {tree.root.absolute()}",
+             f"  config  {tree.config.absolute()}",
+             "",
+             table(["file", "size"], rows, right=(1,)),
+             "",
+             f"next: python -m pool verify {tree.config}"]
+    print("\n".join(lines))
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="debug logging, and tracebacks with errors")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Safe, offline loader for OpenCLIP vision-encoder pools: verify a pool, inspect a "
+                    "checkpoint, convert checkpoints to safetensors, synthesize a test tree.",
+        epilog="exit status: 0 all good; 1 a check failed (entry, unsafe globals, conversion); 2 usage or "
+               "configuration error.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("verify", parents=[common], help="load and check every model and head of a pool",
+                       description="Load every model and head of a pool one at a time and check them. Without "
+                                   "CONFIG, verify an embedded default: a tiny checkpoint tree synthesized in a "
+                                   "temporary folder.")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="pool YAML (default: the embedded tiny tree)")
+    p.add_argument("--json", metavar="PATH", help="also write a machine-readable report to PATH ('-': stdout only)")
+    p.add_argument("--integrity", action="store_true",
+                   help="check zip CRC32s and safetensors headers before loading each file")
+    p.add_argument("--device", metavar="D", help="device to load on and run the forward pass (default cpu)")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("inspect", parents=[common], help="describe a checkpoint file without loading it",
+                       description="Container, every global the file names (unsafe ones flagged; nothing is "
+                                   "executed), root type, architecture, tensors, parameters, size, sha256. "
+                                   "Exit 1 when the file names unsafe globals.")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("convert", parents=[common], help="convert checkpoints to safetensors",
+                       description="Write SRC as safetensors at DST (or every .pt under --tree DIR beside the "
+                                   "originals, plus DIR/pool.safetensors.yaml). Atomic writes; each file is read "
+                                   "back and compared bit for bit; the source is never modified.")
+    p.add_argument("source", nargs="?", metavar="SRC")
+    p.add_argument("destination", nargs="?", metavar="DST")
+    p.add_argument("--tree", metavar="DIR", help="convert a whole checkpoint tree and write a pool config")
+    p.add_argument("--force", action="store_true", help="overwrite existing destinations")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("synth", parents=[common], help="write a synthetic checkpoint tree and its pool config",
+                       description="Write a checkpoint tree in the task-arithmetic layout (every container and "
+                                   "form, heads, zeroshot) with random weights, plus DIR/pool.yaml. No download.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--arch", metavar="NAME", help="open_clip ViT name, e.g. ViT-B-32 (default: a tiny ViT)")
+    p.add_argument("--tasks", metavar="A,B,C", help="task names (default: Cars,DTD,EuroSAT,MNIST)")
+    p.add_argument("--force", action="store_true", help="write over an existing tree")
+    p.set_defaults(func=_cmd_synth)
+    return parser
+
+
+def _error(message: str, command: str | None, prog: str = PROG) -> None:
+    where = f"{prog} {command}: " if command else f"{prog}: "
+    style = Style(sys.stderr)
+    print(paragraph(message, prefix=where + style.bad("error: ") if style.enabled else where + "error: "),
+          file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one command; returns the exit status (never raises for a user's mistake)."""
+    parser = build_parser(prog or PROG)
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    debug = bool(getattr(args, "debug", False))
+    args.prog = parser.prog
+    out = Style(sys.stdout)
+    with _logging(debug):
+        try:
+            return int(args.func(args, out))
+        except BrokenPipeError:  # e.g. `... | head`: stop quietly, as other command-line tools do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+        except KeyboardInterrupt:
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return 130
+        except (UsageError, ConfigError) as exc:
+            if debug:
+                traceback.print_exc()
+            _error(_message(exc), args.command, parser.prog)
+            return 2
+        except PoolError as exc:
+            if debug:
+                traceback.print_exc()
+            _error(_message(exc), args.command, parser.prog)
+            # inspect: an unreadable or missing file; elsewhere: a missing input is a usage error
+            return 2 if args.command == "inspect" or isinstance(exc, FileNotFoundError) else 1
+        except OSError as exc:
+            if debug:
+                traceback.print_exc()
+            _error(_message(exc), args.command, parser.prog)
+            return 2
+        except Exception as exc:  # noqa: BLE001 - a bug: one paragraph, the traceback with --debug
+            if debug:
+                traceback.print_exc()
+            _error(f"unexpected {type(exc).__name__}: {exc}. This is a bug in pool; rerun with --debug "
+                   "for the traceback and report it.", args.command)
+            return 1
+

@@ -1,0 +1,386 @@
+"""Convert checkpoints to safetensors: one file, or a whole task-arithmetic tree plus its config.
+
+What ``python -m pool convert`` runs. Every conversion:
+
+* reads the source with the restricted reader (an unsafe source is refused, nothing runs) and
+  never writes to it;
+* writes encoders with `ImageEncoder` state-dict keys (``model.visual...``) and heads as
+  ``weight`` / ``bias``, with metadata: ``format=pt``, ``pool.kind``, the architecture
+  (``pool.architecture`` description and ``pool.model_name``), ``pool.quick_gelu``, the source's
+  sha256, file name and container, and a head's ``normalize`` flag (the key `ClassificationHead`
+  reads back);
+* writes to a temporary file in the destination's folder, reads it back and compares every tensor
+  bit for bit with what was meant to be written, and only then renames it into place;
+* refuses an existing destination unless ``force`` (in a tree, a destination converted earlier
+  from the same source bytes counts as up to date and is kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import arch_for_name, name_for_arch
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import CheckpointError, CorruptCheckpointError, PoolError
+from .keys import to_clip_keys
+from .modeling import ClassificationHead, ImageEncoder
+
+__all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "plan_tree",
+           "convert_tree", "sha256_file", "checkpoint_kind"]
+
+log = logging.getLogger(__name__)
+
+TREE_CONFIG = "pool.safetensors.yaml"
+_CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
+
+
+class DestinationExistsError(PoolError, FileExistsError):
+    """The destination exists and ``force`` was not given."""
+
+
+@dataclass
+class ConvertResult:
+    source: Path
+    destination: Path
+    kind: str = ""
+    ok: bool = False
+    status: str = ""  # "converted", "up to date", "failed"
+    error: str | None = None
+    model_name: str | None = None
+    architecture: str | None = None
+    quick_gelu: bool | None = None
+    normalize: bool | None = None
+    classes: int | None = None
+    tensors: int = 0
+    bytes: int = 0
+    source_sha256: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["source"], out["destination"] = str(self.source), str(self.destination)
+        return out
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_kind(ckpt: Checkpoint) -> str:
+    """``encoder`` (a ViT image tower), ``head`` (weight [classes, dim] and bias) or ``unknown``."""
+    if "visual.conv1.weight" in to_clip_keys(ckpt.state_dict, source=str(ckpt.path)):
+        return "encoder"
+    sd = {k.removeprefix("module."): v for k, v in ckpt.state_dict.items()}
+    weight = sd.get("weight")
+    if set(sd) <= {"weight", "bias"} and weight is not None and weight.dim() == 2:
+        return "head"
+    return "unknown"
+
+
+def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, no two sharing storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        t = value.detach().to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8) if flat.element_size() and flat.numel() else flat
+
+
+def compare_tensors(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CorruptCheckpointError unless both have the same keys, dtypes, shapes and bits."""
+    if set(written) != set(expected):
+        missing = sorted(set(expected) - set(written))[:3]
+        extra = sorted(set(written) - set(expected))[:3]
+        raise CorruptCheckpointError(f"{where}: read back with different keys (missing {missing}, extra {extra})")
+    for key, want in expected.items():
+        got = written[key]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise CorruptCheckpointError(
+                f"{where}: {key} read back as {got.dtype} {tuple(got.shape)}, wrote {want.dtype} "
+                f"{tuple(want.shape)}")
+        if not torch.equal(_bits(got.cpu()), _bits(want.cpu())):
+            raise CorruptCheckpointError(f"{where}: {key} read back with different values")
+
+
+def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
+    encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
+    arch = encoder.arch
+    name = name_for_arch(arch)
+    res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name,
+                        architecture=arch.describe(), quick_gelu=arch.quick_gelu)
+    meta = {"pool.kind": "encoder", "pool.architecture": arch.describe(), "pool.model_name": name or "",
+            "pool.quick_gelu": str(bool(arch.quick_gelu)).lower(), "pool.embed_dim": str(arch.embed_dim),
+            "pool.image_size": str(arch.image_size)}
+    return dict(encoder.state_dict()), meta, res
+
+
+def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
+    head = ClassificationHead.from_checkpoint(ckpt)  # validates shapes, resolves normalize
+    sd = {k.removeprefix("module."): v for k, v in ckpt.state_dict.items()}
+    tensors = {"weight": sd["weight"]}
+    tensors["bias"] = sd["bias"] if sd.get("bias") is not None else head.bias.detach()
+    classes, dim = (int(x) for x in sd["weight"].shape)
+    res = ConvertResult(ckpt.path, ckpt.path, "head", normalize=head.normalize, classes=classes,
+                        architecture=f"{classes} classes x {dim}")
+    meta = {"pool.kind": "head", "normalize": str(head.normalize).lower(), "pool.classes": str(classes),
+            "pool.embed_dim": str(dim)}
+    return tensors, meta, res
+
+
+def convert_file(source: str | Path, destination: str | Path, *, force: bool = False,
+                 model_name: str | None = None, source_sha256: str | None = None,
+                 keep_current: bool = False) -> ConvertResult:
+    """Convert one checkpoint (encoder or head) to safetensors; see the module docstring.
+
+    ``keep_current``: an existing destination converted earlier from the same source bytes (its
+    ``pool.source_sha256``) is read back and compared instead of rewritten ("up to date").
+    """
+    import safetensors.torch
+
+    from . import __version__
+
+    start = time.perf_counter()
+    src, dst = Path(source).expanduser(), Path(destination).expanduser()
+    if dst.is_dir():
+        raise DestinationExistsError(f"{dst} is a directory; give the destination file name.")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise DestinationExistsError(f"{dst} is the source itself; the source is never overwritten.")
+    if dst.exists() and not force and not keep_current:
+        raise DestinationExistsError(
+            f"{dst} exists; refusing to overwrite it. Pass --force to replace it, or choose another "
+            "destination.")
+    if not dst.parent.is_dir():
+        raise DestinationExistsError(f"{dst.parent} is not an existing folder; create it first.")
+    ckpt = read_checkpoint(src)
+    digest = source_sha256 or sha256_file(src)
+    kind = checkpoint_kind(ckpt)
+    if kind == "encoder":
+        tensors, meta, res = _encoder_payload(ckpt, model_name)
+    elif kind == "head":
+        tensors, meta, res = _head_payload(ckpt)
+    else:
+        raise CheckpointError(
+            f"{src}: neither an image encoder (no visual.conv1.weight) nor a classification head "
+            f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
+            "`python -m pool inspect` shows what it is.")
+    meta.update({"format": "pt", "pool.source_sha256": digest, "pool.source_name": src.name,
+                 "pool.source_container": ckpt.container, "pool.writer": f"openclip-pool {__version__}"})
+    tensors = _prepare(tensors)
+    res.source, res.destination, res.source_sha256 = src, dst, digest
+    res.tensors = len(tensors)
+    if dst.exists() and not force:
+        if _stored_source_sha(dst) != digest:
+            raise DestinationExistsError(
+                f"{dst} exists and was not converted from {src} as it is now; refusing to overwrite "
+                "it. Pass --force to replace it.")
+        compare_tensors(read_checkpoint(dst, mmap=False).state_dict, tensors,
+                        f"{dst} (converted earlier from {src}; pass --force to rewrite it)")
+        res.ok, res.status, res.bytes = True, "up to date", dst.stat().st_size
+        res.seconds = time.perf_counter() - start
+        return res
+    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+        back = read_checkpoint(tmp, mmap=False)
+        compare_tensors(back.state_dict, tensors, f"{dst} (converted from {src})")
+        if back.metadata != meta:
+            raise CorruptCheckpointError(f"{dst}: metadata read back differs from what was written")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    res.ok, res.status = True, "converted"
+    res.bytes = dst.stat().st_size
+    res.seconds = time.perf_counter() - start
+    log.info("converted %s -> %s (%d tensors) in %.3f s", src, dst, res.tensors, res.seconds)
+    return res
+
+
+# -- trees ----------------------------------------------------------------------------------------
+@dataclass
+class TreeItem:
+    source: Path
+    destination: Path
+    group: Path | None = None  # the architecture folder whose config lists it
+    role: str | None = None  # "model" or "head"
+    name: str | None = None  # the pool name (None: converted, not in a config)
+    sha256: str = ""
+    up_to_date: bool = False
+
+
+@dataclass
+class TreePlan:
+    root: Path
+    items: list[TreeItem]
+    configs: dict[Path, Path] = field(default_factory=dict)  # group -> config path
+    unplaced: list[Path] = field(default_factory=list)
+
+
+def _stored_source_sha(path: Path) -> str | None:
+    try:
+        import safetensors
+
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("pool.source_sha256")
+    except Exception:  # noqa: BLE001 - not ours / unreadable: treated as a foreign file
+        return None
+
+
+def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
+    """Find every ``.pt`` under root, where its safetensors goes and which config names it.
+
+    Layout: ``<group>/zeroshot.pt`` -> ``_pretrained_``; ``<group>/<Task>/finetuned.pt`` -> ``task``
+    (lower-cased); ``<group>/head_<Task>.pt`` -> head ``task`` (a head one level above a single
+    group belongs to it). Other ``.pt`` files are converted but named in no config. Raises
+    DestinationExistsError listing every destination that exists (unless ``force``) before
+    anything is written.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DestinationExistsError(f"{root} is not a folder; --tree takes the checkpoint tree's root.")
+    sources = sorted(p for p in root.rglob("*.pt") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not sources:
+        raise CheckpointError(f"{root}: no .pt files under it; nothing to convert.")
+    items = [TreeItem(p, p.with_suffix(".safetensors")) for p in sources]
+    groups: set[Path] = set()
+    for item in items:
+        if item.source.name == "zeroshot.pt":
+            item.group, item.role, item.name = item.source.parent, "model", "_pretrained_"
+        elif item.source.name == "finetuned.pt" and item.source.parent != root:
+            item.group, item.role, item.name = item.source.parent.parent, "model", item.source.parent.name.lower()
+        if item.group is not None:
+            groups.add(item.group)
+    unplaced: list[Path] = []
+    for item in items:
+        stem = item.source.stem
+        if item.role is None and stem.startswith("head_") and len(stem) > 5:
+            group = item.source.parent
+            if group not in groups:
+                below = [g for g in groups if g.parent == group]
+                group = below[0] if len(below) == 1 else None
+            if group is not None:
+                item.group, item.role, item.name = group, "head", stem[5:].lower()
+        if item.role is None:
+            unplaced.append(item.source)
+    seen: dict[tuple[Path, str, str], Path] = {}
+    for item in items:
+        if item.role is None:
+            continue
+        key = (item.group, item.role, item.name)
+        if key in seen:
+            raise CheckpointError(f"{item.source} and {seen[key]} would both be {item.role} {item.name!r} "
+                                  f"of {item.group}; rename one of them.")
+        seen[key] = item.source
+    configs = ({next(iter(groups)): root / TREE_CONFIG} if len(groups) == 1
+               else {g: g / TREE_CONFIG for g in sorted(groups)})
+    existing: list[str] = []
+    for item in items:
+        if item.destination.exists():
+            item.sha256 = sha256_file(item.source)
+            if _stored_source_sha(item.destination) == item.sha256:
+                item.up_to_date = True
+            elif not force:
+                existing.append(str(item.destination))
+    for config in configs.values():
+        if config.exists() and not force and not config.read_text(errors="replace").startswith(_CONFIG_HEADER):
+            existing.append(str(config))
+    if existing:
+        raise DestinationExistsError(
+            f"refusing to overwrite {len(existing)} existing file(s) that this tree's conversion "
+            f"would write: {', '.join(existing)}. Nothing was written. Pass --force to replace them.")
+    return TreePlan(root, items, configs, unplaced)
+
+
+def convert_tree(plan: TreePlan, *, force: bool = False,
+                 progress: Callable[[TreeItem], None] | None = None) -> tuple[list[ConvertResult], list[Path]]:
+    """Convert every planned file; write the config(s) only if every file converted.
+
+    Returns the per-file results and the configs written.
+    """
+    results: list[ConvertResult] = []
+    for item in plan.items:
+        if progress:
+            progress(item)
+        try:
+            res = convert_file(item.source, item.destination, force=force or not item.up_to_date,
+                               source_sha256=item.sha256 or None, keep_current=item.up_to_date)
+        except PoolError as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            res = ConvertResult(item.source, item.destination, ok=False, status="failed", error=message)
+        results.append(res)
+    if not all(r.ok for r in results):
+        return results, []
+    by_source = {r.source: r for r in results}
+    written = []
+    for group, config in plan.configs.items():
+        members = [i for i in plan.items if i.group == group and i.role]
+        _write_config(config, group, members, by_source)
+        written.append(config)
+    return results, written
+
+
+def _model_entry(res: ConvertResult) -> dict[str, Any]:
+    entry: dict[str, Any] = {"state_dict_path": str(res.destination.absolute())}
+    if res.model_name:
+        entry["model_name"] = res.model_name
+    default = arch_for_name(res.model_name).quick_gelu if res.model_name else True
+    if res.quick_gelu is not None and res.quick_gelu != default:
+        entry["quick_gelu"] = res.quick_gelu  # the safetensors file has no module records to say it
+    return entry
+
+
+def _write_config(config: Path, group: Path, members: Iterable[TreeItem], by_source: dict[Path, ConvertResult]) -> None:
+    from omegaconf import OmegaConf
+
+    members = list(members)
+    models: dict[str, Any] = {}
+    heads: dict[str, Any] = {}
+    for item in sorted(members, key=lambda i: (i.name != "_pretrained_", i.name or "")):
+        res = by_source[item.source]
+        if item.role == "model":
+            if res.kind != "encoder":
+                raise CheckpointError(f"{item.source}: named like an encoder but holds a {res.kind}")
+            models[item.name] = _model_entry(res)
+        else:
+            if res.kind != "head":
+                raise CheckpointError(f"{item.source}: named like a head but holds a {res.kind}")
+            heads[item.name] = str(res.destination.absolute())
+    body = OmegaConf.to_yaml(OmegaConf.create({"models": models, "classification_heads": heads}))
+    text = (f"{_CONFIG_HEADER} from the .pt files under {group.absolute()}\n"
+            "# safetensors copies, bit-identical tensors; `python -m pool verify` this file to check them.\n"
+            + body)
+    fd, tmp = tempfile.mkstemp(dir=config.parent, prefix=f".{config.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, config)

@@ -1,0 +1,153 @@
+"""What a checkpoint file is, without running anything from it (``python -m pool inspect``).
+
+The file is read with ``refuse_unsafe=False``: globals that could run code become inert records
+and are listed, flagged. A file whose pickle yields no tensors at all (a pure exploit, say) is
+scanned once more for its globals alone, by the same restricted reader, so they are still listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import read_checkpoint, sniff_container
+from .errors import ArchitectureMismatchError, CheckpointError
+from .keys import ENCODER_PREFIX, to_clip_keys
+from .unpickler import GlobalName, RestrictedReader
+
+__all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
+
+log = logging.getLogger(__name__)
+
+CONTAINER_NAMES = {
+    "zip": "torch zip (torch.save, torch >= 1.6)",
+    "legacy": "torch legacy (_use_new_zipfile_serialization=False)",
+    "pickle": "plain pickle (pickle.dump of the module)",
+    "safetensors": "safetensors (tensors and a JSON header; no pickle)",
+}
+
+
+@dataclass
+class Inspection:
+    path: Path
+    size: int
+    sha256: str
+    container: str
+    root_type: str | None = None
+    kind: str = "unknown"  # encoder, head, unknown
+    description: str = ""
+    architecture: dict[str, Any] | None = None
+    key_layout: str | None = None
+    tensors: int = 0
+    parameters: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    globals: list[GlobalName] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why no state dict could be read (globals may still be listed)
+
+    @property
+    def unsafe(self) -> list[str]:
+        return [str(g) for g in self.globals if g.unsafe]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.path), "size": self.size, "sha256": self.sha256,
+            "container": self.container, "root_type": self.root_type, "kind": self.kind,
+            "description": self.description, "architecture": self.architecture,
+            "key_layout": self.key_layout, "tensors": self.tensors, "parameters": self.parameters,
+            "dtypes": self.dtypes,
+            "globals": [{"name": str(g), "unsafe": g.unsafe} for g in self.globals],
+            "unsafe_globals": self.unsafe, "metadata": self.metadata,
+            "attributes": {k: v for k, v in self.attributes.items() if isinstance(v, (bool, int, float, str))},
+            "error": self.error,
+        }
+
+
+def _globals_only(path: Path, container: str) -> list[GlobalName]:
+    """The globals a pickle names, when the full read found no state dict (nothing is run)."""
+    reader = RestrictedReader(str(path), refuse_unsafe=False)
+    try:
+        if container == "zip":
+            reader.torch_load(str(path), map_location="cpu", mmap=False)
+        elif container == "legacy":
+            with open(path, "rb") as f:
+                reader.torch_load(f, map_location="cpu", mmap=False)
+        elif container == "pickle":
+            with open(path, "rb") as f:
+                reader.unpickle(f)
+    except Exception:  # noqa: BLE001 - damaged files: list what was seen before the damage
+        log.debug("globals scan of %s stopped early", path, exc_info=True)
+    return reader.named_globals
+
+
+def _key_layout(keys: list[str], wrapper: str | None) -> str:
+    prefix = "module." if keys and all(k.startswith("module.") for k in keys) else ""
+    stripped = [k[len(prefix):] for k in keys]
+    if any(k.startswith(ENCODER_PREFIX + "visual.") for k in stripped):
+        layout = "model.visual.* (task_vectors ImageEncoder)"
+    elif any(k.startswith("visual.") for k in stripped):
+        layout = "visual.* (open_clip CLIP)"
+    elif set(stripped) <= {"weight", "bias"}:
+        layout = "weight, bias"
+    else:
+        layout = ", ".join(stripped[:3]) + (" ..." if len(stripped) > 3 else "")
+    if prefix:
+        layout += ", module. prefix (DDP)"
+    if wrapper:
+        layout += f', wrapped in {{"{wrapper}": ...}}'
+    return layout
+
+
+def inspect_file(path: str | Path, sha256: str) -> Inspection:
+    """Describe one checkpoint file. Raises CheckpointError only when it is missing or no
+    container at all; a file that cannot be read as a checkpoint comes back with ``error`` set."""
+    from .arch import infer_arch, name_for_arch
+
+    p = Path(path).expanduser()
+    container = sniff_container(p)
+    info = Inspection(p, p.stat().st_size, sha256, container)
+    try:
+        ckpt = read_checkpoint(p, refuse_unsafe=False)
+    except CheckpointError as exc:
+        info.error = str(exc)
+        info.globals = _globals_only(p, container)
+        return info
+    info.root_type = ckpt.root_type
+    info.globals = list(ckpt.globals)
+    info.metadata = dict(ckpt.metadata)
+    info.attributes = ckpt.attributes
+    sd = ckpt.state_dict
+    info.tensors = len(sd)
+    info.parameters = sum(t.numel() for t in sd.values())
+    info.dtypes = dict(Counter(str(t.dtype).removeprefix("torch.") for t in sd.values()).most_common())
+    info.key_layout = _key_layout(list(sd), ckpt.wrapper)
+    clip = to_clip_keys(sd, source=str(p))
+    if "visual.conv1.weight" in clip:
+        modules = {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
+                   for k, v in ckpt.modules.items()} or None
+        try:
+            arch = infer_arch(clip, modules, source=str(p))
+        except ArchitectureMismatchError as exc:
+            info.description = f"encoder? ({exc})"
+            return info
+        name = name_for_arch(arch)
+        info.kind = "encoder"
+        info.architecture = {"model_name": name, **arch.as_dict()}
+        info.description = f"encoder: {name or 'a custom ViT'} ({arch.describe()})"
+        return info
+    heads = {k.removeprefix("module."): v for k, v in sd.items()}
+    weight = heads.get("weight")
+    if set(heads) <= {"weight", "bias"} and weight is not None and weight.dim() == 2:
+        stored = ckpt.attributes.get("normalize", ckpt.metadata.get("normalize"))
+        norm = f"normalize={stored}" if stored is not None else "normalize not stored (loads as True)"
+        info.kind = "head"
+        info.architecture = {"classes": int(weight.shape[0]), "input_dim": int(weight.shape[1]),
+                             "normalize": stored}
+        info.description = f"head: {weight.shape[0]} classes x {weight.shape[1]}, {norm}"
+        return info
+    info.description = "neither a ViT image encoder nor a classification head"
+    return info
