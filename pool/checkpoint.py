@@ -108,15 +108,24 @@ def _describe_bytes(head: bytes) -> str:
         snippet = text[:60].decode("utf-8", "replace").replace("\n", " ")
         return (f"an HTML/XML page (starts with {snippet!r}), probably an error page saved by a "
                 "failed download: download the checkpoint again")
-    try:
-        decoded = head[:200].decode("utf-8")
-    except UnicodeDecodeError:
-        decoded = None
-    if decoded is not None and decoded.isprintable() or (decoded and all(
-            c.isprintable() or c in "\r\n\t" for c in decoded)):
+    decoded = _as_text(head[:200])
+    if decoded:
         return f"a text file (starts with {decoded[:60]!r}), not a checkpoint"
     return (f"not a known checkpoint container (first bytes {head[:8].hex(' ')}): expected a torch "
             "zip or legacy file, a pickle, or safetensors")
+
+
+def _as_text(head: bytes) -> str | None:
+    """head decoded as UTF-8 if it is printable text (a character cut at the end is allowed)."""
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3 or exc.reason != "unexpected end of data":
+            return None
+        decoded = head[:exc.start].decode("utf-8")
+    if decoded and all(c.isprintable() or c in "\r\n\t\f\v" for c in decoded):
+        return decoded
+    return None
 
 
 def sniff_container(path: PathLike) -> str:
@@ -135,6 +144,8 @@ def sniff_container(path: PathLike) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len <= size - 8:
             return "safetensors"
+        if _as_text(head[:200]) is not None:  # e.g. a JSON or YAML file with "{" at byte 8
+            raise CorruptCheckpointError(f"{p}: {_describe_bytes(head)}.")
         raise CorruptCheckpointError(
             f"{p}: looks like safetensors but its header claims {header_len} bytes and the file has "
             f"{size}; the file is truncated: download it again.")
@@ -185,11 +196,15 @@ def _zip_record_sizes(p: Path) -> dict[str, int]:
             f"{p}: a zip archive that cannot be opened ({exc}); the file is truncated or damaged: "
             "download it again.") from None
     names = [i.filename for i in infos]
+    # torch.load hands any zip holding constants.pkl to torch.jit.load, which runs the archive's
+    # TorchScript (its __setstate__ methods run while loading): refuse before torch sees the file.
+    if any("/code/" in n or n.startswith("code/") or n.rsplit("/", 1)[-1] == "constants.pkl"
+           for n in names):
+        raise CheckpointError(
+            f"{p}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint; it carries "
+            "code that loading it would run, so it is not read. Load it with torch.jit.load in a "
+            "trusted setting and save its state_dict() instead.")
     if not any(n.endswith("data.pkl") for n in names):
-        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-            raise CheckpointError(
-                f"{p}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint. Load it "
-                "with torch.jit.load in a trusted setting and save its state_dict() instead.")
         raise CorruptCheckpointError(
             f"{p}: a zip archive without data.pkl (holds {', '.join(names[:5]) or 'nothing'}); "
             "not a torch checkpoint.")
@@ -205,6 +220,12 @@ def _read_container(p: Path, container: str, reader: RestrictedReader, map_locat
                     mmap: bool) -> Any:
     if container == "zip":
         reader.record_sizes = _zip_record_sizes(p)
+        reader.use_c_unpickler()  # data.pkl parse time is what the mmap benchmark measures
+        if os.fspath(p).endswith(".safetensors"):
+            # torch.load reads any *path* named .safetensors with safetensors, whatever it holds;
+            # a file object keeps it on the zip reader (and this reader), at the cost of mmap.
+            with open(p, "rb") as f:
+                return reader.torch_load(f, map_location=map_location, mmap=False)
         return reader.torch_load(str(p), map_location=map_location, mmap=mmap)
     if container == "legacy":
         reader.max_bytes = p.stat().st_size
@@ -264,10 +285,26 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    return isinstance(value, tuple) and all(_plain(v) for v in value)
+def _plain(value: Any, limit: int = 1000) -> bool:
+    """Whether value is a plain attribute (scalars and tuples of them, at most `limit` items: a
+    pickle can nest shared tuples so that a naive walk never ends)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        limit -= 1
+        if limit < 0:
+            return False
+        if isinstance(item, tuple):
+            pending.extend(item)
+        elif not (item is None or isinstance(item, (bool, int, float, str))):
+            return False
+    return True
+
+
+# A real encoder's pickle has a few thousand records (ViT-L-14: under 2,000 modules and tensors); a
+# file whose structure expands to more than this is a decompression bomb (shared references nested
+# in a loop), not a model.
+MAX_WALK_ENTRIES = 200_000
 
 
 class _Walker:
@@ -277,9 +314,31 @@ class _Walker:
         self.source = source
         self.tensors: dict[str, torch.Tensor] = {}
         self.modules: dict[str, ModuleInfo] = {}
+        self.steps = 0
+        self.active: set[int] = set()  # ids of the containers on the current path
+
+    def enter(self, obj: Any, prefix: str) -> None:
+        self.steps += 1
+        if self.steps > MAX_WALK_ENTRIES:
+            raise CorruptCheckpointError(
+                f"{self.source}: the pickle expands to more than {MAX_WALK_ENTRIES} entries (shared "
+                "references nested over and over); no model checkpoint looks like this. The file is "
+                "damaged or hostile: download it again from a trusted source.")
+        if id(obj) in self.active:
+            raise CorruptCheckpointError(
+                f"{self.source}: {prefix.rstrip('.') or 'the root object'} contains itself; no model "
+                "checkpoint looks like this. The file is damaged: download it again.")
 
     def module(self, obj: Any, state: dict[str, Any], prefix: str) -> None:
         path = prefix[:-1] if prefix.endswith(".") else prefix
+        self.enter(obj, prefix)
+        self.active.add(id(obj))
+        try:
+            self._module(obj, state, prefix, path)
+        finally:
+            self.active.discard(id(obj))
+
+    def _module(self, obj: Any, state: dict[str, Any], prefix: str, path: str) -> None:
         attrs = {k: v for k, v in state.items() if k not in _MODULE_INTERNALS and _plain(v)}
         self.modules[path] = ModuleInfo(_type_name(obj), attrs)
         skip = state.get("_non_persistent_buffers_set") or set()
@@ -302,6 +361,7 @@ class _Walker:
             self.module(child, child_state, f"{prefix}{name}.")
 
     def tensor(self, value: Any, key: str) -> None:
+        self.enter(value, key)
         if not isinstance(value, torch.Tensor):
             raise CorruptCheckpointError(
                 f"{self.source}: entry {key} is a {_type_name(value)}, expected a tensor")
@@ -316,8 +376,13 @@ class _Walker:
         if state is not None:
             self.module(obj, state, prefix)
         elif isinstance(obj, Mapping):
-            for key, value in obj.items():
-                self.any(value, f"{prefix}{key}.")
+            self.enter(obj, prefix)
+            self.active.add(id(obj))
+            try:
+                for key, value in obj.items():
+                    self.any(value, f"{prefix}{key}.")
+            finally:
+                self.active.discard(id(obj))
 
 
 def _collect(p: Path, root: Any) -> tuple[dict[str, torch.Tensor], dict[str, ModuleInfo], str | None]:
@@ -361,8 +426,8 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     except Exception as exc:  # torch/pickle internals: turn into one clear message
         raise CorruptCheckpointError(
             f"{p}: cannot read this {container} checkpoint ({p.stat().st_size} bytes): "
-            f"{type(exc).__name__}: {_short(exc)}. The file is truncated or damaged: download it "
-            "again (compare its size and sha256 with the source).") from exc
+            f"{type(exc).__name__}: {_short(exc).rstrip('.')}. The file is truncated or damaged: "
+            "download it again (compare its size and sha256 with the source).") from exc
     log.debug("read %s (%s): %d tensors", p, container, len(tensors))
     return Checkpoint(p, container, tensors, _type_name(root), modules, reader.named_globals,
                       wrapper=wrapper)
