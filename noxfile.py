@@ -1,0 +1,131 @@
+"""nox sessions for pool: tests, the open_clip compatibility matrix, lint, golden files, benchmarks.
+
+Every session runs on the interpreter that runs nox (``python=False``) and so reuses the torch,
+torchvision and open_clip already installed there: nothing here downloads torch. Run nox from the
+project environment::
+
+    .venv/bin/python -m nox -s tests compat lint        # or: . .venv/bin/activate && nox
+
+``compat`` and ``golden`` install one open_clip_torch release with ``pip --no-deps --target`` into a
+cache folder (``.nox/.cache/open_clip-<version>``, a ~1.5 MB wheel, downloaded once) and put it first
+on ``PYTHONPATH``, so it shadows the environment's open_clip for that session only. Timings on a
+2-core CPU box: see docs/nox.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "compat", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+PYTHON = sys.executable  # the interpreter running nox: the one with torch installed
+
+#: open_clip_torch releases the matrix proves: the oldest supported, a late 2.x, the newest 3.x.
+OLDEST_OPEN_CLIP = "2.7.0"
+OPEN_CLIP_VERSIONS = [OLDEST_OPEN_CLIP, "2.32.0", "3.3.0"]
+#: What compat runs under each version: the tests that touch open_clip (goldens, modeling, the pool,
+#: the plugin's fixtures). The reader/fuzz/security tests never import open_clip's model code.
+COMPAT_TESTS = ["tests/test_golden.py", "tests/test_modelpool.py", "tests/test_smoke_reader.py"]
+
+
+def _open_clip_dir(session: nox.Session, version: str) -> Path:
+    """A ``--target`` folder holding exactly ``open_clip_torch==version`` (no dependencies)."""
+    target = Path(session.cache_dir) / f"open_clip-{version}"
+    if not (target / "open_clip").is_dir():
+        session.run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    f"open_clip_torch=={version}", external=True)
+    return target
+
+
+def _env_with(path: Path) -> dict[str, str]:
+    existing = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(path) + (os.pathsep + existing if existing else "")}
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The README test command on the current stack (extra pytest arguments after --)."""
+    session.run(PYTHON, "-m", "pytest", "-q", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+@nox.parametrize("open_clip", OPEN_CLIP_VERSIONS)
+def compat(session: nox.Session, open_clip: str) -> None:
+    """The open_clip-facing tests under one open_clip_torch release (torch as installed)."""
+    target = _open_clip_dir(session, open_clip)
+    env = _env_with(target)
+    session.run(PYTHON, "-c", "import open_clip, torch; from open_clip import version; "
+                "print('open_clip', version.__version__, 'from', open_clip.__file__, '| torch', torch.__version__)",
+                env=env, external=True)
+    session.run(PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or COMPAT_TESTS),
+                env=env, external=True)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    """ruff over the package, the tests and the benchmarks."""
+    paths = [p for p in ("pool", "tests", "benchmarks", "noxfile.py") if (ROOT / p).exists()]
+    session.run(PYTHON, "-m", "ruff", "check", *paths, external=True)
+
+
+NONDETERMINISTIC = ("legacy", "pickle")
+
+
+@nox.session(python=False)
+def golden(session: nox.Session) -> None:
+    """Regenerate the golden files with open_clip 2.0.2 and compare them with tests/data/golden.
+
+    ``nox -s golden`` writes into a temporary folder and fails if a committed file differs from the
+    regenerated one: by sha256 for the deterministic containers (zip, state dict, safetensors); for
+    legacy and plain-pickle files, whose storage keys are object addresses, by globals and
+    every other manifest field (``manifest.json`` itself carries a date). ``nox -s golden -- --write`` regenerates tests/data/golden in place.
+    """
+    import json
+
+    target = _open_clip_dir(session, "2.0.2")
+    env = _env_with(target)
+    committed = ROOT / "tests" / "data" / "golden"
+    out = committed if "--write" in session.posargs else Path(session.create_tmp()) / "golden"
+    session.run(PYTHON, str(ROOT / "tests" / "golden" / "make_golden.py"), str(out), env=env, external=True)
+    if out == committed:
+        session.log(f"wrote {out}: review `git diff --stat {out.relative_to(ROOT)}` and commit")
+        return
+    sys.path.insert(0, str(ROOT / "tests" / "golden"))
+    from manifest import load_manifest, verify_manifest
+
+    problems = verify_manifest(committed)
+    old = {e["name"]: e for e in load_manifest(committed)["files"]}
+    new = {e["name"]: e for e in load_manifest(out)["files"]}
+    if set(old) != set(new):
+        problems.append(f"file lists differ: committed-only {sorted(set(old) - set(new))}, "
+                        f"regenerated-only {sorted(set(new) - set(old))}")
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        if a.get("container") in NONDETERMINISTIC:
+            # legacy storage keys (and the legacy blobs inside plain pickles) are object addresses (so
+            # even the size varies): compare every other field; make_golden's self-check has already re-read the new
+            # file and matched its tensors and features to expected_*.safetensors, whose sha256 must match
+            a, b = ({k: v for k, v in e.items() if k not in ("sha256", "size")} for e in (a, b))
+            if a != b:
+                problems.append(f"{name}: regenerated entry differs: {sorted(k for k in a if a[k] != b.get(k))}")
+        elif a["sha256"] != b["sha256"]:
+            problems.append(f"{name}: regenerated sha256 {b['sha256'][:12]} != committed {a['sha256'][:12]}")
+    if problems:
+        session.error("golden files differ from a fresh open_clip 2.0.2 run:\n  " + "\n  ".join(problems)
+                      + "\n(`nox -s golden -- --write` regenerates them)")
+    session.log(json.dumps({"golden": "reproducible", "files": len(new)}))  # noqa: E501
+
+
+@nox.session(python=False)
+def benchmarks(session: nox.Session) -> None:
+    """pytest-benchmark over benchmarks/ (placeholder: the benchmarks' owner supplies the body)."""
+    if not (ROOT / "benchmarks").is_dir():
+        session.skip("no benchmarks/ directory")
+    session.run(PYTHON, "-m", "pytest", "benchmarks", "--benchmark-only", *session.posargs, external=True)

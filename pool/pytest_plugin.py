@@ -1,0 +1,44 @@
+"""The ``openclip_pool`` pytest plugin (a ``pytest11`` entry point): off unless a project enables it.
+
+Installing ``openclip-pool`` makes pytest load this module in every project, so it does nothing
+but register two switches; only when one of them is on does it register `pool.testing` (which
+imports torch and defines the fixtures ``tiny_arch``, ``synth_tree``, ``write_encoder``,
+``write_head`` and ``pool_golden``)::
+
+    # pyproject.toml of the downstream project
+    [tool.pytest.ini_options]
+    openclip_pool_fixtures = true
+
+or ``pytest --openclip-pool-fixtures``. (``-p pool.testing`` or ``pytest_plugins = ["pool.testing"]``
+in a root conftest.py load the fixtures directly, without this module.)
+"""
+
+from __future__ import annotations
+
+INI = "openclip_pool_fixtures"
+OPTION = "--openclip-pool-fixtures"
+PLUGIN = "pool.testing"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addini(INI, type="bool", default=False,
+                  help="register pool's checkpoint fixtures (tiny_arch, synth_tree, write_encoder, "
+                       "write_head, pool_golden)")
+    group = parser.getgroup("openclip-pool")
+    group.addoption(OPTION, action="store_true", default=False, dest="openclip_pool_fixtures",
+                    help=f"register pool's checkpoint fixtures (same as the {INI} ini option)")
+
+
+def enabled(config) -> bool:
+    return bool(config.getoption("openclip_pool_fixtures", default=False) or config.getini(INI))
+
+
+def pytest_configure(config) -> None:
+    if not enabled(config):
+        return
+    pm = config.pluginmanager
+    if pm.has_plugin(PLUGIN):  # already loaded by -p or pytest_plugins
+        return
+    import importlib
+
+    pm.register(importlib.import_module(PLUGIN), PLUGIN)
