@@ -220,7 +220,6 @@ def _read_container(p: Path, container: str, reader: RestrictedReader, map_locat
                     mmap: bool) -> Any:
     if container == "zip":
         reader.record_sizes = _zip_record_sizes(p)
-        reader.use_c_unpickler()  # data.pkl parse time is what the mmap benchmark measures
         if os.fspath(p).endswith(".safetensors"):
             # torch.load reads any *path* named .safetensors with safetensors, whatever it holds;
             # a file object keeps it on the zip reader (and this reader), at the cost of mmap.

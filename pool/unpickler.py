@@ -368,28 +368,18 @@ class RestrictedReader:
                 return fn(pid)
 
         class Unpickler(_Restricted, pickle._Unpickler):  # type: ignore[name-defined,misc]
-            """Pure-Python unpickler: its memo is a dict, so no index in the file can make it
-            allocate (the C unpickler grows an array to the largest PUT index it is given)."""
-
-        class FastUnpickler(_Restricted, pickle.Unpickler):  # type: ignore[misc]
-            """The C unpickler: see `RestrictedReader.use_c_unpickler`."""
+            """Pure-Python unpickler, for every container: its memo is a dict, so no index in the
+            file can make it allocate. (The C unpickler grows an array to the largest PUT index a
+            pickle names: a few bytes can cost gigabytes and seconds before it fails.)"""
 
         def load(file: Any, **kwargs: Any) -> Any:
-            return namespace.Unpickler(file, **kwargs).load()
+            return Unpickler(file, **kwargs).load()
 
-        namespace = types.SimpleNamespace(__name__="pool.unpickler", Unpickler=Unpickler, load=load,
-                                          SafeUnpickler=Unpickler, FastUnpickler=FastUnpickler)
-        return namespace
-
-    def use_c_unpickler(self) -> None:
-        """Use CPython's C unpickler (about twice as fast on a zip's data.pkl). Known limit: a
-        PUT / LONG_BINPUT with a huge memo index makes it allocate and zero an array that large
-        (seconds, gigabytes) before failing; the default pure-Python one keeps its memo in a dict."""
-        self.module.Unpickler = self.module.FastUnpickler
+        return types.SimpleNamespace(__name__="pool.unpickler", Unpickler=Unpickler, load=load)
 
     def unpickle(self, file: Any) -> Any:
         """Unpickle a plain pickle stream (no torch container around it)."""
-        return self.module.SafeUnpickler(file, encoding="utf-8").load()
+        return self.module.Unpickler(file, encoding="utf-8").load()
 
     @property
     def named_globals(self) -> list[GlobalName]:
