@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--archs", default=None, help="comma separated (default: ViT-B-32,ViT-B-16,ViT-L-14; smoke: ViT-B-32)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="skip what remains after this many seconds")
     parser.add_argument("--skip-load", action="store_true", help="skip the checkpoint-to-GPU section")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip throughput and multi-head")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("gpu_bench: no CUDA device; use --smoke to check the script on CPU")
@@ -342,7 +343,8 @@ def main() -> None:
     print(f"[gpu_bench] {json.dumps(run.results['env'])}", flush=True)
     if not args.skip_load:
         load_to_gpu(run)
-    throughput(run, archs)
+    if not args.skip_throughput:
+        throughput(run, archs)
     run.save()
     print(f"[gpu_bench] done in {run.elapsed():.0f} s: {args.out / 'gpu_bench.json'}", flush=True)
 

@@ -4,27 +4,35 @@ Public API (see DESIGN.md section 4)::
 
     from pool import OpenCLIPVisionModelPool, ImageEncoder, ClassificationHead
     from pool.checkpoint import load_state_dict
+
+Names are imported on first use (PEP 562), so ``import pool`` (and the opt-in pytest plugin it
+registers) does not import torch or open_clip until something needs them.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-
-from .arch import VisionArch
-from .checkpoint import Checkpoint, load_state_dict, read_checkpoint
-from .errors import (
-    ArchitectureMismatchError,
-    CheckpointError,
-    ConfigError,
-    CorruptCheckpointError,
-    DatasetError,
-    PoolError,
-    UnsafeCheckpointError,
-)
-from .modeling import ClassificationHead, ImageEncoder
-from .modelpool import OpenCLIPVisionModelPool
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ArchitectureMismatchError": "errors",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "CorruptCheckpointError": "errors",
+    "DatasetError": "errors",
+    "PoolError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "Checkpoint": "checkpoint",
+    "load_state_dict": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "VisionArch": "arch",
+    "ClassificationHead": "modeling",
+    "ImageEncoder": "modeling",
+    "OpenCLIPVisionModelPool": "modelpool",
+}
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -39,9 +47,38 @@ __all__ = [
     "PoolError",
     "UnsafeCheckpointError",
     "VisionArch",
+    "__version__",
     "load_state_dict",
     "read_checkpoint",
-    "__version__",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .arch import VisionArch
+    from .checkpoint import Checkpoint, load_state_dict, read_checkpoint
+    from .errors import (
+        ArchitectureMismatchError,
+        CheckpointError,
+        ConfigError,
+        CorruptCheckpointError,
+        DatasetError,
+        PoolError,
+        UnsafeCheckpointError,
+    )
+    from .modeling import ClassificationHead, ImageEncoder
+    from .modelpool import OpenCLIPVisionModelPool
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

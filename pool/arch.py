@@ -9,6 +9,7 @@ weights that are about to be replaced.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -78,7 +79,7 @@ class VisionArch:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registry() -> dict[str, VisionArch]:
     """Every plain-ViT model config open_clip ships, as VisionArch."""
     import open_clip
@@ -214,6 +215,17 @@ def build_clip(arch: VisionArch, *, device: str | torch.device = "meta") -> torc
     On the meta device (the default) nothing is allocated or initialised: the caller assigns the
     real tensors with ``load_state_dict(..., assign=True)``.
     """
+    if torch.device(device).type == "meta":
+        return copy.deepcopy(_meta_template(arch))  # a copy costs half of a construction
+    return _construct(arch, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_template(arch: VisionArch) -> torch.nn.Module:
+    return _construct(arch, "meta")
+
+
+def _construct(arch: VisionArch, device: str | torch.device) -> torch.nn.Module:
     from open_clip.model import CLIP
 
     with torch.device(device):

@@ -19,7 +19,6 @@ import logging
 import os
 import pickle
 import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any, Union
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
+from .layout import SAFETENSORS_DTYPES, ZipIndex, contiguous_strides, safetensors_entries, zip_index
+from .transfer import Span, as_tensor, read_spans
 from .unpickler import GlobalName, InertRecord, RestrictedReader
 
 __all__ = [
@@ -187,15 +188,9 @@ def _missing_message(p: Path) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _zip_record_sizes(p: Path) -> dict[str, int]:
-    try:
-        with zipfile.ZipFile(p) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise CorruptCheckpointError(
-            f"{p}: a zip archive that cannot be opened ({exc}); the file is truncated or damaged: "
-            "download it again.") from None
-    names = [i.filename for i in infos]
+def _zip_index(p: Path) -> ZipIndex:
+    index = zip_index(p)
+    names = index.names
     # torch.load hands any zip holding constants.pkl to torch.jit.load, which runs the archive's
     # TorchScript (its __setstate__ methods run while loading): refuse before torch sees the file.
     if any("/code/" in n or n.startswith("code/") or n.rsplit("/", 1)[-1] == "constants.pkl"
@@ -204,22 +199,34 @@ def _zip_record_sizes(p: Path) -> dict[str, int]:
             f"{p}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint; it carries "
             "code that loading it would run, so it is not read. Load it with torch.jit.load in a "
             "trusted setting and save its state_dict() instead.")
-    if not any(n.endswith("data.pkl") for n in names):
+    if index.pickle is None:
         raise CorruptCheckpointError(
             f"{p}: a zip archive without data.pkl (holds {', '.join(names[:5]) or 'nothing'}); "
             "not a torch checkpoint.")
-    sizes: dict[str, int] = {}
-    for info in infos:
-        parts = info.filename.split("/")
-        if len(parts) >= 2 and parts[-2] == "data":
-            sizes[parts[-1]] = info.file_size
-    return sizes
+    return index
+
+
+def _bulk_device(container: str, p: Path, map_location: Any, mmap: bool | None) -> torch.device | None:
+    """The device to fill with one bulk read (`pool.transfer`), or None for the ordinary path:
+    CUDA targets, and CPU targets that asked for no mmap, of zip and safetensors files."""
+    if container not in ("zip", "safetensors") or p.name.endswith(".safetensors") and container == "zip":
+        return None
+    if map_location is None:
+        return torch.device("cpu") if mmap is False else None
+    if not isinstance(map_location, (str, torch.device)):
+        return None
+    device = torch.device(map_location)
+    if device.type == "cuda" or (device.type == "cpu" and mmap is False):
+        return device
+    return None
 
 
 def _read_container(p: Path, container: str, reader: RestrictedReader, map_location: Any,
-                    mmap: bool) -> Any:
+                    mmap: bool, index: ZipIndex | None) -> Any:
     if container == "zip":
-        reader.record_sizes = _zip_record_sizes(p)
+        assert index is not None
+        reader.record_sizes = {key: r.nbytes for key, r in index.records.items()}
+        reader.use_c_unpickler_for(index.pickle or b"")
         if os.fspath(p).endswith(".safetensors"):
             # torch.load reads any *path* named .safetensors with safetensors, whatever it holds;
             # a file object keeps it on the zip reader (and this reader), at the cost of mmap.
@@ -232,6 +239,44 @@ def _read_container(p: Path, container: str, reader: RestrictedReader, map_locat
             return reader.torch_load(f, map_location=map_location, mmap=False)
     with open(p, "rb") as f:  # plain pickle: storages arrive as nested legacy blobs
         return reader.unpickle(f)
+
+
+def _zip_tensors_to(p: Path, tensors: dict[str, torch.Tensor], index: ZipIndex,
+                    storage_keys: dict[int, str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move memory-mapped zip tensors to ``device`` with one bulk read of their records."""
+    slot: dict[int, int] = {}
+    spans: list[Span] = []
+    for tensor in tensors.values():
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if storage.nbytes() == 0 or ptr in slot:
+            continue
+        key = storage_keys.get(ptr)
+        if key is None or key not in index.records:  # not from an archive record: copy as is
+            return {name: t.to(device) for name, t in tensors.items()}
+        slot[ptr] = len(spans)
+        spans.append(Span(index.records[key].offset, storage.nbytes()))
+    storages = read_spans(p, spans, device)
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            out[name] = t.to(device)
+        else:
+            out[name] = as_tensor(storages[slot[storage.data_ptr()]], t.dtype, t.size(), t.stride(),
+                                  t.storage_offset())
+    return out
+
+
+def _safetensors_to(p: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Read a safetensors file onto ``device`` with one bulk read (None: a dtype we don't map)."""
+    entries, metadata = safetensors_entries(p)
+    if any(e.dtype not in SAFETENSORS_DTYPES for e in entries):
+        return None
+    storages = read_spans(p, [Span(e.offset, e.nbytes) for e in entries], device)
+    tensors = {e.name: as_tensor(s, SAFETENSORS_DTYPES[e.dtype], e.shape, contiguous_strides(e.shape))
+               for e, s in zip(entries, storages, strict=True)}
+    return tensors, metadata
 
 
 def _read_safetensors(p: Path, map_location: Any, mmap: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -408,17 +453,26 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     p = _existing_file(path)
     container = sniff_container(p)
     use_mmap = container in ("zip", "safetensors") if mmap is None else bool(mmap and container in ("zip", "safetensors"))
+    bulk = _bulk_device(container, p, map_location, mmap)
     if container == "safetensors":
-        tensors, metadata = _read_safetensors(p, map_location, use_mmap)
+        read = _safetensors_to(p, bulk) if bulk is not None else None
+        tensors, metadata = read if read is not None else _read_safetensors(p, map_location, use_mmap)
         return Checkpoint(p, container, tensors, "safetensors", metadata=metadata)
     reader = RestrictedReader(str(p), refuse_unsafe=refuse_unsafe)
+    index = _zip_index(p) if container == "zip" else None
     try:
-        root = _read_container(p, container, reader, map_location, use_mmap)
-        tensors, modules, wrapper = _collect(p, root)
+        if bulk is not None and index is not None:
+            root = _read_container(p, container, reader, "cpu", True, index)
+            tensors, modules, wrapper = _collect(p, root)
+            tensors = _zip_tensors_to(p, tensors, index, reader.storage_keys, bulk)
+        else:
+            root = _read_container(p, container, reader, map_location, use_mmap, index)
+            tensors, modules, wrapper = _collect(p, root)
         if container == "pickle" and map_location is not None:
             device = _device_of(map_location)
             tensors = {k: v.to(device) for k, v in tensors.items()}
-    except CheckpointError:
+    except CheckpointError as exc:
+        exc.checkpoint_globals = reader.named_globals  # what was seen before it stopped (inspect)
         raise
     except FileNotFoundError:
         raise

@@ -22,7 +22,13 @@ class PoolError(Exception):
 
 
 class CheckpointError(PoolError):
-    """A checkpoint file cannot be used: base of all checkpoint problems."""
+    """A checkpoint file cannot be used: base of all checkpoint problems.
+
+    ``checkpoint_globals`` lists the globals a pickle named before reading stopped (empty when
+    the error came before any unpickling); ``python -m pool inspect`` reports them.
+    """
+
+    checkpoint_globals: list = []
 
 
 class UnsafeCheckpointError(CheckpointError):

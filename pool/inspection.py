@@ -16,7 +16,7 @@ from typing import Any
 from .checkpoint import read_checkpoint, sniff_container
 from .errors import ArchitectureMismatchError, CheckpointError
 from .keys import ENCODER_PREFIX, to_clip_keys
-from .unpickler import GlobalName, RestrictedReader
+from .unpickler import GlobalName
 
 __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
 
@@ -67,23 +67,6 @@ class Inspection:
         }
 
 
-def _globals_only(path: Path, container: str) -> list[GlobalName]:
-    """The globals a pickle names, when the full read found no state dict (nothing is run)."""
-    reader = RestrictedReader(str(path), refuse_unsafe=False)
-    try:
-        if container == "zip":
-            reader.torch_load(str(path), map_location="cpu", mmap=False)
-        elif container == "legacy":
-            with open(path, "rb") as f:
-                reader.torch_load(f, map_location="cpu", mmap=False)
-        elif container == "pickle":
-            with open(path, "rb") as f:
-                reader.unpickle(f)
-    except Exception:  # noqa: BLE001 - damaged files: list what was seen before the damage
-        log.debug("globals scan of %s stopped early", path, exc_info=True)
-    return reader.named_globals
-
-
 def _key_layout(keys: list[str], wrapper: str | None) -> str:
     prefix = "module." if keys and all(k.startswith("module.") for k in keys) else ""
     stripped = [k[len(prefix):] for k in keys]
@@ -114,7 +97,7 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
         ckpt = read_checkpoint(p, refuse_unsafe=False)
     except CheckpointError as exc:
         info.error = str(exc)
-        info.globals = _globals_only(p, container)
+        info.globals = list(exc.checkpoint_globals)
         return info
     info.root_type = ckpt.root_type
     info.globals = list(ckpt.globals)

@@ -97,6 +97,60 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
+def _opcode_table() -> list[int]:
+    """Per opcode byte, how its argument is laid out: ``n >= 0`` n fixed bytes; ``-1``, ``-4``,
+    ``-8`` a length of that many bytes, then that many bytes; ``-101`` / ``-102`` one / two
+    newline-terminated lines; ``-999`` not an opcode."""
+    import pickletools
+
+    variable = {pickletools.UP_TO_NEWLINE: -101, pickletools.TAKEN_FROM_ARGUMENT1: -1,
+                pickletools.TAKEN_FROM_ARGUMENT4: -4, pickletools.TAKEN_FROM_ARGUMENT4U: -4,
+                pickletools.TAKEN_FROM_ARGUMENT8U: -8}
+    table = [-999] * 256
+    for op in pickletools.opcodes:
+        arg = op.arg
+        table[ord(op.code)] = 0 if arg is None else arg.n if arg.n >= 0 else variable[arg.n]
+    table[ord("c")] = table[ord("i")] = -102  # GLOBAL and INST: module and name lines
+    return table
+
+
+_OPCODES = _opcode_table()
+_PUT, _LONG_BINPUT, _STOP = ord("p"), ord("r"), ord(".")
+
+
+def memo_is_bounded(data: bytes) -> bool:
+    """Walk a pickle's opcodes (without running them) and check that every memo index it stores
+    is smaller than the pickle itself, as in any real pickle. False for anything unusual
+    (unknown opcode, truncated argument, huge index): the caller then uses the pure-Python
+    unpickler, whose dict memo cannot be made to allocate."""
+    i, n, table, from_bytes = 0, len(data), _OPCODES, int.from_bytes
+    try:
+        while i < n:
+            code = data[i]
+            size = table[code]
+            i += 1
+            if size >= 0:
+                if code == _LONG_BINPUT and from_bytes(data[i:i + 4], "little") >= n:
+                    return False
+                i += size
+            elif size >= -8:
+                i += -size + from_bytes(data[i:i - size], "little")
+            elif size == -101:
+                end = data.index(b"\n", i)
+                if code == _PUT and (end - i > 12 or int(data[i:end]) >= n):
+                    return False
+                i = end + 1
+            elif size == -102:
+                i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+            else:
+                return False
+            if code == _STOP:
+                return i <= n
+        return False  # no STOP: truncated
+    except ValueError:
+        return False
+
+
 class InertRecord:
     """Stand-in for an object of a class the file names. It runs nothing and keeps what the pickle
     gave it: constructor arguments (`_pool_args`), state (`_pool_state`) and appended items."""
@@ -205,6 +259,7 @@ class RestrictedReader:
         self.refuse_unsafe = refuse_unsafe
         self.max_bytes = max_bytes
         self.record_sizes = record_sizes
+        self.storage_keys: dict[int, str] = {}  # data_ptr -> archive record key
         self.globals: dict[tuple[str, str], GlobalName] = {}
         self._inert_types: dict[tuple[str, str], type] = {}
         self.module = self._make_pickle_module()
@@ -365,21 +420,43 @@ class RestrictedReader:
                     # The source is only ever a warning, so skip the check: the class is the id.
                     return pid[1] if len(pid) > 1 else None
                 reader.check_storage(pid)
-                return fn(pid)
+                storage = fn(pid)
+                reader.note_storage(pid, storage)
+                return storage
 
         class Unpickler(_Restricted, pickle._Unpickler):  # type: ignore[name-defined,misc]
-            """Pure-Python unpickler, for every container: its memo is a dict, so no index in the
-            file can make it allocate. (The C unpickler grows an array to the largest PUT index a
-            pickle names: a few bytes can cost gigabytes and seconds before it fails.)"""
+            """Pure-Python unpickler, the default: its memo is a dict, so no index in the file can
+            make it allocate. (The C unpickler grows an array to the largest PUT index a pickle
+            names: a few bytes can cost gigabytes and seconds before it fails.)"""
+
+        class FastUnpickler(_Restricted, pickle.Unpickler):  # type: ignore[misc]
+            """CPython's C unpickler, used only for a pickle `memo_is_bounded` has cleared."""
 
         def load(file: Any, **kwargs: Any) -> Any:
-            return Unpickler(file, **kwargs).load()
+            return namespace.Unpickler(file, **kwargs).load()
 
-        return types.SimpleNamespace(__name__="pool.unpickler", Unpickler=Unpickler, load=load)
+        namespace = types.SimpleNamespace(__name__="pool.unpickler", Unpickler=Unpickler, load=load,
+                                          SafeUnpickler=Unpickler, FastUnpickler=FastUnpickler)
+        return namespace
+
+    def use_c_unpickler_for(self, data: bytes) -> bool:
+        """Switch to the (about 3x faster) C unpickler when ``data`` -- the one pickle torch will
+        parse, a zip's data.pkl -- names no memo index beyond its own length. Returns whether it did."""
+        if memo_is_bounded(data):
+            self.module.Unpickler = self.module.FastUnpickler
+            return True
+        return False
+
+    def note_storage(self, pid: Any, storage: Any) -> None:
+        """Remember which archive record a storage came from (by data pointer), for bulk reads."""
+        if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] in ("storage", b"storage"):
+            untyped = getattr(storage, "_untyped_storage", storage)
+            if isinstance(untyped, torch.UntypedStorage) and untyped.nbytes() > 0:
+                self.storage_keys[untyped.data_ptr()] = str(pid[2])
 
     def unpickle(self, file: Any) -> Any:
         """Unpickle a plain pickle stream (no torch container around it)."""
-        return self.module.Unpickler(file, encoding="utf-8").load()
+        return self.module.SafeUnpickler(file, encoding="utf-8").load()
 
     @property
     def named_globals(self) -> list[GlobalName]:

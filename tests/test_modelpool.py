@@ -298,4 +298,4 @@ def test_bad_config_forms_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         OpenCLIPVisionModelPool.from_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="is not an open_clip ViT"):
-        OpenCLIPVisionModelPool(models={"x": {"model_name": "ViT-Q-99", "pickle_path": "a.pt"}}).train_processor
+        _ = OpenCLIPVisionModelPool(models={"x": {"model_name": "ViT-Q-99", "pickle_path": "a.pt"}}).train_processor

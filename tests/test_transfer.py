@@ -1,0 +1,111 @@
+"""Bulk reads (pool.transfer / pool.layout) and the memo-index check that picks the C unpickler."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pool.checkpoint import read_checkpoint
+from pool.layout import safetensors_entries, zip_index
+from pool.transfer import Span, as_tensor, read_spans
+from pool.unpickler import RestrictedReader, memo_is_bounded
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(data=st.binary(min_size=1, max_size=5000),
+       spans=st.lists(st.tuples(st.integers(0, 4999), st.integers(0, 300)), min_size=1, max_size=12))
+def test_read_spans_returns_exactly_the_file_bytes(tmp_path_factory, data, spans):
+    path = tmp_path_factory.mktemp("spans") / "blob.bin"
+    path.write_bytes(data)
+    spans = [Span(min(o, len(data)), min(n, len(data) - min(o, len(data)))) for o, n in spans]
+    storages = read_spans(path, spans, "cpu")
+    for span, storage in zip(spans, storages, strict=True):
+        assert storage.nbytes() == span.nbytes
+        got = torch.empty(0, dtype=torch.uint8).set_(storage).numpy().tobytes() if span.nbytes else b""
+        assert got == data[span.offset:span.offset + span.nbytes]
+
+
+def test_as_tensor_copies_misaligned_bytes():
+    raw = torch.arange(0, 40, dtype=torch.uint8)
+    values = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
+    raw[1:13] = values.view(torch.uint8)
+    storage = raw.untyped_storage()[1:13]  # a float32 view starting at an odd address
+    tensor = as_tensor(storage, torch.float32, (3,), (1,))
+    assert torch.equal(tensor, values)
+
+
+@pytest.mark.parametrize("container", ["zip", "state_dict", "safetensors"])
+def test_no_mmap_bulk_read_equals_the_mapped_read(write_encoder, container):
+    path, module = write_encoder(container)
+    mapped = read_checkpoint(path)
+    bulk = read_checkpoint(path, mmap=False)
+    assert list(bulk.state_dict) == list(mapped.state_dict)
+    for key, value in mapped.state_dict.items():
+        assert torch.equal(bulk.state_dict[key], value), key
+    # the bulk read owns its memory: writing to it leaves the file and the mapping alone
+    first = next(iter(bulk.state_dict.values()))
+    first.add_(1)
+    assert torch.equal(read_checkpoint(path).state_dict[next(iter(bulk.state_dict))],
+                       next(iter(mapped.state_dict.values())))
+
+
+def test_bulk_read_keeps_shared_storage(tmp_path):
+    base = torch.randn(6, 4)
+    state = {"whole": base, "rows": base[2:5], "column": base[:, 1]}
+    path = tmp_path / "views.pt"
+    torch.save(state, path)
+    loaded = read_checkpoint(path, mmap=False).state_dict
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value)
+    assert loaded["rows"].untyped_storage().data_ptr() == loaded["whole"].untyped_storage().data_ptr()
+    loaded["whole"][3, 1] = 42.0
+    assert loaded["rows"][1, 1] == 42.0 and loaded["column"][3] == 42.0
+
+
+def test_layout_indexes_agree_with_the_files(write_encoder):
+    zip_path, module = write_encoder("state_dict")
+    index = zip_index(zip_path)
+    raw = zip_path.read_bytes()
+    assert index.pickle is not None and len(index.records) == len(module.state_dict())
+    for record in index.records.values():
+        assert len(raw[record.offset:record.offset + record.nbytes]) == record.nbytes
+    st_path, _ = write_encoder("safetensors")
+    entries, _ = safetensors_entries(st_path)
+    assert {e.name for e in entries} == set(module.state_dict())
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_memo_check_accepts_real_pickles(protocol):
+    obj = {"a": [1, 2, "x" * 300, b"y" * 70000], "b": (1.5, None, True, 2**70), "c": {"d": "e"}}
+    assert memo_is_bounded(pickle.dumps(obj, protocol=protocol))
+    assert not memo_is_bounded(pickle.dumps(obj, protocol=protocol)[:-1])  # no STOP: truncated
+
+
+def test_memo_check_refuses_a_huge_memo_index():
+    bomb = b"\x80\x04}r" + (0x08000000).to_bytes(4, "little") + b"."
+    assert not memo_is_bounded(bomb)
+    assert not memo_is_bounded(b"(dp1000000000000\n.")  # protocol 0 PUT with a huge index
+
+
+def test_zip_reads_pick_the_c_unpickler_only_when_the_check_passes(write_encoder):
+    path, _ = write_encoder("zip")
+    data = zip_index(path).pickle
+    reader = RestrictedReader(str(path))
+    assert reader.use_c_unpickler_for(data)
+    assert reader.module.Unpickler is reader.module.FastUnpickler
+    other = RestrictedReader(str(path))
+    assert not other.use_c_unpickler_for(b"\x80\x04}r" + (0x08000000).to_bytes(4, "little") + b".")
+    assert other.module.Unpickler is other.module.SafeUnpickler
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("container", ["zip", "legacy", "pickle", "state_dict", "safetensors"])
+def test_cuda_reads_equal_cpu_reads(write_encoder, container):
+    path, module = write_encoder(container)
+    on_gpu = read_checkpoint(path, map_location="cuda").state_dict
+    for key, value in module.state_dict().items():
+        assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value), key
