@@ -241,31 +241,26 @@ def _read_container(p: Path, container: str, reader: RestrictedReader, map_locat
         return reader.unpickle(f)
 
 
-def _zip_tensors_to(p: Path, tensors: dict[str, torch.Tensor], index: ZipIndex,
+def _zip_tensors_to(tensors: dict[str, torch.Tensor], records: dict[str, torch.UntypedStorage],
                     storage_keys: dict[int, str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move memory-mapped zip tensors to ``device`` with one bulk read of their records."""
-    slot: dict[int, int] = {}
-    spans: list[Span] = []
-    for tensor in tensors.values():
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if storage.nbytes() == 0 or ptr in slot:
-            continue
-        key = storage_keys.get(ptr)
-        if key is None or key not in index.records:  # not from an archive record: copy as is
-            return {name: t.to(device) for name, t in tensors.items()}
-        slot[ptr] = len(spans)
-        spans.append(Span(index.records[key].offset, storage.nbytes()))
-    storages = read_spans(p, spans, device)
+    """Rebuild memory-mapped zip tensors over the device storages read for their records."""
     out = {}
     for name, t in tensors.items():
         storage = t.untyped_storage()
-        if storage.nbytes() == 0:
+        key = storage_keys.get(storage.data_ptr())
+        if storage.nbytes() == 0 or key not in records:  # empty, or not from an archive record
             out[name] = t.to(device)
         else:
-            out[name] = as_tensor(storages[slot[storage.data_ptr()]], t.dtype, t.size(), t.stride(),
-                                  t.storage_offset())
+            out[name] = as_tensor(records[key], t.dtype, t.size(), t.stride(), t.storage_offset())
     return out
+
+
+def _read_records(p: Path, index: ZipIndex, device: torch.device) -> dict[str, torch.UntypedStorage]:
+    """Every storage record of a zip, read onto ``device`` in one bulk transfer, by key. (Run
+    after the unpickling, not beside it: both need the GIL, and sharing it slows both.)"""
+    keys = list(index.records)
+    spans = [Span(index.records[k].offset, index.records[k].nbytes) for k in keys]
+    return dict(zip(keys, read_spans(p, spans, device), strict=True))
 
 
 def _safetensors_to(p: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -464,7 +459,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         if bulk is not None and index is not None:
             root = _read_container(p, container, reader, "cpu", True, index)
             tensors, modules, wrapper = _collect(p, root)
-            tensors = _zip_tensors_to(p, tensors, index, reader.storage_keys, bulk)
+            tensors = _zip_tensors_to(tensors, _read_records(p, index, bulk), reader.storage_keys, bulk)
         else:
             root = _read_container(p, container, reader, map_location, use_mmap, index)
             tensors, modules, wrapper = _collect(p, root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ __all__ = ["Span", "read_spans", "as_tensor"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 16 << 20  # bytes per staging buffer
-_RING = 4  # staging buffers in flight
-_PIECE = 2 << 20  # bytes per parallel read
+_CHUNK = 8 << 20  # bytes per pinned staging buffer
+_RING = 8  # staging buffers: chunks being read or copied at once (64 MiB pinned per device)
+_PIECE = 2 << 20  # bytes per read call
 _MERGE_GAP = 1 << 20  # read across gaps smaller than this rather than splitting the region
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -93,21 +94,43 @@ def _staging_ring(device: torch.device) -> list[tuple[torch.Tensor, torch.cuda.E
 
 
 def _fill_cuda(fd: int, regions: list[tuple[int, int]], target: torch.Tensor) -> None:
+    """Read ``regions`` into ``target`` through the pinned ring: up to _RING chunks are being read
+    by the thread pool while earlier chunks are copied to the device on a side stream."""
     ring = _staging_ring(target.device)
-    stream = torch.cuda.Stream(device=target.device)
-    slot = 0
+    chunks: list[tuple[int, int, int]] = []  # (file offset, target offset, size)
     position = 0
     for start, stop in regions:
         for chunk in range(start, stop, _CHUNK):
             size = min(_CHUNK, stop - chunk)
-            staging, done = ring[slot % _RING]
-            done.synchronize()  # the copy that last used this buffer has finished
-            _parallel_read(fd, memoryview(staging.numpy())[:size], chunk)
-            with torch.cuda.stream(stream):
-                target[position:position + size].copy_(staging[:size], non_blocking=True)
-                done.record(stream)
+            chunks.append((chunk, position, size))
             position += size
-            slot += 1
+    stream = torch.cuda.Stream(device=target.device)
+    in_flight: deque[tuple[int, list]] = deque()
+
+    def submit(i: int) -> None:
+        staging, copied = ring[i % _RING]
+        copied.synchronize()  # the last copy out of this buffer has finished
+        offset, _, size = chunks[i]
+        view = memoryview(staging.numpy())
+        futures = [_pool().submit(_pread_into, fd, view[a:min(size, a + _PIECE)], offset + a)
+                   for a in range(0, size, _PIECE)]
+        in_flight.append((i, futures))
+
+    for i in range(min(_RING, len(chunks))):
+        submit(i)
+    following = len(in_flight)
+    while in_flight:
+        i, futures = in_flight.popleft()
+        for future in futures:
+            future.result()
+        staging, copied = ring[i % _RING]
+        _, position, size = chunks[i]
+        with torch.cuda.stream(stream):
+            target[position:position + size].copy_(staging[:size], non_blocking=True)
+            copied.record(stream)
+        if following < len(chunks):
+            submit(following)
+            following += 1
     stream.synchronize()
 
 

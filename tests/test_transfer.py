@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -109,3 +110,50 @@ def test_cuda_reads_equal_cpu_reads(write_encoder, container):
     on_gpu = read_checkpoint(path, map_location="cuda").state_dict
     for key, value in module.state_dict().items():
         assert on_gpu[key].is_cuda and torch.equal(on_gpu[key].cpu(), value), key
+
+
+class _FakeEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+
+class _FakeStream:
+    def __init__(self, device=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_cuda_ring_logic_on_the_cpu(tmp_path, monkeypatch):
+    """The pinned-ring pipeline of the CUDA path, run with CPU stand-ins for streams and events and
+    tiny buffers so that many chunks cycle through the ring, including gaps between regions."""
+    import contextlib
+
+    from pool import transfer
+
+    monkeypatch.setattr(transfer, "_CHUNK", 64)
+    monkeypatch.setattr(transfer, "_RING", 3)
+    monkeypatch.setattr(transfer, "_PIECE", 16)
+    monkeypatch.setattr(transfer, "_MERGE_GAP", 8)
+    ring = [(torch.empty(64, dtype=torch.uint8), _FakeEvent()) for _ in range(3)]
+    monkeypatch.setattr(transfer, "_staging_ring", lambda device: ring)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    data = bytes(range(256)) * 8
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    spans = [Span(5, 300), Span(310, 7), Span(700, 500), Span(1500, 1), Span(1600, 400)]
+    regions = transfer._regions(spans)
+    assert len(regions) == 4  # the 3-byte gap is bridged, the larger ones are not
+    target = torch.zeros(sum(b - a for a, b in regions), dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        transfer._fill_cuda(fd, regions, target)
+    finally:
+        os.close(fd)
+    expected = b"".join(data[a:b] for a, b in regions)
+    assert target.numpy().tobytes() == expected
