@@ -9,7 +9,7 @@ project environment::
 ``compat`` and ``golden`` install one open_clip_torch release with ``pip --no-deps --target`` into a
 cache folder (``.nox/.cache/open_clip-<version>``, a ~1.5 MB wheel, downloaded once) and put it first
 on ``PYTHONPATH``, so it shadows the environment's open_clip for that session only. Timings on a
-2-core CPU box: see docs/nox.md.
+2-core CPU box: see the README, "Supported versions and the nox matrix".
 """
 
 from __future__ import annotations
@@ -125,7 +125,14 @@ def golden(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def benchmarks(session: nox.Session) -> None:
-    """pytest-benchmark over benchmarks/ (placeholder: the benchmarks' owner supplies the body)."""
-    if not (ROOT / "benchmarks").is_dir():
-        session.skip("no benchmarks/ directory")
-    session.run(PYTHON, "-m", "pytest", "benchmarks", "--benchmark-only", *session.posargs, external=True)
+    """CPU benchmarks, each beside its baseline in the same run, then the results file and chart.
+
+    ``nox -s benchmarks -- --benchmark-disable`` runs each benchmark once, as a test (what CI does).
+    Architectures: ``POOL_BENCH_ARCHS=ViT-B-32,ViT-B-16,ViT-L-14`` (default ViT-B-32).
+    """
+    quick = "--benchmark-disable" in session.posargs
+    out = ROOT / ".benchmarks" / "run.json"
+    args = [] if quick else [f"--benchmark-json={out}"]
+    session.run(PYTHON, "-m", "pytest", "benchmarks", *args, *session.posargs, external=True)
+    if not quick:
+        session.run(PYTHON, "benchmarks/report.py", "--bench-json", str(out), external=True)
