@@ -16,6 +16,7 @@ import benchlib
 import pytest
 import torch
 
+from pool.checkpoint import load_state_dict
 from pool.modeling import ImageEncoder
 
 HERE = Path(__file__).resolve().parent
@@ -106,3 +107,12 @@ def test_load_encoder(benchmark, arch, checkpoints, rounds, form):
     ratios = {name: round(r["ratio"], 3) for name, r in benchlib.ratios(arch).items()
               if form == benchlib.TARGETS[name][0] or form == benchlib.TARGETS[name][1]}
     benchmark.extra_info["ratios"] = ratios
+
+
+def test_read_state_dict_zip(benchmark, arch, checkpoints, rounds):
+    """The reader alone: ``pool.checkpoint.load_state_dict`` of the zip pickle (a whole pickled
+    ImageEncoder, restricted unpickling, mmap) beside the floor of the same size (issue 2: <= 1.5x)."""
+    path = checkpoints["zip"]
+    benchmark.group = f"{arch} load"
+    seconds, n = benchlib.time_it(benchmark, lambda: load_state_dict(path), rounds=rounds["fast"])
+    _info(benchmark, arch, "read_zip", "ours", path, seconds, n)

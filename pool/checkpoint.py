@@ -27,6 +27,7 @@ from typing import Any, Union
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
+from .gcpause import paused_gc
 from .layout import SAFETENSORS_DTYPES, ZipIndex, contiguous_strides, safetensors_entries, zip_index
 from .transfer import Span, as_tensor, read_spans
 from .unpickler import GlobalName, InertRecord, RestrictedReader
@@ -455,6 +456,13 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         return Checkpoint(p, container, tensors, "safetensors", metadata=metadata)
     reader = RestrictedReader(str(p), refuse_unsafe=refuse_unsafe)
     index = _zip_index(p) if container == "zip" else None
+    with paused_gc():
+        return _read_pickled(p, container, reader, index, map_location, use_mmap, bulk)
+
+
+def _read_pickled(p: Path, container: str, reader: RestrictedReader, index: ZipIndex | None,
+                  map_location: Any, use_mmap: bool, bulk: torch.device | None) -> Checkpoint:
+    """The pickled containers: unpickle restrictedly, walk the result, place the tensors."""
     try:
         if bulk is not None and index is not None:
             root = _read_container(p, container, reader, "cpu", True, index)

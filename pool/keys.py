@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["to_clip_keys", "ENCODER_PREFIX", "TEXT_SIDE_KEYS"]
+__all__ = ["to_clip_keys", "key_mismatch", "ENCODER_PREFIX", "TEXT_SIDE_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +52,21 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
         log.debug("%s: dropped %d text-transformer entries (e.g. %s): an ImageEncoder has no text "
                   "transformer", source, len(dropped), dropped[0])
     return out
+
+
+def _preview(keys: list[str], n: int = 4) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+
+
+def key_mismatch(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor],
+                 want_name: str = "expected") -> str | None:
+    """Why two state dicts do not line up key for key and shape for shape, or None if they do."""
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    if missing or extra:
+        return f"the keys differ: missing {_preview(missing)}, unexpected {_preview(extra)}"
+    shapes = [(k, tuple(got[k].shape), tuple(v.shape)) for k, v in want.items() if got[k].shape != v.shape]
+    if shapes:
+        key, have, need = shapes[0]
+        return f"tensor {key} has shape {have}, {want_name} has {need} ({len(shapes)} tensors differ)"
+    return None

@@ -19,7 +19,8 @@ from torch import nn
 from .arch import VisionArch, arch_for_name, build_clip, check_arch, infer_arch, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import ArchitectureMismatchError, CheckpointError
-from .keys import ENCODER_PREFIX, TEXT_SIDE_KEYS, to_clip_keys
+from .gcpause import paused_gc
+from .keys import ENCODER_PREFIX, TEXT_SIDE_KEYS, key_mismatch, to_clip_keys
 
 __all__ = ["ImageEncoder", "ClassificationHead", "DType"]
 
@@ -104,8 +105,9 @@ class ImageEncoder(nn.Module):
                 weights, quick_gelu=_default_quick_gelu(weights))
         if quick_gelu is not None:
             arch = replace(arch, quick_gelu=bool(quick_gelu))
-        model = _assign(build_clip(arch), sd, source)
-        encoder = cls(model, *_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
+        with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
+            model = _assign(build_clip(arch), sd, source)
+            encoder = cls(model, *_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
         return _finish(encoder, device, dtype)
 
     @classmethod
@@ -153,20 +155,11 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Mo
             delattr(model, owner)  # e.g. no ln_final.* at all: drop the whole module
         else:
             del (model.get_submodule(owner) if owner else model)._parameters[leaf]
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
+    problem = key_mismatch(sd, model.state_dict(), "the architecture")
+    if problem:
         raise ArchitectureMismatchError(
-            f"{source}: the weights do not fit the architecture: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}. Is this an open_clip ViT image encoder?")
-    bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items() if sd[k].shape != v.shape]
-    if bad:
-        k, got, want = bad[0]
-        raise ArchitectureMismatchError(
-            f"{source}: tensor {k} has shape {got}, the architecture needs {want} "
-            f"({len(bad)} tensors differ).")
+            f"{source}: the weights do not fit the architecture: {problem}. Is this an open_clip ViT "
+            "image encoder, and is model_name right?")
     model.load_state_dict(sd, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

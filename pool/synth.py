@@ -13,10 +13,11 @@ import logging
 import pickle
 import sys
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = [
     "make_original_encoder",
     "make_original_head",
     "save_module",
+    "save_object",
     "write_tree",
     "SynthTree",
 ]
@@ -130,25 +132,34 @@ def make_original_head(num_classes: int, embed_dim: int, seed: int = 0,
     return _OriginalClassificationHead(normalize, weights, biases)
 
 
+def save_object(obj: Any, target: str | Path | BinaryIO, container: str) -> Any:
+    """Write any object the ways the wild did: ``zip`` / ``legacy`` torch.save, or a plain
+    ``pickle`` (protocol 4; ``pickle0`` ... ``pickle5`` name one). ``target`` is a path (folders
+    are created) or a binary file object. Returns ``target``."""
+    if container == "pickle" or (container.startswith("pickle") and container[6:].isdigit()):
+        protocol = int(container[6:] or 4)
+    elif container not in ("zip", "legacy"):
+        raise ValueError(f"unknown container {container!r}; expected zip, legacy, pickle or pickle0-5")
+    if isinstance(target, (str, Path)):
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    # A caller's own src.modeling (a test's stand-in classes) stays; else ours for the originals.
+    modeling = contextlib.nullcontext() if "src.modeling" in sys.modules else legacy_modeling_module()
+    with modeling, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        if container in ("zip", "legacy"):
+            torch.save(obj, target, _use_new_zipfile_serialization=container == "zip")
+        elif isinstance(target, Path):
+            with open(target, "wb") as f:
+                pickle.dump(obj, f, protocol=protocol)
+        else:
+            pickle.dump(obj, target, protocol=protocol)
+    return target
+
+
 def save_module(module: nn.Module, path: str | Path, container: str) -> Path:
     """Write a whole module the way the wild did: ``zip`` / ``legacy`` torch.save, or ``pickle``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with legacy_modeling_module():
-        if container == "zip":
-            torch.save(module, path)
-        elif container == "legacy":
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-                torch.save(module, path, _use_new_zipfile_serialization=False)
-        elif container == "pickle":
-            with open(path, "wb") as f:
-                pickle.dump(module, f)
-        else:
-            raise ValueError(f"unknown container {container!r}; expected zip, legacy or pickle")
-    return path
+    return save_object(module, Path(path), container)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, fmt: str = "torch") -> Path:

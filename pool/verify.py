@@ -28,6 +28,7 @@ from .checkpoint import sniff_container
 from .entries import Entry
 from .errors import ConfigError, PoolError
 from .integrity import check_integrity
+from .keys import key_mismatch
 from .modelpool import PRETRAINED, OpenCLIPVisionModelPool, check_head_fits
 
 __all__ = ["EntryResult", "VerifyReport", "verify_pool", "prepare_pool", "versions", "arch_label"]
@@ -221,19 +222,10 @@ def _image_size(encoder: torch.nn.Module) -> int | None:
 
 
 def _task_vector(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, Any]:
-    missing = [k for k in base if k not in state]
-    extra = [k for k in state if k not in base]
-    if missing or extra:
-        raise TaskVectorError(
-            f"task vector against {PRETRAINED}: the keys differ (missing {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}, extra {extra[:3]}{' ...' if len(extra) > 3 else ''}); "
-            f"this model is not a fine-tuned copy of {PRETRAINED}.")
-    shapes = [(k, tuple(state[k].shape), tuple(base[k].shape)) for k in base if state[k].shape != base[k].shape]
-    if shapes:
-        k, got, want = shapes[0]
-        raise TaskVectorError(
-            f"task vector against {PRETRAINED}: {k} has shape {got}, {PRETRAINED} has {want} "
-            f"({len(shapes)} tensors differ); this model is not a fine-tuned copy of {PRETRAINED}.")
+    problem = key_mismatch(state, base, PRETRAINED)
+    if problem:
+        raise TaskVectorError(f"task vector against {PRETRAINED}: {problem}; this model is not a "
+                              f"fine-tuned copy of {PRETRAINED}.")
     total = 0.0
     count = 0
     for k, v in state.items():

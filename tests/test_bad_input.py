@@ -9,7 +9,6 @@ import json
 import pickle
 import random
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from pool import synth
 from pool.checkpoint import CheckpointNotFoundError, load_state_dict, read_checkpoint, sniff_container
 from pool.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from pool.synth import save_object
 
 SMALL = synth.VisionArch(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
                          embed_dim=8, quick_gelu=True, text_context_length=4, text_vocab_size=16,
@@ -211,17 +211,7 @@ def _zip_with_pickle(src: bytes, edit) -> bytes:
 
 
 def _seven_floats(container: str) -> bytes:
-    buf = io.BytesIO()
-    value = {"w": torch.arange(7, dtype=torch.float32)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if container == "zip":
-            torch.save(value, buf)
-        elif container == "legacy":
-            torch.save(value, buf, _use_new_zipfile_serialization=False)
-        else:
-            return pickle.dumps(value, protocol=int(container[-1]))
-    return buf.getvalue()
+    return save_object({"w": torch.arange(7, dtype=torch.float32)}, io.BytesIO(), container).getvalue()
 
 
 def _grow_size(pkl: bytes) -> bytes:

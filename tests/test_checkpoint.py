@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import shutil
 import sys
 import types
@@ -19,6 +18,7 @@ from torch import nn
 
 from pool import synth
 from pool.checkpoint import CONTAINERS, Checkpoint, load_state_dict, read_checkpoint, sniff_container
+from pool.synth import save_object
 from pool.unpickler import GlobalName
 
 ENCODER_FORMS = ["zip", "legacy", "pickle", "state_dict", "safetensors"]
@@ -42,22 +42,6 @@ def assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
         assert have.dtype == want.dtype, key
         assert have.shape == want.shape, key
         assert torch.equal(bits(have), bits(want)), key
-
-
-def save_object(obj: object, path: Path, container: str) -> Path:
-    """torch.save (zip / legacy) or a plain pickle (``pickle`` = protocol 4, ``pickleN``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if container == "zip":
-            torch.save(obj, path)
-        elif container == "legacy":
-            torch.save(obj, path, _use_new_zipfile_serialization=False)
-        elif container.startswith("pickle"):
-            protocol = int(container[6:] or 4)
-            path.write_bytes(pickle.dumps(obj, protocol=protocol))
-        else:
-            raise ValueError(container)
-    return path
 
 
 def mapped_from(t: torch.Tensor, path: Path) -> bool:

@@ -16,7 +16,6 @@ import struct
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from pool import synth
 from pool.arch import VisionArch
 from pool.checkpoint import read_checkpoint
 from pool.errors import CheckpointError
+from pool.synth import save_object
 
 FORMS = ["zip", "legacy", "pickle", "state_dict", "safetensors", "wrapped"]
 PROPERTY = settings(max_examples=12, deadline=None, derandomize=True, print_blob=True,
@@ -141,26 +141,13 @@ def test_arbitrary_state_dicts_round_trip(shapes, dtype, container, seed):
         if container in ("state_dict", "safetensors"):
             synth.save_state_dict(expected, path, "safetensors" if container == "safetensors" else "torch")
         else:
-            _save_plain(expected, path, container)
+            save_object(expected, path, container)
         got = read_checkpoint(path).state_dict
         assert sorted(got) == sorted(expected)
         for key, value in expected.items():
             assert got[key].dtype == value.dtype and got[key].shape == value.shape
             assert torch.equal(bits(got[key]), bits(value)), key
         del got
-
-
-def _save_plain(obj: object, path: Path, container: str) -> None:
-    import pickle
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if container == "zip":
-            torch.save(obj, path)
-        elif container == "legacy":
-            torch.save(obj, path, _use_new_zipfile_serialization=False)
-        else:
-            path.write_bytes(pickle.dumps(obj, protocol=4))
 
 
 # -- (b) truncation and mutation never escape as anything but CheckpointError ---------------------

@@ -33,6 +33,7 @@ import torch
 from pool import synth
 from pool.checkpoint import CONTAINERS, load_state_dict, read_checkpoint
 from pool.errors import CheckpointError, UnsafeCheckpointError
+from pool.synth import save_object
 from pool.unpickler import GlobalName, is_unsafe_global
 
 HOSTILE_CONTAINERS = ["zip", "legacy", "pickle2", "pickle4"]
@@ -71,15 +72,7 @@ def global_name(fn: Any) -> str:
 
 
 def save(obj: Any, path: Path, container: str) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if container == "zip":
-            torch.save(obj, path)
-        elif container == "legacy":
-            torch.save(obj, path, _use_new_zipfile_serialization=False)
-        else:
-            path.write_bytes(pickle.dumps(obj, protocol=int(container[-1])))
-    return path
+    return save_object(obj, path, container)
 
 
 def legacy_bytes(obj: Any) -> bytes:
