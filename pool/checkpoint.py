@@ -189,8 +189,8 @@ def _missing_message(p: Path) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _zip_index(p: Path) -> ZipIndex:
-    index = zip_index(p)
+def _zip_index(p: Path, offsets: bool) -> ZipIndex:
+    index = zip_index(p, offsets=offsets)
     names = index.names
     # torch.load hands any zip holding constants.pkl to torch.jit.load, which runs the archive's
     # TorchScript (its __setstate__ methods run while loading): refuse before torch sees the file.
@@ -455,7 +455,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         tensors, metadata = read if read is not None else _read_safetensors(p, map_location, use_mmap)
         return Checkpoint(p, container, tensors, "safetensors", metadata=metadata)
     reader = RestrictedReader(str(p), refuse_unsafe=refuse_unsafe)
-    index = _zip_index(p) if container == "zip" else None
+    index = _zip_index(p, offsets=bulk is not None) if container == "zip" else None
     with paused_gc():
         return _read_pickled(p, container, reader, index, map_location, use_mmap, bulk)
 

@@ -52,8 +52,12 @@ class ZipIndex:
     pickle: bytes | None
 
 
-def zip_index(path: str | Path, *, read_pickle: bool = True) -> ZipIndex:
-    """Index a torch zip checkpoint: members, ``data/<key>`` records with data offsets, data.pkl."""
+def zip_index(path: str | Path, *, read_pickle: bool = True, offsets: bool = True) -> ZipIndex:
+    """Index a torch zip checkpoint: members, ``data/<key>`` records with data offsets, data.pkl.
+
+    ``offsets=False`` skips reading each member's local header (the records' ``offset`` is -1):
+    enough for size checks, one seek per record cheaper.
+    """
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
@@ -69,12 +73,14 @@ def zip_index(path: str | Path, *, read_pickle: bool = True) -> ZipIndex:
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise CorruptCheckpointError(f"{path}: member {info.filename} is compressed; "
                                                  "torch writes storages uncompressed")
-                f.seek(info.header_offset)
-                signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-                if signature != b"PK\x03\x04":
-                    raise CorruptCheckpointError(f"{path}: member {info.filename} has no local header "
-                                                 "where the central directory says; the file is damaged")
-                offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                offset = -1
+                if offsets:
+                    f.seek(info.header_offset)
+                    signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+                    if signature != b"PK\x03\x04":
+                        raise CorruptCheckpointError(f"{path}: member {info.filename} has no local header "
+                                                     "where the central directory says; the file is damaged")
+                    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
                 records[parts[-1]] = ZipRecord(parts[-1], offset, info.file_size, info.CRC, info.filename)
             data = zf.read(pickle_info) if read_pickle and pickle_info is not None else None
             return ZipIndex(tuple(i.filename for i in infos), records, data)
