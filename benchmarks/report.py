@@ -120,7 +120,8 @@ def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
         ax.set_xlabel("seconds to a ready encoder (log scale; median, warm page cache)")
         parts = [f"{n} = {r['ratio']:.2f}x (target {r['target']})" for n, r in archs[arch].get("ratios", {}).items()
                  if r["target"]]
-        ax.set_title(f"{arch}\n" + "; ".join(parts[:2]) + "\n" + "; ".join(parts[2:]), fontsize=8)
+        lines = ["; ".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+        ax.set_title("\n".join([arch, *lines]), fontsize=8)
         for bar, value in zip(bars, values, strict=True):
             ax.text(value * 1.05, bar.get_y() + bar.get_height() / 2, f"{value:.3g} s", va="center", fontsize=7)
         ax.set_xlim(min(values) / 2, max(values) * 4)
