@@ -56,6 +56,14 @@ _SAFE_BUILTINS: dict[str, Any] = {
         "int", "float", "bool", "str", "bytes", "range", "object",
     )
 }
+# The legacy storage class names a torch pickle uses for each dtype.
+_STORAGE_NAMES = {
+    torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage",
+    torch.bool: "BoolStorage", torch.complex64: "ComplexFloatStorage",
+    torch.complex128: "ComplexDoubleStorage",
+}
 _TORCH_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
                      "_rebuild_parameter", "_rebuild_parameter_with_state")
 # The rebuilders that view a storage: their size/stride/offset are checked against the storage
@@ -448,8 +456,14 @@ class RestrictedReader:
         return False
 
     def note_storage(self, pid: Any, storage: Any) -> None:
-        """Remember which archive record a storage came from (by data pointer), for bulk reads."""
+        """Remember which archive record a storage came from (by data pointer), for bulk reads,
+        and list the storage class the pickle named (torch resolves those names itself, so they
+        never reach `find_class`)."""
         if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] in ("storage", b"storage"):
+            dtype = getattr(pid[1], "dtype", None)
+            name = _STORAGE_NAMES.get(dtype) if isinstance(dtype, torch.dtype) else None
+            if name is not None:
+                self.globals.setdefault(("torch", name), GlobalName("torch", name))
             untyped = getattr(storage, "_untyped_storage", storage)
             if isinstance(untyped, torch.UntypedStorage) and untyped.nbytes() > 0:
                 self.storage_keys[untyped.data_ptr()] = str(pid[2])

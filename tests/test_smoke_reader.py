@@ -29,3 +29,12 @@ def test_head_keeps_normalize_flag(write_head, container):
     assert ckpt.attributes["normalize"] is False
     assert torch.equal(ckpt.state_dict["weight"], head.weight.detach())
     assert ckpt.root_type == "src.modeling.ClassificationHead"
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy", "pickle"])
+def test_globals_include_the_storage_classes(write_encoder, container):
+    """torch resolves storage class names itself; the reader still lists them (inspect shows them)."""
+    path, _ = write_encoder(container)
+    names = {str(g) for g in read_checkpoint(path).globals}
+    assert "torch.FloatStorage" in names
+    assert "src.modeling.ImageEncoder" in names
