@@ -108,9 +108,7 @@ def _arch_from_config(name: str, cfg: Mapping[str, Any] | None) -> VisionArch:
         if image_size[0] != image_size[1]:
             raise ValueError("non-square")
         image_size = image_size[0]
-    quick = cfg.get("quick_gelu")
-    if quick is None:
-        quick = True if _base_name(name) in OPENAI_MODEL_NAMES else False
+    quick = bool(cfg.get("quick_gelu", False))  # the config's own; arch_for_name adds the OpenAI rule
     return VisionArch(
         image_size=int(image_size), patch_size=int(v["patch_size"]), width=width,
         layers=int(v["layers"]), heads=width // int(v.get("head_width", 64)),
@@ -128,17 +126,20 @@ def arch_for_name(model_name: str, quick_gelu: bool | None = None) -> VisionArch
     """The architecture open_clip's config gives ``model_name``.
 
     OpenAI names (ViT-B-32, ViT-B-16, ViT-L-14, ...) mean QuickGELU unless ``quick_gelu`` says
-    otherwise, because the published checkpoints come from OpenAI's weights.
+    otherwise, because the published checkpoints come from OpenAI's weights. task_vectors' own
+    spelling ``NAME__pretrained__TAG`` is understood: a tag other than ``openai`` (LAION weights,
+    say) means the config's activation (GELU for the plain names).
     """
+    name, _, tag = model_name.partition("__pretrained__")
     registry = _registry()
-    if model_name not in registry:
+    if name not in registry:
         vits = sorted(n for n in registry if n.startswith("ViT"))
         raise ConfigError(
             f"model_name {model_name!r} is not an open_clip ViT config this loader can build. "
             f"Known ViT names include: {', '.join(vits[:12])} ... ({len(registry)} in all). Leave "
             "model_name out to infer the architecture from the weights.")
-    arch = registry[model_name]
-    if model_name.endswith("-quickgelu") or _base_name(model_name) in OPENAI_MODEL_NAMES:
+    arch = registry[name]
+    if name.endswith("-quickgelu") or (_base_name(name) in OPENAI_MODEL_NAMES and tag in ("", "openai")):
         arch = replace(arch, quick_gelu=True)
     if quick_gelu is not None:
         arch = replace(arch, quick_gelu=bool(quick_gelu))

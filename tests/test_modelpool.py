@@ -299,3 +299,16 @@ def test_bad_config_forms_are_config_errors(tmp_path):
         OpenCLIPVisionModelPool.from_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="is not an open_clip ViT"):
         _ = OpenCLIPVisionModelPool(models={"x": {"model_name": "ViT-Q-99", "pickle_path": "a.pt"}}).train_processor
+
+
+def test_model_names_follow_the_openai_activation_rules():
+    from pool.arch import arch_for_name
+
+    assert arch_for_name("ViT-B-32").quick_gelu is True  # OpenAI weights: QuickGELU
+    assert arch_for_name("ViT-B-32-quickgelu").quick_gelu is True
+    assert arch_for_name("ViT-B-32__pretrained__openai").quick_gelu is True
+    assert arch_for_name("ViT-B-32__pretrained__laion2b_s34b_b79k").quick_gelu is False  # LAION: GELU
+    assert arch_for_name("ViT-B-32", quick_gelu=False).quick_gelu is False
+    assert arch_for_name("ViT-L-14").shapes() == arch_for_name("ViT-L-14__pretrained__openai").shapes()
+    with pytest.raises(ConfigError, match="ViT-B-33"):
+        arch_for_name("ViT-B-33__pretrained__openai")
