@@ -36,3 +36,21 @@ def test_readme_opens_with_the_install_and_test_commands():
     assert first_block[1] == "pytest -q"
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[test]"' in ci and "python -m pool verify" in ci and "pytest -q" in ci
+
+
+def test_python_example_runs(synth_tree, tmp_path, monkeypatch):
+    """The README's Python example, run as written on a synthesized tree (pool.yaml, a "cars" entry)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    block = re.search(r"## Using it from Python\n\n```python\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    shutil.copy(synth_tree.config, tmp_path / "pool.yaml")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    pil_images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    namespace = {"pil_images": pil_images}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert set(namespace["task_vectors"]) == set(namespace["pool"].model_names)
+    assert namespace["logits"].shape == (3, namespace["head"].out_features)
