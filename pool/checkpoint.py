@@ -256,12 +256,13 @@ def _zip_tensors_to(tensors: dict[str, torch.Tensor], records: dict[str, torch.U
     return out
 
 
-def _read_records(p: Path, index: ZipIndex, device: torch.device) -> dict[str, torch.UntypedStorage]:
-    """Every storage record of a zip, read onto ``device`` in one bulk transfer, by key. (Run
-    after the unpickling, not beside it: both need the GIL, and sharing it slows both.)"""
-    keys = list(index.records)
-    spans = [Span(index.records[k].offset, index.records[k].nbytes) for k in keys]
-    return dict(zip(keys, read_spans(p, spans, device), strict=True))
+def _read_records(p: Path, index: ZipIndex, keys: set[str], device: torch.device) -> dict[str, torch.UntypedStorage]:
+    """The zip storage records named by ``keys`` (those the state dict uses: not, say, an
+    optimizer's), read onto ``device`` in one bulk transfer, by key. Run after the unpickling,
+    not beside it: both need the GIL, and sharing it slows both."""
+    wanted = [k for k in index.records if k in keys]
+    spans = [Span(index.records[k].offset, index.records[k].nbytes) for k in wanted]
+    return dict(zip(wanted, read_spans(p, spans, device), strict=True))
 
 
 def _safetensors_to(p: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -467,7 +468,9 @@ def _read_pickled(p: Path, container: str, reader: RestrictedReader, index: ZipI
         if bulk is not None and index is not None:
             root = _read_container(p, container, reader, "cpu", True, index)
             tensors, modules, wrapper = _collect(p, root)
-            tensors = _zip_tensors_to(tensors, _read_records(p, index, bulk), reader.storage_keys, bulk)
+            used = {reader.storage_keys.get(t.untyped_storage().data_ptr()) for t in tensors.values()}
+            records = _read_records(p, index, {k for k in used if k is not None}, bulk)
+            tensors = _zip_tensors_to(tensors, records, reader.storage_keys, bulk)
         else:
             root = _read_container(p, container, reader, map_location, use_mmap, index)
             tensors, modules, wrapper = _collect(p, root)

@@ -157,3 +157,24 @@ def test_cuda_ring_logic_on_the_cpu(tmp_path, monkeypatch):
         os.close(fd)
     expected = b"".join(data[a:b] for a, b in regions)
     assert target.numpy().tobytes() == expected
+
+
+def test_bulk_read_moves_only_the_state_dicts_records(tmp_path, monkeypatch):
+    """A training checkpoint's optimizer state is not read onto the device with the weights."""
+    from pool import transfer
+
+    weights = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": weights, "optimizer": {"exp_avg": torch.randn(4096, 64)}}, path)
+    seen = []
+    real = transfer.read_spans
+
+    def spy(p, spans, device):
+        seen.extend(spans)
+        return real(p, spans, device)
+
+    monkeypatch.setattr("pool.checkpoint.read_spans", spy)
+    loaded = read_checkpoint(path, mmap=False)
+    assert set(loaded.state_dict) == {"w", "b"} and loaded.wrapper == "state_dict"
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in weights.items())
+    assert sum(s.nbytes for s in seen) == (64 * 64 + 64) * 4
