@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import io
 import json
 import linecache
@@ -54,6 +53,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from manifest import sha256_file  # sibling helper, dependency-free (the script's folder is on sys.path)
 
 # --------------------------------------------------------------------------------------------
 # src.modeling, as in mlfoundations/task_vectors (minus argparse plumbing and downloads).
@@ -321,14 +321,6 @@ def pickle_globals(path: Path, container: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_container(obj, path: Path, container: str) -> None:

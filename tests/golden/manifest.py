@@ -25,7 +25,8 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +73,7 @@ def verify_manifest(directory: str | os.PathLike) -> list[str]:
         if not want:
             problems.append(f"{name}: no sha256 in the manifest")
         else:
-            got = _sha256(path)
+            got = sha256_file(path)
             if got != want:
                 problems.append(f"{name}: sha256 {got}, manifest says {want}")
 
