@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoint import read_checkpoint, sniff_container
 from .errors import ArchitectureMismatchError, CheckpointError
-from .keys import ENCODER_PREFIX, to_clip_keys
+from .keys import ENCODER_PREFIX, to_clip_keys, to_clip_modules
 from .unpickler import GlobalName
 
 __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
@@ -110,8 +110,7 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
     info.key_layout = _key_layout(list(sd), ckpt.wrapper)
     clip = to_clip_keys(sd, source=str(p))
     if "visual.conv1.weight" in clip:
-        modules = {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
-                   for k, v in ckpt.modules.items()} or None
+        modules = to_clip_modules(ckpt.modules) or None
         try:
             arch = infer_arch(clip, modules, source=str(p))
         except ArchitectureMismatchError as exc:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["to_clip_keys", "key_mismatch", "ENCODER_PREFIX", "TEXT_SIDE_KEYS"]
+__all__ = ["to_clip_keys", "to_clip_modules", "key_mismatch", "ENCODER_PREFIX", "TEXT_SIDE_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
         log.debug("%s: dropped %d text-transformer entries (e.g. %s): an ImageEncoder has no text "
                   "transformer", source, len(dropped), dropped[0])
     return out
+
+
+def to_clip_modules(modules: Mapping[str, object] | None) -> dict[str, object]:
+    """Module-record paths of a pickled ImageEncoder (``model.visual...``) -> CLIP paths, as
+    `to_clip_keys` does for tensor names."""
+    return {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
+            for k, v in (modules or {}).items()}
 
 
 def _preview(keys: list[str], n: int = 4) -> str:

@@ -20,7 +20,7 @@ from .arch import VisionArch, arch_for_name, build_clip, check_arch, infer_arch,
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import ArchitectureMismatchError, CheckpointError
 from .gcpause import paused_gc
-from .keys import ENCODER_PREFIX, TEXT_SIDE_KEYS, key_mismatch, to_clip_keys
+from .keys import TEXT_SIDE_KEYS, key_mismatch, to_clip_keys, to_clip_modules
 
 __all__ = ["ImageEncoder", "ClassificationHead", "DType"]
 
@@ -89,9 +89,7 @@ class ImageEncoder(nn.Module):
         use QuickGELU).
         """
         sd = to_clip_keys(state_dict, source=source)
-        clip_modules = {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
-                        for k, v in (modules or {}).items()}
-        weights = infer_arch(sd, clip_modules, source=source)
+        weights = infer_arch(sd, to_clip_modules(modules), source=source)
         if model_name:
             arch = arch_for_name(model_name)
             check_arch(weights, arch, model_name, source)
@@ -107,7 +105,7 @@ class ImageEncoder(nn.Module):
             arch = replace(arch, quick_gelu=bool(quick_gelu))
         with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
             model = _assign(build_clip(arch), sd, source)
-            encoder = cls(model, *_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
+            encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
         return _finish(encoder, device, dtype)
 
     @classmethod
@@ -138,7 +136,8 @@ def _default_quick_gelu(arch: VisionArch) -> bool:
     return arch_for_name(name).quick_gelu if name else True
 
 
-def _transforms(arch: VisionArch) -> tuple[Any, Any]:
+def image_transforms(arch: VisionArch) -> tuple[Any, Any]:
+    """open_clip's (train, eval) transforms for an architecture, as the original encoder had."""
     import open_clip
 
     return (open_clip.image_transform(arch.image_size, is_train=True),

@@ -21,7 +21,7 @@ from .data import load_dataset_entry
 from .entries import Entry, is_special_name, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError
 from .keys import to_clip_keys
-from .modeling import ClassificationHead, DType, ImageEncoder, _transforms, resolve_dtype
+from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, resolve_dtype
 
 __all__ = ["OpenCLIPVisionModelPool"]
 
@@ -294,7 +294,7 @@ class OpenCLIPVisionModelPool:
 
     def _get_processors(self) -> tuple[Any, Any]:
         if self._processors is None:
-            self._processors = _transforms(self.architecture())
+            self._processors = image_transforms(self.architecture())
         return self._processors
 
     # -- helpers -----------------------------------------------------------------------------------
