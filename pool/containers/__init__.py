@@ -1,0 +1,32 @@
+"""Checkpoint containers, registered in one place.
+
+Each container is one module implementing `pool.containers.base.Container` (sniff, read,
+integrity, description). Adding a format means adding its module and one line to `REGISTRY`.
+Sniffing goes by content, never by file name, in registry order.
+"""
+
+from __future__ import annotations
+
+from .base import Container, ReadOptions, ReadResult
+from .legacy import Legacy
+from .rawpickle import PlainPickle
+from .safetensors_file import Safetensors
+from .torchzip import TorchZip
+
+__all__ = ["REGISTRY", "CONTAINERS", "Container", "ReadOptions", "ReadResult", "by_name", "sniff"]
+
+REGISTRY: tuple[Container, ...] = (TorchZip(), Legacy(), Safetensors(), PlainPickle())
+CONTAINERS: tuple[str, ...] = ("zip", "legacy", "pickle", "safetensors")
+_BY_NAME = {c.name: c for c in REGISTRY}
+
+
+def by_name(name: str) -> Container:
+    return _BY_NAME[name]
+
+
+def sniff(head: bytes, size: int) -> Container | None:
+    """The container a file's first bytes (and size) say it is, or None."""
+    for container in REGISTRY:
+        if container.sniff(head, size):
+            return container
+    return None

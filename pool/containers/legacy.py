@@ -1,0 +1,181 @@
+"""torch's legacy stream (``torch.save(..., _use_new_zipfile_serialization=False)``).
+
+Five pickles, then raw storages: the magic number, the protocol version (1001), a ``sys_info``
+dict, the object (storages as persistent ids), the list of storage keys; then for each key in
+that order an int64 element count and the storage's bytes. torch's own loader first tries the
+file as a tar archive (pre-1.0 format, with members it extracts); this reader never does.
+
+The same parser reads the byte blobs of ``torch.storage._load_from_bytes`` (`BlobReader`), which
+is how a plain ``pickle.dump`` of a module carries its storages; an archive inside a blob is
+refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..records import storage_from_pid, walk
+from ..tensors import StorageRef, materialize
+from ..unpickler import GlobalRecord, Reader
+from .base import ReadOptions, ReadResult, copy_bytes, map_file
+
+__all__ = ["Legacy", "BlobReader", "LEGACY_MAGIC", "is_legacy", "parse_legacy"]
+
+log = logging.getLogger(__name__)
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+# The magic number pickled with protocol 2: PROTO 2, LONG1 of 10 bytes.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
+PROTOCOL_VERSION = 1001
+_MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
+
+
+def is_legacy(head: bytes) -> bool:
+    """Whether bytes start a legacy torch stream: a pickle (any protocol) of the magic number."""
+    return head[:1] == b"\x80" and _MAGIC_LONG in head[:32]
+
+
+class _Stream:
+    """The legacy stream's pickles and storages, parsed from one buffer."""
+
+    def __init__(self, buffer: memoryview | bytes, reader: Reader, what: str) -> None:
+        self.buffer = buffer
+        self.reader = reader
+        self.what = what
+        self.pos = 0
+        self.refs: dict[str, StorageRef] = {}
+
+    def fail(self, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.reader.source}: {self.what}: {why}; the file is truncated or "
+                                      "damaged: download it again.")
+
+    def next_pickle(self, what: str, persistent: Any = None) -> Any:
+        if self.pos >= len(self.buffer):
+            raise self.fail(f"the stream ends before its {what}")
+        unpickled = self.reader.unpickle(self.buffer[self.pos:], what=f"{self.what} ({what})",
+                                         persistent=persistent)
+        self.pos += unpickled.end
+        return unpickled.root
+
+    def persistent(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module"):
+            cls = pid[1]  # a module class, recorded with its source: the class record is the id
+            if not (isinstance(cls, type) and issubclass(cls, GlobalRecord)):
+                raise self.fail("a module reference that names no class")
+            return cls
+        ref = storage_from_pid(pid, self.reader.source)
+        root = self.refs.get(ref.key)
+        if root is not None and root.dtype != ref.dtype:
+            raise self.fail(f"storage {ref.key!r} is named with two element types")
+        if root is None or (ref.byte_offset == 0 and ref.numel > root.numel):
+            self.refs[ref.key] = StorageRef(ref.key, ref.dtype, ref.numel if not ref.byte_offset else -1)
+        return ref
+
+    def parse(self) -> tuple[Any, dict[str, tuple[int, int]]]:
+        """The root object and, per storage key, the (start, stop) of its bytes in the buffer."""
+        if self.next_pickle("magic number") != MAGIC_NUMBER:
+            raise self.fail("no torch magic number at the start")
+        if self.next_pickle("protocol version") != PROTOCOL_VERSION:
+            raise self.fail("an unknown legacy protocol version")
+        sys_info = self.next_pickle("sys_info")
+        if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+            raise self.fail("a big-endian file; only little-endian files are read")
+        root = self.next_pickle("object", persistent=self.persistent)
+        keys = self.next_pickle("storage keys")
+        if not (isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys)):
+            raise self.fail("the storage-key list is malformed")
+        spans: dict[str, tuple[int, int]] = {}
+        for key in map(str, keys):
+            ref = self.refs.get(key)
+            if ref is None or key in spans:
+                raise self.fail(f"storage {key!r} is listed {'twice' if ref else 'but never used'}")
+            if self.pos + 8 > len(self.buffer):
+                raise self.fail(f"the data of storage {key!r} is cut off")
+            numel = int.from_bytes(self.buffer[self.pos:self.pos + 8], "little", signed=True)
+            if numel < 0 or (ref.numel >= 0 and numel != ref.numel):
+                raise self.fail(f"storage {key!r} stores {numel} elements, its reference says {ref.numel}")
+            start = self.pos + 8
+            stop = start + numel * ref.dtype.itemsize
+            if stop > len(self.buffer):
+                raise self.fail(f"storage {key!r} needs {stop - start} bytes, {len(self.buffer) - start} remain")
+            spans[key] = (start, stop)
+            self.pos = stop
+        unfilled = sorted(set(self.refs) - set(spans))
+        if unfilled:
+            raise self.fail(f"storage {unfilled[0]!r} is used but its data is not in the file")
+        return root, spans
+
+
+def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str) -> tuple[Any, dict[str, torch.UntypedStorage]]:
+    """Parse a legacy stream: its root object and its storages (copied out, aligned)."""
+    root, spans = _Stream(buffer, reader, what).parse()
+    return root, {key: copy_bytes(buffer, start, stop) for key, (start, stop) in spans.items()}
+
+
+class BlobReader:
+    """Reads ``torch.storage._load_from_bytes`` blobs with the legacy parser, for the walker."""
+
+    MAX_BLOBS = 100_000
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.storages: dict[str, torch.UntypedStorage] = {}
+        self.count = 0
+
+    def read(self, blob: bytes) -> StorageRef:
+        self.count += 1
+        source = self.reader.source
+        if self.count > self.MAX_BLOBS:
+            raise CorruptCheckpointError(f"{source}: more than {self.MAX_BLOBS} storage blobs")
+        if not is_legacy(blob[:32]):
+            kind = "an archive (zip or TorchScript)" if blob.startswith(b"PK") else "not a legacy torch stream"
+            raise CorruptCheckpointError(
+                f"{source}: a storage blob (torch.storage._load_from_bytes) that is {kind}; only "
+                "legacy torch streams are read inside a pickle, so the file is refused.")
+        root, storages = parse_legacy(blob, self.reader, f"storage blob {self.count}")
+        if not isinstance(root, StorageRef):
+            raise CorruptCheckpointError(f"{source}: storage blob {self.count} holds no storage")
+        prefix = f"blob{self.count}/"
+        for key, storage in storages.items():
+            self.storages[prefix + key] = storage
+        return StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+
+    def storages_on(self, device: torch.device) -> dict[str, torch.UntypedStorage]:
+        if device.type == "cpu":
+            return self.storages
+        return {k: torch.empty(0, dtype=torch.uint8).set_(s).to(device).untyped_storage()
+                for k, s in self.storages.items()}
+
+
+class Legacy:
+    name = "legacy"
+    description = "torch legacy (_use_new_zipfile_serialization=False)"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return is_legacy(head)
+
+    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+        source = str(path)
+        reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
+        blobs = BlobReader(reader)
+        try:
+            root, storages = parse_legacy(map_file(path), reader, "legacy stream")
+            walked = walk(root, source, blob=blobs.read)
+        except CorruptCheckpointError as exc:
+            exc.checkpoint_globals = reader.named_globals
+            raise
+        storages.update(blobs.storages)
+        tensors = materialize(walked.tensors, storages, source)
+        if options.device is not None and options.device.type != "cpu":
+            tensors = {k: v.to(options.device) for k, v in tensors.items()}
+        log.debug("read %s (legacy): %d tensors", source, len(tensors))
+        return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals,
+                          wrapper=walked.wrapper)
+
+    def integrity(self, path: Path) -> tuple[bool, str]:
+        return False, "a legacy container stores no checksums: integrity not checkable"

@@ -1,0 +1,133 @@
+"""torch's zip checkpoints (``torch.save``, the default since torch 1.6).
+
+An archive ``<name>/``: ``data.pkl`` (the pickle, storages as persistent ids), ``data/<key>`` (one
+member per storage, raw little-endian bytes), ``byteorder``, ``version``. Read with our own zip
+parser (`pool.containers.zipfmt`) and our own unpickler; TorchScript archives (``constants.pkl``,
+``code/``) are refused, never run. Tensors are memory-mapped from the file by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..records import storage_from_pid, walk
+from ..tensors import materialize
+from ..transfer import Span, read_spans
+from ..unpickler import Reader
+from .base import ReadOptions, ReadResult, file_storage, map_file
+from .legacy import BlobReader
+from .zipfmt import ZipArchive, parse_zip
+
+__all__ = ["TorchZip", "TorchArchive", "open_archive"]
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+class TorchArchive:
+    """A parsed torch zip: its folder prefix, its pickle member and its storage records."""
+
+    def __init__(self, source: str, archive: ZipArchive) -> None:
+        names = list(archive.members)
+        prefixes = {name.split("/", 1)[0] for name in names}
+        if any("/" not in name for name in names) or len(prefixes) != 1:
+            raise CorruptCheckpointError(
+                f"{source}: a zip archive whose members are not all inside one folder "
+                f"({', '.join(names[:4])}); not a torch.save checkpoint.")
+        prefix = prefixes.pop() + "/"
+        if any(n.endswith("/constants.pkl") or n.startswith(prefix + "code/") for n in names):
+            raise UnsafeCheckpointError(
+                f"{source}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint: it "
+                "carries code that loading it would run, so it is not read. If you trust it, load it "
+                "with torch.jit.load and save its state_dict() with torch.save.", ["TorchScript"])
+        if prefix + "data.pkl" not in archive.members:
+            raise CorruptCheckpointError(
+                f"{source}: a zip archive without data.pkl (holds {', '.join(names[:5]) or 'nothing'}); "
+                "not a torch checkpoint.")
+        self.source = source
+        self.archive = archive
+        self.prefix = prefix
+        self.records = {name[len(prefix) + 5:]: m for name, m in archive.members.items()
+                        if name.startswith(prefix + "data/")}
+
+    def pickle_bytes(self, buffer: memoryview) -> bytes:
+        try:
+            return self.archive.read(buffer, self.prefix + "data.pkl")
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{self.source}: {exc}; the file is damaged: download it again.") from None
+
+    def check_byteorder(self, buffer: memoryview) -> None:
+        member = self.archive.members.get(self.prefix + "byteorder")
+        if member is not None and bytes(buffer[member.offset:member.offset + member.size]) != b"little":
+            raise CorruptCheckpointError(f"{self.source}: a big-endian torch checkpoint; only little-endian "
+                                         "files are read. Re-save it on a little-endian machine.")
+
+
+def open_archive(buffer: memoryview, source: str) -> TorchArchive:
+    return TorchArchive(source, parse_zip(buffer, source))
+
+
+class TorchZip:
+    name = "zip"
+    description = "torch zip (torch.save, torch >= 1.6)"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return head.startswith(b"PK\x03\x04")
+
+    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+        buffer = map_file(path)
+        source = str(path)
+        archive = open_archive(buffer, source)
+        archive.check_byteorder(buffer)
+        reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
+        blobs = BlobReader(reader)
+        try:
+            unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
+                                        persistent=lambda pid: storage_from_pid(pid, source))
+            walked = walk(unpickled.root, source, blob=blobs.read)
+        except CorruptCheckpointError as exc:
+            exc.checkpoint_globals = reader.named_globals
+            raise
+        used = {spec.storage.key for spec in walked.tensors.values()}
+        missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
+        if missing:
+            raise CorruptCheckpointError(
+                f"{source}: the pickle refers to storage {missing[0]!r} but the archive has no "
+                f"data/{missing[0]} record; the file is damaged: download it again.")
+        device = options.device if options.device is not None else torch.device("cpu")
+        keys = [k for k in archive.records if k in used]
+        if device.type == "cpu" and options.mmap is not False:
+            whole = file_storage(buffer)
+            storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
+                        for k in keys}
+        else:  # one bulk read of just the records the state dict uses (pool.transfer)
+            spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
+            storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
+        storages.update(blobs.storages_on(device))
+        tensors = materialize(walked.tensors, storages, source)
+        log.debug("read %s (zip): %d tensors", source, len(tensors))
+        return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals,
+                          wrapper=walked.wrapper)
+
+    def integrity(self, path: Path) -> tuple[bool, str]:
+        """Recompute every member's CRC32 over its bytes (torch's reader never checks them)."""
+        buffer = map_file(path)
+        archive = parse_zip(buffer, str(path))
+        total = 0
+        for member in archive.members.values():
+            crc = 0
+            for start in range(member.offset, member.offset + member.size, _CHUNK):
+                crc = zlib.crc32(buffer[start:min(start + _CHUNK, member.offset + member.size)], crc)
+            if crc != member.crc32:
+                raise CorruptCheckpointError(
+                    f"{path}: zip member {member.name} ({member.size} bytes) fails its CRC32 check "
+                    f"(stored {member.crc32:08x}, computed {crc:08x}): its bytes changed after it was "
+                    "written (disk or transfer damage), so it would load wrong weights. Download the "
+                    "file again and compare its sha256 with the source.")
+            total += member.size
+        return True, f"{len(archive.members)} zip members, {total:,} bytes: CRC32 ok"

@@ -1,0 +1,206 @@
+"""A strict zip parser: one reading of the archive for every check and every read.
+
+torch's zip checkpoints (``torch.save`` since 1.6) are stored (uncompressed) zip archives. Zip is
+a format two parsers can read differently (which end record, which central directory, which of
+two equal names), so this module reads it once, strictly, and refuses whatever another reader
+could see differently:
+
+* exactly one end-of-central-directory record, at the very end (no comment), and at most one
+  ZIP64 end record and locator, consistent with it;
+* the central directory exactly where the end record says, its entries tiling it;
+* every member: stored (no compression), not encrypted, a name with no NUL, unique, and a local
+  header that agrees with its central entry;
+* members laid out from byte 0 without overlaps or hidden gaps (a data descriptor's 24 bytes at
+  most between them), ending where the central directory starts.
+
+Knows zip, nothing of torch or pickles.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import CorruptCheckpointError
+
+__all__ = ["ZipMember", "ZipArchive", "parse_zip"]
+
+_EOCD = struct.Struct("<4sHHHHIIH")  # sig, disk, cd disk, entries here, entries, cd size, cd offset, comment
+_Z64_LOCATOR = struct.Struct("<4sIQI")  # sig, disk with z64 eocd, z64 eocd offset, disks
+_Z64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # sig, size, made, needed, disk, cd disk, here, total, cd size, cd off
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_MAX_GAP = 24  # a data descriptor with signature and ZIP64 sizes
+_MAX_MEMBERS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """One member: its name, where its data starts, its size and its CRC32."""
+
+    name: str
+    offset: int
+    size: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class ZipArchive:
+    """The members of a zip archive by name, in central-directory order."""
+
+    members: dict[str, ZipMember]
+
+    def read(self, buffer: memoryview | bytes, name: str, *, check_crc: bool = True) -> bytes:
+        member = self.members[name]
+        data = bytes(buffer[member.offset:member.offset + member.size])
+        if check_crc and zlib.crc32(data) != member.crc32:
+            raise CorruptCheckpointError(f"member {name} fails its CRC32 check")
+        return data
+
+
+class _Bad(Exception):
+    pass
+
+
+def parse_zip(buffer: memoryview | bytes, source: str) -> ZipArchive:
+    """Parse a zip archive strictly (see the module docstring); CorruptCheckpointError otherwise."""
+    try:
+        return _parse(buffer)
+    except _Bad as exc:
+        raise CorruptCheckpointError(
+            f"{source}: a zip archive this reader refuses: {exc}. torch.save never writes this; the "
+            "file is damaged, or crafted so that different zip readers see different contents. "
+            "Download it again from a trusted source.") from None
+    except struct.error:
+        raise CorruptCheckpointError(f"{source}: a zip archive cut off inside one of its records; the "
+                                     "file is truncated: download it again.") from None
+
+
+def _parse(buf: memoryview | bytes) -> ZipArchive:  # noqa: C901
+    n = len(buf)
+    if n < _EOCD.size:
+        raise _Bad(f"the file has only {n} bytes")
+    eocd_at = n - _EOCD.size
+    sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(buf, eocd_at)
+    if sig != b"PK\x05\x06":
+        raise _Bad("no end-of-central-directory record at the end of the file (a comment, trailing "
+                   "bytes, or a truncated file)")
+    if comment:
+        raise _Bad("the end record claims a comment")
+    cd_end = eocd_at
+    locator_at = eocd_at - _Z64_LOCATOR.size
+    if locator_at >= 0 and bytes(buf[locator_at:locator_at + 4]) == b"PK\x06\x07":
+        lsig, ldisk, z64_at, disks = _Z64_LOCATOR.unpack_from(buf, locator_at)
+        if ldisk != 0 or disks != 1 or z64_at + _Z64_EOCD.size > locator_at:
+            raise _Bad("a ZIP64 locator that points outside the file or to another disk")
+        (zsig, zsize, _, _, zdisk, zcd_disk, zhere, ztotal, zcd_size, zcd_offset) = \
+            _Z64_EOCD.unpack_from(buf, z64_at)
+        if zsig != b"PK\x06\x06" or z64_at + 12 + zsize != locator_at:
+            raise _Bad("the ZIP64 end record is not where its locator says")
+        if zdisk or zcd_disk or zhere != ztotal:
+            raise _Bad("a multi-disk ZIP64 archive")
+        for small, big in ((entries, ztotal), (cd_size, zcd_size), (cd_offset, zcd_offset)):
+            if small not in (big, 0xFFFF, 0xFFFFFFFF):
+                raise _Bad("the ZIP64 end record and the end record disagree")
+        entries, cd_size, cd_offset, cd_end = ztotal, zcd_size, zcd_offset, z64_at
+    elif disk or cd_disk or here != entries:
+        raise _Bad("a multi-disk archive")
+    if cd_offset + cd_size != cd_end:
+        raise _Bad(f"the central directory is not where the end record says (offset {cd_offset} + size "
+                   f"{cd_size} != {cd_end})")
+    if entries > _MAX_MEMBERS:
+        raise _Bad(f"{entries} members")
+    for signature in (b"PK\x05\x06", b"PK\x06\x06"):
+        if bytes(buf[cd_offset:cd_end]).find(signature) >= 0:
+            raise _Bad("a second end record inside the central directory")
+    members: dict[str, ZipMember] = {}
+    spans: list[tuple[int, int, str]] = []
+    at = cd_offset
+    for _ in range(entries):
+        if at + _CENTRAL.size > cd_end:
+            raise _Bad("the central directory holds fewer entries than the end record says")
+        (csig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
+         disk_start, _, _, local_at) = _CENTRAL.unpack_from(buf, at)
+        if csig != b"PK\x01\x02":
+            raise _Bad(f"a central directory entry without its signature at byte {at}")
+        raw_name = bytes(buf[at + _CENTRAL.size:at + _CENTRAL.size + name_len])
+        extra = bytes(buf[at + _CENTRAL.size + name_len:at + _CENTRAL.size + name_len + extra_len])
+        at += _CENTRAL.size + name_len + extra_len + comment_len
+        if at > cd_end:
+            raise _Bad("a central directory entry runs past the directory")
+        usize, csize, local_at, disk_start = _zip64_fields(extra, usize, csize, local_at, disk_start)
+        name = _name(raw_name, flags)
+        if flags & 0x41:
+            raise _Bad(f"member {name!r} is encrypted")
+        if method != 0 or csize != usize:
+            raise _Bad(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
+        if disk_start not in (0,):
+            raise _Bad(f"member {name!r} is on another disk")
+        if name in members:
+            raise _Bad(f"two members are named {name!r}")
+        data_at = _local_header(buf, local_at, raw_name, flags, crc, usize, name)
+        if data_at + usize > cd_offset:
+            raise _Bad(f"member {name!r} runs into the central directory")
+        members[name] = ZipMember(name, data_at, usize, crc)
+        spans.append((local_at, data_at + usize, name))
+    if at != cd_end:
+        raise _Bad("the central directory holds more than the entries the end record counts")
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start < end:
+            raise _Bad(f"member {name!r} overlaps the member before it")
+        if start - end > _MAX_GAP or (end == 0 and start != 0):
+            raise _Bad(f"{start - end} unaccounted bytes before member {name!r}")
+        end = stop
+    if cd_offset - end > _MAX_GAP:
+        raise _Bad(f"{cd_offset - end} unaccounted bytes before the central directory")
+    return ZipArchive(members)
+
+
+def _name(raw: bytes, flags: int) -> str:
+    if b"\x00" in raw:
+        raise _Bad(f"a member name holds a NUL byte ({raw[:60]!r})")
+    try:
+        return raw.decode("utf-8" if flags & 0x800 else "cp437")
+    except UnicodeDecodeError:
+        raise _Bad(f"a member name that is not valid UTF-8 ({raw[:60]!r})") from None
+
+
+def _zip64_fields(extra: bytes, usize: int, csize: int, offset: int, disk: int) -> tuple[int, int, int, int]:
+    """Sizes, offset and disk from a ZIP64 extra field, for the fields set to their maximum."""
+    i = 0
+    while i + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, i)
+        body = extra[i + 4:i + 4 + size]
+        i += 4 + size
+        if tag != 1:
+            continue
+        j = 0
+        values = []
+        for value, width in ((usize, 8), (csize, 8), (offset, 8), (disk, 4)):
+            if value == (0xFFFFFFFF if width == 8 else 0xFFFF):
+                if j + width > len(body):
+                    raise _Bad("a ZIP64 extra field too short for the sizes it stands for")
+                value = int.from_bytes(body[j:j + width], "little")
+                j += width
+            values.append(value)
+        return values[0], values[1], values[2], values[3]
+    return usize, csize, offset, disk
+
+
+def _local_header(buf: memoryview | bytes, at: int, raw_name: bytes, flags: int, crc: int, usize: int,
+                  name: str) -> int:
+    """Check a member's local header against its central entry; return where its data starts."""
+    if at + _LOCAL.size > len(buf):
+        raise _Bad(f"member {name!r} has its local header past the end of the file")
+    (sig, _, lflags, method, _, _, lcrc, lcsize, lusize, name_len, extra_len) = _LOCAL.unpack_from(buf, at)
+    if sig != b"PK\x03\x04":
+        raise _Bad(f"member {name!r} has no local header where the central directory says")
+    if bytes(buf[at + _LOCAL.size:at + _LOCAL.size + name_len]) != raw_name:
+        raise _Bad(f"member {name!r} has another name in its local header")
+    if method != 0 or (lflags & 0x41) != (flags & 0x41):
+        raise _Bad(f"member {name!r} has a local header that disagrees with its central entry")
+    if not lflags & 0x8 and (lcrc != crc or lusize not in (usize, 0xFFFFFFFF) or lcsize not in (usize, 0xFFFFFFFF)):
+        raise _Bad(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
+    return at + _LOCAL.size + name_len + extra_len

@@ -1,0 +1,330 @@
+"""The record walker: what an unpickled checkpoint means, read from record names alone.
+
+`pool.unpickler` turns a pickle into plain data and inert records. This module reads those
+records the way torch's own loader would interpret them, without calling anything: the tensor
+rebuild records (``torch._utils._rebuild_tensor_v2`` ...) become `TensorSpec`s, ``OrderedDict``
+records become dicts, a pickled ``nn.Module`` (a record with ``_parameters`` / ``_buffers`` /
+``_modules`` in its recorded state) yields exactly the keys and values its ``state_dict()`` would,
+and ``torch.storage._load_from_bytes`` blobs go to the container's own legacy parser. Anything
+else stays what it is: a record, never called.
+
+The walk is bounded: `MAX_WALK_ENTRIES` visits (shared references can make a small pickle
+expand enormously) and `MAX_DEPTH` levels. Knows torch names and dtypes; nothing of containers'
+bytes or of open_clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptCheckpointError
+from .tensors import DTYPES, STORAGE_DTYPES, StorageRef, TensorSpec
+from .unpickler import CallRecord, GlobalRecord, PersistentRecord, Record, global_of
+
+__all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "MAX_WALK_ENTRIES", "MAX_DEPTH"]
+
+# A real encoder's pickle has a few thousand records (ViT-L-14: under 2,000 modules and tensors); a
+# structure that expands to more than this is a decompression bomb, not a model.
+MAX_WALK_ENTRIES = 200_000
+MAX_DEPTH = 100
+
+_MODULE_INTERNALS = frozenset(
+    {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training",
+     "_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_pre_hooks",
+     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+     "_load_state_dict_post_hooks", "_is_full_backward_hook"}
+)
+_TENSOR_REBUILDERS = frozenset({"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+                                "torch._utils._rebuild_tensor_v3"})
+_PARAMETER_REBUILDERS = frozenset({"torch._utils._rebuild_parameter",
+                                   "torch._utils._rebuild_parameter_with_state",
+                                   "torch.nn.parameter.Parameter"})
+_FROM_TYPE = frozenset({"torch._tensor._rebuild_from_type_v2", "torch.tensor._rebuild_from_type_v2"})
+_MAPPINGS = frozenset({"collections.OrderedDict", "builtins.dict"})
+_SETS = frozenset({"builtins.set", "builtins.frozenset"})
+_STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A pickled module's class (``module.QualName``) and its plain attributes."""
+
+    type: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Walked:
+    """What a checkpoint's root object holds: tensor specs by state-dict key, the module tree
+    (path -> class and plain attributes, "" for the root), the root's type, and the wrapper key
+    (``"state_dict"``) when the tensors sat inside one."""
+
+    tensors: dict[str, TensorSpec]
+    modules: dict[str, ModuleInfo]
+    root_type: str
+    wrapper: str | None = None
+
+
+def type_name(obj: Any) -> str:
+    """The class a record stands for (``module.Name``), or the Python type of plain data."""
+    name = global_of(obj)
+    if name is not None:
+        return name
+    if isinstance(obj, CallRecord):
+        return f"{type_name(obj.func)}(...)"
+    if isinstance(obj, Record) and _call_name(obj) == "copyreg._reconstructor" and obj.args:
+        return global_of(obj.args[0]) or "copyreg._reconstructor"
+    if isinstance(obj, StorageRef):
+        return "torch storage"
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _call_name(obj: Any) -> str | None:
+    """``module.name`` of the global a record instance is a call of."""
+    return global_of(obj) if isinstance(obj, GlobalRecord) else None
+
+
+def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
+    """A torch persistent id ``('storage', StorageClass, key, location, numel[, view])`` as a
+    `StorageRef` (container key ``prefix + key``); anything else is refused."""
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
+        raise CorruptCheckpointError(f"{source}: a persistent id that is no torch storage reference "
+                                     f"({type(pid).__name__} of {len(pid) if isinstance(pid, tuple) else 1})"
+                                     "; the file is damaged or not a torch checkpoint.")
+    storage_type, key, numel = pid[1], pid[2], pid[4]
+    name = global_of(storage_type) or ""
+    module, _, cls = name.rpartition(".")
+    dtype = STORAGE_DTYPES.get(cls) if module in _STORAGE_MODULES else None
+    if dtype is None:
+        raise CorruptCheckpointError(f"{source}: a storage of type {name or type(storage_type).__name__!r}, "
+                                     "which is not read here; the file is damaged or not a checkpoint.")
+    if not (isinstance(key, (str, int)) and type(numel) is int and numel >= 0):
+        raise CorruptCheckpointError(f"{source}: a storage reference with key {key!r} and size {numel!r}; "
+                                     "the file is damaged: download it again.")
+    offset = 0
+    view = pid[5] if len(pid) == 6 else None
+    if view is not None:  # legacy storage views: (view_key, offset, size) into the root storage
+        if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
+                and view[1] >= 0 and view[2] >= 0):
+            raise CorruptCheckpointError(f"{source}: a malformed storage view {view!r}; the file is damaged.")
+        offset, numel = view[1] * dtype.itemsize, view[2]
+    return StorageRef(prefix + str(key), dtype, numel, offset)
+
+
+class _Walker:
+    def __init__(self, source: str, blob: Callable[[Any], StorageRef] | None) -> None:
+        self.source = source
+        self.blob = blob
+        self.tensors: dict[str, TensorSpec] = {}
+        self.modules: dict[str, ModuleInfo] = {}
+        self.steps = 0
+        self.active: set[int] = set()
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.source}: {what}; the file is damaged or not a model "
+                                      "checkpoint: download it again from a trusted source.")
+
+    def enter(self, obj: Any, where: str, depth: int) -> None:
+        self.steps += 1
+        if self.steps > MAX_WALK_ENTRIES:
+            raise self.fail(f"the pickle expands to more than {MAX_WALK_ENTRIES} entries (shared "
+                            "references nested over and over)")
+        if depth > MAX_DEPTH:
+            raise self.fail(f"{where or 'the root'} nests more than {MAX_DEPTH} levels deep")
+
+    # -- values --------------------------------------------------------------------------------
+    def value(self, obj: Any, where: str, depth: int) -> Any:
+        """Interpret a record as the plain value it stands for, where one is defined."""
+        self.enter(obj, where, depth)
+        if isinstance(obj, StorageRef | TensorSpec) or not isinstance(obj, Record):
+            return obj
+        name = _call_name(obj)
+        if isinstance(obj, PersistentRecord):
+            raise self.fail(f"{where}: a persistent id outside a torch container")
+        if name in _TENSOR_REBUILDERS:
+            return self.tensor(obj, name, where, depth)
+        if name in _PARAMETER_REBUILDERS:
+            return self.value(obj.args[0] if obj.args else obj.kwargs.get("data"), where, depth + 1)
+        if name in _FROM_TYPE:
+            if len(obj.args) < 3 or not isinstance(obj.args[2], tuple):
+                raise self.fail(f"{where}: a malformed tensor-subclass record")
+            inner = obj.args[0]
+            if not (isinstance(inner, type) and issubclass(inner, GlobalRecord)):
+                raise self.fail(f"{where}: a tensor-subclass record around {type_name(inner)}")
+            return self.value(inner(*obj.args[2]), where, depth + 1)
+        if name == "torch.storage._load_from_bytes":
+            if self.blob is None or len(obj.args) != 1:
+                raise self.fail(f"{where}: a storage blob that cannot be read here")
+            return self.blob(self.bytes_of(obj.args[0], where, depth + 1))
+        if name == "_codecs.encode":
+            return self.bytes_of(obj, where, depth)
+        if name == "torch.Size" and len(obj.args) == 1:
+            return tuple(self.value(obj.args[0], where, depth + 1))
+        if name in _MAPPINGS:
+            return self.mapping(obj, where, depth)
+        if name in _SETS:
+            items = list(self.value(obj.args[0], where, depth + 1)) if obj.args else []
+            return set(x for x in items if isinstance(x, str))
+        return obj
+
+    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes:
+        """A bytes value: plain bytes, or protocol 2's ``_codecs.encode(text, 'latin1')``."""
+        if isinstance(obj, (bytes, bytearray)):
+            return bytes(obj)
+        if _call_name(obj) == "_codecs.encode" and len(obj.args) == 2 and isinstance(obj.args[0], str) \
+                and obj.args[1] in ("latin1", "latin-1"):
+            try:
+                return obj.args[0].encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+        raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
+
+    def mapping(self, obj: Record, where: str, depth: int) -> dict:
+        out: dict = {}
+        pairs: list = []
+        if obj.args:
+            first = obj.args[0]
+            if isinstance(first, dict):
+                pairs.extend(first.items())
+            elif isinstance(first, (list, tuple)):
+                pairs.extend(first)
+            else:
+                raise self.fail(f"{where}: a mapping record built from {type_name(first)}")
+        pairs.extend(obj.items or ())
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise self.fail(f"{where}: a mapping entry that is not a key-value pair")
+            key, value = pair
+            if not isinstance(key, (str, int)):
+                raise self.fail(f"{where}: a mapping key of type {type_name(key)}")
+            out[key] = value
+        return out
+
+    def tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
+        args = obj.args
+        if len(args) < 4:
+            raise self.fail(f"{where}: a tensor record with {len(args)} arguments")
+        storage = self.value(args[0], where, depth + 1)
+        if not isinstance(storage, StorageRef):
+            raise self.fail(f"{where}: a tensor over a {type_name(storage)}, not a torch storage")
+        offset = args[1]
+        size = self.value(args[2], where, depth + 1)
+        stride = self.value(args[3], where, depth + 1)
+        dtype = storage.dtype
+        if name == "torch._utils._rebuild_tensor_v3":
+            dtype_name = global_of(args[6]) if len(args) > 6 else None
+            module, _, short = (dtype_name or "").rpartition(".")
+            dtype = DTYPES.get(short) if module == "torch" else None
+            if dtype is None:
+                raise self.fail(f"{where}: a tensor with dtype {dtype_name or type_name(args[6] if len(args) > 6 else None)}, "
+                                "which is not read here")
+        if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
+            raise self.fail(f"{where}: a tensor with size {type_name(size)} and stride {type_name(stride)}")
+        return TensorSpec(storage, dtype, offset, tuple(size), tuple(stride))
+
+    # -- structure -----------------------------------------------------------------------------
+    def module_state(self, obj: Any) -> dict | None:
+        """The recorded ``__dict__`` of a pickled nn.Module, or None if obj is no module."""
+        if not isinstance(obj, Record) or isinstance(obj, PersistentRecord):
+            return None
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+            state = state[0]
+        if isinstance(state, dict) and "_parameters" in state and "_modules" in state:
+            return state
+        return None
+
+    def module(self, obj: Record, state: dict, prefix: str, depth: int) -> None:
+        path = prefix[:-1] if prefix.endswith(".") else prefix
+        self.enter(obj, path, depth)
+        if id(obj) in self.active:
+            raise self.fail(f"module {path or '<root>'} contains itself")
+        self.active.add(id(obj))
+        attrs = {k: v for k, v in state.items() if isinstance(k, str) and k not in _MODULE_INTERNALS
+                 and _plain(v)}
+        self.modules[path] = ModuleInfo(type_name(obj), attrs)
+        skip = self.value(state.get("_non_persistent_buffers_set"), path, depth + 1) or set()
+        if not isinstance(skip, (set, frozenset)):
+            skip = set()
+        for group in ("_parameters", "_buffers"):
+            entries = self.value(state.get(group), path, depth + 1) or {}
+            if not isinstance(entries, Mapping):
+                raise self.fail(f"module {path or '<root>'} has a {group} of type {type_name(entries)}")
+            for name, value in entries.items():
+                if value is None or (group == "_buffers" and name in skip):
+                    continue
+                self.tensor_entry(value, f"{prefix}{name}", depth + 1)
+        children = self.value(state.get("_modules"), path, depth + 1) or {}
+        if not isinstance(children, Mapping):
+            raise self.fail(f"module {path or '<root>'} has _modules of type {type_name(children)}")
+        for name, child in children.items():
+            if child is None:
+                continue
+            child_state = self.module_state(child)
+            if child_state is None:
+                raise self.fail(f"submodule {prefix}{name} is a {type_name(child)}, not a module")
+            self.module(child, child_state, f"{prefix}{name}.", depth + 1)
+        self.active.discard(id(obj))
+
+    def tensor_entry(self, obj: Any, key: str, depth: int) -> None:
+        spec = self.value(obj, key, depth)
+        if not isinstance(spec, TensorSpec):
+            raise self.fail(f"entry {key} is a {type_name(spec)}, expected a tensor")
+        self.tensors[key] = spec
+
+    def any(self, obj: Any, prefix: str, depth: int) -> None:
+        """Walk a state dict, a nested mapping, a tensor or a module record."""
+        state = self.module_state(obj)
+        if state is not None:
+            self.module(obj, state, prefix, depth)
+            return
+        value = self.value(obj, prefix, depth)
+        if isinstance(value, TensorSpec):
+            self.tensors[prefix[:-1] if prefix else ""] = value
+        elif isinstance(value, Mapping):
+            if id(obj) in self.active:
+                raise self.fail(f"{prefix.rstrip('.') or 'the root object'} contains itself")
+            self.active.add(id(obj))
+            for key, item in value.items():
+                self.any(item, f"{prefix}{key}.", depth + 1)
+            self.active.discard(id(obj))
+
+
+def _plain(value: Any, limit: int = 1000) -> bool:
+    """Whether value is a plain attribute (scalars and tuples of them, at most `limit` items)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        limit -= 1
+        if limit < 0:
+            return False
+        if type(item) is tuple:
+            pending.extend(item)
+        elif not (item is None or type(item) in (bool, int, float, str)):
+            return False
+    return True
+
+
+def walk(root: Any, source: str, *, blob: Callable[[Any], StorageRef] | None = None) -> Walked:
+    """Interpret an unpickled checkpoint: tensor specs by key, module tree, root type, wrapper.
+
+    ``blob`` reads a ``torch.storage._load_from_bytes`` byte string into a storage reference (the
+    container's legacy parser); without it such blobs are refused.
+    """
+    walker = _Walker(source, blob)
+    wrapper = None
+    top = walker.value(root, "", 0)
+    if isinstance(top, Mapping) and "state_dict" in top:
+        inner = walker.value(top["state_dict"], "state_dict", 1)
+        if isinstance(inner, Mapping) or walker.module_state(top["state_dict"]) is not None:
+            root, wrapper = top["state_dict"], "state_dict"
+    walker.any(root, "", 0)
+    if not walker.tensors:
+        raise CorruptCheckpointError(
+            f"{source}: holds a {type_name(root)} with no tensors; expected a model, a state dict or "
+            "a classification head.")
+    return Walked(walker.tensors, walker.modules, type_name(root), wrapper)

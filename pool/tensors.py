@@ -1,0 +1,134 @@
+"""Tensors made by our own code, after validation, over bytes that exist.
+
+A pickle only *describes* tensors: a storage record (key, element type, size) and a view into it
+(offset, shape, strides, dtype). `TensorSpec` holds that description; `materialize` turns specs
+into tensors over the storages a container actually read, after checking, with exact integer
+arithmetic, that every view lies inside bytes that are there. Nothing is ever allocated from a
+size the file claims, so no tensor can hold the loader's own uninitialised memory.
+
+Knows torch dtypes; nothing of pickles, containers or models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CorruptCheckpointError
+
+__all__ = ["StorageRef", "TensorSpec", "materialize", "STORAGE_DTYPES", "DTYPES", "aligned"]
+
+#: legacy storage class names (``torch.FloatStorage`` ...) -> element dtype
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+}
+#: ``torch.<name>`` dtype globals a pickle may name (``_rebuild_tensor_v3``) -> dtype
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in (
+        "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long",
+        "int32", "int", "int16", "short", "int8", "uint8", "bool", "complex64", "complex128",
+        "cfloat", "cdouble", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
+    ) if isinstance(getattr(torch, name, None), torch.dtype)
+}
+_ALLOWED = frozenset(DTYPES.values()) | frozenset(STORAGE_DTYPES.values())
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage a pickle refers to: the container's key for its bytes, the element type its
+    class names, and the elements it claims; a legacy view adds a byte offset into its root."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+    byte_offset: int = 0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor a pickle describes: a view of ``dtype`` into ``storage``."""
+
+    storage: StorageRef
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
+    """Refuse a view that is malformed, overlaps itself, or reaches past ``nbytes``."""
+    if spec.dtype not in _ALLOWED:
+        raise CorruptCheckpointError(f"{source}: tensor {name!r} has dtype {spec.dtype}, which is not read "
+                                     "here; the file is damaged or not a model checkpoint.")
+    size, stride, offset = spec.size, spec.stride, spec.offset
+    if not (_is_count(offset) and len(size) == len(stride) and len(size) <= 64
+            and all(map(_is_count, size)) and all(map(_is_count, stride))):
+        raise CorruptCheckpointError(
+            f"{source}: tensor {name!r} has a malformed shape (size {size!r}, stride {stride!r}, "
+            f"offset {offset!r}); the file is damaged: download it again.")
+    itemsize = spec.dtype.itemsize
+    available = nbytes // itemsize
+    numel = math.prod(size)
+    if numel == 0:
+        return
+    if any(st == 0 and s > 1 for s, st in zip(size, stride, strict=True)) or numel > available:
+        raise CorruptCheckpointError(
+            f"{source}: tensor {name!r} claims shape {tuple(size)} (strides {tuple(stride)}, {numel} "
+            f"elements) over a storage of {available}: its elements overlap or exceed the bytes "
+            "stored. The file is damaged or hostile: download it again.")
+    last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
+    if (last + 1) * itemsize > nbytes:
+        raise CorruptCheckpointError(
+            f"{source}: tensor {name!r} of shape {tuple(size)} (offset {offset}) needs "
+            f"{(last + 1) * itemsize} bytes of its storage but the storage holds {nbytes}; the file "
+            "is truncated or damaged: download it again.")
+
+
+def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:
+    """``storage``, or a copy of it at an aligned address if it starts misaligned."""
+    if storage.data_ptr() % alignment == 0 or storage.nbytes() == 0:
+        return storage
+    copy = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device)
+    copy.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
+    return copy.untyped_storage()
+
+
+def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.UntypedStorage],
+                source: str) -> dict[str, torch.Tensor]:
+    """Tensors for ``specs`` over ``storages`` (container key -> the bytes read), each checked."""
+    views: dict[tuple[str, int, int], torch.UntypedStorage] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        ref = spec.storage
+        root = storages.get(ref.key)
+        if root is None:
+            raise CorruptCheckpointError(
+                f"{source}: tensor {name!r} refers to storage {ref.key!r}, which the file does not "
+                "hold; the file is damaged: download it again.")
+        claimed = ref.numel * ref.dtype.itemsize
+        key = (ref.key, ref.byte_offset, claimed)
+        storage = views.get(key)
+        if storage is None:
+            if ref.byte_offset + claimed > root.nbytes():
+                raise CorruptCheckpointError(
+                    f"{source}: storage {ref.key!r} claims {claimed} bytes (offset {ref.byte_offset}) "
+                    f"but holds {root.nbytes()}; the file is truncated or damaged: download it again.")
+            storage = root
+            if ref.byte_offset or claimed < root.nbytes():
+                storage = root[ref.byte_offset:ref.byte_offset + claimed]
+            views[key] = storage = aligned(storage, 16)
+        check_spec(spec, storage.nbytes(), name, source)
+        out[name] = torch.empty(0, dtype=spec.dtype, device=storage.device).set_(
+            storage, spec.offset, spec.size, spec.stride)
+    return out
