@@ -112,9 +112,9 @@ def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<byt
         _scan(data, start, result, seen)
     except _Refused as exc:
         error = CorruptCheckpointError(
-            f"{source}: the {what} is malformed or hostile at byte {exc.at}: {exc.why}. No "
-            "checkpoint writer produces this; nothing was unpickled. Get the file again from a "
-            "trusted source.")
+            f"{source}: the {what} is malformed at byte {exc.at}: {exc.why}. No checkpoint writer "
+            "produces this: the file is truncated, damaged or crafted; nothing was unpickled. "
+            "Download it again from a trusted source.")
         error.checkpoint_globals = list(seen)
         raise error from None
     return result

@@ -23,7 +23,8 @@ from .errors import CorruptCheckpointError
 from .tensors import DTYPES, STORAGE_DTYPES, StorageRef, TensorSpec
 from .unpickler import CallRecord, GlobalRecord, PersistentRecord, Record, global_of
 
-__all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "MAX_WALK_ENTRIES", "MAX_DEPTH"]
+__all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "find_calls", "record_bytes", "MAX_WALK_ENTRIES",
+           "MAX_DEPTH"]
 
 # A real encoder's pickle has a few thousand records (ViT-L-14: under 2,000 modules and tensors); a
 # structure that expands to more than this is a decompression bomb, not a model.
@@ -116,7 +117,7 @@ def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
 
 
 class _Walker:
-    def __init__(self, source: str, blob: Callable[[Any], StorageRef] | None) -> None:
+    def __init__(self, source: str, blob: Callable[[Record], StorageRef] | None) -> None:
         self.source = source
         self.blob = blob
         self.tensors: dict[str, TensorSpec] = {}
@@ -157,9 +158,9 @@ class _Walker:
                 raise self.fail(f"{where}: a tensor-subclass record around {type_name(inner)}")
             return self.value(inner(*obj.args[2]), where, depth + 1)
         if name == "torch.storage._load_from_bytes":
-            if self.blob is None or len(obj.args) != 1:
+            if self.blob is None:
                 raise self.fail(f"{where}: a storage blob that cannot be read here")
-            return self.blob(self.bytes_of(obj.args[0], where, depth + 1))
+            return self.blob(obj)
         if name == "_codecs.encode":
             return self.bytes_of(obj, where, depth)
         if name == "torch.Size" and len(obj.args) == 1:
@@ -172,16 +173,10 @@ class _Walker:
         return obj
 
     def bytes_of(self, obj: Any, where: str, depth: int) -> bytes:
-        """A bytes value: plain bytes, or protocol 2's ``_codecs.encode(text, 'latin1')``."""
-        if isinstance(obj, (bytes, bytearray)):
-            return bytes(obj)
-        if _call_name(obj) == "_codecs.encode" and len(obj.args) == 2 and isinstance(obj.args[0], str) \
-                and obj.args[1] in ("latin1", "latin-1"):
-            try:
-                return obj.args[0].encode("latin-1")
-            except UnicodeEncodeError:
-                pass
-        raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
+        value = record_bytes(obj)
+        if value is None:
+            raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
+        return value
 
     def mapping(self, obj: Record, where: str, depth: int) -> dict:
         out: dict = {}
@@ -294,6 +289,49 @@ class _Walker:
             self.active.discard(id(obj))
 
 
+def record_bytes(obj: Any) -> bytes | None:
+    """A bytes value: plain bytes, or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj)
+    if _call_name(obj) == "_codecs.encode" and len(obj.args) == 2 and isinstance(obj.args[0], str) \
+            and obj.args[1] in ("latin1", "latin-1"):
+        try:
+            return obj.args[0].encode("latin-1")
+        except UnicodeEncodeError:
+            return None
+    return None
+
+
+def find_calls(root: Any, name: str, source: str) -> list[Record]:
+    """Every record of a call of global ``name`` reachable from ``root`` (each once), wherever it
+    sits: so that nested pickles are checked even where the walk would never look."""
+    found: list[Record] = []
+    seen: set[int] = set()
+    pending = [root]
+    steps = 0
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        steps += 1
+        if steps > 4 * MAX_WALK_ENTRIES:
+            raise CorruptCheckpointError(f"{source}: the pickle holds more than {4 * MAX_WALK_ENTRIES} "
+                                         "objects; no model checkpoint does.")
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            pending.extend(obj)
+        elif isinstance(obj, dict):
+            pending.extend(obj.keys())
+            pending.extend(obj.values())
+        elif isinstance(obj, Record):
+            if _call_name(obj) == name:
+                found.append(obj)
+            pending.extend((obj.args, obj.kwargs, obj.state, obj.items))
+            if isinstance(obj, CallRecord):
+                pending.append(obj.func)
+    return found
+
+
 def _plain(value: Any, limit: int = 1000) -> bool:
     """Whether value is a plain attribute (scalars and tuples of them, at most `limit` items)."""
     pending = [value]
@@ -309,10 +347,10 @@ def _plain(value: Any, limit: int = 1000) -> bool:
     return True
 
 
-def walk(root: Any, source: str, *, blob: Callable[[Any], StorageRef] | None = None) -> Walked:
+def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None = None) -> Walked:
     """Interpret an unpickled checkpoint: tensor specs by key, module tree, root type, wrapper.
 
-    ``blob`` reads a ``torch.storage._load_from_bytes`` byte string into a storage reference (the
+    ``blob`` reads a ``torch.storage._load_from_bytes`` record into a storage reference (the
     container's legacy parser); without it such blobs are refused.
     """
     walker = _Walker(source, blob)

@@ -122,13 +122,20 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
         if storage is None:
             if ref.byte_offset + claimed > root.nbytes():
                 raise CorruptCheckpointError(
-                    f"{source}: storage {ref.key!r} claims {claimed} bytes (offset {ref.byte_offset}) "
-                    f"but holds {root.nbytes()}; the file is truncated or damaged: download it again.")
+                    f"{source}: storage {ref.key!r} claims {claimed} bytes but only "
+                    f"{max(0, root.nbytes() - ref.byte_offset)} are there (from byte {ref.byte_offset}); "
+                    "the file is truncated or damaged: download it again.")
             storage = root
             if ref.byte_offset or claimed < root.nbytes():
                 storage = root[ref.byte_offset:ref.byte_offset + claimed]
-            views[key] = storage = aligned(storage, 16)
+            views[key] = storage
         check_spec(spec, storage.nbytes(), name, source)
+        if storage.data_ptr() % spec.dtype.itemsize:  # misaligned for this dtype: one aligned copy
+            key = (ref.key, ref.byte_offset, -claimed - 1)
+            copy = views.get(key)
+            if copy is None:
+                copy = views[key] = aligned(storage)
+            storage = copy
         out[name] = torch.empty(0, dtype=spec.dtype, device=storage.device).set_(
             storage, spec.offset, spec.size, spec.stride)
     return out

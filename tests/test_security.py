@@ -287,7 +287,7 @@ def test_raw_global_is_refused(env, template_zip, container, gadget):
     module, name, args, expected = RAW_GADGETS[gadget]
     path = write_raw(raw_call(module, name, args(env)), env.tmp / "evil.pt", container, template_zip)
     err = assert_refused(path, expected, env.marker)
-    assert err.globals == [expected]
+    assert err.globals[0] == expected  # the first unsafe global the file names; every other one follows
 
 
 @pytest.mark.parametrize("container", HOSTILE_CONTAINERS)

@@ -1,9 +1,10 @@
-"""Bulk reads (pool.transfer / pool.layout) and the memo-index check that picks the C unpickler."""
+"""Bulk reads (pool.transfer), the zip parser's index and the pickle scan's memo-index check."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool.checkpoint import read_checkpoint
-from pool.layout import safetensors_entries, zip_index
+from pool.containers.safetensors_file import safetensors_entries
+from pool.containers.torchzip import open_archive
+from pool.errors import CorruptCheckpointError
+from pool.pickle_scan import scan_pickle
 from pool.transfer import Span, as_tensor, read_spans
-from pool.unpickler import RestrictedReader, memo_is_bounded
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -67,40 +70,35 @@ def test_bulk_read_keeps_shared_storage(tmp_path):
     assert loaded["rows"][1, 1] == 42.0 and loaded["column"][3] == 42.0
 
 
-def test_layout_indexes_agree_with_the_files(write_encoder):
+def test_zip_parser_agrees_with_zipfile_on_real_files(write_encoder):
     zip_path, module = write_encoder("state_dict")
-    index = zip_index(zip_path)
     raw = zip_path.read_bytes()
-    assert index.pickle is not None and len(index.records) == len(module.state_dict())
-    for record in index.records.values():
-        assert len(raw[record.offset:record.offset + record.nbytes]) == record.nbytes
+    archive = open_archive(memoryview(raw), str(zip_path))
+    with zipfile.ZipFile(zip_path) as zf:
+        assert list(archive.archive.members) == zf.namelist()
+        for info in zf.infolist():
+            member = archive.archive.members[info.filename]
+            assert raw[member.offset:member.offset + member.size] == zf.read(info)
+    assert len(archive.records) == len(module.state_dict())
     st_path, _ = write_encoder("safetensors")
     entries, _ = safetensors_entries(st_path)
     assert {e.name for e in entries} == set(module.state_dict())
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
-def test_memo_check_accepts_real_pickles(protocol):
+def test_scan_accepts_real_pickles(protocol):
     obj = {"a": [1, 2, "x" * 300, b"y" * 70000], "b": (1.5, None, True, 2**70), "c": {"d": "e"}}
-    assert memo_is_bounded(pickle.dumps(obj, protocol=protocol))
-    assert not memo_is_bounded(pickle.dumps(obj, protocol=protocol)[:-1])  # no STOP: truncated
+    data = pickle.dumps(obj, protocol=protocol)
+    assert scan_pickle(data).end == len(data)
+    with pytest.raises(CorruptCheckpointError, match="without a STOP"):
+        scan_pickle(data[:-1])  # no STOP: truncated
 
 
-def test_memo_check_refuses_a_huge_memo_index():
-    bomb = b"\x80\x04}r" + (0x08000000).to_bytes(4, "little") + b"."
-    assert not memo_is_bounded(bomb)
-    assert not memo_is_bounded(b"(dp1000000000000\n.")  # protocol 0 PUT with a huge index
-
-
-def test_zip_reads_pick_the_c_unpickler_only_when_the_check_passes(write_encoder):
-    path, _ = write_encoder("zip")
-    data = zip_index(path).pickle
-    reader = RestrictedReader(str(path))
-    assert reader.use_c_unpickler_for(data)
-    assert reader.module.Unpickler is reader.module.FastUnpickler
-    other = RestrictedReader(str(path))
-    assert not other.use_c_unpickler_for(b"\x80\x04}r" + (0x08000000).to_bytes(4, "little") + b".")
-    assert other.module.Unpickler is other.module.SafeUnpickler
+@pytest.mark.parametrize("bomb", [b"\x80\x04}r" + (0x08000000).to_bytes(4, "little") + b".",
+                                  b"(dp1000000000000\n.", b"}p5\n."])
+def test_scan_refuses_memo_indices_no_pickler_writes(bomb):
+    with pytest.raises(CorruptCheckpointError, match="memo index"):
+        scan_pickle(bomb)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -173,7 +171,7 @@ def test_bulk_read_moves_only_the_state_dicts_records(tmp_path, monkeypatch):
         seen.extend(spans)
         return real(p, spans, device)
 
-    monkeypatch.setattr("pool.checkpoint.read_spans", spy)
+    monkeypatch.setattr("pool.containers.torchzip.read_spans", spy)
     loaded = read_checkpoint(path, mmap=False)
     assert set(loaded.state_dict) == {"w", "b"} and loaded.wrapper == "state_dict"
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in weights.items())

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..records import storage_from_pid, walk
+from ..records import find_calls, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize
-from ..unpickler import GlobalRecord, Reader
+from ..unpickler import GlobalRecord, Reader, Record
 from .base import ReadOptions, ReadResult, copy_bytes, map_file
 
 __all__ = ["Legacy", "BlobReader", "LEGACY_MAGIC", "is_legacy", "parse_legacy"]
@@ -44,7 +44,7 @@ class _Stream:
     """The legacy stream's pickles and storages, parsed from one buffer."""
 
     def __init__(self, buffer: memoryview | bytes, reader: Reader, what: str) -> None:
-        self.buffer = buffer
+        self.buffer = memoryview(buffer)  # slices are views, not copies
         self.reader = reader
         self.what = what
         self.pos = 0
@@ -98,7 +98,8 @@ class _Stream:
                 raise self.fail(f"the data of storage {key!r} is cut off")
             numel = int.from_bytes(self.buffer[self.pos:self.pos + 8], "little", signed=True)
             if numel < 0 or (ref.numel >= 0 and numel != ref.numel):
-                raise self.fail(f"storage {key!r} stores {numel} elements, its reference says {ref.numel}")
+                raise self.fail(f"storage {key!r} claims {ref.numel * ref.dtype.itemsize} bytes but only "
+                                f"{max(numel, 0) * ref.dtype.itemsize} are there")
             start = self.pos + 8
             stop = start + numel * ref.dtype.itemsize
             if stop > len(self.buffer):
@@ -118,32 +119,63 @@ def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str) -> tuple
 
 
 class BlobReader:
-    """Reads ``torch.storage._load_from_bytes`` blobs with the legacy parser, for the walker."""
+    """Reads ``torch.storage._load_from_bytes`` blobs with the legacy parser, for the walker.
+
+    `preload` reads every blob a pickle holds as soon as it is unpickled, wherever it sits, so
+    that an unsafe global inside any blob is refused (and listed by ``inspect``) even where the
+    walk would never look."""
 
     MAX_BLOBS = 100_000
+    MAX_NESTING = 8
+    GLOBAL = "torch.storage._load_from_bytes"
 
     def __init__(self, reader: Reader) -> None:
         self.reader = reader
         self.storages: dict[str, torch.UntypedStorage] = {}
-        self.count = 0
+        self.refs: dict[int, StorageRef | None] = {}
+        self._keep: list[Record] = []
 
-    def read(self, blob: bytes) -> StorageRef:
-        self.count += 1
+    def preload(self, root: Any, depth: int = 0) -> None:
+        if ("torch.storage", "_load_from_bytes") in self.reader.globals:
+            for record in find_calls(root, self.GLOBAL, self.reader.source):
+                self._parse(record, depth)
+
+    def read(self, record: Record) -> StorageRef:
+        """The storage a blob record holds (the walker's callback)."""
+        ref = self._parse(record, 0)
+        if ref is None:
+            raise CorruptCheckpointError(f"{self.reader.source}: a storage blob (torch.storage._load_from_bytes) "
+                                         "that holds no storage; the file is damaged or crafted.")
+        return ref
+
+    def _parse(self, record: Record, depth: int) -> StorageRef | None:
+        if id(record) in self.refs:
+            return self.refs[id(record)]
         source = self.reader.source
-        if self.count > self.MAX_BLOBS:
-            raise CorruptCheckpointError(f"{source}: more than {self.MAX_BLOBS} storage blobs")
+        number = len(self.refs) + 1
+        if number > self.MAX_BLOBS or depth > self.MAX_NESTING:
+            raise CorruptCheckpointError(f"{source}: more than {self.MAX_BLOBS} storage blobs, or blobs "
+                                         f"nested more than {self.MAX_NESTING} deep; no checkpoint has them.")
+        blob = record_bytes(record.args[0]) if len(record.args) == 1 and not record.kwargs else None
+        if blob is None:
+            raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
+                                         "is damaged or not written by torch.save / pickle.dump.")
         if not is_legacy(blob[:32]):
             kind = "an archive (zip or TorchScript)" if blob.startswith(b"PK") else "not a legacy torch stream"
             raise CorruptCheckpointError(
                 f"{source}: a storage blob (torch.storage._load_from_bytes) that is {kind}; only "
                 "legacy torch streams are read inside a pickle, so the file is refused.")
-        root, storages = parse_legacy(blob, self.reader, f"storage blob {self.count}")
+        self.refs[id(record)] = None
+        self._keep.append(record)  # ids stay unique while the record lives
+        root, storages = parse_legacy(blob, self.reader, f"storage blob {number}")
+        self.preload(root, depth + 1)  # blobs inside blobs: their globals are checked too
         if not isinstance(root, StorageRef):
-            raise CorruptCheckpointError(f"{source}: storage blob {self.count} holds no storage")
-        prefix = f"blob{self.count}/"
+            return None
+        prefix = f"blob{number}/"
         for key, storage in storages.items():
             self.storages[prefix + key] = storage
-        return StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+        ref = self.refs[id(record)] = StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+        return ref
 
     def storages_on(self, device: torch.device) -> dict[str, torch.UntypedStorage]:
         if device.type == "cpu":
@@ -165,6 +197,7 @@ class Legacy:
         blobs = BlobReader(reader)
         try:
             root, storages = parse_legacy(map_file(path), reader, "legacy stream")
+            blobs.preload(root)
             walked = walk(root, source, blob=blobs.read)
         except CorruptCheckpointError as exc:
             exc.checkpoint_globals = reader.named_globals

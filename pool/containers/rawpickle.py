@@ -40,6 +40,7 @@ class PlainPickle:
         try:
             unpickled = reader.unpickle(data, what="pickle")
             del data
+            blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
         except CorruptCheckpointError as exc:
             exc.checkpoint_globals = reader.named_globals

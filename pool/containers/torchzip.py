@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,26 +30,32 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
+def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
+    def check(names: list[str]) -> None:
+        if any(n.endswith("/constants.pkl") or "/code/" in n or n.startswith("code/") for n in names):
+            raise UnsafeCheckpointError(
+                f"{source}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint: it "
+                "carries code that loading it would run, so it is not read. If you trust it, load it "
+                "with torch.jit.load and save its state_dict() with torch.save.", ["TorchScript"])
+    return check
+
+
 class TorchArchive:
     """A parsed torch zip: its folder prefix, its pickle member and its storage records."""
 
     def __init__(self, source: str, archive: ZipArchive) -> None:
         names = list(archive.members)
-        prefixes = {name.split("/", 1)[0] for name in names}
-        if any("/" not in name for name in names) or len(prefixes) != 1:
-            raise CorruptCheckpointError(
-                f"{source}: a zip archive whose members are not all inside one folder "
-                f"({', '.join(names[:4])}); not a torch.save checkpoint.")
-        prefix = prefixes.pop() + "/"
-        if any(n.endswith("/constants.pkl") or n.startswith(prefix + "code/") for n in names):
-            raise UnsafeCheckpointError(
-                f"{source}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint: it "
-                "carries code that loading it would run, so it is not read. If you trust it, load it "
-                "with torch.jit.load and save its state_dict() with torch.save.", ["TorchScript"])
-        if prefix + "data.pkl" not in archive.members:
+        pickles = [n for n in names if n.rsplit("/", 1)[-1] == "data.pkl" and n.count("/") == 1]
+        if len(pickles) != 1:
             raise CorruptCheckpointError(
                 f"{source}: a zip archive without data.pkl (holds {', '.join(names[:5]) or 'nothing'}); "
                 "not a torch checkpoint.")
+        prefix = pickles[0][:-len("data.pkl")]
+        outside = [n for n in names if not n.startswith(prefix)]
+        if outside:
+            raise CorruptCheckpointError(
+                f"{source}: a zip archive with members outside its folder {prefix!r} "
+                f"({', '.join(outside[:3])}); not a torch.save checkpoint.")
         self.source = source
         self.archive = archive
         self.prefix = prefix
@@ -69,7 +76,8 @@ class TorchArchive:
 
 
 def open_archive(buffer: memoryview, source: str) -> TorchArchive:
-    return TorchArchive(source, parse_zip(buffer, source))
+    """Parse a torch zip checkpoint (refusing TorchScript archives first)."""
+    return TorchArchive(source, parse_zip(buffer, source, _refuse_torchscript(source)))
 
 
 class TorchZip:
@@ -89,6 +97,7 @@ class TorchZip:
         try:
             unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
                                         persistent=lambda pid: storage_from_pid(pid, source))
+            blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
         except CorruptCheckpointError as exc:
             exc.checkpoint_globals = reader.named_globals

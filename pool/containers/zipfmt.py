@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import CorruptCheckpointError
@@ -63,10 +64,15 @@ class _Bad(Exception):
     pass
 
 
-def parse_zip(buffer: memoryview | bytes, source: str) -> ZipArchive:
-    """Parse a zip archive strictly (see the module docstring); CorruptCheckpointError otherwise."""
+def parse_zip(buffer: memoryview | bytes, source: str,
+              check_names: Callable[[list[str]], None] | None = None) -> ZipArchive:
+    """Parse a zip archive strictly (see the module docstring); CorruptCheckpointError otherwise.
+
+    ``check_names`` sees the member names as soon as the central directory is read, before the
+    members themselves are checked (to name what an archive is, e.g. TorchScript, first).
+    """
     try:
-        return _parse(buffer)
+        return _parse(buffer, check_names)
     except _Bad as exc:
         raise CorruptCheckpointError(
             f"{source}: a zip archive this reader refuses: {exc}. torch.save never writes this; the "
@@ -77,7 +83,7 @@ def parse_zip(buffer: memoryview | bytes, source: str) -> ZipArchive:
                                      "file is truncated: download it again.") from None
 
 
-def _parse(buf: memoryview | bytes) -> ZipArchive:  # noqa: C901
+def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | None) -> ZipArchive:  # noqa: C901
     n = len(buf)
     if n < _EOCD.size:
         raise _Bad(f"the file has only {n} bytes")
@@ -114,8 +120,7 @@ def _parse(buf: memoryview | bytes) -> ZipArchive:  # noqa: C901
     for signature in (b"PK\x05\x06", b"PK\x06\x06"):
         if bytes(buf[cd_offset:cd_end]).find(signature) >= 0:
             raise _Bad("a second end record inside the central directory")
-    members: dict[str, ZipMember] = {}
-    spans: list[tuple[int, int, str]] = []
+    entries_read = []
     at = cd_offset
     for _ in range(entries):
         if at + _CENTRAL.size > cd_end:
@@ -130,12 +135,18 @@ def _parse(buf: memoryview | bytes) -> ZipArchive:  # noqa: C901
         if at > cd_end:
             raise _Bad("a central directory entry runs past the directory")
         usize, csize, local_at, disk_start = _zip64_fields(extra, usize, csize, local_at, disk_start)
-        name = _name(raw_name, flags)
+        entries_read.append((_name(raw_name, flags), raw_name, flags, method, crc, csize, usize,
+                             disk_start, local_at))
+    if check_names is not None:
+        check_names([entry[0] for entry in entries_read])
+    members: dict[str, ZipMember] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, raw_name, flags, method, crc, csize, usize, disk_start, local_at in entries_read:
         if flags & 0x41:
             raise _Bad(f"member {name!r} is encrypted")
         if method != 0 or csize != usize:
             raise _Bad(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
-        if disk_start not in (0,):
+        if disk_start != 0:
             raise _Bad(f"member {name!r} is on another disk")
         if name in members:
             raise _Bad(f"two members are named {name!r}")
