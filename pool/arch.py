@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -162,36 +163,69 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any
     ``modules`` (from `pool.checkpoint.Checkpoint.modules`, keys without the ``model.`` prefix)
     supplies what shapes cannot: the attention head count and QuickGELU vs GELU.
     """
-    try:
-        conv = state_dict["visual.conv1.weight"]
-        pos = state_dict["visual.positional_embedding"]
-        proj = state_dict["visual.proj"]
-        fc = state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"]
-    except KeyError as exc:
-        raise ArchitectureMismatchError(
-            f"{source}: no ViT image tower found (missing {exc.args[0]!r}); expected an open_clip "
-            f"ViT CLIP image encoder. Keys seen: {', '.join(list(state_dict)[:6])} ...") from None
-    width, patch = int(conv.shape[0]), int(conv.shape[-1])
-    grid = int(round((pos.shape[0] - 1) ** 0.5))
-    layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith("visual.transformer.resblocks."))
-    heads, quick = width // 64, None
+    def bad(why: str) -> ArchitectureMismatchError:
+        return ArchitectureMismatchError(
+            f"{source}: not a ViT image tower this loader can build: {why}. Expected an open_clip "
+            "ViT CLIP image encoder (the file may be damaged or another architecture).")
+
+    def shape(key: str, dims: int, *, required: bool = True) -> tuple[int, ...] | None:
+        tensor = state_dict.get(key)
+        if tensor is None:
+            if required:
+                raise ArchitectureMismatchError(
+                    f"{source}: no ViT image tower found (missing {key!r}); expected an open_clip "
+                    f"ViT CLIP image encoder. Keys seen: {', '.join(list(state_dict)[:6])} ...")
+            return None
+        size = tuple(getattr(tensor, "shape", ()))
+        if len(size) != dims or any(not isinstance(d, int) or d < 1 for d in size):
+            raise bad(f"{key} has shape {list(size)}, expected {dims} non-zero dimensions")
+        return size
+
+    conv = shape("visual.conv1.weight", 4)
+    pos = shape("visual.positional_embedding", 2)
+    proj = shape("visual.proj", 2)
+    fc = shape("visual.transformer.resblocks.0.mlp.c_fc.weight", 2)
+    assert conv is not None and pos is not None and proj is not None and fc is not None
+    width, channels, patch, patch_w = conv
+    if channels != 3 or patch != patch_w:
+        raise bad(f"the patch embedding visual.conv1.weight has shape {list(conv)}, expected "
+                  "[width, 3, patch, patch]")
+    grid = math.isqrt(pos[0] - 1)
+    if grid < 1 or grid * grid + 1 != pos[0]:
+        raise bad(f"visual.positional_embedding has {pos[0]} rows, expected a square grid plus one")
+    if pos[1] != width or fc[1] != width or proj[0] != width:
+        raise bad(f"the tower's widths disagree (patch embedding {width}, positional embedding {pos[1]}, "
+                  f"MLP input {fc[1]}, projection input {proj[0]})")
+    blocks = set()
+    for key in state_dict:
+        if key.startswith("visual.transformer.resblocks."):
+            index = key.split(".")[3]
+            if not index.isdigit() or len(index) > 6:
+                raise bad(f"a transformer block key with index {index[:20]!r}")
+            blocks.add(int(index))
+    layers = len(blocks)
+    if blocks != set(range(layers)):
+        missing = min(set(range(max(blocks) + 1)) - blocks)
+        raise bad(f"transformer blocks numbered up to {max(blocks)} but block {missing} is missing")
+    heads, quick = max(1, width // 64), None
     if modules:
         attn = modules.get("visual.transformer.resblocks.0.attn")
-        if attn is not None and isinstance(attn.attributes.get("num_heads"), int):
-            heads = attn.attributes["num_heads"]
-        types = {m.type.rsplit(".", 1)[-1] for m in modules.values()}
+        num_heads = attn.attributes.get("num_heads") if attn is not None else None
+        if type(num_heads) is int and num_heads >= 1 and width % num_heads == 0:
+            heads = num_heads
+        types = {str(m.type).rsplit(".", 1)[-1] for m in modules.values()}
         if "QuickGELU" in types:
             quick = True
         elif "GELU" in types:
             quick = False
-    text = state_dict.get("token_embedding.weight")
-    ctx = state_dict.get("positional_embedding")
+    text = shape("token_embedding.weight", 2, required=False)
+    ctx = shape("positional_embedding", 2, required=False)
     return VisionArch(
-        image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=max(1, heads),
-        mlp_ratio=float(fc.shape[0]) / width, embed_dim=int(proj.shape[1]), quick_gelu=quick,
-        text_context_length=int(ctx.shape[0]) if ctx is not None else 77,
-        text_vocab_size=int(text.shape[0]) if text is not None else 49408,
-        text_width=int(text.shape[1]) if text is not None else int(proj.shape[1]),
+        image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
+        mlp_ratio=fc[0] / width, embed_dim=proj[1], quick_gelu=quick,
+        text_context_length=ctx[0] if ctx is not None else 77,
+        text_vocab_size=text[0] if text is not None else 49408,
+        text_width=text[1] if text is not None else proj[1],
     )
 
 

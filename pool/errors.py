@@ -7,6 +7,7 @@ entry where there is one), what was expected, what was found and what to do abou
 from __future__ import annotations
 
 __all__ = [
+    "printable",
     "PoolError",
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -17,8 +18,21 @@ __all__ = [
 ]
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences, carriage returns, ...) shown as
+    ``\\x1b``-style escapes, so that names taken from a file cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class PoolError(Exception):
-    """Base of every error raised by `pool`."""
+    """Base of every error raised by `pool`. Its message is always terminal-safe (`printable`):
+    file names, keys and globals in it come from files."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
 
 
 class CheckpointError(PoolError):

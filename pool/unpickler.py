@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, UnsafeCheckpointError, printable
 from .pickle_scan import scan_pickle
 
 __all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled",
@@ -73,7 +73,8 @@ class GlobalName:
     unsafe: bool = False
 
     def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
+        """``module.name``, terminal-safe (control characters escaped)."""
+        return printable(f"{self.module}.{self.name}")
 
 
 def is_unsafe_global(module: str, name: str) -> bool:
