@@ -83,6 +83,7 @@ def _build_tables() -> None:
 
 _build_tables()
 _LONG4, _BINSTRING = ord("\x8b"), ord("T")  # signed 4-byte lengths
+_LARGE_BYTES_OPS = (ord("B"), ord("\x8e"))  # BINBYTES, BINBYTES8
 
 
 @dataclass
@@ -94,6 +95,9 @@ class ScanResult:
     globals: list[tuple[str, str]] = field(default_factory=list)
     objects: int = 0
     persistent_ids: int = 0
+    #: ``(opcode offset, payload start, payload end)`` of each byte string of at least
+    #: ``large_bytes`` bytes (``BINBYTES`` / ``BINBYTES8``), when asked for
+    large: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -103,13 +107,14 @@ class _Refused(Exception):
 
 
 def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<bytes>",
-                what: str = "pickle") -> ScanResult:
+                what: str = "pickle", large_bytes: int | None = None) -> ScanResult:
     """Scan the pickle that starts at ``data[start]``; raise CorruptCheckpointError if it is not
-    provably bounded (see the module docstring). ``what`` names the pickle in messages."""
+    provably bounded (see the module docstring). ``what`` names the pickle in messages; with
+    ``large_bytes``, byte strings at least that long are listed in `ScanResult.large`."""
     result = ScanResult(end=start)
     seen: dict[tuple[str, str], None] = {}
     try:
-        _scan(data, start, result, seen)
+        _scan(data, start, result, seen, large_bytes)
     except _Refused as exc:
         error = CorruptCheckpointError(
             f"{source}: the {what} is malformed at byte {exc.at}: {exc.why}. No checkpoint writer "
@@ -133,7 +138,7 @@ def _line(data: bytes | memoryview, i: int, n: int) -> int:
 
 
 def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
-          seen_globals: dict[tuple[str, str], None]) -> None:
+          seen_globals: dict[tuple[str, str], None], large_bytes: int | None) -> None:
     n = len(data)
     stack: list = []  # per item: an int (tuple nesting depth; 0 for non-tuples) or a str constant
     marks: list[list] = []
@@ -261,6 +266,8 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             if kind == _TEXT_ATOM or kind == _BYTES:
                 stack.append(0)
                 objects += 1
+                if large_bytes is not None and code in _LARGE_BYTES_OPS and i - arg_at >= large_bytes:
+                    result.large.append((at, arg_at, i))
             elif kind == _STRING:
                 stack.append(str(bytes(data[arg_at:i]), "utf-8", "replace") if i - arg_at <= 256 else 0)
                 objects += 1

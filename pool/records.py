@@ -172,7 +172,7 @@ class _Walker:
             return set(x for x in items if isinstance(x, str))
         return obj
 
-    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes:
+    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | memoryview:
         value = record_bytes(obj)
         if value is None:
             raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
@@ -289,9 +289,12 @@ class _Walker:
             self.active.discard(id(obj))
 
 
-def record_bytes(obj: Any) -> bytes | None:
-    """A bytes value: plain bytes, or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
-    if isinstance(obj, (bytes, bytearray)):
+def record_bytes(obj: Any) -> bytes | memoryview | None:
+    """A bytes value: plain bytes, a view of the file's bytes (`pool.unpickler` leaves large byte
+    strings in place), or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
+    if isinstance(obj, (bytes, memoryview)):
+        return obj
+    if isinstance(obj, bytearray):
         return bytes(obj)
     if _call_name(obj) == "_codecs.encode" and len(obj.args) == 2 and isinstance(obj.args[0], str) \
             and obj.args[1] in ("latin1", "latin-1"):

@@ -260,13 +260,15 @@ class Reader:
                                          "scan did not see")
         return self._types.get(module, name, self.source)
 
-    def unpickle(self, data: bytes, *, what: str = "pickle",
-                 persistent: Callable[[Any], Any] | None = None) -> Unpickled:
+    def unpickle(self, data: bytes | memoryview, *, what: str = "pickle",
+                 persistent: Callable[[Any], Any] | None = None,
+                 large_bytes: int | None = None) -> Unpickled:
         """Scan ``data`` (a pickle starting at byte 0), then unpickle exactly the scanned bytes into
         plain data and records. ``persistent`` maps a persistent id to an object; without it a
-        pickle that has persistent ids is refused."""
+        pickle that has persistent ids is refused. With ``large_bytes``, byte strings at least that
+        long are not copied: they come back as read-only memoryviews of ``data``."""
         try:
-            scan = scan_pickle(data, source=self.source, what=what)
+            scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
         except CorruptCheckpointError as exc:
             self.note_globals(exc.checkpoint_globals)
             exc.checkpoint_globals = self.named_globals
@@ -277,7 +279,11 @@ class Reader:
                 f"{self.source}: the {what} refers to external data (persistent ids) but is not "
                 "inside a torch container; the file is damaged or was not written by torch.save / "
                 "pickle.dump.")
-        body = data if scan.end == len(data) else data[:scan.end]
+        if scan.large:
+            body, persistent = _without_large_bytes(data, scan, self.source)
+            scan_pickle(body, source=self.source, what=what)  # the bytes unpickled are the bytes checked
+        else:
+            body = data if scan.end == len(data) and isinstance(data, bytes) else bytes(data[:scan.end])
         unpickler = _Unpickler(io.BytesIO(body), encoding="latin1")
         unpickler.reader = self
         unpickler.persistent = persistent
@@ -292,6 +298,29 @@ class Reader:
                 f"{str(exc)[:200]}); the file is damaged or was not written by torch.save / "
                 "pickle.dump. Get it again from a trusted source.") from None
         return Unpickled(root, self.named_globals, scan.end)
+
+
+def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tuple[bytes, Callable[[Any], Any]]:
+    """The pickle with each large byte string replaced by a persistent id (its index), and the
+    lookup that turns those ids into read-only views of the original bytes. Each replacement
+    (``BININT index``, ``BINPERSID``) pushes one object, as the byte string did."""
+    view = memoryview(data).toreadonly()
+    pieces: list[bytes | memoryview] = []
+    previous = 0
+    for index, (opcode_at, _, stop) in enumerate(scan.large):
+        pieces.append(view[previous:opcode_at])
+        pieces.append(b"J" + index.to_bytes(4, "little", signed=True) + b"Q")
+        previous = stop
+    pieces.append(view[previous:scan.end])
+    spans = [(start, stop) for _, start, stop in scan.large]
+
+    def lookup(pid: Any) -> memoryview:
+        if type(pid) is not int or not 0 <= pid < len(spans):
+            raise pickle.UnpicklingError(f"{source}: a persistent id in a plain pickle")
+        start, stop = spans[pid]
+        return view[start:stop]
+
+    return b"".join(pieces), lookup
 
 
 class _Unpickler(pickle.Unpickler):

@@ -160,8 +160,8 @@ class BlobReader:
         if blob is None:
             raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
                                          "is damaged or not written by torch.save / pickle.dump.")
-        if not is_legacy(blob[:32]):
-            kind = "an archive (zip or TorchScript)" if blob.startswith(b"PK") else "not a legacy torch stream"
+        if not is_legacy(bytes(blob[:32])):
+            kind = "an archive (zip or TorchScript)" if bytes(blob[:2]) == b"PK" else "not a legacy torch stream"
             raise CorruptCheckpointError(
                 f"{source}: a storage blob (torch.storage._load_from_bytes) that is {kind}; only "
                 "legacy torch streams are read inside a pickle, so the file is refused.")

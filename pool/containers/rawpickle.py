@@ -15,12 +15,13 @@ from ..errors import CorruptCheckpointError
 from ..records import walk
 from ..tensors import materialize
 from ..unpickler import Reader
-from .base import ReadOptions, ReadResult
+from .base import ReadOptions, ReadResult, map_file
 from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
 
 log = logging.getLogger(__name__)
+_LARGE = 1 << 16  # byte strings at least this long are read in place
 
 
 class PlainPickle:
@@ -35,11 +36,10 @@ class PlainPickle:
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
         blobs = BlobReader(reader)
-        with open(path, "rb") as f:
-            data = f.read()
         try:
-            unpickled = reader.unpickle(data, what="pickle")
-            del data
+            # Storage blobs stay in the memory-mapped file (views, not copies) until the legacy
+            # parser copies their storages out, aligned: the file's bytes are copied once.
+            unpickled = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE)
             blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
         except CorruptCheckpointError as exc:
