@@ -34,6 +34,7 @@ _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _MAX_GAP = 24  # a data descriptor with signature and ZIP64 sizes
 _MAX_MEMBERS = 1_000_000
+_MAX_VERSION = 63  # the newest "version needed to extract" Python's zipfile reads
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,12 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
     for _ in range(entries):
         if at + _CENTRAL.size > cd_end:
             raise _Bad("the central directory holds fewer entries than the end record says")
-        (csig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
+        (csig, _, needed, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
          disk_start, _, _, local_at) = _CENTRAL.unpack_from(buf, at)
         if csig != b"PK\x01\x02":
             raise _Bad(f"a central directory entry without its signature at byte {at}")
+        if needed > _MAX_VERSION:
+            raise _Bad(f"an entry needs zip version {needed / 10:.1f} to extract")
         raw_name = bytes(buf[at + _CENTRAL.size:at + _CENTRAL.size + name_len])
         extra = bytes(buf[at + _CENTRAL.size + name_len:at + _CENTRAL.size + name_len + extra_len])
         at += _CENTRAL.size + name_len + extra_len + comment_len
