@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import CorruptCheckpointError
 from .tensors import DTYPES, STORAGE_DTYPES, StorageRef, TensorSpec
-from .unpickler import CallRecord, GlobalRecord, PersistentRecord, Record, global_of
+from .unpickler import CallRecord, GlobalRecord, InPlaceBytes, PersistentRecord, Record, global_of
 
 __all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "find_calls", "record_bytes", "MAX_WALK_ENTRIES",
            "MAX_DEPTH"]
@@ -172,7 +172,7 @@ class _Walker:
             return set(x for x in items if isinstance(x, str))
         return obj
 
-    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | memoryview:
+    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | InPlaceBytes:
         value = record_bytes(obj)
         if value is None:
             raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
@@ -289,10 +289,10 @@ class _Walker:
             self.active.discard(id(obj))
 
 
-def record_bytes(obj: Any) -> bytes | memoryview | None:
-    """A bytes value: plain bytes, a view of the file's bytes (`pool.unpickler` leaves large byte
+def record_bytes(obj: Any) -> bytes | InPlaceBytes | None:
+    """A bytes value: plain bytes, the file's own bytes (`pool.unpickler` leaves large byte
     strings in place), or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
-    if isinstance(obj, (bytes, memoryview)):
+    if isinstance(obj, (bytes, InPlaceBytes)):
         return obj
     if isinstance(obj, bytearray):
         return bytes(obj)

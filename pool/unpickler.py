@@ -27,7 +27,7 @@ from typing import Any
 from .errors import CorruptCheckpointError, UnsafeCheckpointError, printable
 from .pickle_scan import scan_pickle
 
-__all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled",
+__all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
            "unpickle", "is_unsafe_global", "global_of"]
 
 # Modules whose globals can run code, spawn processes, touch files or the network, or load more
@@ -266,7 +266,7 @@ class Reader:
         """Scan ``data`` (a pickle starting at byte 0), then unpickle exactly the scanned bytes into
         plain data and records. ``persistent`` maps a persistent id to an object; without it a
         pickle that has persistent ids is refused. With ``large_bytes``, byte strings at least that
-        long are not copied: they come back as read-only memoryviews of ``data``."""
+        long are not copied: they come back as `InPlaceBytes` (views of ``data``)."""
         try:
             scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
         except CorruptCheckpointError as exc:
@@ -300,10 +300,19 @@ class Reader:
         return Unpickled(root, self.named_globals, scan.end)
 
 
+@dataclass(frozen=True)
+class InPlaceBytes:
+    """A large byte string left where it is: a read-only view of the pickle's buffer and the
+    offset of that view in it."""
+
+    view: memoryview
+    offset: int
+
+
 def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tuple[bytes, Callable[[Any], Any]]:
     """The pickle with each large byte string replaced by a persistent id (its index), and the
-    lookup that turns those ids into read-only views of the original bytes. Each replacement
-    (``BININT index``, ``BINPERSID``) pushes one object, as the byte string did."""
+    lookup that turns those ids into `InPlaceBytes`. Each replacement (``BININT index``,
+    ``BINPERSID``) pushes one object, as the byte string did."""
     view = memoryview(data).toreadonly()
     pieces: list[bytes | memoryview] = []
     previous = 0
@@ -314,11 +323,11 @@ def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tu
     pieces.append(view[previous:scan.end])
     spans = [(start, stop) for _, start, stop in scan.large]
 
-    def lookup(pid: Any) -> memoryview:
+    def lookup(pid: Any) -> InPlaceBytes:
         if type(pid) is not int or not 0 <= pid < len(spans):
             raise pickle.UnpicklingError(f"{source}: a persistent id in a plain pickle")
         start, stop = spans[pid]
-        return view[start:stop]
+        return InPlaceBytes(view[start:stop], start)
 
     return b"".join(pieces), lookup
 

@@ -19,7 +19,7 @@ import torch
 from ..records import ModuleInfo
 from ..unpickler import GlobalName
 
-__all__ = ["Container", "ReadOptions", "ReadResult", "map_file", "copy_bytes"]
+__all__ = ["Container", "ReadOptions", "ReadResult", "FileRanges", "map_file", "copy_bytes", "file_storage"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,31 @@ def map_file(path: Path) -> memoryview:
             return memoryview(b"")
         mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
     return memoryview(mapped)
+
+
+class FileRanges:
+    """Reads byte ranges of one open file into fresh, aligned CPU storages (``pread``: the bytes
+    are copied once from the page cache, and no mapping of them stays resident)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __enter__(self) -> FileRanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
+        target = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(target.numpy())
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise EOFError(f"the file ended {nbytes - done} bytes early (it changed while being read)")
+            done += n
+        return target.untyped_storage()
 
 
 def copy_bytes(buffer: memoryview | bytes, start: int, stop: int) -> torch.UntypedStorage:

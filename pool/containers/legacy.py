@@ -21,8 +21,8 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..records import find_calls, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize
-from ..unpickler import GlobalRecord, Reader, Record
-from .base import ReadOptions, ReadResult, copy_bytes, map_file
+from ..unpickler import GlobalRecord, InPlaceBytes, Reader, Record
+from .base import FileRanges, ReadOptions, ReadResult, copy_bytes, map_file
 
 __all__ = ["Legacy", "BlobReader", "LEGACY_MAGIC", "is_legacy", "parse_legacy"]
 
@@ -112,10 +112,16 @@ class _Stream:
         return root, spans
 
 
-def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str) -> tuple[Any, dict[str, torch.UntypedStorage]]:
-    """Parse a legacy stream: its root object and its storages (copied out, aligned)."""
+def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str,
+                 file: tuple[FileRanges, int] | None = None) -> tuple[Any, dict[str, torch.UntypedStorage]]:
+    """Parse a legacy stream: its root object and its storages (copied out, aligned). With
+    ``file`` (an open file and the buffer's offset in it), the storages are read from the file
+    rather than copied from the buffer."""
     root, spans = _Stream(buffer, reader, what).parse()
-    return root, {key: copy_bytes(buffer, start, stop) for key, (start, stop) in spans.items()}
+    if file is None:
+        return root, {key: copy_bytes(buffer, start, stop) for key, (start, stop) in spans.items()}
+    ranges, base = file
+    return root, {key: ranges.storage(base + start, stop - start) for key, (start, stop) in spans.items()}
 
 
 class BlobReader:
@@ -129,8 +135,9 @@ class BlobReader:
     MAX_NESTING = 8
     GLOBAL = "torch.storage._load_from_bytes"
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: Reader, file: FileRanges | None = None) -> None:
         self.reader = reader
+        self.file = file  # where InPlaceBytes blobs are read from
         self.storages: dict[str, torch.UntypedStorage] = {}
         self.refs: dict[int, StorageRef | None] = {}
         self._keep: list[Record] = []
@@ -160,6 +167,10 @@ class BlobReader:
         if blob is None:
             raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
                                          "is damaged or not written by torch.save / pickle.dump.")
+        file = None
+        if isinstance(blob, InPlaceBytes):
+            file = (self.file, blob.offset) if self.file is not None else None
+            blob = blob.view
         if not is_legacy(bytes(blob[:32])):
             kind = "an archive (zip or TorchScript)" if bytes(blob[:2]) == b"PK" else "not a legacy torch stream"
             raise CorruptCheckpointError(
@@ -167,7 +178,7 @@ class BlobReader:
                 "legacy torch streams are read inside a pickle, so the file is refused.")
         self.refs[id(record)] = None
         self._keep.append(record)  # ids stay unique while the record lives
-        root, storages = parse_legacy(blob, self.reader, f"storage blob {number}")
+        root, storages = parse_legacy(blob, self.reader, f"storage blob {number}", file)
         self.preload(root, depth + 1)  # blobs inside blobs: their globals are checked too
         if not isinstance(root, StorageRef):
             return None
@@ -196,7 +207,8 @@ class Legacy:
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
         blobs = BlobReader(reader)
         try:
-            root, storages = parse_legacy(map_file(path), reader, "legacy stream")
+            with FileRanges(path) as ranges:
+                root, storages = parse_legacy(map_file(path), reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, source, blob=blobs.read)
         except CorruptCheckpointError as exc:

@@ -15,7 +15,7 @@ from ..errors import CorruptCheckpointError
 from ..records import walk
 from ..tensors import materialize
 from ..unpickler import Reader
-from .base import ReadOptions, ReadResult, map_file
+from .base import FileRanges, ReadOptions, ReadResult, map_file
 from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
@@ -35,16 +35,17 @@ class PlainPickle:
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        blobs = BlobReader(reader)
-        try:
-            # Storage blobs stay in the memory-mapped file (views, not copies) until the legacy
-            # parser copies their storages out, aligned: the file's bytes are copied once.
-            unpickled = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE)
-            blobs.preload(unpickled.root)
-            walked = walk(unpickled.root, source, blob=blobs.read)
-        except CorruptCheckpointError as exc:
-            exc.checkpoint_globals = reader.named_globals
-            raise
+        # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
+        # their pickles from the mapping and their storages from the file: one copy of the bytes.
+        with FileRanges(path) as ranges:
+            blobs = BlobReader(reader, ranges)
+            try:
+                unpickled = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE)
+                blobs.preload(unpickled.root)
+                walked = walk(unpickled.root, source, blob=blobs.read)
+            except CorruptCheckpointError as exc:
+                exc.checkpoint_globals = reader.named_globals
+                raise
         del unpickled
         tensors = materialize(walked.tensors, blobs.storages, source)
         if options.device is not None and options.device.type != "cpu":
