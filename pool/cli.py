@@ -274,13 +274,14 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
     from .convert import sha256_file
     from .inspection import CONTAINER_NAMES, inspect_file
 
-    path = Path(args.checkpoint).expanduser()
-    if not path.exists():
-        from .checkpoint import sniff_container
+    from .checkpoint import sniff_container
 
-        sniff_container(path)  # raises the reader's not-found message (lists what is near)
+    path = Path(args.checkpoint).expanduser()
     if path.is_dir():
         raise UsageError(f"{path.absolute()} is a folder; inspect takes one checkpoint file.")
+    # Missing files (the message lists what is near), pipes and devices (which could block the
+    # hash below) are refused here, before the file is opened.
+    sniff_container(path)
     info = inspect_file(path, sha256_file(path))
     unsafe = info.unsafe
     if args.json:

@@ -71,17 +71,21 @@ class Walked:
 
 def type_name(obj: Any) -> str:
     """The class a record stands for (``module.Name``), or the Python type of plain data."""
+    calls = 0
+    while isinstance(obj, CallRecord) and calls < 3:  # a call of a call of ...: bounded
+        obj, calls = obj.func, calls + 1
+    suffix = "(...)" * calls
+    if isinstance(obj, CallRecord):
+        return "a chain of calls" + suffix
     name = global_of(obj)
     if name is not None:
-        return name
-    if isinstance(obj, CallRecord):
-        return f"{type_name(obj.func)}(...)"
+        return name + suffix
     if isinstance(obj, Record) and _call_name(obj) == "copyreg._reconstructor" and obj.args:
-        return global_of(obj.args[0]) or "copyreg._reconstructor"
+        return (global_of(obj.args[0]) or "copyreg._reconstructor") + suffix
     if isinstance(obj, StorageRef):
         return "torch storage"
     cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}{suffix}"
 
 
 def _call_name(obj: Any) -> str | None:
@@ -146,6 +150,10 @@ class _Walker:
         name = _call_name(obj)
         if isinstance(obj, PersistentRecord):
             raise self.fail(f"{where}: a persistent id outside a torch container")
+        if obj.state is not None and (name in _TENSOR_REBUILDERS or name in _PARAMETER_REBUILDERS
+                                      or name in _FROM_TYPE):
+            raise self.fail(f"{where}: a tensor whose state is set afterwards (BUILD); torch never "
+                            "writes this")
         if name in _TENSOR_REBUILDERS:
             return self.tensor(obj, name, where, depth)
         if name in _PARAMETER_REBUILDERS:
@@ -164,13 +172,20 @@ class _Walker:
         if name == "_codecs.encode":
             return self.bytes_of(obj, where, depth)
         if name == "torch.Size" and len(obj.args) == 1:
-            return tuple(self.value(obj.args[0], where, depth + 1))
+            return tuple(self.sequence(obj.args[0], where, depth))
         if name in _MAPPINGS:
             return self.mapping(obj, where, depth)
         if name in _SETS:
-            items = list(self.value(obj.args[0], where, depth + 1)) if obj.args else []
-            return set(x for x in items if isinstance(x, str))
+            items = self.sequence(obj.args[0], where, depth) if obj.args else []
+            return {x for x in items if isinstance(x, str)}
         return obj
+
+    def sequence(self, obj: Any, where: str, depth: int) -> list:
+        """A list, tuple or set the pickle built (never anything a record would compute)."""
+        value = self.value(obj, where, depth + 1)
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            raise self.fail(f"{where}: expected a sequence, found {type_name(value)}")
+        return list(value)
 
     def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | InPlaceBytes:
         value = record_bytes(obj)
@@ -285,6 +300,8 @@ class _Walker:
                 raise self.fail(f"{prefix.rstrip('.') or 'the root object'} contains itself")
             self.active.add(id(obj))
             for key, item in value.items():
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    raise self.fail(f"{prefix.rstrip('.') or 'the root'} has a key of type {type_name(key)}")
                 self.any(item, f"{prefix}{key}.", depth + 1)
             self.active.discard(id(obj))
 
