@@ -271,10 +271,9 @@ def _render_verify(report: Any, config: Path, out: Style) -> str:
 
 # -- inspect --------------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
+    from .checkpoint import sniff_container
     from .convert import sha256_file
     from .inspection import CONTAINER_NAMES, inspect_file
-
-    from .checkpoint import sniff_container
 
     path = Path(args.checkpoint).expanduser()
     if path.is_dir():
