@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PoolError
+from .errors import ConfigError, PoolError, printable
 from .report import Style, human_count, human_size, human_time, paragraph, table
 
 __all__ = ["main", "build_parser"]
@@ -292,9 +292,9 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
             ("sha256", info.sha256),
             ("container", f"{info.container}: {CONTAINER_NAMES.get(info.container, info.container)}"),
         ]
-        if info.error is None:
-            rows += [("root type", info.root_type or "-"), ("kind", info.description),
-                     ("keys", info.key_layout or "-"),
+        if info.error is None:  # names below come from the file: printable() escapes control characters
+            rows += [("root type", printable(info.root_type or "-")), ("kind", printable(info.description)),
+                     ("keys", printable(info.key_layout or "-")),
                      ("tensors", f"{info.tensors} ("
                       + ", ".join(f"{k} x{v}" for k, v in info.dtypes.items()) + ")"),
                      ("parameters", f"{info.parameters:,}" + (f" ({human_count(info.parameters)})"
@@ -302,7 +302,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
         else:
             rows.append(("tensors", "none: " + info.error.removeprefix(f"{info.path}: ")))
         for key, value in sorted(info.metadata.items()):
-            rows.append((f"metadata {key}" if key != "format" else "metadata format", value))
+            rows.append((printable(f"metadata {key}"), printable(value)))
         if info.container != "safetensors":
             count = f"{len(info.globals)} named, " + (out.bad(f"{len(unsafe)} UNSAFE") if unsafe else "none unsafe")
             rows.append(("globals", count))
