@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_checkpoint, sniff_container
+from .containers import REGISTRY
 from .errors import ArchitectureMismatchError, CheckpointError
 from .keys import ENCODER_PREFIX, to_clip_keys, to_clip_modules
 from .unpickler import GlobalName
@@ -22,12 +23,7 @@ __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
 
 log = logging.getLogger(__name__)
 
-CONTAINER_NAMES = {
-    "zip": "torch zip (torch.save, torch >= 1.6)",
-    "legacy": "torch legacy (_use_new_zipfile_serialization=False)",
-    "pickle": "plain pickle (pickle.dump of the module)",
-    "safetensors": "safetensors (tensors and a JSON header; no pickle)",
-}
+CONTAINER_NAMES = {container.name: container.describe() for container in REGISTRY}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Checkpoint containers, registered in one place.
 
 Each container is one module implementing `pool.containers.base.Container` (sniff, read,
-integrity, description). Adding a format means adding its module and one line to `REGISTRY`.
+integrity, describe). Adding a format means adding its module and one line to `REGISTRY`.
 Sniffing goes by content, never by file name, in registry order.
 """
 
@@ -16,7 +16,7 @@ from .torchzip import TorchZip
 __all__ = ["REGISTRY", "CONTAINERS", "Container", "ReadOptions", "ReadResult", "by_name", "sniff"]
 
 REGISTRY: tuple[Container, ...] = (TorchZip(), Legacy(), Safetensors(), PlainPickle())
-CONTAINERS: tuple[str, ...] = ("zip", "legacy", "pickle", "safetensors")
+CONTAINERS: tuple[str, ...] = tuple(c.name for c in REGISTRY)
 _BY_NAME = {c.name: c for c in REGISTRY}
 
 

@@ -45,10 +45,9 @@ class ReadResult:
 
 
 class Container(Protocol):
-    """One file format."""
+    """One file format: its short ``name`` (``zip``, ``legacy``, ...) and four operations."""
 
     name: str
-    description: str
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether a file of ``size`` bytes starting with ``head`` (up to 512 bytes) is this format."""
@@ -58,6 +57,9 @@ class Container(Protocol):
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         """Check the container's own checksums: (whether it has any, what was checked)."""
+
+    def describe(self) -> str:
+        """One line for people: what this format is and who writes it."""
 
 
 def map_file(path: Path) -> memoryview:

@@ -197,7 +197,9 @@ class BlobReader:
 
 class Legacy:
     name = "legacy"
-    description = "torch legacy (_use_new_zipfile_serialization=False)"
+
+    def describe(self) -> str:
+        return "torch legacy (_use_new_zipfile_serialization=False)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         return is_legacy(head)

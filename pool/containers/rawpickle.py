@@ -26,7 +26,9 @@ _LARGE = 1 << 16  # byte strings at least this long are read in place
 
 class PlainPickle:
     name = "pickle"
-    description = "plain pickle (pickle.dump of the module)"
+
+    def describe(self) -> str:
+        return "plain pickle (pickle.dump of the module)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         return (len(head) > 1 and head[:1] == b"\x80" and head[1] <= pickle.HIGHEST_PROTOCOL

@@ -125,7 +125,9 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
 
 class Safetensors:
     name = "safetensors"
-    description = "safetensors (tensors and a JSON header; no pickle)"
+
+    def describe(self) -> str:
+        return "safetensors (tensors and a JSON header; no pickle)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         if len(head) < 9 or head[8:9] != b"{":

@@ -82,7 +82,9 @@ def open_archive(buffer: memoryview, source: str) -> TorchArchive:
 
 class TorchZip:
     name = "zip"
-    description = "torch zip (torch.save, torch >= 1.6)"
+
+    def describe(self) -> str:
+        return "torch zip (torch.save, torch >= 1.6)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         return head.startswith(b"PK\x03\x04")
