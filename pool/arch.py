@@ -210,8 +210,11 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any
     heads, quick = max(1, width // 64), None
     if modules:
         attn = modules.get("visual.transformer.resblocks.0.attn")
-        num_heads = attn.attributes.get("num_heads") if attn is not None else None
-        if type(num_heads) is int and num_heads >= 1 and width % num_heads == 0:
+        if attn is not None and "num_heads" in attn.attributes:
+            num_heads = attn.attributes["num_heads"]
+            if not (type(num_heads) is int and num_heads >= 1 and width % num_heads == 0):
+                raise bad(f"the pickled attention module says num_heads={str(num_heads)[:20]}, which does not "
+                          f"divide the width {width}")
             heads = num_heads
         types = {str(m.type).rsplit(".", 1)[-1] for m in modules.values()}
         if "QuickGELU" in types:
