@@ -84,6 +84,7 @@ def _build_tables() -> None:
 _build_tables()
 _LONG4, _BINSTRING = ord("\x8b"), ord("T")  # signed 4-byte lengths
 _LARGE_BYTES_OPS = (ord("B"), ord("\x8e"))  # BINBYTES, BINBYTES8
+_PY2_STRINGS = (ord("T"), ord("U"))  # BINSTRING, SHORT_BINSTRING
 
 
 @dataclass
@@ -269,7 +270,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if large_bytes is not None and code in _LARGE_BYTES_OPS and i - arg_at >= large_bytes:
                     result.large.append((at, arg_at, i))
             elif kind == _STRING:
-                stack.append(str(bytes(data[arg_at:i]), "utf-8", "replace") if i - arg_at <= 256 else 0)
+                stack.append(_text(data, arg_at, i, code) if i - arg_at <= 256 else 0)
                 objects += 1
             elif kind == _TEXT_STRING:
                 text = bytes(data[arg_at:i - 1])[:256].decode("raw_unicode_escape", "replace")
@@ -307,7 +308,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 memo.append(stack[-1])
             elif kind == _GLOBAL or kind == _INST:
                 module, _, name = bytes(data[arg_at:i - 1]).partition(b"\n")
-                add_global(module.decode("utf-8", "replace"), name.decode("utf-8", "replace"))
+                add_global(_decode(module, at), _decode(name, at))
                 if kind == _INST:
                     pop_mark()
                 stack.append(0)
@@ -368,6 +369,25 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
         raise _Refused("an opcode needs more items than the stack holds, or its argument is cut off",
                        at) from None
     raise _Refused("the pickle ends without a STOP opcode (truncated)", n)
+
+
+def _decode(raw: bytes, at: int) -> str:
+    """A name as CPython's unpickler decodes it (UTF-8, lone surrogates passed through)."""
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise _Refused("a name that is not UTF-8", at) from None
+
+
+def _text(data: bytes | memoryview, start: int, stop: int, code: int) -> str | int:
+    """A short string constant, as STACK_GLOBAL would see it (0 for byte strings of protocol 2)."""
+    raw = bytes(data[start:stop])
+    if code in _PY2_STRINGS:  # BINSTRING / SHORT_BINSTRING: decoded with the reader's latin-1
+        return raw.decode("latin-1")
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return 0  # the unpickler refuses it; as a global name it is no string
 
 
 def _depth(depth: int, at: int) -> int:

@@ -43,6 +43,17 @@ class Span:
     nbytes: int
 
 
+def _forget_after_fork() -> None:
+    """A forked child inherits the executor's state but none of its threads: start afresh."""
+    global _executor, _lock
+    _executor = None
+    _lock = threading.Lock()
+    _staging.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _executor
     with _lock:
