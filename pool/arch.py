@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArchitectureMismatchError, ConfigError
+from .errors import ArchitectureMismatchError, ConfigError, printable
 
 __all__ = [
     "VisionArch",
@@ -40,6 +40,7 @@ OPENAI_MODEL_NAMES = frozenset(
     {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"}
 )
 _SHAPE_FIELDS = ("image_size", "patch_size", "width", "layers", "mlp_ratio", "embed_dim")
+MAX_LAYERS = 256  # transformer blocks (the largest released ViTs have 48-64)
 
 
 @dataclass(frozen=True)
@@ -200,13 +201,18 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any
     for key in state_dict:
         if key.startswith("visual.transformer.resblocks."):
             index = key.split(".")[3]
-            if not index.isdigit() or len(index) > 6:
-                raise bad(f"a transformer block key with index {index[:20]!r}")
+            if not (index.isascii() and index.isdigit()) or len(index) > 6:
+                raise bad(f"a transformer block key with index {printable(index[:20])!r}")
             blocks.add(int(index))
+            if len(blocks) > MAX_LAYERS:
+                raise bad(f"more than {MAX_LAYERS} transformer blocks")
     layers = len(blocks)
     if blocks != set(range(layers)):
         missing = min(set(range(max(blocks) + 1)) - blocks)
         raise bad(f"transformer blocks numbered up to {max(blocks)} but block {missing} is missing")
+    for i in range(layers):  # every block holds its MLP weights: the block count is paid for in bytes
+        if shape(f"visual.transformer.resblocks.{i}.mlp.c_fc.weight", 2) != fc:
+            raise bad(f"block {i}'s MLP weight has another shape than block 0's {list(fc)}")
     heads, quick = max(1, width // 64), None
     if modules:
         attn = modules.get("visual.transformer.resblocks.0.attn")
@@ -221,14 +227,19 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any
             quick = True
         elif "GELU" in types:
             quick = False
+    if width % heads:
+        raise bad(f"the width {width} does not split into {heads} attention heads")
     text = shape("token_embedding.weight", 2, required=False)
     ctx = shape("positional_embedding", 2, required=False)
+    text_width = text[1] if text is not None else proj[1]
+    if text_width % max(1, text_width // 64):
+        raise bad(f"the text width {text_width} does not split into {text_width // 64} attention heads")
     return VisionArch(
         image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
         mlp_ratio=fc[0] / width, embed_dim=proj[1], quick_gelu=quick,
         text_context_length=ctx[0] if ctx is not None else 77,
         text_vocab_size=text[0] if text is not None else 49408,
-        text_width=text[1] if text is not None else proj[1],
+        text_width=text_width,
     )
 
 
@@ -266,9 +277,14 @@ def _meta_template(arch: VisionArch) -> torch.nn.Module:
 def _construct(arch: VisionArch, device: str | torch.device) -> torch.nn.Module:
     from open_clip.model import CLIP
 
-    with torch.device(device):
-        model = CLIP(arch.embed_dim, arch.vision_cfg(), arch.text_cfg(),
-                     quick_gelu=bool(arch.quick_gelu))
+    try:
+        with torch.device(device):
+            model = CLIP(arch.embed_dim, arch.vision_cfg(), arch.text_cfg(),
+                         quick_gelu=bool(arch.quick_gelu))
+    except (AssertionError, ValueError, TypeError, RuntimeError) as exc:  # open_clip's own shape checks
+        raise ArchitectureMismatchError(
+            f"open_clip cannot build a ViT of these shapes ({arch.describe()}): {printable(str(exc))[:200]}. "
+            "The weights are no open_clip ViT image encoder.") from None
     del model.transformer
     if "attn_mask" in model._buffers:  # the text tower's causal mask: no text tower, no mask
         del model._buffers["attn_mask"]

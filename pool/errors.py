@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "printable",
+    "brief",
     "PoolError",
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -19,12 +20,31 @@ __all__ = [
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters (terminal escape sequences, carriage returns, ...) shown as
-    ``\\x1b``-style escapes, so that names taken from a file cannot drive the terminal."""
+    """``text`` with control characters (terminal escape sequences, carriage returns, newlines,
+    ...) shown as ``\\x1b``-style escapes, so that text taken from a file can neither drive the
+    terminal nor forge lines of a report."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for c in text)
+
+
+def brief(value: object, limit: int = 120) -> str:
+    """A short, safe rendering of a value read from a file for a message: integers too large to
+    print (or to print quickly) are described, long renderings are cut."""
+    def render(item: object, depth: int) -> str:
+        if isinstance(item, bool) or item is None:
+            return repr(item)
+        if isinstance(item, int):
+            return repr(item) if item.bit_length() <= 64 else f"<a {item.bit_length()}-bit integer>"
+        if isinstance(item, (tuple, list)) and depth < 3:
+            inner = ", ".join(render(x, depth + 1) for x in list(item)[:8]) + (", ..." if len(item) > 8 else "")
+            return f"({inner})" if isinstance(item, tuple) else f"[{inner}]"
+        if isinstance(item, (str, bytes, float)):
+            return repr(item[:limit] if not isinstance(item, float) else item)
+        return f"<{type(item).__name__}>"
+    text = render(value, 0)
+    return printable(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 class PoolError(Exception):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import VisionArch, arch_for_name, build_clip, check_arch, infer_arch, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
-from .errors import ArchitectureMismatchError, CheckpointError
+from .errors import ArchitectureMismatchError, CheckpointError, printable
 from .gcpause import paused_gc
 from .keys import TEXT_SIDE_KEYS, key_mismatch, to_clip_keys, to_clip_modules
 
@@ -154,6 +154,11 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Mo
             delattr(model, owner)  # e.g. no ln_final.* at all: drop the whole module
         else:
             del (model.get_submodule(owner) if owner else model)._parameters[leaf]
+    not_float = [k for k, t in sd.items() if not t.is_floating_point()]
+    if not_float:
+        raise ArchitectureMismatchError(
+            f"{source}: the weights are not all floating point ({printable(not_float[0])} is "
+            f"{sd[not_float[0]].dtype}); an image encoder's are. The file is damaged or holds something else.")
     problem = key_mismatch(sd, model.state_dict(), "the architecture")
     if problem:
         raise ArchitectureMismatchError(
@@ -187,11 +192,23 @@ class ClassificationHead(nn.Linear):
                         dtype: DType = None) -> ClassificationHead:
         """Rebuild from a read checkpoint: weight, bias and the ``normalize`` flag it stored."""
         sd = {k.removeprefix("module."): v for k, v in checkpoint.state_dict.items()}
-        weight = sd.get("weight")
+        weight, bias = sd.get("weight"), sd.get("bias")
         if weight is None or weight.dim() != 2:
             raise CheckpointError(
                 f"{checkpoint.path}: expected a classification head (a 'weight' of shape [classes, "
-                f"embed_dim]); found {', '.join(list(sd)[:5])}.")
+                f"embed_dim]); found {printable(', '.join(list(sd)[:5]))}.")
+        classes, width = weight.shape
+        problem = None
+        if classes < 1 or width < 1:
+            problem = f"its weight has shape {list(weight.shape)}: no classes or no inputs"
+        elif not all(t.is_floating_point() for t in (weight, bias) if t is not None):
+            problem = "its weights are not floating point (" + ", ".join(
+                f"{n} {t.dtype}" for n, t in (("weight", weight), ("bias", bias)) if t is not None) + ")"
+        elif bias is not None and tuple(bias.shape) != (classes,):
+            problem = f"its bias has shape {list(bias.shape)}, its weight {list(weight.shape)} (expected [{classes}])"
+        if problem:
+            raise ArchitectureMismatchError(f"{checkpoint.path}: not a classification head this loader can "
+                                            f"build: {problem}. The file is damaged or holds something else.")
         stored = checkpoint.attributes.get("normalize", checkpoint.metadata.get("normalize"))
         if normalize is None:
             normalize = stored if stored is not None else True
@@ -199,7 +216,7 @@ class ClassificationHead(nn.Linear):
                 log.info("%s: no normalize flag stored; using normalize=True as task_vectors did", checkpoint.path)
         if isinstance(normalize, str):
             normalize = normalize.lower() in ("1", "true", "yes")
-        head = cls(bool(normalize), weight, sd.get("bias"))
+        head = cls(bool(normalize), weight, bias)
         return _finish(head, device, dtype)
 
     @classmethod

@@ -10,7 +10,8 @@ unpickler's stack with placeholders, and refuses (`CorruptCheckpointError`) any 
   never stored;
 * nests tuples deeper than `MAX_TUPLE_DEPTH` (hashing a deeply nested tuple as a dict key or set
   element recurses in C and can crash the interpreter), or marks deeper than `MAX_MARKS`;
-* creates more than `MAX_OBJECTS` objects, or pops what it never pushed;
+* has more than `MAX_OPCODES` opcodes, creates (or memoizes) more than `MAX_OBJECTS` objects,
+  or pops what it never pushed;
 * names a ``STACK_GLOBAL`` from anything but string constants.
 
 It also lists every global the pickle names (``GLOBAL``, ``INST``, ``STACK_GLOBAL``) in order,
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 
 from .errors import CorruptCheckpointError
 
-__all__ = ["ScanResult", "scan_pickle", "MAX_TUPLE_DEPTH", "MAX_OBJECTS", "MAX_MARKS"]
+__all__ = ["ScanResult", "scan_pickle", "MAX_TUPLE_DEPTH", "MAX_OBJECTS", "MAX_MARKS", "MAX_OPCODES"]
 
 MAX_TUPLE_DEPTH = 64  # real checkpoints nest tuples 3-4 deep (args tuples holding size tuples)
 MAX_MARKS = 1_000  # open MARKs at once: a real module pickle keeps a handful
 MAX_OBJECTS = 2_000_000  # objects one pickle may create (a ViT-L-14 module pickle: ~60,000)
 MAX_GLOBALS = 10_000  # distinct globals one pickle may name (a ViT encoder: ~30)
+MAX_OPCODES = 4_000_000  # opcodes in one pickle (a ViT-B-32 module pickle: ~20,000)
 
 # Opcode kinds, by what they do to the stack.
 (_ATOM, _TEXT_ATOM, _STRING, _TEXT_STRING, _BYTES, _POP, _POP_MARK, _DUP, _MARK, _TO_MARK_TUPLE,
@@ -164,17 +166,23 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
 
     def store(key: int) -> None:
         if key == len(memo):
+            if key >= MAX_OBJECTS:
+                raise _Refused(f"more than {MAX_OBJECTS} memo entries", at)
             memo.append(stack[-1])
         elif key < len(memo):  # sequential picklers store 0, 1, 2, ...; a jump is a memory bomb
             memo[key] = stack[-1]
         else:
             raise _Refused(f"memo index {key} skips ahead of the {len(memo)} stored so far", at)
 
+    ops = 0
     try:
         while i < n:
             code = data[i]
             at = i
             kind = kind_of[code]
+            ops += 1
+            if ops > MAX_OPCODES:
+                raise _Refused(f"more than {MAX_OPCODES} opcodes", at)
             # The most frequent opcodes first, their fixed-size arguments read inline.
             if kind == _BINGET:
                 if code == 104:  # BINGET
@@ -305,7 +313,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 else:
                     stack.append(memo[key])
             elif kind == _MEMOIZE:
-                memo.append(stack[-1])
+                store(len(memo))
             elif kind == _GLOBAL or kind == _INST:
                 module, _, name = bytes(data[arg_at:i - 1]).partition(b"\n")
                 add_global(_decode(module, at), _decode(name, at))

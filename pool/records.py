@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, brief
 from .tensors import DTYPES, STORAGE_DTYPES, StorageRef, TensorSpec
 from .unpickler import CallRecord, GlobalRecord, InPlaceBytes, PersistentRecord, Record, global_of
 
@@ -107,15 +107,15 @@ def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
     if dtype is None:
         raise CorruptCheckpointError(f"{source}: a storage of type {name or type(storage_type).__name__!r}, "
                                      "which is not read here; the file is damaged or not a checkpoint.")
-    if not (isinstance(key, (str, int)) and type(numel) is int and numel >= 0):
-        raise CorruptCheckpointError(f"{source}: a storage reference with key {key!r} and size {numel!r}; "
-                                     "the file is damaged: download it again.")
+    if not (_is_key(key) and type(numel) is int and 0 <= numel < (1 << 62)):
+        raise CorruptCheckpointError(f"{source}: a storage reference with key {brief(key)} and size "
+                                     f"{brief(numel)}; the file is damaged: download it again.")
     offset = 0
     view = pid[5] if len(pid) == 6 else None
     if view is not None:  # legacy storage views: (view_key, offset, size) into the root storage
         if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
-                and view[1] >= 0 and view[2] >= 0):
-            raise CorruptCheckpointError(f"{source}: a malformed storage view {view!r}; the file is damaged.")
+                and 0 <= view[1] < (1 << 62) and 0 <= view[2] < (1 << 62)):
+            raise CorruptCheckpointError(f"{source}: a malformed storage view {brief(view)}; the file is damaged.")
         offset, numel = view[1] * dtype.itemsize, view[2]
     return StorageRef(prefix + str(key), dtype, numel, offset)
 
@@ -128,16 +128,21 @@ class _Walker:
         self.modules: dict[str, ModuleInfo] = {}
         self.steps = 0
         self.active: set[int] = set()
+        self.mappings: dict[int, dict] = {}  # id(mapping record) -> its dict, built once
 
     def fail(self, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.source}: {what}; the file is damaged or not a model "
                                       "checkpoint: download it again from a trusted source.")
 
-    def enter(self, obj: Any, where: str, depth: int) -> None:
-        self.steps += 1
+    def charge(self, steps: int, where: str) -> None:
+        """Count work against the walk's budget (entries visited, items looked at)."""
+        self.steps += steps
         if self.steps > MAX_WALK_ENTRIES:
             raise self.fail(f"the pickle expands to more than {MAX_WALK_ENTRIES} entries (shared "
                             "references nested over and over)")
+
+    def enter(self, obj: Any, where: str, depth: int) -> None:
+        self.charge(1, where)
         if depth > MAX_DEPTH:
             raise self.fail(f"{where or 'the root'} nests more than {MAX_DEPTH} levels deep")
 
@@ -149,7 +154,9 @@ class _Walker:
             return obj
         name = _call_name(obj)
         if isinstance(obj, PersistentRecord):
-            raise self.fail(f"{where}: a persistent id outside a torch container")
+            if not obj.untouched:
+                raise self.fail(f"{where}: a storage reference modified by the pickle (BUILD or items)")
+            return obj.value
         if obj.state is not None and (name in _TENSOR_REBUILDERS or name in _PARAMETER_REBUILDERS
                                       or name in _FROM_TYPE):
             raise self.fail(f"{where}: a tensor whose state is set afterwards (BUILD); torch never "
@@ -185,6 +192,7 @@ class _Walker:
         value = self.value(obj, where, depth + 1)
         if not isinstance(value, (list, tuple, set, frozenset)):
             raise self.fail(f"{where}: expected a sequence, found {type_name(value)}")
+        self.charge(len(value), where)
         return list(value)
 
     def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | InPlaceBytes:
@@ -194,6 +202,10 @@ class _Walker:
         return value
 
     def mapping(self, obj: Record, where: str, depth: int) -> dict:
+        cached = self.mappings.get(id(obj))
+        if cached is not None:
+            self.charge(len(cached), where)
+            return cached
         out: dict = {}
         pairs: list = []
         if obj.args:
@@ -205,13 +217,15 @@ class _Walker:
             else:
                 raise self.fail(f"{where}: a mapping record built from {type_name(first)}")
         pairs.extend(obj.items or ())
+        self.charge(len(pairs), where)
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise self.fail(f"{where}: a mapping entry that is not a key-value pair")
             key, value = pair
-            if not isinstance(key, (str, int)):
-                raise self.fail(f"{where}: a mapping key of type {type_name(key)}")
+            if not _is_key(key):
+                raise self.fail(f"{where}: a mapping key {brief(key)} (expected a name)")
             out[key] = value
+        self.mappings[id(obj)] = out
         return out
 
     def tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
@@ -254,8 +268,9 @@ class _Walker:
         if id(obj) in self.active:
             raise self.fail(f"module {path or '<root>'} contains itself")
         self.active.add(id(obj))
+        self.charge(len(state), path)
         attrs = {k: v for k, v in state.items() if isinstance(k, str) and k not in _MODULE_INTERNALS
-                 and _plain(v)}
+                 and self.plain(v, path)}
         self.modules[path] = ModuleInfo(type_name(obj), attrs)
         skip = self.value(state.get("_non_persistent_buffers_set"), path, depth + 1) or set()
         if not isinstance(skip, (set, frozenset)):
@@ -280,6 +295,29 @@ class _Walker:
             self.module(child, child_state, f"{prefix}{name}.", depth + 1)
         self.active.discard(id(obj))
 
+    def plain(self, value: Any, where: str, limit: int = 1000) -> bool:
+        """Whether value is a plain attribute: None, bools, 64-bit ints, floats, strings, and tuples
+        of them (at most ``limit`` items, charged to the walk's budget)."""
+        pending = [value]
+        seen = 0
+        while pending:
+            item = pending.pop()
+            seen += 1
+            if seen > limit:
+                self.charge(seen, where)
+                return False
+            if type(item) is tuple:
+                pending.extend(item)
+            elif type(item) is int:
+                if not -(1 << 63) <= item < (1 << 63):
+                    self.charge(seen, where)
+                    return False
+            elif not (item is None or type(item) in (bool, float, str)):
+                self.charge(seen, where)
+                return False
+        self.charge(seen, where)
+        return True
+
     def tensor_entry(self, obj: Any, key: str, depth: int) -> None:
         spec = self.value(obj, key, depth)
         if not isinstance(spec, TensorSpec):
@@ -300,8 +338,8 @@ class _Walker:
                 raise self.fail(f"{prefix.rstrip('.') or 'the root object'} contains itself")
             self.active.add(id(obj))
             for key, item in value.items():
-                if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise self.fail(f"{prefix.rstrip('.') or 'the root'} has a key of type {type_name(key)}")
+                if not _is_key(key):
+                    raise self.fail(f"{prefix.rstrip('.') or 'the root'} has a key {brief(key)} (expected a name)")
                 self.any(item, f"{prefix}{key}.", depth + 1)
             self.active.discard(id(obj))
 
@@ -309,7 +347,9 @@ class _Walker:
 def record_bytes(obj: Any) -> bytes | InPlaceBytes | None:
     """A bytes value: plain bytes, the file's own bytes (`pool.unpickler` leaves large byte
     strings in place), or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
-    if isinstance(obj, (bytes, InPlaceBytes)):
+    if isinstance(obj, PersistentRecord) and obj.untouched and isinstance(obj.value, InPlaceBytes):
+        return obj.value
+    if isinstance(obj, bytes):
         return obj
     if isinstance(obj, bytearray):
         return bytes(obj)
@@ -352,19 +392,9 @@ def find_calls(root: Any, name: str, source: str) -> list[Record]:
     return found
 
 
-def _plain(value: Any, limit: int = 1000) -> bool:
-    """Whether value is a plain attribute (scalars and tuples of them, at most `limit` items)."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        limit -= 1
-        if limit < 0:
-            return False
-        if type(item) is tuple:
-            pending.extend(item)
-        elif not (item is None or type(item) in (bool, int, float, str)):
-            return False
-    return True
+def _is_key(key: Any) -> bool:
+    """A state-dict key: a string, or an integer small enough to print."""
+    return isinstance(key, str) or (type(key) is int and -(1 << 63) <= key < (1 << 63))
 
 
 def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None = None) -> Walked:

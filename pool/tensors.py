@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, brief
 
 __all__ = ["StorageRef", "TensorSpec", "materialize", "STORAGE_DTYPES", "DTYPES", "aligned"]
 
@@ -62,21 +62,24 @@ class TensorSpec:
     stride: tuple[int, ...]
 
 
+_LIMIT = 1 << 62  # sizes, strides and offsets beyond this fit no file and overflow torch's int64
+
+
 def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value < _LIMIT
 
 
 def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
     """Refuse a view that is malformed, overlaps itself, or reaches past ``nbytes``."""
     if spec.dtype not in _ALLOWED:
-        raise CorruptCheckpointError(f"{source}: tensor {name!r} has dtype {spec.dtype}, which is not read "
+        raise CorruptCheckpointError(f"{source}: tensor {brief(name)} has dtype {spec.dtype}, which is not read "
                                      "here; the file is damaged or not a model checkpoint.")
     size, stride, offset = spec.size, spec.stride, spec.offset
     if not (_is_count(offset) and len(size) == len(stride) and len(size) <= 64
             and all(map(_is_count, size)) and all(map(_is_count, stride))):
         raise CorruptCheckpointError(
-            f"{source}: tensor {name!r} has a malformed shape (size {size!r}, stride {stride!r}, "
-            f"offset {offset!r}); the file is damaged: download it again.")
+            f"{source}: tensor {brief(name)} has a malformed shape (size {brief(size)}, stride "
+            f"{brief(stride)}, offset {brief(offset)}); the file is damaged: download it again.")
     itemsize = spec.dtype.itemsize
     available = nbytes // itemsize
     numel = math.prod(size)
@@ -84,13 +87,13 @@ def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
         return
     if any(st == 0 and s > 1 for s, st in zip(size, stride, strict=True)) or numel > available:
         raise CorruptCheckpointError(
-            f"{source}: tensor {name!r} claims shape {tuple(size)} (strides {tuple(stride)}, {numel} "
+            f"{source}: tensor {brief(name)} claims shape {tuple(size)} (strides {tuple(stride)}, {numel} "
             f"elements) over a storage of {available}: its elements overlap or exceed the bytes "
             "stored. The file is damaged or hostile: download it again.")
     last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
     if (last + 1) * itemsize > nbytes:
         raise CorruptCheckpointError(
-            f"{source}: tensor {name!r} of shape {tuple(size)} (offset {offset}) needs "
+            f"{source}: tensor {brief(name)} of shape {tuple(size)} (offset {offset}) needs "
             f"{(last + 1) * itemsize} bytes of its storage but the storage holds {nbytes}; the file "
             "is truncated or damaged: download it again.")
 
@@ -114,7 +117,7 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
         root = storages.get(ref.key)
         if root is None:
             raise CorruptCheckpointError(
-                f"{source}: tensor {name!r} refers to storage {ref.key!r}, which the file does not "
+                f"{source}: tensor {brief(name)} refers to storage {brief(ref.key)}, which the file does not "
                 "hold; the file is damaged: download it again.")
         claimed = ref.numel * ref.dtype.itemsize
         key = (ref.key, ref.byte_offset, claimed)

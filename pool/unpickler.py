@@ -169,17 +169,23 @@ class CallRecord(Record):
 
 
 class PersistentRecord(Record):
-    """A persistent id (``BINPERSID``): a reference to data outside the pickle (torch storages)."""
+    """What a persistent id (``BINPERSID``) resolved to, wrapped: the pickle can BUILD or APPEND
+    to the wrapper (recorded like any record, and refused by the walker), never to ``value``."""
 
-    __slots__ = ("pid",)
+    __slots__ = ("value",)
 
-    def __new__(cls, pid: Any) -> PersistentRecord:
+    def __new__(cls, value: Any) -> PersistentRecord:
         self = Record.__new__(cls)
-        self.pid = pid
+        self.value = value
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+    @property
+    def untouched(self) -> bool:
+        """Whether the pickle left the wrapper as it was made (no BUILD, no items)."""
+        return self.state is None and self.items is None
 
 
 def global_of(obj: Any) -> str | None:
@@ -346,7 +352,10 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         if self.persistent is None:
             raise pickle.UnpicklingError("a persistent id outside a torch container")
-        return self.persistent(pid)
+        value = self.persistent(pid)
+        if isinstance(value, type) and issubclass(value, GlobalRecord):
+            return value  # a legacy module class: a record class like any global
+        return PersistentRecord(value)
 
 
 def unpickle(data: bytes, *, source: str = "<bytes>", refuse_unsafe: bool = True,

@@ -21,7 +21,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..records import find_calls, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize
-from ..unpickler import GlobalRecord, InPlaceBytes, Reader, Record
+from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
 from .base import FileRanges, ReadOptions, ReadResult, copy_bytes, map_file
 
 __all__ = ["Legacy", "BlobReader", "LEGACY_MAGIC", "is_legacy", "parse_legacy"]
@@ -87,7 +87,8 @@ class _Stream:
             raise self.fail("a big-endian file; only little-endian files are read")
         root = self.next_pickle("object", persistent=self.persistent)
         keys = self.next_pickle("storage keys")
-        if not (isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys)):
+        if not (isinstance(keys, list) and all(isinstance(k, str) or (type(k) is int and 0 <= k < (1 << 63))
+                                               for k in keys)):
             raise self.fail("the storage-key list is malformed")
         spans: dict[str, tuple[int, int]] = {}
         for key in map(str, keys):
@@ -135,12 +136,14 @@ class BlobReader:
     MAX_NESTING = 8
     GLOBAL = "torch.storage._load_from_bytes"
 
-    def __init__(self, reader: Reader, file: FileRanges | None = None) -> None:
+    def __init__(self, reader: Reader, budget: int, file: FileRanges | None = None) -> None:
         self.reader = reader
+        self.budget = budget  # storage bytes the blobs may yield in all: the file's size
         self.file = file  # where InPlaceBytes blobs are read from
         self.storages: dict[str, torch.UntypedStorage] = {}
-        self.refs: dict[int, StorageRef | None] = {}
-        self._keep: list[Record] = []
+        self.refs: dict[int, StorageRef | None] = {}  # by id of the blob record
+        self.by_content: dict[tuple, StorageRef | None] = {}  # by identity of the blob's bytes
+        self._keep: list[Any] = []  # ids stay unique while these live
 
     def preload(self, root: Any, depth: int = 0) -> None:
         if ("torch.storage", "_load_from_bytes") in self.reader.globals:
@@ -159,14 +162,23 @@ class BlobReader:
         if id(record) in self.refs:
             return self.refs[id(record)]
         source = self.reader.source
-        number = len(self.refs) + 1
+        number = len(self.by_content) + 1
         if number > self.MAX_BLOBS or depth > self.MAX_NESTING:
             raise CorruptCheckpointError(f"{source}: more than {self.MAX_BLOBS} storage blobs, or blobs "
                                          f"nested more than {self.MAX_NESTING} deep; no checkpoint has them.")
-        blob = record_bytes(record.args[0]) if len(record.args) == 1 and not record.kwargs else None
+        arg = record.args[0] if len(record.args) == 1 and not record.kwargs else None
+        blob = record_bytes(arg)
         if blob is None:
             raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
                                          "is damaged or not written by torch.save / pickle.dump.")
+        # One parse per distinct byte string, however many records share it.
+        content = (("at", blob.offset, len(blob.view)) if isinstance(blob, InPlaceBytes)
+                   else ("id", id(arg.args[0] if isinstance(arg, Record) else arg)))
+        self._keep.extend((record, arg))
+        if content in self.by_content:
+            ref = self.refs[id(record)] = self.by_content[content]
+            return ref
+        self.by_content[content] = None
         file = None
         if isinstance(blob, InPlaceBytes):
             file = (self.file, blob.offset) if self.file is not None else None
@@ -177,15 +189,21 @@ class BlobReader:
                 f"{source}: a storage blob (torch.storage._load_from_bytes) that is {kind}; only "
                 "legacy torch streams are read inside a pickle, so the file is refused.")
         self.refs[id(record)] = None
-        self._keep.append(record)  # ids stay unique while the record lives
         root, storages = parse_legacy(blob, self.reader, f"storage blob {number}", file)
+        self.budget -= sum(s.nbytes() for s in storages.values())
+        if self.budget < 0:
+            raise CorruptCheckpointError(f"{source}: the storage blobs hold more bytes than the file; the "
+                                         "file is crafted (shared or nested blobs), not a checkpoint.")
         self.preload(root, depth + 1)  # blobs inside blobs: their globals are checked too
+        if isinstance(root, PersistentRecord) and root.untouched:
+            root = root.value
         if not isinstance(root, StorageRef):
             return None
         prefix = f"blob{number}/"
         for key, storage in storages.items():
             self.storages[prefix + key] = storage
-        ref = self.refs[id(record)] = StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+        ref = StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+        self.refs[id(record)] = self.by_content[content] = ref
         return ref
 
     def storages_on(self, device: torch.device) -> dict[str, torch.UntypedStorage]:
@@ -207,7 +225,7 @@ class Legacy:
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        blobs = BlobReader(reader)
+        blobs = BlobReader(reader, path.stat().st_size)
         try:
             with FileRanges(path) as ranges:
                 root, storages = parse_legacy(map_file(path), reader, "legacy stream", (ranges, 0))

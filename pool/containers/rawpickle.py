@@ -40,7 +40,7 @@ class PlainPickle:
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
         with FileRanges(path) as ranges:
-            blobs = BlobReader(reader, ranges)
+            blobs = BlobReader(reader, path.stat().st_size, ranges)
             try:
                 unpickled = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE)
                 blobs.preload(unpickled.root)

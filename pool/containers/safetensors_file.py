@@ -104,10 +104,10 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
         if not isinstance(info, dict):
             raise bad(f"entry {name[:200]!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
             raise bad(f"tensor {name[:200]!r} has unknown dtype {str(dtype)[:40]!r}")
         if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and d >= 0 for d in shape)):
+                and all(type(d) is int and 0 <= d < (1 << 62) for d in shape)):
             raise bad(f"tensor {name[:200]!r} has a malformed shape {str(shape)[:100]}")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):

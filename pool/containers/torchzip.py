@@ -95,7 +95,7 @@ class TorchZip:
         archive = open_archive(buffer, source)
         archive.check_byteorder(buffer)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        blobs = BlobReader(reader)
+        blobs = BlobReader(reader, len(buffer))
         try:
             unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
                                         persistent=lambda pid: storage_from_pid(pid, source))
