@@ -258,15 +258,21 @@ def check_arch(weights: VisionArch, configured: VisionArch, model_name: str, sou
         "weights' architecture, or leave it out to infer it from the weights.")
 
 
-def build_clip(arch: VisionArch, *, device: str | torch.device = "meta") -> torch.nn.Module:
+def build_clip(arch: VisionArch, *, device: str | torch.device = "meta", source: str | None = None) -> torch.nn.Module:
     """An open_clip ``CLIP`` for ``arch`` with the text transformer removed.
 
     On the meta device (the default) nothing is allocated or initialised: the caller assigns the
-    real tensors with ``load_state_dict(..., assign=True)``.
+    real tensors with ``load_state_dict(..., assign=True)``. Shapes open_clip cannot build raise
+    ArchitectureMismatchError (naming ``source``, the file the shapes came from, when given).
     """
-    if torch.device(device).type == "meta":
-        return copy.deepcopy(_meta_template(arch))  # a copy costs half of a construction
-    return _construct(arch, device)
+    try:
+        if torch.device(device).type == "meta":
+            return copy.deepcopy(_meta_template(arch))  # a copy costs half of a construction
+        return _construct(arch, device)
+    except ArchitectureMismatchError as exc:
+        if source is None:
+            raise
+        raise ArchitectureMismatchError(f"{source}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -281,7 +287,7 @@ def _construct(arch: VisionArch, device: str | torch.device) -> torch.nn.Module:
         with torch.device(device):
             model = CLIP(arch.embed_dim, arch.vision_cfg(), arch.text_cfg(),
                          quick_gelu=bool(arch.quick_gelu))
-    except (AssertionError, ValueError, TypeError, RuntimeError) as exc:  # open_clip's own shape checks
+    except (AssertionError, ValueError) as exc:  # open_clip's (and torch.nn's) own shape checks
         raise ArchitectureMismatchError(
             f"open_clip cannot build a ViT of these shapes ({arch.describe()}): {printable(str(exc))[:200]}. "
             "The weights are no open_clip ViT image encoder.") from None

@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from .containers import CONTAINERS, ReadOptions
+from .containers import CONTAINERS, REGISTRY, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
 from .errors import CheckpointError, CorruptCheckpointError
@@ -121,14 +120,10 @@ def sniff_container(path: PathLike) -> str:
     container = _sniff(head, size)
     if container is not None:
         return container.name
-    if head.startswith((b"PK\x05\x06", b"PK\x07\x08")):
-        raise CorruptCheckpointError(f"{p}: an empty or split zip archive, not a torch checkpoint.")
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if _as_text(head[:200]) is None:
-            raise CorruptCheckpointError(
-                f"{p}: looks like safetensors but its header claims {header_len} bytes and the file has "
-                f"{size}; the file is truncated: download it again.")
+    for candidate in REGISTRY:
+        why = candidate.diagnose(head, size)
+        if why is not None:
+            raise CorruptCheckpointError(f"{p}: {why}.")
     if len(head) > 262 and head[257:262] == b"ustar":
         raise CheckpointError(
             f"{p}: a tar archive (torch's pre-1.0 tar format or another archive). That format is "

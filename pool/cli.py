@@ -287,7 +287,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
         print(json.dumps(info.as_dict(), indent=2, default=str))
     else:
         rows = [
-            ("file", str(info.path.absolute())),
+            ("file", printable(str(info.path.absolute()))),
             ("size", f"{human_size(info.size)} ({info.size:,} bytes)"),
             ("sha256", info.sha256),
             ("container", f"{info.container}: {CONTAINER_NAMES.get(info.container, info.container)}"),
@@ -313,7 +313,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
             lines.append(f"  {g}{flag}")
         print("\n".join(lines))
     if unsafe:
-        _error(f"{path}: names {len(unsafe)} unsafe global(s): {', '.join(unsafe)}. They were listed, "
+        _error(f"{printable(str(path))}: names {len(unsafe)} unsafe global(s): {', '.join(unsafe)}. They were listed, "
                "not executed; pool refuses to load this file. Get the checkpoint from a trusted source.",
                "inspect", args.prog)
         return 1
@@ -549,7 +549,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a bug: one paragraph, the traceback with --debug
             if debug:
                 traceback.print_exc()
-            _error(f"unexpected {type(exc).__name__}: {exc}. This is a bug in pool; rerun with --debug "
+            _error(f"unexpected {type(exc).__name__}: {printable(str(exc))}. This is a bug in pool; rerun with --debug "
                    "for the traceback and report it.", args.command)
             return 1
 

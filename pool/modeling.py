@@ -104,7 +104,7 @@ class ImageEncoder(nn.Module):
         if quick_gelu is not None:
             arch = replace(arch, quick_gelu=bool(quick_gelu))
         with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
-            model = _assign(build_clip(arch), sd, source)
+            model = _assign(build_clip(arch, source=source), sd, source)
             encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
         return _finish(encoder, device, dtype)
 

@@ -22,6 +22,7 @@ bytes checked here. Knows nothing of torch.
 
 from __future__ import annotations
 
+import codecs
 import pickletools
 from dataclasses import dataclass, field
 
@@ -87,16 +88,16 @@ _build_tables()
 _LONG4, _BINSTRING = ord("\x8b"), ord("T")  # signed 4-byte lengths
 _LARGE_BYTES_OPS = (ord("B"), ord("\x8e"))  # BINBYTES, BINBYTES8
 _PY2_STRINGS = (ord("T"), ord("U"))  # BINSTRING, SHORT_BINSTRING
+_UNICODE = ord("V")
 
 
 @dataclass
 class ScanResult:
     """What the scan saw: where the pickle ends (one past STOP), the globals it names in order
-    (``(module, name)``, duplicates removed), and how many objects it creates."""
+    (``(module, name)``, duplicates removed), and how many persistent ids it uses."""
 
     end: int
     globals: list[tuple[str, str]] = field(default_factory=list)
-    objects: int = 0
     persistent_ids: int = 0
     #: ``(opcode offset, payload start, payload end)`` of each byte string of at least
     #: ``large_bytes`` bytes (``BINBYTES`` / ``BINBYTES8``), when asked for
@@ -281,8 +282,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 stack.append(_text(data, arg_at, i, code) if i - arg_at <= 256 else 0)
                 objects += 1
             elif kind == _TEXT_STRING:
-                text = bytes(data[arg_at:i - 1])[:256].decode("raw_unicode_escape", "replace")
-                stack.append(text.strip("'\""))
+                stack.append(_text_line(bytes(data[arg_at:i - 1]), code) if i - arg_at <= 256 else 0)
                 objects += 1
             elif kind == _BUILD or kind == _APPEND:
                 if len(stack) < 2:
@@ -365,7 +365,6 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     raise _Refused(f"STOP with {len(stack)} items on the stack and {len(marks)} open "
                                    "MARKs", at)
                 result.end = i
-                result.objects = objects
                 result.globals = list(seen_globals)
                 return
             else:
@@ -396,6 +395,19 @@ def _text(data: bytes | memoryview, start: int, stop: int, code: int) -> str | i
         return raw.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         return 0  # the unpickler refuses it; as a global name it is no string
+
+
+def _text_line(raw: bytes, code: int) -> str | int:
+    """A protocol-0 string as CPython decodes it: STRING is a quoted, escaped literal (read as
+    latin-1 here, as the reader does), UNICODE is raw-unicode-escape (0: not a string)."""
+    try:
+        if code == _UNICODE:
+            return raw.decode("raw_unicode_escape")
+        if len(raw) >= 2 and raw[:1] == raw[-1:] and raw[:1] in (b"'", b'"'):
+            return codecs.escape_decode(raw[1:-1])[0].decode("latin-1")
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return 0
 
 
 def _depth(depth: int, at: int) -> int:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptCheckpointError, brief
-from .tensors import DTYPES, STORAGE_DTYPES, StorageRef, TensorSpec
+from .tensors import DTYPES, INT_LIMIT, STORAGE_DTYPES, StorageRef, TensorSpec
 from .unpickler import CallRecord, GlobalRecord, InPlaceBytes, PersistentRecord, Record, global_of
 
-__all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "find_calls", "record_bytes", "MAX_WALK_ENTRIES",
+__all__ = ["ModuleInfo", "Walked", "walk", "storage_from_pid", "find_calls", "record_bytes", "is_key", "MAX_WALK_ENTRIES",
            "MAX_DEPTH"]
 
 # A real encoder's pickle has a few thousand records (ViT-L-14: under 2,000 modules and tensors); a
@@ -107,17 +107,17 @@ def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
     if dtype is None:
         raise CorruptCheckpointError(f"{source}: a storage of type {name or type(storage_type).__name__!r}, "
                                      "which is not read here; the file is damaged or not a checkpoint.")
-    if not (_is_key(key) and type(numel) is int and 0 <= numel < (1 << 62)):
+    if not (is_key(key) and type(numel) is int and 0 <= numel < INT_LIMIT):
         raise CorruptCheckpointError(f"{source}: a storage reference with key {brief(key)} and size "
                                      f"{brief(numel)}; the file is damaged: download it again.")
-    offset = 0
+    offset, root_numel = 0, -1
     view = pid[5] if len(pid) == 6 else None
     if view is not None:  # legacy storage views: (view_key, offset, size) into the root storage
         if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
-                and 0 <= view[1] < (1 << 62) and 0 <= view[2] < (1 << 62)):
+                and 0 <= view[1] < INT_LIMIT and 0 <= view[2] < INT_LIMIT):
             raise CorruptCheckpointError(f"{source}: a malformed storage view {brief(view)}; the file is damaged.")
-        offset, numel = view[1] * dtype.itemsize, view[2]
-    return StorageRef(prefix + str(key), dtype, numel, offset)
+        offset, root_numel, numel = view[1] * dtype.itemsize, numel, view[2]
+    return StorageRef(prefix + str(key), dtype, numel, offset, root_numel)
 
 
 class _Walker:
@@ -176,8 +176,6 @@ class _Walker:
             if self.blob is None:
                 raise self.fail(f"{where}: a storage blob that cannot be read here")
             return self.blob(obj)
-        if name == "_codecs.encode":
-            return self.bytes_of(obj, where, depth)
         if name == "torch.Size" and len(obj.args) == 1:
             return tuple(self.sequence(obj.args[0], where, depth))
         if name in _MAPPINGS:
@@ -194,12 +192,6 @@ class _Walker:
             raise self.fail(f"{where}: expected a sequence, found {type_name(value)}")
         self.charge(len(value), where)
         return list(value)
-
-    def bytes_of(self, obj: Any, where: str, depth: int) -> bytes | InPlaceBytes:
-        value = record_bytes(obj)
-        if value is None:
-            raise self.fail(f"{where}: expected a byte string, found {type_name(obj)}")
-        return value
 
     def mapping(self, obj: Record, where: str, depth: int) -> dict:
         cached = self.mappings.get(id(obj))
@@ -222,7 +214,7 @@ class _Walker:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise self.fail(f"{where}: a mapping entry that is not a key-value pair")
             key, value = pair
-            if not _is_key(key):
+            if not is_key(key):
                 raise self.fail(f"{where}: a mapping key {brief(key)} (expected a name)")
             out[key] = value
         self.mappings[id(obj)] = out
@@ -309,7 +301,7 @@ class _Walker:
             if type(item) is tuple:
                 pending.extend(item)
             elif type(item) is int:
-                if not -(1 << 63) <= item < (1 << 63):
+                if not -INT_LIMIT < item < INT_LIMIT:
                     self.charge(seen, where)
                     return False
             elif not (item is None or type(item) in (bool, float, str)):
@@ -338,7 +330,7 @@ class _Walker:
                 raise self.fail(f"{prefix.rstrip('.') or 'the root object'} contains itself")
             self.active.add(id(obj))
             for key, item in value.items():
-                if not _is_key(key):
+                if not is_key(key):
                     raise self.fail(f"{prefix.rstrip('.') or 'the root'} has a key {brief(key)} (expected a name)")
                 self.any(item, f"{prefix}{key}.", depth + 1)
             self.active.discard(id(obj))
@@ -392,9 +384,9 @@ def find_calls(root: Any, name: str, source: str) -> list[Record]:
     return found
 
 
-def _is_key(key: Any) -> bool:
-    """A state-dict key: a string, or an integer small enough to print."""
-    return isinstance(key, str) or (type(key) is int and -(1 << 63) <= key < (1 << 63))
+def is_key(key: Any) -> bool:
+    """A state-dict or storage key: a string, or an integer small enough to print."""
+    return isinstance(key, str) or (type(key) is int and -INT_LIMIT < key < INT_LIMIT)
 
 
 def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None = None) -> Walked:

@@ -19,7 +19,8 @@ import torch
 
 from .errors import CorruptCheckpointError, brief
 
-__all__ = ["StorageRef", "TensorSpec", "materialize", "STORAGE_DTYPES", "DTYPES", "aligned"]
+__all__ = ["StorageRef", "TensorSpec", "materialize", "move", "logical_bytes", "STORAGE_DTYPES", "DTYPES",
+           "aligned", "INT_LIMIT"]
 
 #: legacy storage class names (``torch.FloatStorage`` ...) -> element dtype
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -43,12 +44,14 @@ _ALLOWED = frozenset(DTYPES.values()) | frozenset(STORAGE_DTYPES.values())
 @dataclass(frozen=True)
 class StorageRef:
     """A storage a pickle refers to: the container's key for its bytes, the element type its
-    class names, and the elements it claims; a legacy view adds a byte offset into its root."""
+    class names, and the elements it claims; a legacy view adds its byte offset into its root and
+    the root's size."""
 
     key: str
     dtype: torch.dtype
     numel: int
     byte_offset: int = 0
+    root_numel: int = -1  # a legacy view's root storage size in elements (-1: not a view)
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,17 @@ class TensorSpec:
     stride: tuple[int, ...]
 
 
-_LIMIT = 1 << 62  # sizes, strides and offsets beyond this fit no file and overflow torch's int64
+INT_LIMIT = 1 << 62  # sizes, strides, offsets and keys beyond this fit no file and overflow int64
+MAX_EXPANSION = 4  # tensors may take this many times the file's size once copied ...
+EXPANSION_SLACK = 64 << 20  # ... plus this (small files with legitimately shared views)
 
 
 def _is_count(value: object) -> bool:
-    return type(value) is int and 0 <= value < _LIMIT
+    return type(value) is int and 0 <= value < INT_LIMIT
 
 
-def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
-    """Refuse a view that is malformed, overlaps itself, or reaches past ``nbytes``."""
+def _check_shape(spec: TensorSpec, name: str, source: str) -> None:
+    """Refuse a dtype off the allowlist and sizes, strides or offsets that are no bounded counts."""
     if spec.dtype not in _ALLOWED:
         raise CorruptCheckpointError(f"{source}: tensor {brief(name)} has dtype {spec.dtype}, which is not read "
                                      "here; the file is damaged or not a model checkpoint.")
@@ -80,22 +85,39 @@ def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
         raise CorruptCheckpointError(
             f"{source}: tensor {brief(name)} has a malformed shape (size {brief(size)}, stride "
             f"{brief(stride)}, offset {brief(offset)}); the file is damaged: download it again.")
+
+
+def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
+    """Refuse a view that reaches past the ``nbytes`` of its storage (shape already checked)."""
+    size, stride, offset = spec.size, spec.stride, spec.offset
     itemsize = spec.dtype.itemsize
-    available = nbytes // itemsize
-    numel = math.prod(size)
-    if numel == 0:
+    if math.prod(size) == 0:
         return
-    if any(st == 0 and s > 1 for s, st in zip(size, stride, strict=True)) or numel > available:
-        raise CorruptCheckpointError(
-            f"{source}: tensor {brief(name)} claims shape {tuple(size)} (strides {tuple(stride)}, {numel} "
-            f"elements) over a storage of {available}: its elements overlap or exceed the bytes "
-            "stored. The file is damaged or hostile: download it again.")
     last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
     if (last + 1) * itemsize > nbytes:
         raise CorruptCheckpointError(
             f"{source}: tensor {brief(name)} of shape {tuple(size)} (offset {offset}) needs "
             f"{(last + 1) * itemsize} bytes of its storage but the storage holds {nbytes}; the file "
             "is truncated or damaged: download it again.")
+
+
+def move(tensors: Mapping[str, torch.Tensor], device: torch.device | None) -> dict[str, torch.Tensor]:
+    """The tensors on ``device`` (None or CPU: as they are), each storage moved once (views of one
+    storage stay views of one storage there, rather than becoming copies each)."""
+    if device is None or device.type == "cpu":
+        return dict(tensors)
+    moved: dict[tuple[int, int], torch.UntypedStorage] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        target = moved.get(key)
+        if target is None:
+            whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            target = moved[key] = whole.to(device).untyped_storage()
+        out[name] = torch.empty(0, dtype=tensor.dtype, device=device).set_(
+            target, tensor.storage_offset(), tensor.size(), tensor.stride())
+    return out
 
 
 def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:
@@ -107,9 +129,27 @@ def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.Untyped
     return copy.untyped_storage()
 
 
+def logical_bytes(specs: Mapping[str, TensorSpec]) -> int:
+    """The bytes the tensors would take if each were copied (views and broadcasts counted in full)."""
+    return sum(math.prod(s.size) * s.dtype.itemsize for s in specs.values())
+
+
 def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.UntypedStorage],
-                source: str) -> dict[str, torch.Tensor]:
-    """Tensors for ``specs`` over ``storages`` (container key -> the bytes read), each checked."""
+                source: str, file_size: int) -> dict[str, torch.Tensor]:
+    """Tensors for ``specs`` over ``storages`` (container key -> the bytes read), each checked.
+
+    Views may overlap (an expanded tensor has stride 0), but what the tensors would take once
+    copied (a dtype cast, a move to another device) is bounded by the file's size: a few bytes
+    cannot stand for gigabytes of weights.
+    """
+    for name, spec in specs.items():  # shapes first: bounded integers before any arithmetic on them
+        _check_shape(spec, name, source)
+    total = logical_bytes(specs)
+    if total > MAX_EXPANSION * file_size + EXPANSION_SLACK:
+        raise CorruptCheckpointError(
+            f"{source}: its tensors would take {total:,} bytes once copied, from a file of {file_size:,}: "
+            "they are views of the same bytes over and over (broadcast or aliased). No checkpoint looks "
+            "like this; the file is crafted or damaged.")
     views: dict[tuple[str, int, int], torch.UntypedStorage] = {}
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():

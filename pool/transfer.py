@@ -11,18 +11,22 @@ This module knows file offsets and bytes, nothing of pickles, containers or mode
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+import stat
 import threading
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Span", "read_spans", "as_tensor"]
+from .errors import CheckpointError, printable
+
+__all__ = ["Span", "read_spans", "open_regular", "pread_into", "FileChangedError"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ def _forget_after_fork() -> None:
     _executor = None
     _lock = threading.Lock()
     _staging.clear()
+    _device_locks.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -63,22 +68,48 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+class FileChangedError(CheckpointError):
+    """The file ended early while being read: it was truncated or replaced meanwhile."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of a regular file, opened so that a pipe or device swapped in for
+    it cannot block (``O_NONBLOCK``) and is refused."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{printable(os.fspath(path))}: is no longer a regular file; it changed while "
+                              "being read.")
+    return fd
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int, path: str | os.PathLike[str] = "the file") -> None:
+    """Fill ``buffer`` with the file's bytes from ``offset`` (all of them, or FileChangedError)."""
     done = 0
     while done < len(buffer):
         n = os.preadv(fd, [buffer[done:]], offset + done)
         if n <= 0:
-            raise EOFError(f"file ended {len(buffer) - done} bytes early at offset {offset + done}")
+            raise FileChangedError(
+                f"{printable(os.fspath(path))}: ended {len(buffer) - done} bytes early at byte {offset + done} "
+                "while being read: it was truncated or replaced meanwhile. Read it again once it is complete.")
         done += n
+
 
 
 def _parallel_read(fd: int, buffer: memoryview, offset: int) -> None:
     """Fill ``buffer`` from file ``offset`` with concurrent reads of up to _PIECE bytes."""
     pieces = [(start, min(len(buffer), start + _PIECE)) for start in range(0, len(buffer), _PIECE)]
     if len(pieces) == 1:
-        _pread_into(fd, buffer, offset)
+        pread_into(fd, buffer, offset)
         return
-    futures = [_pool().submit(_pread_into, fd, buffer[a:b], offset + a) for a, b in pieces]
+    futures = [_pool().submit(pread_into, fd, buffer[a:b], offset + a) for a, b in pieces]
+    _wait_all(futures)
+
+
+def _wait_all(futures: Sequence[Future[None]]) -> None:
+    """Wait for every read (none may still write once the caller closes the file), then raise the
+    first failure."""
+    wait(futures)
     for future in futures:
         future.result()
 
@@ -93,6 +124,15 @@ def _regions(spans: Sequence[Span]) -> list[tuple[int, int]]:
         else:
             regions.append([span.offset, end])
     return [(a, b) for a, b in regions]
+
+
+_device_locks: dict[int, threading.Lock] = {}
+
+
+def _device_lock(device: torch.device) -> threading.Lock:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        return _device_locks.setdefault(index, threading.Lock())
 
 
 def _staging_ring(device: torch.device) -> list[tuple[torch.Tensor, torch.cuda.Event]]:
@@ -123,17 +163,26 @@ def _fill_cuda(fd: int, regions: list[tuple[int, int]], target: torch.Tensor) ->
         copied.synchronize()  # the last copy out of this buffer has finished
         offset, _, size = chunks[i]
         view = memoryview(staging.numpy())
-        futures = [_pool().submit(_pread_into, fd, view[a:min(size, a + _PIECE)], offset + a)
+        futures = [_pool().submit(pread_into, fd, view[a:min(size, a + _PIECE)], offset + a)
                    for a in range(0, size, _PIECE)]
         in_flight.append((i, futures))
 
     for i in range(min(_RING, len(chunks))):
         submit(i)
     following = len(in_flight)
+    try:
+        _drain(in_flight, ring, chunks, target, stream, submit, following)
+    finally:
+        for _, futures in in_flight:  # on failure: no read may still write into a staging buffer
+            wait(futures)
+    stream.synchronize()
+
+
+def _drain(in_flight: deque, ring: list, chunks: list, target: torch.Tensor, stream: torch.cuda.Stream,
+           submit: Callable[[int], None], following: int) -> None:
     while in_flight:
         i, futures = in_flight.popleft()
-        for future in futures:
-            future.result()
+        _wait_all(futures)
         staging, copied = ring[i % _RING]
         _, position, size = chunks[i]
         with torch.cuda.stream(stream):
@@ -142,7 +191,6 @@ def _fill_cuda(fd: int, regions: list[tuple[int, int]], target: torch.Tensor) ->
         if following < len(chunks):
             submit(following)
             following += 1
-    stream.synchronize()
 
 
 def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
@@ -155,10 +203,11 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
     regions = _regions(spans)
     total = sum(b - a for a, b in regions)
     buffer = torch.empty(total, dtype=torch.uint8, device=device)
-    fd = os.open(Path(path), os.O_RDONLY)
+    fd = open_regular(Path(path))
     try:
         if device.type == "cuda":
-            _fill_cuda(fd, regions, buffer)
+            with _device_lock(buffer.device):  # one staging ring per device: one reader at a time
+                _fill_cuda(fd, regions, buffer)
         else:
             view = memoryview(buffer.numpy())
             position = 0
@@ -179,20 +228,8 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
         if span.nbytes == 0:
             out.append(torch.UntypedStorage(0, device=device))
             continue
-        region = max(s for s in starts if s <= span.offset)
+        region = starts[bisect.bisect_right(starts, span.offset) - 1]
         first = base[region] + span.offset - region
         out.append(storage[first:first + span.nbytes])
     log.debug("read %d bytes in %d regions from %s to %s", total, len(regions), path, device)
     return out
-
-
-def as_tensor(storage: torch.UntypedStorage, dtype: torch.dtype, size: Sequence[int], stride: Sequence[int],
-              storage_offset: int = 0) -> torch.Tensor:
-    """A tensor over ``storage``; copied to an aligned buffer when the bytes are misaligned."""
-    element = torch.empty(0, dtype=dtype).element_size()
-    if storage.data_ptr() % element:
-        aligned = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device)
-        aligned.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
-        storage = aligned.untyped_storage()
-    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, storage_offset, tuple(size),
-                                                                   tuple(stride))

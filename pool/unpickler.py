@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CorruptCheckpointError, UnsafeCheckpointError, printable
+from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, printable
 from .pickle_scan import scan_pickle
 
 __all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
-           "unpickle", "is_unsafe_global", "global_of"]
+           "Reader", "is_unsafe_global", "global_of"]
 
 # Modules whose globals can run code, spawn processes, touch files or the network, or load more
 # pickles. A file naming any of them is refused even though its record would stay inert.
@@ -85,6 +85,8 @@ def is_unsafe_global(module: str, name: str) -> bool:
     if root in _UNSAFE_MODULE_ROOTS or module in _UNSAFE_MODULE_ROOTS:
         return True
     dotted = f"{module}.{name}"
+    if module == "torch.cuda" and name.endswith("Storage") and name.isidentifier():
+        return False  # GPU-saved legacy files name torch.cuda.FloatStorage: a record, read as its CPU twin
     if dotted == "torch.storage._load_from_bytes":
         return False  # a record here; its blob is parsed by our own legacy reader (pool.records)
     return any(dotted == p or dotted.startswith(p + ".") or module == p or module.startswith(p + ".")
@@ -199,10 +201,9 @@ def global_of(obj: Any) -> str | None:
 
 @dataclass
 class Unpickled:
-    """The root object of one pickle (plain data and records) and every global it names."""
+    """The root object of one pickle (plain data and records) and where the pickle ended."""
 
     root: Any
-    globals: list[GlobalName]
     end: int
 
 
@@ -260,10 +261,11 @@ class Reader:
             raise error
 
     def find_class(self, module: str, name: str) -> type:
+        if (python3_name(module, name)) not in self.globals:
+            # The scan spelled this name differently (an escape it decoded otherwise): the same
+            # policy applies all the same, before anything is made of it.
+            self.note_globals([(module, name)])
         module, name = python3_name(module, name)
-        if (module, name) not in self.globals:  # the scan lists every global; this never happens
-            raise CorruptCheckpointError(f"{self.source}: the pickle names {module}.{name}, which the "
-                                         "scan did not see")
         return self._types.get(module, name, self.source)
 
     def unpickle(self, data: bytes | memoryview, *, what: str = "pickle",
@@ -287,14 +289,19 @@ class Reader:
                 "pickle.dump.")
         if scan.large:
             body, persistent = _without_large_bytes(data, scan, self.source)
-            scan_pickle(body, source=self.source, what=what)  # the bytes unpickled are the bytes checked
+        elif isinstance(data, bytes):
+            body = data if scan.end == len(data) else data[:scan.end]
         else:
-            body = data if scan.end == len(data) and isinstance(data, bytes) else bytes(data[:scan.end])
+            body = bytes(data[:scan.end])  # a mapping another process could change: copy, then
+        if body is not data:                # check the copy, which is what gets unpickled
+            scan_pickle(body, source=self.source, what=what)
         unpickler = _Unpickler(io.BytesIO(body), encoding="latin1")
         unpickler.reader = self
         unpickler.persistent = persistent
         try:
             root = unpickler.load()
+        except _CallbackBug as bug:  # our own code failed inside the unpickler: not the file's fault
+            raise bug.error from None
         except (pickle.UnpicklingError, TypeError, AttributeError, ValueError, KeyError, IndexError,
                 EOFError, UnicodeDecodeError, OverflowError) as exc:
             # The scan proved the stream bounded; what is left is a pickle that does something no
@@ -303,7 +310,7 @@ class Reader:
                 f"{self.source}: the {what} cannot be read ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); the file is damaged or was not written by torch.save / "
                 "pickle.dump. Get it again from a trusted source.") from None
-        return Unpickled(root, self.named_globals, scan.end)
+        return Unpickled(root, scan.end)
 
 
 @dataclass(frozen=True)
@@ -338,6 +345,15 @@ def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tu
     return b"".join(pieces), lookup
 
 
+class _CallbackBug(BaseException):
+    """Carries an exception our own callbacks raised out of the C unpickler, past the handler
+    that turns the unpickler's decoding errors into CheckpointErrors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class _Unpickler(pickle.Unpickler):
     """CPython's C unpickler; globals become record classes, persistent ids go to the container."""
 
@@ -347,18 +363,22 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise pickle.UnpicklingError("a global named by something other than strings")
-        return self.reader.find_class(module, name)
+        try:
+            return self.reader.find_class(module, name)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: surfaces as itself (see unpickle)
+            raise _CallbackBug(exc) from exc
 
     def persistent_load(self, pid: Any) -> Any:
         if self.persistent is None:
             raise pickle.UnpicklingError("a persistent id outside a torch container")
-        value = self.persistent(pid)
+        try:
+            value = self.persistent(pid)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: surfaces as itself (see unpickle)
+            raise _CallbackBug(exc) from exc
         if isinstance(value, type) and issubclass(value, GlobalRecord):
             return value  # a legacy module class: a record class like any global
         return PersistentRecord(value)
-
-
-def unpickle(data: bytes, *, source: str = "<bytes>", refuse_unsafe: bool = True,
-             persistent: Callable[[Any], Any] | None = None) -> Unpickled:
-    """Unpickle one pickle into plain data and records, running nothing (see `Reader.unpickle`)."""
-    return Reader(source, refuse_unsafe=refuse_unsafe).unpickle(data, persistent=persistent)

@@ -338,7 +338,8 @@ def test_spliced_os_system_gadget_is_refused_and_never_runs(kind):
 # Regression: CPython's C Unpickler grows its memo *array* to twice a BINPUT/LONG_BINPUT index and
 # fills it, so 5 bytes (``r`` + a 4-byte index) made it allocate and touch up to 32 GiB (a stall or
 # the OOM killer). The fuzz found it in the head pickle (a MEMOIZE byte turned into LONG_BINPUT);
-# pool/unpickler.py now unpickles with the pure-Python Unpickler (a dict memo).
+# pool/pickle_scan.py now refuses any memo index a sequential pickler would not write before the C
+# unpickler sees the bytes.
 def test_memo_index_bomb():
     """9 bytes: PROTO 4, EMPTY_DICT, LONG_BINPUT 0x01000000, STOP -> must not allocate 256 MiB."""
     import tracemalloc

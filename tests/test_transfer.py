@@ -16,7 +16,8 @@ from pool.containers.safetensors_file import safetensors_entries
 from pool.containers.torchzip import open_archive
 from pool.errors import CorruptCheckpointError
 from pool.pickle_scan import scan_pickle
-from pool.transfer import Span, as_tensor, read_spans
+from pool.tensors import StorageRef, TensorSpec, materialize
+from pool.transfer import Span, read_spans
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -33,13 +34,15 @@ def test_read_spans_returns_exactly_the_file_bytes(tmp_path_factory, data, spans
         assert got == data[span.offset:span.offset + span.nbytes]
 
 
-def test_as_tensor_copies_misaligned_bytes():
+def test_misaligned_storages_are_copied_once_aligned():
     raw = torch.arange(0, 40, dtype=torch.uint8)
     values = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
     raw[1:13] = values.view(torch.uint8)
     storage = raw.untyped_storage()[1:13]  # a float32 view starting at an odd address
-    tensor = as_tensor(storage, torch.float32, (3,), (1,))
+    spec = TensorSpec(StorageRef("0", torch.uint8, 12), torch.float32, 0, (3,), (1,))
+    tensor = materialize({"w": spec}, {"0": storage}, "t.pt", 40)["w"]
     assert torch.equal(tensor, values)
+    assert tensor.untyped_storage().data_ptr() % 4 == 0
 
 
 @pytest.mark.parametrize("container", ["zip", "state_dict", "safetensors"])

@@ -7,8 +7,11 @@ one-line description. `pool.containers` registers them in one place.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,10 +19,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..records import ModuleInfo
-from ..unpickler import GlobalName
+from ..errors import CheckpointError
+from ..records import ModuleInfo, Walked
+from ..transfer import open_regular, pread_into
+from ..unpickler import GlobalName, Reader
 
-__all__ = ["Container", "ReadOptions", "ReadResult", "FileRanges", "map_file", "copy_bytes", "file_storage"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Container", "ReadOptions", "ReadResult", "FileRanges", "map_file", "copy_bytes", "file_storage",
+           "listing_globals", "result"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class ReadResult:
 
 
 class Container(Protocol):
-    """One file format: its short ``name`` (``zip``, ``legacy``, ...) and four operations."""
+    """One file format: its short ``name`` (``zip``, ``legacy``, ...) and its operations."""
 
     name: str
 
@@ -61,15 +69,20 @@ class Container(Protocol):
     def describe(self) -> str:
         """One line for people: what this format is and who writes it."""
 
+    def diagnose(self, head: bytes, size: int) -> str | None:
+        """For a file `sniff` did not accept: why, if it looks like a broken file of this format."""
+
 
 def map_file(path: Path) -> memoryview:
     """The file's bytes, memory-mapped copy-on-write (writes never reach the file)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             return memoryview(b"")
-        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    return memoryview(mapped)
+        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+    finally:
+        os.close(fd)
 
 
 class FileRanges:
@@ -77,7 +90,8 @@ class FileRanges:
     are copied once from the page cache, and no mapping of them stays resident)."""
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
+        self.path = path
+        self.fd = open_regular(path)
 
     def __enter__(self) -> FileRanges:
         return self
@@ -87,13 +101,7 @@ class FileRanges:
 
     def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         target = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(target.numpy())
-        done = 0
-        while done < nbytes:
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise EOFError(f"the file ended {nbytes - done} bytes early (it changed while being read)")
-            done += n
+        pread_into(self.fd, memoryview(target.numpy()), offset, self.path)
         return target.untyped_storage()
 
 
@@ -108,3 +116,21 @@ def file_storage(buffer: memoryview) -> torch.UntypedStorage:
     if len(buffer) == 0:
         return torch.UntypedStorage(0)
     return torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
+
+
+@contextlib.contextmanager
+def listing_globals(reader: Reader) -> Iterator[None]:
+    """Any CheckpointError raised inside carries the globals the reader had seen by then (what
+    ``inspect`` lists for a file it cannot read)."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if not exc.checkpoint_globals:
+            exc.checkpoint_globals = reader.named_globals
+        raise
+
+
+def result(container: str, walked: Walked, tensors: dict[str, torch.Tensor], reader: Reader) -> ReadResult:
+    """The ReadResult of a pickled container."""
+    log.debug("read %s (%s): %d tensors", reader.source, container, len(tensors))
+    return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals, wrapper=walked.wrapper)

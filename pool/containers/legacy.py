@@ -18,19 +18,17 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError
-from ..records import find_calls, record_bytes, storage_from_pid, walk
-from ..tensors import StorageRef, materialize
+from ..errors import CorruptCheckpointError, brief
+from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
+from ..tensors import StorageRef, materialize, move
 from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
-from .base import FileRanges, ReadOptions, ReadResult, copy_bytes, map_file
+from .base import FileRanges, ReadOptions, ReadResult, copy_bytes, listing_globals, map_file, result
 
-__all__ = ["Legacy", "BlobReader", "LEGACY_MAGIC", "is_legacy", "parse_legacy"]
+__all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
 log = logging.getLogger(__name__)
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-# The magic number pickled with protocol 2: PROTO 2, LONG1 of 10 bytes.
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
 PROTOCOL_VERSION = 1001
 _MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
 
@@ -69,11 +67,12 @@ class _Stream:
                 raise self.fail("a module reference that names no class")
             return cls
         ref = storage_from_pid(pid, self.reader.source)
+        numel = ref.root_numel if ref.root_numel >= 0 else ref.numel  # the root storage's size
         root = self.refs.get(ref.key)
-        if root is not None and root.dtype != ref.dtype:
-            raise self.fail(f"storage {ref.key!r} is named with two element types")
-        if root is None or (ref.byte_offset == 0 and ref.numel > root.numel):
-            self.refs[ref.key] = StorageRef(ref.key, ref.dtype, ref.numel if not ref.byte_offset else -1)
+        if root is None:
+            self.refs[ref.key] = StorageRef(ref.key, ref.dtype, numel)
+        elif root.dtype != ref.dtype or root.numel != numel:
+            raise self.fail(f"storage {brief(ref.key)} is named with two element types or sizes")
         return ref
 
     def parse(self) -> tuple[Any, dict[str, tuple[int, int]]]:
@@ -87,8 +86,7 @@ class _Stream:
             raise self.fail("a big-endian file; only little-endian files are read")
         root = self.next_pickle("object", persistent=self.persistent)
         keys = self.next_pickle("storage keys")
-        if not (isinstance(keys, list) and all(isinstance(k, str) or (type(k) is int and 0 <= k < (1 << 63))
-                                               for k in keys)):
+        if not (isinstance(keys, list) and all(map(is_key, keys))):
             raise self.fail("the storage-key list is malformed")
         spans: dict[str, tuple[int, int]] = {}
         for key in map(str, keys):
@@ -98,9 +96,10 @@ class _Stream:
             if self.pos + 8 > len(self.buffer):
                 raise self.fail(f"the data of storage {key!r} is cut off")
             numel = int.from_bytes(self.buffer[self.pos:self.pos + 8], "little", signed=True)
-            if numel < 0 or (ref.numel >= 0 and numel != ref.numel):
-                raise self.fail(f"storage {key!r} claims {ref.numel * ref.dtype.itemsize} bytes but only "
-                                f"{max(numel, 0) * ref.dtype.itemsize} are there")
+            if numel != ref.numel:
+                raise self.fail(f"storage {brief(key)} claims {ref.numel * ref.dtype.itemsize} bytes but only "
+                                f"{max(numel, 0) * ref.dtype.itemsize} are there (the file stores {numel} "
+                                f"elements, the pickle says {ref.numel})")
             start = self.pos + 8
             stop = start + numel * ref.dtype.itemsize
             if stop > len(self.buffer):
@@ -167,18 +166,21 @@ class BlobReader:
             raise CorruptCheckpointError(f"{source}: more than {self.MAX_BLOBS} storage blobs, or blobs "
                                          f"nested more than {self.MAX_NESTING} deep; no checkpoint has them.")
         arg = record.args[0] if len(record.args) == 1 and not record.kwargs else None
-        blob = record_bytes(arg)
-        if blob is None:
-            raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
-                                         "is damaged or not written by torch.save / pickle.dump.")
-        # One parse per distinct byte string, however many records share it.
-        content = (("at", blob.offset, len(blob.view)) if isinstance(blob, InPlaceBytes)
-                   else ("id", id(arg.args[0] if isinstance(arg, Record) else arg)))
-        self._keep.extend((record, arg))
+        # One parse per distinct byte string, however many records share it; known before any
+        # bytes are decoded (protocol 2 spells them as _codecs.encode(text, 'latin1') calls).
+        inner = arg.value if isinstance(arg, PersistentRecord) else arg.args[0] if (
+            isinstance(arg, Record) and arg.args) else arg
+        content = (("at", inner.offset, len(inner.view)) if isinstance(inner, InPlaceBytes)
+                   else ("id", id(inner)))
+        self._keep.extend((record, arg, inner))
         if content in self.by_content:
             ref = self.refs[id(record)] = self.by_content[content]
             return ref
         self.by_content[content] = None
+        blob = record_bytes(arg)
+        if blob is None:
+            raise CorruptCheckpointError(f"{source}: storage blob {number} is not a byte string; the file "
+                                         "is damaged or not written by torch.save / pickle.dump.")
         file = None
         if isinstance(blob, InPlaceBytes):
             file = (self.file, blob.offset) if self.file is not None else None
@@ -223,24 +225,20 @@ class Legacy:
         return is_legacy(head)
 
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
-        source = str(path)
-        reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        blobs = BlobReader(reader, path.stat().st_size)
-        try:
+        reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
+        with listing_globals(reader):
+            size = path.stat().st_size
+            blobs = BlobReader(reader, size)
             with FileRanges(path) as ranges:
                 root, storages = parse_legacy(map_file(path), reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
-            walked = walk(root, source, blob=blobs.read)
-        except CorruptCheckpointError as exc:
-            exc.checkpoint_globals = reader.named_globals
-            raise
-        storages.update(blobs.storages)
-        tensors = materialize(walked.tensors, storages, source)
-        if options.device is not None and options.device.type != "cpu":
-            tensors = {k: v.to(options.device) for k, v in tensors.items()}
-        log.debug("read %s (legacy): %d tensors", source, len(tensors))
-        return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals,
-                          wrapper=walked.wrapper)
+            walked = walk(root, reader.source, blob=blobs.read)
+            storages.update(blobs.storages)
+            tensors = move(materialize(walked.tensors, storages, reader.source, size), options.device)
+        return result(self.name, walked, tensors, reader)
+
+    def diagnose(self, head: bytes, size: int) -> str | None:
+        return None
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         return False, "a legacy container stores no checksums: integrity not checkable"

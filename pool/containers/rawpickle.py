@@ -11,11 +11,10 @@ import logging
 import pickle
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError
 from ..records import walk
-from ..tensors import materialize
+from ..tensors import materialize, move
 from ..unpickler import Reader
-from .base import FileRanges, ReadOptions, ReadResult, map_file
+from .base import FileRanges, ReadOptions, ReadResult, listing_globals, map_file, result
 from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
@@ -35,26 +34,21 @@ class PlainPickle:
                 and not is_legacy(head))
 
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
-        source = str(path)
-        reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
+        reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
-        with FileRanges(path) as ranges:
-            blobs = BlobReader(reader, path.stat().st_size, ranges)
-            try:
-                unpickled = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE)
-                blobs.preload(unpickled.root)
-                walked = walk(unpickled.root, source, blob=blobs.read)
-            except CorruptCheckpointError as exc:
-                exc.checkpoint_globals = reader.named_globals
-                raise
-        del unpickled
-        tensors = materialize(walked.tensors, blobs.storages, source)
-        if options.device is not None and options.device.type != "cpu":
-            tensors = {k: v.to(options.device) for k, v in tensors.items()}
-        log.debug("read %s (plain pickle): %d tensors", source, len(tensors))
-        return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals,
-                          wrapper=walked.wrapper)
+        with listing_globals(reader), FileRanges(path) as ranges:
+            size = path.stat().st_size
+            blobs = BlobReader(reader, size, ranges)
+            root = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE).root
+            blobs.preload(root)
+            walked = walk(root, reader.source, blob=blobs.read)
+            del root
+            tensors = move(materialize(walked.tensors, blobs.storages, reader.source, size), options.device)
+        return result(self.name, walked, tensors, reader)
+
+    def diagnose(self, head: bytes, size: int) -> str | None:
+        return None
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         return False, "a plain pickle stores no checksums: integrity not checkable"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..tensors import StorageRef, TensorSpec, materialize
-from ..transfer import Span, read_spans
+from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize, move
+from ..transfer import Span, open_regular, read_spans
 from .base import ReadOptions, ReadResult, file_storage, map_file
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
@@ -72,13 +73,13 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[str, str]]:
     """Parse and check a safetensors header: entries (absolute offsets) and metadata."""
     path = Path(path)
-    size = path.stat().st_size
 
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: safetensors header check failed: {why}. The file is "
                                       "truncated or damaged: download it again.")
 
-    with open(path, "rb") as f:
+    with open(open_regular(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise bad(f"the file has only {size} bytes")
@@ -107,7 +108,7 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
             raise bad(f"tensor {name[:200]!r} has unknown dtype {str(dtype)[:40]!r}")
         if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and 0 <= d < (1 << 62) for d in shape)):
+                and all(type(d) is int and 0 <= d < INT_LIMIT for d in shape)):
             raise bad(f"tensor {name[:200]!r} has a malformed shape {str(shape)[:100]}")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
@@ -123,6 +124,11 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
     return entries, metadata
 
 
+def _is_text(head: bytes) -> bool:
+    text = head.decode("utf-8", "ignore")
+    return bool(text) and all(c.isprintable() or c in "\r\n\t\f\v" for c in text)
+
+
 class Safetensors:
     name = "safetensors"
 
@@ -135,6 +141,13 @@ class Safetensors:
         (header_len,) = struct.unpack("<Q", head[:8])
         return 0 < header_len <= size - 8
 
+    def diagnose(self, head: bytes, size: int) -> str | None:
+        if len(head) < 9 or head[8:9] != b"{" or _is_text(head[:200]):
+            return None  # text that merely has "{" at byte 8 (a JSON or YAML file): not ours
+        (header_len,) = struct.unpack("<Q", head[:8])
+        return (f"looks like safetensors but its header claims {header_len} bytes and the file has {size}; "
+                "the file is truncated: download it again")
+
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
         source = str(path)
         entries, metadata = safetensors_entries(path)
@@ -143,18 +156,21 @@ class Safetensors:
                 raise CorruptCheckpointError(f"{source}: tensor {e.name[:200]!r} has dtype {e.dtype}, which "
                                              "this torch cannot hold; convert the file to F32/F16/BF16.")
         device = options.device if options.device is not None else torch.device("cpu")
-        if device.type == "cpu" and options.mmap is not False:
-            whole = file_storage(map_file(path))
-            storages = {e.name: whole[e.offset:e.offset + e.nbytes] for e in entries}
-        else:
+        bulk = device.type == "cuda" or (device.type == "cpu" and options.mmap is False)
+        if bulk:
             storages = dict(zip([e.name for e in entries],
                                 read_spans(path, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))
+        else:
+            whole = file_storage(map_file(path))
+            storages = {e.name: whole[e.offset:e.offset + e.nbytes] for e in entries}
         specs = {}
         for e in entries:
             dtype = SAFETENSORS_DTYPES[e.dtype]
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
                                        contiguous_strides(e.shape))
-        tensors = materialize(specs, storages, source)
+        tensors = materialize(specs, storages, source, path.stat().st_size)
+        if not bulk and device.type != "cpu":  # other devices (meta, mps, xpu, ...): moved once each
+            tensors = move(tensors, device)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))
         return ReadResult(tensors, "safetensors", metadata=metadata)
 

@@ -17,10 +17,10 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..records import storage_from_pid, walk
-from ..tensors import materialize
+from ..tensors import materialize, move
 from ..transfer import Span, read_spans
 from ..unpickler import Reader
-from .base import ReadOptions, ReadResult, file_storage, map_file
+from .base import ReadOptions, ReadResult, file_storage, listing_globals, map_file, result
 from .legacy import BlobReader
 from .zipfmt import ZipArchive, parse_zip
 
@@ -32,7 +32,8 @@ _CHUNK = 1 << 20
 
 def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
     def check(names: list[str]) -> None:
-        if any(n.endswith("/constants.pkl") or "/code/" in n or n.startswith("code/") for n in names):
+        inside = [n.split("/", 1)[1] for n in names if "/" in n]  # names below the archive's folder
+        if any(n == "constants.pkl" or n.startswith("code/") for n in inside):
             raise UnsafeCheckpointError(
                 f"{source}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint: it "
                 "carries code that loading it would run, so it is not read. If you trust it, load it "
@@ -89,41 +90,44 @@ class TorchZip:
     def sniff(self, head: bytes, size: int) -> bool:
         return head.startswith(b"PK\x03\x04")
 
+    def diagnose(self, head: bytes, size: int) -> str | None:
+        if head.startswith((b"PK\x05\x06", b"PK\x07\x08")):
+            return "an empty or split zip archive, not a torch checkpoint"
+        return None
+
     def read(self, path: Path, options: ReadOptions) -> ReadResult:
         buffer = map_file(path)
         source = str(path)
-        archive = open_archive(buffer, source)
-        archive.check_byteorder(buffer)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        blobs = BlobReader(reader, len(buffer))
-        try:
+        with listing_globals(reader):
+            archive = open_archive(buffer, source)
+            archive.check_byteorder(buffer)
+            blobs = BlobReader(reader, len(buffer))
             unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
                                         persistent=lambda pid: storage_from_pid(pid, source))
             blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
-        except CorruptCheckpointError as exc:
-            exc.checkpoint_globals = reader.named_globals
-            raise
-        used = {spec.storage.key for spec in walked.tensors.values()}
-        missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
-        if missing:
-            raise CorruptCheckpointError(
-                f"{source}: the pickle refers to storage {missing[0]!r} but the archive has no "
-                f"data/{missing[0]} record; the file is damaged: download it again.")
-        device = options.device if options.device is not None else torch.device("cpu")
-        keys = [k for k in archive.records if k in used]
-        if device.type == "cpu" and options.mmap is not False:
-            whole = file_storage(buffer)
-            storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
-                        for k in keys}
-        else:  # one bulk read of just the records the state dict uses (pool.transfer)
-            spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
-            storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
-        storages.update(blobs.storages_on(device))
-        tensors = materialize(walked.tensors, storages, source)
-        log.debug("read %s (zip): %d tensors", source, len(tensors))
-        return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals,
-                          wrapper=walked.wrapper)
+            used = {spec.storage.key for spec in walked.tensors.values()}
+            missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{source}: the pickle refers to storage {missing[0]!r} but the archive has no "
+                    f"data/{missing[0]} record; the file is damaged: download it again.")
+            device = options.device if options.device is not None else torch.device("cpu")
+            keys = [k for k in archive.records if k in used]
+            if device.type == "cuda" or (device.type == "cpu" and options.mmap is False):
+                # one bulk read of just the records the state dict uses (pool.transfer)
+                spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
+                storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
+                storages.update(blobs.storages_on(device))
+                tensors = materialize(walked.tensors, storages, source, len(buffer))
+            else:  # mapped from the file; other devices (meta, mps, ...) get each storage moved once
+                whole = file_storage(buffer)
+                storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
+                            for k in keys}
+                storages.update(blobs.storages)
+                tensors = move(materialize(walked.tensors, storages, source, len(buffer)), device)
+        return result(self.name, walked, tensors, reader)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         """Recompute every member's CRC32 over its bytes (torch's reader never checks them)."""

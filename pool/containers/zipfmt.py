@@ -53,10 +53,11 @@ class ZipArchive:
 
     members: dict[str, ZipMember]
 
-    def read(self, buffer: memoryview | bytes, name: str, *, check_crc: bool = True) -> bytes:
+    def read(self, buffer: memoryview | bytes, name: str) -> bytes:
+        """A member's bytes, its CRC32 checked."""
         member = self.members[name]
         data = bytes(buffer[member.offset:member.offset + member.size])
-        if check_crc and zlib.crc32(data) != member.crc32:
+        if zlib.crc32(data) != member.crc32:
             raise CorruptCheckpointError(f"member {name} fails its CRC32 check")
         return data
 
@@ -143,7 +144,8 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
     if check_names is not None:
         check_names([entry[0] for entry in entries_read])
     members: dict[str, ZipMember] = {}
-    spans: list[tuple[int, int, str]] = []
+    raw_names: set[bytes] = set()
+    spans: list[tuple[int, int, str, bool]] = []
     for name, raw_name, flags, method, crc, csize, usize, disk_start, local_at in entries_read:
         if flags & 0x41:
             raise _Bad(f"member {name!r} is encrypted")
@@ -151,23 +153,24 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
             raise _Bad(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
         if disk_start != 0:
             raise _Bad(f"member {name!r} is on another disk")
-        if name in members:
+        if name in members or raw_name in raw_names:
             raise _Bad(f"two members are named {name!r}")
+        raw_names.add(raw_name)
         data_at = _local_header(buf, local_at, raw_name, flags, crc, usize, name)
         if data_at + usize > cd_offset:
             raise _Bad(f"member {name!r} runs into the central directory")
         members[name] = ZipMember(name, data_at, usize, crc)
-        spans.append((local_at, data_at + usize, name))
+        spans.append((local_at, data_at + usize, name, bool(flags & 0x8)))
     if at != cd_end:
         raise _Bad("the central directory holds more than the entries the end record counts")
-    end = 0
-    for start, stop, name in sorted(spans):
+    end, descriptor = 0, False  # a data descriptor (flag bit 3) may follow a member's data
+    for start, stop, name, has_descriptor in sorted(spans):
         if start < end:
             raise _Bad(f"member {name!r} overlaps the member before it")
-        if start - end > _MAX_GAP or (end == 0 and start != 0):
+        if start - end > (_MAX_GAP if descriptor else 0) or (end == 0 and start != 0):
             raise _Bad(f"{start - end} unaccounted bytes before member {name!r}")
-        end = stop
-    if cd_offset - end > _MAX_GAP:
+        end, descriptor = stop, has_descriptor
+    if cd_offset - end > (_MAX_GAP if descriptor else 0):
         raise _Bad(f"{cd_offset - end} unaccounted bytes before the central directory")
     return ZipArchive(members)
 
@@ -183,24 +186,32 @@ def _name(raw: bytes, flags: int) -> str:
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, offset: int, disk: int) -> tuple[int, int, int, int]:
     """Sizes, offset and disk from a ZIP64 extra field, for the fields set to their maximum."""
-    i = 0
+    bodies = [body for tag, body in _extra_fields(extra) if tag == 1]
+    if len(bodies) > 1:
+        raise _Bad("two ZIP64 extra fields in one entry")
+    if not bodies:
+        return usize, csize, offset, disk
+    body, j, values = bodies[0], 0, []
+    for value, width in ((usize, 8), (csize, 8), (offset, 8), (disk, 4)):
+        if value == (0xFFFFFFFF if width == 8 else 0xFFFF):
+            if j + width > len(body):
+                raise _Bad("a ZIP64 extra field too short for the sizes it stands for")
+            value = int.from_bytes(body[j:j + width], "little")
+            j += width
+        values.append(value)
+    return values[0], values[1], values[2], values[3]
+
+
+def _extra_fields(extra: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, body) fields of an extra-field block; one cut off by the block's end is refused."""
+    fields, i = [], 0
     while i + 4 <= len(extra):
         tag, size = struct.unpack_from("<HH", extra, i)
-        body = extra[i + 4:i + 4 + size]
+        if i + 4 + size > len(extra):
+            raise _Bad("an extra field runs past its entry")
+        fields.append((tag, extra[i + 4:i + 4 + size]))
         i += 4 + size
-        if tag != 1:
-            continue
-        j = 0
-        values = []
-        for value, width in ((usize, 8), (csize, 8), (offset, 8), (disk, 4)):
-            if value == (0xFFFFFFFF if width == 8 else 0xFFFF):
-                if j + width > len(body):
-                    raise _Bad("a ZIP64 extra field too short for the sizes it stands for")
-                value = int.from_bytes(body[j:j + width], "little")
-                j += width
-            values.append(value)
-        return values[0], values[1], values[2], values[3]
-    return usize, csize, offset, disk
+    return fields
 
 
 def _local_header(buf: memoryview | bytes, at: int, raw_name: bytes, flags: int, crc: int, usize: int,
@@ -215,6 +226,13 @@ def _local_header(buf: memoryview | bytes, at: int, raw_name: bytes, flags: int,
         raise _Bad(f"member {name!r} has another name in its local header")
     if method != 0 or (lflags & 0x41) != (flags & 0x41):
         raise _Bad(f"member {name!r} has a local header that disagrees with its central entry")
-    if not lflags & 0x8 and (lcrc != crc or lusize not in (usize, 0xFFFFFFFF) or lcsize not in (usize, 0xFFFFFFFF)):
-        raise _Bad(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
+    if not lflags & 0x8:
+        if 0xFFFFFFFF in (lusize, lcsize):  # the local ZIP64 extra field holds both sizes
+            extra = bytes(buf[at + _LOCAL.size + name_len:at + _LOCAL.size + name_len + extra_len])
+            local64 = [body for tag, body in _extra_fields(extra) if tag == 1]
+            if len(local64) != 1 or len(local64[0]) < 16:
+                raise _Bad(f"member {name!r} has a local ZIP64 record that is missing or malformed")
+            lusize, lcsize = int.from_bytes(local64[0][:8], "little"), int.from_bytes(local64[0][8:16], "little")
+        if lcrc != crc or lusize != usize or lcsize != usize:
+            raise _Bad(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
     return at + _LOCAL.size + name_len + extra_len
