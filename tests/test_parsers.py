@@ -12,6 +12,7 @@ import io
 import pickle
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,54 @@ def test_a_valid_view_shares_the_bytes_read():
     out = materialize({"w": _spec((2, 2), (1, 2))}, {"0": storage}, "t.pt", 16)["w"]
     assert out.tolist() == [[0.0, 2.0], [1.0, 3.0]]
     assert out.untyped_storage().data_ptr() == storage.data_ptr()
+
+
+# -- legit files the first cut refused (review findings) --------------------------------------------
+def test_legacy_views_of_one_storage_read_as_torch_reads_them(tmp_path):
+    """Old torch wrote storage views: ('storage', FloatStorage, root key, location, root size,
+    (view key, offset, view size)). Two views into one 20-element root, in either order."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from redteam_files import Op, Storage, legacy_file, pickle_of, rebuild_v2
+
+    def view(view_key: str, offset: int) -> bytes:
+        return Op.tuple(Op.data("storage"), Op.glob("torch", "FloatStorage"), Op.data("root"), Op.data("cpu"),
+                        Op.data(20), Op.data((view_key, offset, 10))) + b"Q"
+
+    root = Storage("root", torch.float32, torch.arange(20, dtype=torch.float32).numpy().tobytes())
+    for first, second in ((0, 10), (10, 0)):
+        body = Op.dict((Op.data("a"), rebuild_v2(view("va", first), 0, (10,), (1,))),
+                       (Op.data("b"), rebuild_v2(view("vb", second), 0, (10,), (1,))))
+        path = tmp_path / f"views{first}.pt"
+        path.write_bytes(legacy_file(pickle_of(body), [root], ["root"]))
+        loaded = read_checkpoint(path).state_dict
+        reference = torch.load(path, weights_only=True)
+        assert all(torch.equal(loaded[k], v) for k, v in reference.items())
+        assert loaded["a"][0].item() == float(first)
+
+
+def test_an_archive_folder_named_code_is_no_torchscript(tmp_path):
+    path = tmp_path / "code.pt"  # torch.save names the archive folder after the file: code/data.pkl
+    torch.save({"w": torch.ones(2)}, path)
+    assert torch.equal(read_checkpoint(path).state_dict["w"], torch.ones(2))
+
+
+def test_expanded_tensors_load_and_other_devices_get_each_storage_once(tmp_path):
+    path = tmp_path / "expanded.pt"
+    base = torch.arange(3.0).reshape(3, 1)
+    torch.save({"e": base.expand(3, 4), "f": base.expand(3, 2)}, path)
+    loaded = read_checkpoint(path).state_dict
+    assert torch.equal(loaded["e"], base.expand(3, 4)) and loaded["e"].stride() == (1, 0)
+    on_meta = read_checkpoint(path, map_location="meta").state_dict
+    assert {t.device.type for t in on_meta.values()} == {"meta"}
+    assert on_meta["e"].shape == (3, 4)
+
+
+def test_protocol_0_escaped_names_get_the_same_policy(tmp_path):
+    """``S'o\\x73'`` is ``os`` to CPython: the scan must read it so too, and refuse it as unsafe."""
+    path = tmp_path / "escaped.pt"
+    path.write_bytes(b"\x80\x02S'o\\x73'\nS'system'\n\x93S'true'\n\x85R.")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert type(info.value).__name__ == "UnsafeCheckpointError" and "os.system" in str(info.value)
