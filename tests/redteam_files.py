@@ -335,7 +335,7 @@ def tar_bytes(members: list[tuple[bytes, str, bytes]]) -> bytes:
 
 
 # -- safetensors -----------------------------------------------------------------------------------
-_ST_SIZES = {"F32": 4, "F16": 2, "U8": 1}
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], *, raw_header: bytes | None = None) -> bytes:

@@ -23,6 +23,7 @@ import contextlib
 import copyreg
 import faulthandler
 import io
+import json
 import os
 import pickle
 import re
@@ -50,9 +51,17 @@ import redteam_files as rf
 import torch
 from redteam_files import Op, Pickled
 
+import pool.pickle_scan
 from pool import ClassificationHead, ImageEncoder, synth
+from pool.arch import MAX_LAYERS
 from pool.checkpoint import load_state_dict, read_checkpoint
-from pool.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from pool.errors import (
+    ArchitectureMismatchError,
+    CheckpointError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+from pool.records import MAX_WALK_ENTRIES
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_LIMIT_S = 10.0
@@ -369,14 +378,22 @@ def _as_tuple(expect: type | tuple[type, ...]) -> tuple[type, ...]:
     return expect if isinstance(expect, tuple) else (expect,)
 
 
+def _set_up_then(setup: Callable[[], Any] | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """(In the child.) ``setup()`` (a spy, a lowered limit), then ``fn(*args)``."""
+    if setup is not None:
+        setup()
+    return fn(*args)
+
+
 def assert_refused(sb: Sandbox, path: Path, expect: type | tuple[type, ...] = CheckpointError, *,
                    apis: Iterable[str] = READER_APIS, lenient: Iterable[str] = LENIENT_APIS,
                    names_file: bool = True, no_download_advice: bool = False,
-                   timeout: float = TIME_LIMIT_S) -> Report:
+                   timeout: float = TIME_LIMIT_S, setup: Callable[[], Any] | None = None) -> Report:
     """Every API ends ``path`` in one of ``expect`` (message naming the file), in time, within the
-    memory bound, writing nothing; a ``lenient`` API may instead return tensors from the file."""
+    memory bound, writing nothing; a ``lenient`` API may instead return tensors from the file.
+    ``setup`` runs in the child first (a spy, or a limit lowered to keep the file small)."""
     expect = _as_tuple(expect)
-    report = sb.run(try_apis, path, tuple(apis), timeout=timeout)
+    report = sb.run(_set_up_then, setup, try_apis, path, tuple(apis), timeout=timeout)
     label = path.name
     assert not sb.marker.exists(), f"{label}: the payload ran (marker created): {report}"
     assert report.kind == "returned", f"{label}: the read did not finish: {report}"
@@ -1682,3 +1699,402 @@ def test_pickled_head_count_that_cannot_build_is_refused(sandbox, small_encoder,
         block.attn.__dict__["num_heads"] = num_heads
     path = synth.save_object(encoder, sandbox.path(f"heads-{num_heads}.pt"), "zip")
     assert_refused(sandbox, path, CheckpointError, apis=("ImageEncoder.load",))
+
+
+# == round 2: findings of a second red team ==========================================================
+# Each test below is one finding of the second round, shrunk to the smallest file that still
+# crosses the reader's limit; where a limit is a large constant, it is lowered in the child
+# (``setup``) and the file crosses the lowered limit through the same code path.
+class Tripwire(BaseException):
+    """Raised in the child by a spy where the reader must never get to. A BaseException: no
+    handler of the reader's turns it into a typed error, so it surfaces as itself."""
+
+
+def _inspect_in_child(sb: Sandbox, path: Path) -> tuple[int, str, str]:
+    """``python -m pool inspect path`` in a forked child: bounded, no crash report, nothing written."""
+    report = sb.run(_cli_in_process, ["inspect", str(path)])
+    assert report.kind == "returned", report
+    assert report.elapsed < TIME_LIMIT_S and report.peak_extra < MEMORY_LIMIT, report
+    code, out, err = report.value
+    assert "bug" not in err.lower() and "Traceback" not in err, err
+    assert not report.written, report.written
+    return code, out, err
+
+
+# -- finding 1: a block index that str.isdigit() accepts and int() does not -----------------------------
+@pytest.mark.parametrize("index", ["\u00b2", "\u2460"], ids=["superscript-two", "circled-one"])
+def test_block_index_must_be_an_ascii_number(sandbox, index):
+    """``visual.transformer.resblocks.².ln_1.weight``: '²' and '①' are digits to ``str.isdigit()``
+    but int() refuses them. The loader and inspect end in ArchitectureMismatchError, not ValueError."""
+    tensors = {**vit_tensors(), f"visual.transformer.resblocks.{index}.ln_1.weight": ("F32", [8])}
+    path = sandbox.path(f"block-index-{ord(index):x}.safetensors", rf.safetensors_bytes(tensors))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=("ImageEncoder.load",))
+    code, out, _ = _inspect_in_child(sandbox, path)
+    assert code == 0 and re.search(r"^kind +encoder", out, re.M), (code, out)  # described, no crash
+
+
+# -- finding 2: a width no head count divides ----------------------------------------------------------
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_attention_heads_must_split_the_width(sandbox, tower):
+    """No pickled head count: heads = width // 64. A width of 129 (the image tower's, or the text
+    width read off ``visual.proj``) does not split into 2 heads; open_clip's MultiheadAttention
+    would fail an assert. A typed error, before anything is built."""
+    shapes = vit_tensors(width=129, patch=1, grid=1, embed=1) if tower == "image" else vit_tensors(embed=129)
+    path = sandbox.path(f"width-129-{tower}.safetensors", rf.safetensors_bytes(shapes))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=("ImageEncoder.load",))
+
+
+# -- finding 3: integer and bool weights -----------------------------------------------------------------
+NOT_FLOAT = {
+    "head-I64": ("ClassificationHead.load", {"weight": ("I64", [3, 4]), "bias": ("I64", [3])}),
+    "head-U8": ("ClassificationHead.load", {"weight": ("U8", [3, 4]), "bias": ("U8", [3])}),
+    "head-BOOL": ("ClassificationHead.load", {"weight": ("BOOL", [3, 4]), "bias": ("BOOL", [3])}),
+    "head-F32-weight-BOOL-bias": ("ClassificationHead.load", {"weight": ("F32", [3, 4]), "bias": ("BOOL", [3])}),
+    "encoder-I64": ("ImageEncoder.load", {k: ("I64", shape) for k, (_, shape) in vit_tensors().items()}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FLOAT))
+def test_weights_must_be_floating_point(sandbox, case):
+    """nn.Parameter of an integer tensor, or load_state_dict(assign=True) of one, raises
+    RuntimeError: a head or an encoder whose weights are not floating point is refused, typed."""
+    api, tensors = NOT_FLOAT[case]
+    path = sandbox.path(f"not-float-{case}.safetensors", rf.safetensors_bytes(tensors))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=(api,))
+
+
+# -- finding 4: a head bias that does not fit its weight --------------------------------------------------
+@pytest.mark.parametrize("shape", [[7], [3, 3], []], ids=["7", "3x3", "scalar"])
+def test_head_bias_must_match_its_classes(sandbox, shape):
+    """Weight [3, 4]: a bias of any shape but [3] loaded without complaint and failed at forward."""
+    path = sandbox.path(f"head-bias-{len(shape)}d.safetensors",
+                        rf.safetensors_bytes({"weight": ("F32", [3, 4]), "bias": ("F32", shape)}))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=("ClassificationHead.load",))
+
+
+# -- finding 5: a head with no inputs (or no classes) -----------------------------------------------------
+@pytest.mark.parametrize("shape", [[1 << 28, 0], [(1 << 62) - 1, 0], [0, 4]], ids=["2^28x0", "2^62-1x0", "0x4"])
+def test_head_without_classes_or_inputs_is_refused_without_allocating(sandbox, shape):
+    """A weight of shape [N, 0] is 0 bytes; without a bias the head made torch.zeros(N) and a clone
+    of it (2 GiB from a 100-byte file for N = 2^28; a RuntimeError for 2^62). Refused from the shape."""
+    path = sandbox.path(f"head-{shape[0]}x{shape[1]}.safetensors", rf.safetensors_bytes({"weight": ("F32", shape)}))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=("ClassificationHead.load",))
+
+
+# -- finding 6: zero-element tensors with sizes, strides or offsets beyond int64 ---------------------------
+ZERO_ELEMENT_VIEWS = {  # (offset, size, stride): no elements, so no byte is read; Tensor.set_ overflows
+    "size-2^70": (0, (0, 1 << 70), (1, 1)),
+    "stride-2^66": (0, (0, 3), (1 << 66, 1)),
+    "offset-2^64": (1 << 64, (0,), (1,)),
+}
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+@pytest.mark.parametrize("kind", sorted(ZERO_ELEMENT_VIEWS))
+def test_zero_element_tensors_get_the_range_checks_too(sandbox, kind, container):
+    """A tensor with no elements reads no byte, so the bounds check against its storage passed
+    it; its size, stride or offset beyond int64 then reached Tensor.set_ (TypeError, ValueError,
+    RuntimeError). Every size, stride and offset is checked, whatever the element count."""
+    p = Pickled(container)
+    offset, size, stride = ZERO_ELEMENT_VIEWS[kind]
+    body = Op.dict((Op.data("w"), rf.rebuild_v2(p.storage("0", torch.float32, bytes(16)), offset, size, stride)))
+    path = p.write(sandbox.path(f"zero-element-{kind}.{container}.pt"), body)
+    assert_refused(sandbox, path, CorruptCheckpointError)
+
+
+def test_safetensors_zero_element_shape_beyond_int64_is_refused(sandbox):
+    """The same in a safetensors header: shape [2^64, 0] spans 0 bytes, as its offsets say."""
+    header = b'{"w":{"dtype":"F32","shape":[18446744073709551616,0],"data_offsets":[0,0]}}'
+    path = sandbox.path("zero-element-2^64.safetensors", rf.safetensors_bytes({"pad": ("F32", [4])},
+                                                                             raw_header=header))
+    assert_refused(sandbox, path, CorruptCheckpointError)
+
+
+# -- finding 7: a safetensors dtype that is no string -----------------------------------------------------
+@pytest.mark.parametrize("dtype", ['["F32"]', "{}"], ids=["list", "object"])
+def test_safetensors_dtype_must_be_a_string(sandbox, dtype):
+    """``"dtype": ["F32"]``: ``dtype not in SAFETENSORS_DTYPES`` raised TypeError (unhashable)."""
+    header = ('{"w":{"dtype":' + dtype + ',"shape":[1],"data_offsets":[0,4]}}').encode()
+    path = sandbox.path("dtype-not-a-string.safetensors", rf.safetensors_bytes({"pad": ("F32", [1])},
+                                                                              raw_header=header))
+    assert_refused(sandbox, path, CorruptCheckpointError)
+    code, _, err = _inspect_in_child(sandbox, path)
+    assert code == 2, (code, err)  # an unreadable file, reported as one (an untyped error exits 1 as a bug)
+
+
+# -- finding 8: integers too long to print -----------------------------------------------------------------
+HUGE_INT = 1 << 16_000  # 4,817 digits, beyond int->str's 4,300-digit limit; one LONG4 of 2 KB
+
+
+def _huge_int_file(sb: Sandbox, case: str) -> Path:
+    container = case.rsplit("-", 1)[1]
+    p = Pickled(container)
+    if case.startswith("key-"):  # a state-dict key
+        body = Op.dict((Op.data(HUGE_INT), p.tensor("0", torch.arange(4.0))))
+    elif case == "size-zip":  # a size entry: the refusal message formats the size
+        body = Op.dict((Op.data("w"), rf.rebuild_v2(p.storage("0", torch.float32, bytes(16)), 0, (HUGE_INT, 4),
+                                                    (4, 1))))
+    elif case == "storage-key-list-legacy":  # the legacy stream's list of storage keys
+        main = rf.pickle_of(Op.dict((Op.data("w"), p.tensor("0", torch.arange(4.0)))))
+        data = rf.legacy_preamble() + main + pickle.dumps([HUGE_INT], protocol=2)
+        return sb.path(f"huge-int-{case}.pt", data)
+    else:
+        raise ValueError(case)
+    return p.write(sb.path(f"huge-int-{case}.pt"), body)
+
+
+HUGE_INT_CASES = ("key-zip", "key-legacy", "key-pickle", "size-zip", "storage-key-list-legacy")
+
+
+@pytest.mark.parametrize("case", HUGE_INT_CASES)
+def test_integers_too_long_to_print_end_in_typed_errors(sandbox, case):
+    """A 2 KB integer where a state-dict key, a size or a legacy storage key belongs: str() / an
+    f-string of it raised ValueError (exceeds the limit for integer string conversion). Refused,
+    and described, typed."""
+    assert_refused(sandbox, _huge_int_file(sandbox, case), CorruptCheckpointError)
+
+
+def test_inspect_describes_a_head_whose_attribute_is_too_long_to_print(sandbox):
+    """A pickled head whose ``normalize`` is a 4,817-digit integer: inspect's ``normalize={stored}``
+    raised ValueError, reported as a bug in pool."""
+    p = Pickled("zip")
+    state = Op.dict((Op.data("_parameters"), Op.dict((Op.data("weight"), p.tensor("0", torch.ones(3, 4))))),
+                    (Op.data("_buffers"), Op.dict()), (Op.data("_modules"), Op.dict()),
+                    (Op.data("normalize"), Op.data(HUGE_INT)))
+    body = Op.build(Op.call(Op.glob("src.modeling", "ClassificationHead")), state)
+    path = p.write(sandbox.path("head-huge-normalize.pt"), body)
+    code, out, err = _inspect_in_child(sandbox, path)
+    assert code == 0 and re.search(r"^kind +head\b", out, re.M), (code, out, err)
+
+
+# -- finding 9: multiplying huge sizes out ---------------------------------------------------------------
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_huge_sizes_are_refused_before_any_arithmetic(sandbox, container):
+    """A 66 KB file: one 512-Kbit integer (LONG4), memoised and used 64 times as a tensor's size.
+    math.prod of the sizes took minutes of CPU; each size is refused as beyond int64 first."""
+    p = Pickled(container)
+    storage = p.storage("0", torch.float32, bytes(16))  # its memo index first, as the stream has it
+    index = p._next_memo
+    p._next_memo += 1
+    size = b"(" + Op.data((1 << 524_287) - 1) + Op.put(index) + Op.get(index) * 63 + b"t"
+    tensor = Op.call(Op.glob("torch._utils", "_rebuild_tensor_v2"), storage, Op.data(0), size,
+                     Op.data((1,) * 64), Op.data(False), Op.ordered_dict())
+    path = p.write(sandbox.path(f"prod-bomb.{container}.pt"), Op.dict((Op.data("w"), tensor)))
+    assert_refused(sandbox, path, CorruptCheckpointError)
+
+
+# -- finding 10: a model built for as many blocks as the keys name ----------------------------------------
+def _no_model_is_built() -> None:
+    """(In the child.) Building an open_clip model, by whatever name the loader calls, trips."""
+    import open_clip
+    import open_clip.model
+
+    import pool.arch
+    import pool.modeling
+
+    def trip(*args: Any, **kwargs: Any) -> None:
+        raise Tripwire("a model was built for a file whose block keys should have been refused")
+
+    open_clip.model.CLIP = open_clip.CLIP = trip
+    for module in (pool.arch, pool.modeling):
+        if hasattr(module, "build_clip"):
+            module.build_clip = trip
+
+
+@pytest.mark.parametrize("blocks", [MAX_LAYERS + 1, 8], ids=["more-than-MAX_LAYERS", "blocks-without-weights"])
+def test_block_count_is_bounded_before_a_model_is_built(sandbox, blocks):
+    """Zero-byte keys ``visual.transformer.resblocks.N.x`` for N up to 20,000 made the loader build a
+    20,000-block CLIP (> 10 s, > 1 GB) before it compared keys. The block count is bounded
+    (`pool.arch.MAX_LAYERS`) and every block must hold its weights, checked before any model is
+    built (a spy makes building one fail the test)."""
+    tensors = {**vit_tensors(), **{f"visual.transformer.resblocks.{i}.x": ("F32", [0]) for i in range(1, blocks)}}
+    path = sandbox.path(f"blocks-{blocks}.safetensors", rf.safetensors_bytes(tensors))
+    assert_refused(sandbox, path, ArchitectureMismatchError, apis=("ImageEncoder.load",), setup=_no_model_is_built)
+
+
+# -- finding 11: one mapping, many references --------------------------------------------------------
+def _shared_mapping_file(sb: Sandbox, pairs: int, refs: int) -> Path:
+    """{"w": a real tensor, "k0": OrderedDict([("a", None)] * pairs), "k1".."k<refs-1>": the same
+    record again}: the pair is one memoised tuple (2 bytes per pair), the mapping one memoised record."""
+    p = Pickled("zip")
+    tensor = p.tensor("0", torch.arange(4.0))
+    pair, mapping = p._next_memo, p._next_memo + 1
+    p._next_memo += 2
+    assert pair < 256
+    items = b"](" + Op.data(("a", None)) + Op.put(pair) + (b"h" + bytes([pair])) * (pairs - 1) + b"e"
+    shared = Op.call(Op.glob("collections", "OrderedDict"), items) + Op.put(mapping)
+    body = Op.dict((Op.data("w"), tensor), (Op.data("k0"), shared),
+                   *[(Op.data(f"k{i}"), Op.get(mapping)) for i in range(1, refs)])
+    return p.write(sb.path(f"shared-mapping-{pairs}x{refs}.pt"), body)
+
+
+def test_a_mapping_with_more_pairs_than_the_walk_allows_is_refused(sandbox):
+    """The pairs of one mapping record count against `pool.records.MAX_WALK_ENTRIES` (they were one
+    step, however many), so a single reference to one with more pairs than that is refused."""
+    path = _shared_mapping_file(sandbox, MAX_WALK_ENTRIES + 1, 1)
+    assert_refused(sandbox, path, CorruptCheckpointError)
+
+
+def test_a_shared_mapping_is_built_once(sandbox):
+    """An OrderedDict record of 1,000,000 pairs referenced by 150 keys: the walker rebuilt it at every
+    reference (150 million pairs, a hang). Here half of `MAX_WALK_ENTRIES` pairs, referenced 1,000
+    times (10^8 pairs if rebuilt each time, minutes): built once, the read returns the file's one
+    tensor quickly."""
+    path = _shared_mapping_file(sandbox, MAX_WALK_ENTRIES // 2, 1_000)
+    report = sandbox.run(try_apis, path, QUICK_APIS)
+    assert report.kind == "returned", report
+    assert report.elapsed < TIME_LIMIT_S and report.peak_extra < MEMORY_LIMIT, report
+    for rec in report.value:
+        assert rec["kind"] == "returned", rec
+        assert rec["summary"] == "Checkpoint {'w': (4,)}" and not rec["not_from_file"], rec
+    assert not report.written
+
+
+# -- finding 12: module attributes scanned without being charged ------------------------------------------
+def test_module_attributes_are_charged_to_the_walk(sandbox):
+    """A pickled module whose attributes are all one memoised 999-int tuple: each attribute's check
+    looked at 1,000 items uncharged (200,000 attributes: a hang). Charged, enough of them pass
+    `MAX_WALK_ENTRIES`; refused, though the module holds a real weight."""
+    items = 999
+    attrs = MAX_WALK_ENTRIES // (items + 1) + 1
+    p = Pickled("zip")
+    weight = p.tensor("0", torch.ones(3, 4))
+    shared = p._next_memo
+    p._next_memo += 1
+    extra = [(Op.data("a0"), Op.data((1,) * items) + Op.put(shared))]
+    extra += [(Op.data(f"a{i}"), Op.get(shared)) for i in range(1, attrs)]
+    state = Op.dict((Op.data("training"), Op.data(False)),
+                    (Op.data("_parameters"), Op.dict((Op.data("weight"), weight))),
+                    (Op.data("_buffers"), Op.dict()), (Op.data("_modules"), Op.dict()), *extra)
+    body = Op.build(Op.call(Op.glob("src.modeling", "ClassificationHead")), state)
+    assert_refused(sandbox, p.write(sandbox.path("module-attributes.pt"), body), CorruptCheckpointError)
+
+
+# -- finding 13: one storage blob, many records ------------------------------------------------------------
+@pytest.mark.parametrize("where", ["in-place", "in-memory"])
+def test_a_shared_storage_blob_is_parsed_once(sandbox, where):
+    """One legacy blob passed to many ``torch.storage._load_from_bytes`` records (memo references):
+    each record was parsed and its storage copied and kept, over a GiB from a file of a few hundred
+    KB. One parse per distinct byte string: a 64 KiB blob (left in the file, `InPlaceBytes`) or a
+    32 KiB one (a bytes object), 1.25 GiB worth of records."""
+    raw = (64 << 10) if where == "in-place" else (32 << 10)
+    records = 5 * MEMORY_LIMIT // 4 // raw
+    inner = Pickled("legacy")
+    blob = inner.finish(inner.storage("0", torch.float32, b"\x01" * raw))
+    first = Op.glob("torch.storage", "_load_from_bytes") + Op.put(0) + Op.tuple(Op.data(blob) + Op.put(1)) + b"R"
+    rest = (Op.get(0) + Op.tuple(Op.get(1)) + b"R") * (records - 1)
+    path = sandbox.path(f"shared-blob-{where}.pt", rf.pickle_of(b"](" + first + rest + b"e"))
+    assert_refused(sandbox, path, CheckpointError, apis=QUICK_APIS)  # no tensors: refused, within bounds
+
+
+# -- findings 14 and 15: BUILD on what the reader made of a persistent id ---------------------------------
+STORAGE_REF_STATES = {"dtype-none": Op.dict((Op.data("dtype"), Op.data(None))),
+                      "key-list": Op.dict((Op.data("key"), b"]"))}
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+@pytest.mark.parametrize("state", sorted(STORAGE_REF_STATES))
+def test_build_cannot_reach_a_storage_reference(sandbox, state, container):
+    """BUILD with a dict state on what a storage's persistent id returned: the unpickler wrote into
+    the validated (frozen) storage reference's ``__dict__``. The pickle only ever reaches a wrapper
+    whose change is refused."""
+    p = Pickled(container)
+    storage = Op.build(p.storage("0", torch.float32, struct.pack("<4f", 1, 2, 3, 4)), STORAGE_REF_STATES[state])
+    body = Op.dict((Op.data("w"), rf.rebuild_v2(storage, 0, (4,), (1,))))
+    assert_refused(sandbox, p.write(sandbox.path(f"build-on-storage-{state}.{container}.pt"), body),
+                   CorruptCheckpointError)
+
+
+@pytest.mark.parametrize("offset", [10**9, 1 << 70], ids=["past-the-end", "beyond-int64"])
+def test_build_cannot_reach_an_in_place_byte_string(sandbox, offset):
+    """Plain pickle: a 70,000-byte string (left in the file by the reader) given a BUILD that sets its
+    ``view`` (another legacy stream) and its file ``offset``: EOFError / OverflowError. Refused."""
+    inner = Pickled("legacy")
+    other = inner.finish(inner.storage("0", torch.float32, bytes(16)))
+    state = Op.dict((Op.data("offset"), Op.data(offset)), (Op.data("view"), Op.data(other)))
+    blob = Op.build(Op.data(bytes(70_000)), state)
+    storage = Op.call(Op.glob("torch.storage", "_load_from_bytes"), blob)
+    body = Op.dict((Op.data("w"), rf.rebuild_v2(storage, 0, (4,), (1,))))
+    path = sandbox.path(f"build-on-in-place-bytes-{offset.bit_length()}.pt", rf.pickle_of(body))
+    assert_refused(sandbox, path, CorruptCheckpointError)
+
+
+# -- finding 16: opcodes that create nothing ----------------------------------------------------------------
+SMALL_OPCODE_LIMIT = 10_000
+FREE_OPCODES: dict[str, Callable[[int], bytes]] = {  # memo index free to use -> one unit of filler
+    "MEMOIZE": lambda index: b"\x94",
+    "BINPUT-one-index": lambda index: Op.put(index),
+    "MARK-POP_MARK": lambda index: b"(1",
+    "FRAME": lambda index: b"\x95" + bytes(8),
+}
+
+
+def _lower_opcode_limit() -> None:
+    pool.pickle_scan.MAX_OPCODES = SMALL_OPCODE_LIMIT
+
+
+@pytest.mark.parametrize("kind", sorted(FREE_OPCODES))
+def test_every_opcode_counts_against_the_scan_limit(sandbox, kind):
+    """25 MB of MEMOIZE (or PUT, MARK/POP_MARK, FRAME) after a real state dict: opcodes that create
+    no object were not counted, so the scan and the unpickler ran through all of them (> 10 s).
+    With `MAX_OPCODES` lowered to 10,000 in the child, 10,001 of them are refused."""
+    unit = FREE_OPCODES[kind]
+    assert pickle.loads(rf.pickle_of(Op.data("w") + unit(0) * 3, 4)) == "w"  # a valid pickle otherwise
+    p = Pickled("zip")
+    body = Op.dict((Op.data("w"), p.tensor("0", torch.arange(4.0))))
+    filler = unit(p._next_memo) * (SMALL_OPCODE_LIMIT + 1)
+    path = p.write(sandbox.path(f"free-opcodes-{kind}.pt"), body + filler, protocol=4)
+    assert_refused(sandbox, path, CorruptCheckpointError, setup=_lower_opcode_limit)
+
+
+def test_memo_entries_are_bounded_at_the_real_limit(sandbox):
+    """The same without lowering anything: `MAX_OBJECTS` + 1 MEMOIZE opcodes (2 MB) are refused."""
+    p = Pickled("zip")
+    body = Op.dict((Op.data("w"), p.tensor("0", torch.arange(4.0)))) + b"\x94" * (pool.pickle_scan.MAX_OBJECTS + 1)
+    path = p.write(sandbox.path("memoize.pt"), body, protocol=4)
+    assert_refused(sandbox, path, CorruptCheckpointError, apis=("read_checkpoint",))
+
+
+# -- finding 17: rows of `inspect` forged by line breaks in file text -------------------------------------
+FORGED_ROWS = "sha256              " + "0" * 64 + "{sep}kind                head: 10 classes"
+
+
+def _forging_safetensors(where: str, sep: str) -> bytes:
+    forged = "1" + sep + FORGED_ROWS.format(sep=sep)
+    header: dict[str, Any] = {"weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}
+    if where == "metadata-value":
+        header["__metadata__"] = {"a": forged}
+    elif where == "metadata-key":
+        header["__metadata__"] = {forged: "1"}
+    else:  # a tensor name: the "keys" row lists it
+        header = {forged: header["weight"]}
+    return rf.safetensors_bytes({"pad": ("F32", [1])}, raw_header=json.dumps(header).encode())
+
+
+def _assert_one_row_each(out: str, sep: str) -> None:
+    lines = out.splitlines()
+    assert sum(line.startswith("sha256") for line in lines) == 1, out
+    assert sum(line.startswith("kind") for line in lines) == 1, out
+    for ch in sep.replace("\n", "") + "\x1b":  # inspect writes newlines itself: those are counted above
+        assert ch not in out, f"raw {ch!r} from the file on stdout: {out!r}"
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\x85", "\u2028"], ids=["LF", "CRLF", "NEL", "LINE-SEPARATOR"])
+@pytest.mark.parametrize("where", ["metadata-value", "metadata-key", "tensor-name"])
+def test_inspect_rows_cannot_be_forged_with_line_breaks(sandbox, where, sep):
+    """A line break in file text printed raw starts a row of the file's choosing (a second sha256, a
+    fake kind): every line break str.splitlines() knows is escaped."""
+    path = sandbox.path("forged-rows.safetensors", _forging_safetensors(where, sep))
+    code, out, err = _inspect_in_child(sandbox, path)
+    assert code == 0, (code, out, err)
+    _assert_one_row_each(out, sep)
+
+
+def test_inspect_rows_cannot_be_forged_on_the_command_line(sandbox):
+    """The red team's own case, through ``python -m pool inspect`` on a pipe: a metadata value with
+    newlines shows as one escaped row."""
+    path = sandbox.path("forged-rows.safetensors", _forging_safetensors("metadata-value", "\n"))
+    proc = _run_cli(["inspect", str(path)])
+    out, err = proc.stdout.decode("utf-8", "surrogateescape"), proc.stderr.decode("utf-8", "surrogateescape")
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    _assert_one_row_each(out, "\n")
