@@ -176,14 +176,43 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             raise _Refused(f"memo index {key} skips ahead of the {len(memo)} stored so far", at)
 
     ops = 0
+    # Each opcode takes at least one byte: a pickle shorter than the caps cannot exceed them, so
+    # the counting (a fifth of the scan's time) is done only for longer ones.
+    big = n - i > min(MAX_OPCODES, MAX_OBJECTS)
+    fast = not big
     try:
         while i < n:
             code = data[i]
+            if fast:  # the commonest opcodes of a module pickle, inlined (caps cannot be reached)
+                if code == 104:  # BINGET
+                    key = data[i + 1]
+                    if key >= len(memo):
+                        at = i
+                        raise _Refused(f"memo index {key} is fetched but was never stored", at)
+                    stack.append(memo[key])
+                    i += 2
+                    continue
+                if code == 114:  # LONG_BINPUT
+                    key = from_bytes(data[i + 1:i + 5], "little")
+                    if key == len(memo):
+                        memo.append(stack[-1])
+                        i += 5
+                        continue
+                elif code == 82:  # REDUCE
+                    del stack[-1]
+                    stack[-1] = 0
+                    i += 1
+                    continue
+                elif code == 41:  # EMPTY_TUPLE
+                    stack.append(0)
+                    i += 1
+                    continue
             at = i
             kind = kind_of[code]
-            ops += 1
-            if ops > MAX_OPCODES:
-                raise _Refused(f"more than {MAX_OPCODES} opcodes", at)
+            if big:
+                ops += 1
+                if ops > MAX_OPCODES:
+                    raise _Refused(f"more than {MAX_OPCODES} opcodes", at)
             # The most frequent opcodes first, their fixed-size arguments read inline.
             if kind == _BINGET:
                 if code == 104:  # BINGET
@@ -195,7 +224,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if key >= len(memo):
                     raise _Refused(f"memo index {key} is fetched but was never stored", at)
                 stack.append(memo[key])
-                if len(stack) > MAX_OBJECTS:
+                if big and len(stack) > MAX_OBJECTS:
                     raise _Refused(f"more than {MAX_OBJECTS} items on the stack", at)
                 continue
             if kind == _BINPUT:
@@ -210,17 +239,19 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             if kind == _REDUCE or kind == _NEWOBJ:
                 del stack[-1]
                 stack[-1] = 0
-                objects += 1
                 i += 1
-                if objects > MAX_OBJECTS:
-                    raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
+                if big:
+                    objects += 1
+                    if objects > MAX_OBJECTS:
+                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
                 continue
             if kind == _ATOM:
                 stack.append(0)
-                objects += 1
                 i += 1 + arg_of[code]
-                if objects > MAX_OBJECTS:
-                    raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
+                if big:
+                    objects += 1
+                    if objects > MAX_OBJECTS:
+                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
                 continue
             if kind == _MARK:
                 marks.append(stack)
@@ -236,10 +267,11 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 depth = 1 + max(d if d.__class__ is int else 0 for d in stack[-count:])
                 del stack[-count:]
                 stack.append(_depth(depth, at))
-                objects += 1
                 i += 1
-                if objects > MAX_OBJECTS:
-                    raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
+                if big:
+                    objects += 1
+                    if objects > MAX_OBJECTS:
+                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
                 continue
             if kind == _TO_MARK_KEEP:  # APPENDS, SETITEMS, ADDITEMS: the container stays
                 pop_mark()

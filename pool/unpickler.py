@@ -101,7 +101,8 @@ def python3_name(module: str, name: str) -> tuple[str, str]:
 
 
 class Record:
-    """An object a pickle asked for. Keeps what it was made from; runs nothing.
+    """An object a pickle asked for. Keeps what it was made from; runs nothing (``object``'s
+    ``__init__`` is all that follows ``__new__``: the class the file names never runs).
 
     ``args`` / ``kwargs``: the call or ``NEWOBJ`` arguments; ``state``: what ``BUILD`` handed
     over (recorded, never applied); ``items``: what ``APPEND(S)`` / ``SETITEM(S)`` added.
@@ -117,9 +118,6 @@ class Record:
         self.state = None
         self.items = None
         return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass  # the class the file names never runs
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
@@ -151,9 +149,12 @@ class Record:
 
 
 class GlobalRecord(Record):
-    """Base of the per-global record classes; an instance is one call (or NEWOBJ) of the global."""
+    """Base of the per-global record classes; an instance is one call (or NEWOBJ) of the global.
+    ``record_name`` is the global's ``module.name`` as the file spells it (compare with it; print
+    ``record_global``, which escapes it)."""
 
     __slots__ = ()
+    record_name: str = "?"
 
 
 class CallRecord(Record):
@@ -165,9 +166,6 @@ class CallRecord(Record):
         self = Record.__new__(cls, *args, **kwargs)
         self.func = func
         return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 class PersistentRecord(Record):
@@ -181,9 +179,6 @@ class PersistentRecord(Record):
         self.value = value
         return self
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
     @property
     def untouched(self) -> bool:
         """Whether the pickle left the wrapper as it was made (no BUILD, no items)."""
@@ -192,10 +187,10 @@ class PersistentRecord(Record):
 
 def global_of(obj: Any) -> str | None:
     """``module.name`` of a record class, or of the class of a record made by calling one."""
-    if isinstance(obj, type) and issubclass(obj, GlobalRecord):
-        return str(obj.record_global)
     if isinstance(obj, GlobalRecord):
-        return str(type(obj).record_global)
+        return obj.record_name
+    if isinstance(obj, type) and issubclass(obj, GlobalRecord):
+        return obj.record_name
     return None
 
 
@@ -222,7 +217,7 @@ class _RecordTypes:
                                              "distinct globals; no checkpoint does.")
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
-                        "__module__": "pool.unpickler.records"})
+                        "record_name": f"{module}.{name}", "__module__": "pool.unpickler.records"})
             self.types[key] = cls
         return cls
 
