@@ -17,19 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from .containers import CONTAINERS, REGISTRY, ReadOptions
+from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
 from .errors import CheckpointError, CorruptCheckpointError
 from .gcpause import paused_gc
 from .records import ModuleInfo
-from .unpickler import GlobalName
 
 __all__ = [
     "Checkpoint",
@@ -48,35 +46,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint path does not exist (both a CheckpointError and a FileNotFoundError)."""
-
-
-@dataclass
-class Checkpoint:
-    """Everything one read of a checkpoint file yields.
-
-    ``state_dict`` is what the pickled module's own ``state_dict()`` returns (or the stored state
-    dict); ``modules`` maps each submodule path ("" for the root) to its class and plain
-    attributes; ``globals`` lists every global the pickle names, unsafe ones flagged.
-    """
-
-    path: Path
-    container: str
-    state_dict: dict[str, torch.Tensor]
-    root_type: str
-    modules: dict[str, ModuleInfo] = field(default_factory=dict)
-    globals: list[GlobalName] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
-    wrapper: str | None = None
-
-    @property
-    def attributes(self) -> dict[str, Any]:
-        """Plain attributes of the root module, such as a head's ``normalize`` flag."""
-        root = self.modules.get("")
-        return dict(root.attributes) if root else {}
-
-    @property
-    def unsafe_globals(self) -> list[str]:
-        return [str(g) for g in self.globals if g.unsafe]
 
 
 # -- sniffing -----------------------------------------------------------------------------------
@@ -208,9 +177,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     container = _container(sniff_container(p))
     options = ReadOptions(_device_of(map_location), mmap, refuse_unsafe)
     with paused_gc():
-        result = container.read(p, options)
-    return Checkpoint(p, container.name, result.tensors, result.root_type, result.modules, result.globals,
-                      result.metadata, result.wrapper)
+        return container.read(p, options)
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,

@@ -214,40 +214,30 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if ops > MAX_OPCODES:
                     raise _Refused(f"more than {MAX_OPCODES} opcodes", at)
             # The most frequent opcodes first, their fixed-size arguments read inline.
-            if kind == _BINGET:
-                if code == 104:  # BINGET
+            if kind == _BINGET or kind == _BINPUT:
+                if code == 104 or code == 113:  # BINGET, BINPUT: a 1-byte index
                     key = data[i + 1]
                     i += 2
-                else:
+                else:  # LONG_BINGET, LONG_BINPUT: 4 bytes
                     key = from_bytes(data[i + 1:i + 5], "little")
                     i += 5
+                if kind == _BINPUT:
+                    store(key)
+                    continue
                 if key >= len(memo):
                     raise _Refused(f"memo index {key} is fetched but was never stored", at)
                 stack.append(memo[key])
                 if big and len(stack) > MAX_OBJECTS:
                     raise _Refused(f"more than {MAX_OBJECTS} items on the stack", at)
                 continue
-            if kind == _BINPUT:
-                if code == 113:  # BINPUT
-                    key = data[i + 1]
-                    i += 2
+            if kind == _REDUCE or kind == _NEWOBJ or kind == _ATOM:
+                if kind == _ATOM:
+                    stack.append(0)
+                    i += 1 + arg_of[code]
                 else:
-                    key = from_bytes(data[i + 1:i + 5], "little")
-                    i += 5
-                store(key)
-                continue
-            if kind == _REDUCE or kind == _NEWOBJ:
-                del stack[-1]
-                stack[-1] = 0
-                i += 1
-                if big:
-                    objects += 1
-                    if objects > MAX_OBJECTS:
-                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
-                continue
-            if kind == _ATOM:
-                stack.append(0)
-                i += 1 + arg_of[code]
+                    del stack[-1]
+                    stack[-1] = 0
+                    i += 1
                 if big:
                     objects += 1
                     if objects > MAX_OBJECTS:
@@ -259,19 +249,6 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if len(marks) > MAX_MARKS:
                     raise _Refused(f"more than {MAX_MARKS} MARKs open at once", at)
                 i += 1
-                continue
-            if kind == _TUPLE1 or kind == _TUPLE2 or kind == _TUPLE3:
-                count = kind - _TUPLE1 + 1
-                if len(stack) < count:
-                    raise _Refused(f"{_NAME[code]} with fewer than {count} items on the stack", at)
-                depth = 1 + max(d if d.__class__ is int else 0 for d in stack[-count:])
-                del stack[-count:]
-                stack.append(_depth(depth, at))
-                i += 1
-                if big:
-                    objects += 1
-                    if objects > MAX_OBJECTS:
-                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
                 continue
             if kind == _TO_MARK_KEEP:  # APPENDS, SETITEMS, ADDITEMS: the container stays
                 pop_mark()
@@ -324,6 +301,14 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if len(stack) < 3:
                     raise _Refused("SETITEM with fewer than three items on the stack", at)
                 del stack[-2:]
+            elif kind == _TUPLE1 or kind == _TUPLE2 or kind == _TUPLE3:
+                count = kind - _TUPLE1 + 1
+                if len(stack) < count:
+                    raise _Refused(f"{_NAME[code]} with fewer than {count} items on the stack", at)
+                depth = 1 + max(d if d.__class__ is int else 0 for d in stack[-count:])
+                del stack[-count:]
+                stack.append(_depth(depth, at))
+                objects += 1
             elif kind == _TO_MARK_TUPLE:
                 items = pop_mark()
                 depth = 1 + max((d if d.__class__ is int else 0 for d in items), default=0)

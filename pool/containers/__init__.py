@@ -7,13 +7,13 @@ Sniffing goes by content, never by file name, in registry order.
 
 from __future__ import annotations
 
-from .base import Container, ReadOptions, ReadResult
+from .base import Checkpoint, Container, ReadOptions
 from .legacy import Legacy
 from .rawpickle import PlainPickle
 from .safetensors_file import Safetensors
 from .torchzip import TorchZip
 
-__all__ = ["REGISTRY", "CONTAINERS", "Container", "ReadOptions", "ReadResult", "by_name", "sniff"]
+__all__ = ["REGISTRY", "CONTAINERS", "Checkpoint", "Container", "ReadOptions", "by_name", "sniff"]
 
 REGISTRY: tuple[Container, ...] = (TorchZip(), Legacy(), Safetensors(), PlainPickle())
 CONTAINERS: tuple[str, ...] = tuple(c.name for c in REGISTRY)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from ..unpickler import GlobalName, Reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Container", "ReadOptions", "ReadResult", "FileRanges", "map_file", "copy_bytes", "file_storage",
+__all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "map_file", "copy_bytes", "file_storage",
            "listing_globals", "result"]
 
 
@@ -41,15 +41,32 @@ class ReadOptions:
 
 
 @dataclass
-class ReadResult:
-    """What one container read yields (see `pool.checkpoint.Checkpoint`)."""
+class Checkpoint:
+    """Everything one read of a checkpoint file yields (public as `pool.checkpoint.Checkpoint`).
 
-    tensors: dict[str, torch.Tensor]
+    ``state_dict`` is what the pickled module's own ``state_dict()`` returns (or the stored state
+    dict); ``modules`` maps each submodule path ("" for the root) to its class and plain
+    attributes; ``globals`` lists every global the pickle names, unsafe ones flagged.
+    """
+
+    path: Path
+    container: str
+    state_dict: dict[str, torch.Tensor]
     root_type: str
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
     globals: list[GlobalName] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     wrapper: str | None = None
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """Plain attributes of the root module, such as a head's ``normalize`` flag."""
+        root = self.modules.get("")
+        return dict(root.attributes) if root else {}
+
+    @property
+    def unsafe_globals(self) -> list[str]:
+        return [str(g) for g in self.globals if g.unsafe]
 
 
 class Container(Protocol):
@@ -60,7 +77,7 @@ class Container(Protocol):
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether a file of ``size`` bytes starting with ``head`` (up to 512 bytes) is this format."""
 
-    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         """Read the file's tensors without running anything from it."""
 
     def integrity(self, path: Path) -> tuple[bool, str]:
@@ -130,7 +147,9 @@ def listing_globals(reader: Reader) -> Iterator[None]:
         raise
 
 
-def result(container: str, walked: Walked, tensors: dict[str, torch.Tensor], reader: Reader) -> ReadResult:
-    """The ReadResult of a pickled container."""
-    log.debug("read %s (%s): %d tensors", reader.source, container, len(tensors))
-    return ReadResult(tensors, walked.root_type, walked.modules, reader.named_globals, wrapper=walked.wrapper)
+def result(path: Path, container: str, walked: Walked, tensors: dict[str, torch.Tensor],
+           reader: Reader) -> Checkpoint:
+    """The Checkpoint of a pickled container."""
+    log.debug("read %s (%s): %d tensors", path, container, len(tensors))
+    return Checkpoint(path, container, tensors, walked.root_type, walked.modules, reader.named_globals,
+                      wrapper=walked.wrapper)

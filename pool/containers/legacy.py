@@ -22,7 +22,7 @@ from ..errors import CorruptCheckpointError, brief
 from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize, move
 from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
-from .base import FileRanges, ReadOptions, ReadResult, copy_bytes, listing_globals, map_file, result
+from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, result
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
@@ -224,7 +224,7 @@ class Legacy:
     def sniff(self, head: bytes, size: int) -> bool:
         return is_legacy(head)
 
-    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
         with listing_globals(reader):
             size = path.stat().st_size
@@ -235,7 +235,7 @@ class Legacy:
             walked = walk(root, reader.source, blob=blobs.read)
             storages.update(blobs.storages)
             tensors = move(materialize(walked.tensors, storages, reader.source, size), options.device)
-        return result(self.name, walked, tensors, reader)
+        return result(path, self.name, walked, tensors, reader)
 
     def diagnose(self, head: bytes, size: int) -> str | None:
         return None

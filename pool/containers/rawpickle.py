@@ -14,7 +14,7 @@ from pathlib import Path
 from ..records import walk
 from ..tensors import materialize, move
 from ..unpickler import Reader
-from .base import FileRanges, ReadOptions, ReadResult, listing_globals, map_file, result
+from .base import Checkpoint, FileRanges, ReadOptions, listing_globals, map_file, result
 from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
@@ -33,7 +33,7 @@ class PlainPickle:
         return (len(head) > 1 and head[:1] == b"\x80" and head[1] <= pickle.HIGHEST_PROTOCOL
                 and not is_legacy(head))
 
-    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
@@ -45,7 +45,7 @@ class PlainPickle:
             walked = walk(root, reader.source, blob=blobs.read)
             del root
             tensors = move(materialize(walked.tensors, blobs.storages, reader.source, size), options.device)
-        return result(self.name, walked, tensors, reader)
+        return result(path, self.name, walked, tensors, reader)
 
     def diagnose(self, head: bytes, size: int) -> str | None:
         return None

@@ -20,7 +20,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize, move
 from ..transfer import Span, open_regular, read_spans
-from .base import ReadOptions, ReadResult, file_storage, map_file
+from .base import Checkpoint, ReadOptions, file_storage, map_file
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
            "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS"]
@@ -148,7 +148,7 @@ class Safetensors:
         return (f"looks like safetensors but its header claims {header_len} bytes and the file has {size}; "
                 "the file is truncated: download it again")
 
-    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         source = str(path)
         entries, metadata = safetensors_entries(path)
         for e in entries:
@@ -172,7 +172,7 @@ class Safetensors:
         if not bulk and device.type != "cpu":  # other devices (meta, mps, xpu, ...): moved once each
             tensors = move(tensors, device)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))
-        return ReadResult(tensors, "safetensors", metadata=metadata)
+        return Checkpoint(path, self.name, tensors, "safetensors", metadata=metadata)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         """The header check, then the tensors' byte ranges must tile the data section exactly."""

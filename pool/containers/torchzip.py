@@ -20,7 +20,7 @@ from ..records import storage_from_pid, walk
 from ..tensors import materialize, move
 from ..transfer import Span, read_spans
 from ..unpickler import Reader
-from .base import ReadOptions, ReadResult, file_storage, listing_globals, map_file, result
+from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
 from .legacy import BlobReader
 from .zipfmt import ZipArchive, parse_zip
 
@@ -95,7 +95,7 @@ class TorchZip:
             return "an empty or split zip archive, not a torch checkpoint"
         return None
 
-    def read(self, path: Path, options: ReadOptions) -> ReadResult:
+    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         buffer = map_file(path)
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
@@ -127,7 +127,7 @@ class TorchZip:
                             for k in keys}
                 storages.update(blobs.storages)
                 tensors = move(materialize(walked.tensors, storages, source, len(buffer)), device)
-        return result(self.name, walked, tensors, reader)
+        return result(path, self.name, walked, tensors, reader)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         """Recompute every member's CRC32 over its bytes (torch's reader never checks them)."""
