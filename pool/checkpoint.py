@@ -25,7 +25,7 @@ import torch
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .gcpause import paused_gc
 from .records import ModuleInfo
 
@@ -154,15 +154,19 @@ def _missing_message(p: Path) -> str:
 
 # -- reading ------------------------------------------------------------------------------------
 def _device_of(map_location: Any) -> torch.device | None:
+    """The target device of a read; a bad argument is the caller's mistake (ConfigError, a
+    ValueError), never reported as a problem of the file."""
     if map_location is None:
         return None
     if isinstance(map_location, (str, torch.device)):
         try:
             return torch.device(map_location)
         except RuntimeError as exc:
-            raise CheckpointError(f"map_location {map_location!r} is not a device ({exc}); give a "
-                                  "device string such as 'cpu' or 'cuda:0', or a torch.device") from None
-    raise CheckpointError(f"map_location {map_location!r}: give a device string or torch.device")
+            raise ConfigError(f"map_location {map_location!r} is not a device ({exc}); give a device "
+                              "string such as 'cpu' or 'cuda:0', or a torch.device") from None
+    raise ConfigError(f"map_location {map_location!r} is not supported: give a device string such as "
+                      "'cpu' or 'cuda:0', or a torch.device (every tensor goes to that one device; a "
+                      "dict of saved locations is not read)")
 
 
 def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | None = None,

@@ -302,3 +302,26 @@ def test_protocol_0_escaped_names_get_the_same_policy(tmp_path):
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert type(info.value).__name__ == "UnsafeCheckpointError" and "os.system" in str(info.value)
+
+
+# -- devices: every spelling of the CPU reads every container (issue 11's first bug) ----------------
+@pytest.mark.parametrize("container", ["zip", "legacy", "pickle", "state_dict", "safetensors"])
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu"), torch.device("cpu", 0)], ids=str)
+def test_cpu_spellings_read_every_container(write_encoder, container, device):
+    """``cpu:0`` used to fail every entry as "truncated or damaged: download it again"."""
+    from pool import ImageEncoder
+
+    path, module = write_encoder(container)
+    expected = module.state_dict()
+    for mmap in (None, False):
+        state = read_checkpoint(path, map_location=device, mmap=mmap).state_dict
+        assert all(torch.equal(state[k], v) and state[k].device.type == "cpu" for k, v in expected.items())
+    assert ImageEncoder.load(path, device=device).model.visual.conv1.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("bad", [{"cuda:0": "cpu"}, 3, "not-a-device"], ids=str)
+def test_a_bad_map_location_is_an_argument_error_not_a_damaged_file(write_encoder, bad):
+    path, _ = write_encoder("zip")
+    with pytest.raises(ValueError, match="map_location") as info:
+        read_checkpoint(path, map_location=bad)
+    assert not isinstance(info.value, CheckpointError)
