@@ -7,6 +7,7 @@ yields one at a time, so iterating 20 fine-tuned encoders holds one in memory.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -69,6 +70,7 @@ class OpenCLIPVisionModelPool:
         }
         self.device = device
         self.dtype = dtype
+        _check_keys(list(extra), where="OpenCLIPVisionModelPool")
         self.extra = {k: v for k, v in extra.items() if not k.startswith("_")}
         self._processors: tuple[Any, Any] | None = None
         if not self._models:
@@ -80,8 +82,10 @@ class OpenCLIPVisionModelPool:
         """Build from a YAML path, a DictConfig or a mapping (OmegaConf interpolation applies)."""
         from omegaconf import DictConfig, OmegaConf
 
+        config_name = "(mapping)"
         if isinstance(config, (str, Path)):
             path = Path(config).expanduser()
+            config_name = str(path.absolute())
             if not path.is_file():
                 raise ConfigError(f"pool config not found: {path.absolute()}")
             try:
@@ -90,10 +94,7 @@ class OpenCLIPVisionModelPool:
                 raise ConfigError(f"{path.absolute()}: not a valid YAML pool config: {exc}") from exc
         elif not isinstance(config, DictConfig):
             config = OmegaConf.create(dict(config))
-        unknown = [k for k in config.keys() if k not in _SECTIONS and k not in ("device", "dtype")
-                   and not str(k).startswith("_") and not str(k).endswith("_dir")]
-        if unknown:
-            log.debug("pool config: keeping extra keys %s", unknown)
+        _check_keys([str(k) for k in config.keys()], where=f"pool config {config_name}")
         try:
             OmegaConf.resolve(config)
         except Exception as exc:  # noqa: BLE001 - interpolation errors
@@ -327,6 +328,23 @@ def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None
 def _first(*values: Any) -> Any:
     """The first value that is not None (None if all are)."""
     return next((v for v in values if v is not None), None)
+
+
+_KNOWN_KEYS = (*_SECTIONS, "device", "dtype")
+
+
+def _check_keys(keys: list[str], *, where: str) -> None:
+    """Extra keys are kept (a config may define ``model_dir`` for its interpolations), but one that
+    is a near miss of a known key (``classification_head``, ``modles``) would silently drop a
+    whole section: refuse it, naming the key and the one it was probably meant to be."""
+    for key in keys:
+        if key in _KNOWN_KEYS or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (Known keys: "
+                              f"{', '.join(_KNOWN_KEYS)}; other keys are kept only for interpolations.)")
+        log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
 
 
 def _dtype(dtype: DType) -> Any:

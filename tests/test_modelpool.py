@@ -312,3 +312,29 @@ def test_model_names_follow_the_openai_activation_rules():
     assert arch_for_name("ViT-L-14").shapes() == arch_for_name("ViT-L-14__pretrained__openai").shapes()
     with pytest.raises(ConfigError, match="ViT-B-33"):
         arch_for_name("ViT-B-33__pretrained__openai")
+
+
+# -- a misspelled section is refused, not silently dropped (issue 11) ------------------------------
+@pytest.mark.parametrize("wrong,right", [("classification_head", "classification_heads"), ("modles", "models"),
+                                         ("test_dataset", "test_datasets")])
+def test_a_misspelled_section_names_the_key_and_the_fix(synth_tree, tmp_path, wrong, right):
+    import subprocess
+    import sys
+
+    config = OmegaConf.to_container(OmegaConf.load(synth_tree.config))
+    config[wrong] = config.pop(right, {"x": "y"})
+    path = tmp_path / "misspelled.yaml"
+    path.write_text(OmegaConf.to_yaml(config))
+    with pytest.raises(ConfigError, match=f"unknown key '{wrong}'; did you mean '{right}'"):
+        OpenCLIPVisionModelPool.from_config(path)
+    with pytest.raises(ConfigError, match=f"did you mean '{right}'"):
+        OpenCLIPVisionModelPool(**{"models": {}, wrong: {}})
+    run = subprocess.run([sys.executable, "-m", "pool", "verify", str(path)], capture_output=True, text=True)
+    assert run.returncode == 2 and wrong in run.stderr, (run.returncode, run.stderr)
+
+
+def test_extra_keys_for_interpolation_are_kept(synth_tree):
+    config = OmegaConf.to_container(OmegaConf.load(synth_tree.config))
+    config["root"] = "somewhere"
+    pool = OpenCLIPVisionModelPool.from_config(config)
+    assert pool.extra["root"] == "somewhere"
