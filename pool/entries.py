@@ -22,7 +22,6 @@ from .errors import ConfigError
 
 __all__ = ["Entry", "resolve_entry", "is_special_name"]
 
-FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
 _OPTION_KEYS = {"model_name", "quick_gelu", "normalize", "dtype", "device", "mmap"}
 
 

@@ -181,11 +181,11 @@ class OpenCLIPVisionModelPool:
         if entry.form == "module":
             model = entry.config
             if device is not None or dtype is not None:
-                model = model.to(device=device, dtype=_dtype(dtype))
+                model = model.to(device=device, dtype=resolve_dtype(dtype))
         elif entry.form == "hydra":
             model = self._instantiate(entry)
             if device is not None or dtype is not None:
-                model = model.to(device=device, dtype=_dtype(dtype))
+                model = model.to(device=device, dtype=resolve_dtype(dtype))
         else:
             ckpt = self.read_entry(entry, device=device)
             try:
@@ -239,7 +239,7 @@ class OpenCLIPVisionModelPool:
             except PoolError as exc:
                 raise _with_entry(exc, entry) from None
         if device is not None or dtype is not None:
-            head = head.to(device=device, dtype=_dtype(dtype))
+            head = head.to(device=device, dtype=resolve_dtype(dtype))
         return head
 
     def load_model_and_head(self, name: str, **kwargs: Any) -> tuple[nn.Module, nn.Module]:
@@ -347,6 +347,4 @@ def _check_keys(keys: list[str], *, where: str) -> None:
         log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
 
 
-def _dtype(dtype: DType) -> Any:
-    return resolve_dtype(dtype)
 
