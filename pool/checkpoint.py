@@ -25,6 +25,7 @@ import torch
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
+from .containers.base import as_text
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .gcpause import paused_gc
 from .records import ModuleInfo
@@ -60,24 +61,11 @@ def _describe_bytes(head: bytes) -> str:
         snippet = text[:60].decode("utf-8", "replace").replace("\n", " ")
         return (f"an HTML/XML page (starts with {snippet!r}), probably an error page saved by a "
                 "failed download: download the checkpoint again")
-    decoded = _as_text(head[:200])
+    decoded = as_text(head[:200])
     if decoded:
         return f"a text file (starts with {decoded[:60]!r}), not a checkpoint"
     return (f"not a known checkpoint container (first bytes {head[:8].hex(' ')}): expected a torch "
             "zip or legacy file, a pickle, or safetensors")
-
-
-def _as_text(head: bytes) -> str | None:
-    """head decoded as UTF-8 if it is printable text (a character cut at the end is allowed)."""
-    try:
-        decoded = head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3 or exc.reason != "unexpected end of data":
-            return None
-        decoded = head[:exc.start].decode("utf-8")
-    if decoded and all(c.isprintable() or c in "\r\n\t\f\v" for c in decoded):
-        return decoded
-    return None
 
 
 def sniff_container(path: PathLike) -> str:

@@ -93,9 +93,9 @@ def _call_name(obj: Any) -> str | None:
     return global_of(obj) if isinstance(obj, GlobalRecord) else None
 
 
-def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
+def storage_from_pid(pid: Any, source: str) -> StorageRef:
     """A torch persistent id ``('storage', StorageClass, key, location, numel[, view])`` as a
-    `StorageRef` (container key ``prefix + key``); anything else is refused."""
+    `StorageRef` (container key ``str(key)``); anything else is refused."""
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
         raise CorruptCheckpointError(f"{source}: a persistent id that is no torch storage reference "
                                      f"({type(pid).__name__} of {len(pid) if isinstance(pid, tuple) else 1})"
@@ -117,7 +117,7 @@ def storage_from_pid(pid: Any, source: str, prefix: str = "") -> StorageRef:
                 and 0 <= view[1] < INT_LIMIT and 0 <= view[2] < INT_LIMIT):
             raise CorruptCheckpointError(f"{source}: a malformed storage view {brief(view)}; the file is damaged.")
         offset, root_numel, numel = view[1] * dtype.itemsize, numel, view[2]
-    return StorageRef(prefix + str(key), dtype, numel, offset, root_numel)
+    return StorageRef(str(key), dtype, numel, offset, root_numel)
 
 
 class _Walker:
@@ -292,23 +292,19 @@ class _Walker:
         of them (at most ``limit`` items, charged to the walk's budget)."""
         pending = [value]
         seen = 0
-        while pending:
+        plain = True
+        while pending and plain:
             item = pending.pop()
             seen += 1
-            if seen > limit:
-                self.charge(seen, where)
-                return False
             if type(item) is tuple:
                 pending.extend(item)
             elif type(item) is int:
-                if not -INT_LIMIT < item < INT_LIMIT:
-                    self.charge(seen, where)
-                    return False
-            elif not (item is None or type(item) in (bool, float, str)):
-                self.charge(seen, where)
-                return False
+                plain = -INT_LIMIT < item < INT_LIMIT
+            else:
+                plain = item is None or type(item) in (bool, float, str)
+            plain = plain and seen <= limit
         self.charge(seen, where)
-        return True
+        return plain
 
     def tensor_entry(self, obj: Any, key: str, depth: int) -> None:
         spec = self.value(obj, key, depth)

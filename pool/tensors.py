@@ -113,8 +113,7 @@ def move(tensors: Mapping[str, torch.Tensor], device: torch.device | None) -> di
         key = (storage.data_ptr(), storage.nbytes())
         target = moved.get(key)
         if target is None:
-            whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-            target = moved[key] = whole.to(device).untyped_storage()
+            target = moved[key] = _bytes(storage).to(device).untyped_storage()
         out[name] = torch.empty(0, dtype=tensor.dtype, device=device).set_(
             target, tensor.storage_offset(), tensor.size(), tensor.stride())
     return out
@@ -124,9 +123,12 @@ def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.Untyped
     """``storage``, or a copy of it at an aligned address if it starts misaligned."""
     if storage.data_ptr() % alignment == 0 or storage.nbytes() == 0:
         return storage
-    copy = torch.empty(storage.nbytes(), dtype=torch.uint8, device=storage.device)
-    copy.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
-    return copy.untyped_storage()
+    return _bytes(storage).clone().untyped_storage()
+
+
+def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor viewing all of ``storage``."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 def logical_bytes(specs: Mapping[str, TensorSpec]) -> int:

@@ -187,9 +187,7 @@ class PersistentRecord(Record):
 
 def global_of(obj: Any) -> str | None:
     """``module.name`` of a record class, or of the class of a record made by calling one."""
-    if isinstance(obj, GlobalRecord):
-        return obj.record_name
-    if isinstance(obj, type) and issubclass(obj, GlobalRecord):
+    if isinstance(obj, GlobalRecord) or (isinstance(obj, type) and issubclass(obj, GlobalRecord)):
         return obj.record_name
     return None
 
@@ -256,12 +254,12 @@ class Reader:
             raise error
 
     def find_class(self, module: str, name: str) -> type:
-        if (python3_name(module, name)) not in self.globals:
+        key = python3_name(module, name)
+        if key not in self.globals:
             # The scan spelled this name differently (an escape it decoded otherwise): the same
             # policy applies all the same, before anything is made of it.
             self.note_globals([(module, name)])
-        module, name = python3_name(module, name)
-        return self._types.get(module, name, self.source)
+        return self._types.get(*key, self.source)
 
     def unpickle(self, data: bytes | memoryview, *, what: str = "pickle",
                  persistent: Callable[[Any], Any] | None = None,

@@ -27,7 +27,7 @@ from ..unpickler import GlobalName, Reader
 log = logging.getLogger(__name__)
 
 __all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "map_file", "copy_bytes", "file_storage",
-           "listing_globals", "result"]
+           "listing_globals", "result", "as_text"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,19 @@ class Container(Protocol):
 
     def diagnose(self, head: bytes, size: int) -> str | None:
         """For a file `sniff` did not accept: why, if it looks like a broken file of this format."""
+
+
+def as_text(head: bytes) -> str | None:
+    """head decoded as UTF-8 if it is printable text (a character cut at the end is allowed)."""
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3 or exc.reason != "unexpected end of data":
+            return None
+        decoded = head[:exc.start].decode("utf-8")
+    if decoded and all(c.isprintable() or c in "\r\n\t\f\v" for c in decoded):
+        return decoded
+    return None
 
 
 def map_file(path: Path) -> memoryview:

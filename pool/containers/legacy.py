@@ -12,7 +12,6 @@ refused.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globa
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
-log = logging.getLogger(__name__)
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -208,12 +206,6 @@ class BlobReader:
         self.refs[id(record)] = self.by_content[content] = ref
         return ref
 
-    def storages_on(self, device: torch.device) -> dict[str, torch.UntypedStorage]:
-        if device.type == "cpu":
-            return self.storages
-        return {k: torch.empty(0, dtype=torch.uint8).set_(s).to(device).untyped_storage()
-                for k, s in self.storages.items()}
-
 
 class Legacy:
     name = "legacy"
@@ -227,10 +219,11 @@ class Legacy:
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
         with listing_globals(reader):
-            size = path.stat().st_size
+            buffer = map_file(path)
+            size = len(buffer)
             blobs = BlobReader(reader, size)
             with FileRanges(path) as ranges:
-                root, storages = parse_legacy(map_file(path), reader, "legacy stream", (ranges, 0))
+                root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
             storages.update(blobs.storages)

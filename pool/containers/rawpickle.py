@@ -7,7 +7,6 @@ parser (`pool.containers.legacy.BlobReader`). A plain pickle has no persistent i
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
 
-log = logging.getLogger(__name__)
 _LARGE = 1 << 16  # byte strings at least this long are read in place
 
 
@@ -38,9 +36,10 @@ class PlainPickle:
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
         with listing_globals(reader), FileRanges(path) as ranges:
-            size = path.stat().st_size
+            buffer = map_file(path)
+            size = len(buffer)
             blobs = BlobReader(reader, size, ranges)
-            root = reader.unpickle(map_file(path), what="pickle", large_bytes=_LARGE).root
+            root = reader.unpickle(buffer, what="pickle", large_bytes=_LARGE).root
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
             del root

@@ -20,7 +20,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize, move
 from ..transfer import Span, open_regular, read_spans
-from .base import Checkpoint, ReadOptions, file_storage, map_file
+from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
            "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS"]
@@ -124,11 +124,6 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
     return entries, metadata
 
 
-def _is_text(head: bytes) -> bool:
-    text = head.decode("utf-8", "ignore")
-    return bool(text) and all(c.isprintable() or c in "\r\n\t\f\v" for c in text)
-
-
 class Safetensors:
     name = "safetensors"
 
@@ -142,7 +137,7 @@ class Safetensors:
         return 0 < header_len <= size - 8
 
     def diagnose(self, head: bytes, size: int) -> str | None:
-        if len(head) < 9 or head[8:9] != b"{" or _is_text(head[:200]):
+        if len(head) < 9 or head[8:9] != b"{" or as_text(head[:200]) is not None:
             return None  # text that merely has "{" at byte 8 (a JSON or YAML file): not ours
         (header_len,) = struct.unpack("<Q", head[:8])
         return (f"looks like safetensors but its header claims {header_len} bytes and the file has {size}; "

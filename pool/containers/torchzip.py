@@ -8,7 +8,6 @@ parser (`pool.containers.zipfmt`) and our own unpickler; TorchScript archives (`
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,6 @@ from .zipfmt import ZipArchive, parse_zip
 
 __all__ = ["TorchZip", "TorchArchive", "open_archive"]
 
-log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
@@ -119,14 +117,13 @@ class TorchZip:
                 # one bulk read of just the records the state dict uses (pool.transfer)
                 spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
                 storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
-                storages.update(blobs.storages_on(device))
-                tensors = materialize(walked.tensors, storages, source, len(buffer))
-            else:  # mapped from the file; other devices (meta, mps, ...) get each storage moved once
+            else:  # mapped from the file
                 whole = file_storage(buffer)
                 storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
                             for k in keys}
-                storages.update(blobs.storages)
-                tensors = move(materialize(walked.tensors, storages, source, len(buffer)), device)
+            storages.update(blobs.storages)
+            # what is not on the device yet (blob storages, other devices than cpu/cuda): moved once each
+            tensors = move(materialize(walked.tensors, storages, source, len(buffer)), device)
         return result(path, self.name, walked, tensors, reader)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
