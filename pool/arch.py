@@ -30,6 +30,9 @@ __all__ = [
     "build_clip",
     "check_arch",
     "name_for_arch",
+    "default_quick_gelu",
+    "recorded_quick_gelu",
+    "QUICK_GELU_METADATA",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,31 @@ def name_for_arch(arch: VisionArch) -> str | None:
         return None
     matches.sort(key=lambda n: (_base_name(n) not in OPENAI_MODEL_NAMES, n.endswith("-quickgelu"), len(n), n))
     return matches[0]
+
+
+#: The safetensors metadata key `pool.convert` writes the activation under ("true" / "false").
+QUICK_GELU_METADATA = "pool.quick_gelu"
+
+
+def default_quick_gelu(arch: VisionArch | str | None) -> bool:
+    """The activation to use when the file records none: an architecture (or open_clip name) of
+    OpenAI's shapes means QuickGELU, as the published weights use it; a custom ViT too, as every
+    checkpoint of this field derives from OpenAI's weights.
+
+    Example:
+        >>> default_quick_gelu("ViT-B-32"), default_quick_gelu("ViT-B-32__pretrained__laion2b_s34b_b79k")
+        (True, False)
+    """
+    if isinstance(arch, str):
+        return bool(arch_for_name(arch).quick_gelu)
+    name = name_for_arch(arch) if arch is not None else None
+    return bool(arch_for_name(name).quick_gelu) if name else True
+
+
+def recorded_quick_gelu(metadata: Mapping[str, str]) -> bool | None:
+    """The activation a converted file records in its metadata, or None when it records none."""
+    value = metadata.get(QUICK_GELU_METADATA)
+    return None if value is None else value == "true"
 
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any] | None = None,

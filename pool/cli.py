@@ -362,9 +362,11 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
             print("\n".join(lines))
             return 1
         lines.append("")
-        fresh = sum(r.status == "converted" for r in results)
-        lines.append(out.ok(f"{len(results)} files: {fresh} converted, {len(results) - fresh} up to date; "
-                            "all read back bit-identical") + "; sources unchanged")
+        counts = {status: sum(r.status == status for r in results)
+                  for status in ("converted", "up to date", "same tensors")}
+        lines.append(out.ok(f"{len(results)} files: {counts['converted']} converted, {counts['up to date']} up to "
+                            f"date, {counts['same tensors']} already held the same tensors (kept); all read "
+                            "back bit-identical") + "; sources unchanged")
         for config in configs:
             lines.append(f"config: {config}")
             lines.append(f"  check it: python -m pool verify {config}")
@@ -383,16 +385,11 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
             ("tensors", f"{res.tensors}, {human_size(res.bytes)} written, read back bit-identical"),
             ("source", f"sha256 {res.source_sha256} (never modified)"),
             ("time", human_time(res.seconds))]
+    if res.kind == "encoder" and res.quick_gelu is not None:
+        rows.insert(2, ("activation", f"{'QuickGELU' if res.quick_gelu else 'GELU'}, recorded in the file's "
+                                      "metadata (pool reads it back; no config key needed)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
-    if res.kind == "encoder" and res.quick_gelu is not None:
-        from .arch import arch_for_name
-
-        default = arch_for_name(res.model_name).quick_gelu if res.model_name else True
-        if res.quick_gelu != default:
-            print(paragraph(f"note: this encoder uses {'QuickGELU' if res.quick_gelu else 'GELU'}; a "
-                            "safetensors file does not record the activation, so configure it as "
-                            f"{{state_dict_path: {res.destination}, quick_gelu: {str(res.quick_gelu).lower()}}}."))
     return 0
 
 

@@ -11,8 +11,9 @@ What ``python -m pool convert`` runs. Every conversion:
   reads back);
 * writes to a temporary file in the destination's folder, reads it back and compares every tensor
   bit for bit with what was meant to be written, and only then renames it into place;
-* refuses an existing destination unless ``force`` (in a tree, a destination converted earlier
-  from the same source bytes counts as up to date and is kept).
+* refuses an existing destination unless ``force``. In a tree, a destination converted earlier
+  from the same source bytes, or one that already holds exactly the tensors a conversion would
+  write (say, a safetensors copy written by another tool), counts as up to date and is kept.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from typing import Any
 
 import torch
 
-from .arch import arch_for_name, name_for_arch
+from .arch import QUICK_GELU_METADATA, default_quick_gelu, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError, CorruptCheckpointError, PoolError
-from .keys import to_clip_keys
+from .keys import checkpoint_kind as _kind_of
+from .keys import strip_ddp
 from .modeling import ClassificationHead, ImageEncoder
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "plan_tree",
@@ -54,7 +56,7 @@ class ConvertResult:
     destination: Path
     kind: str = ""
     ok: bool = False
-    status: str = ""  # "converted", "up to date", "failed"
+    status: str = ""  # "converted", "up to date", "same tensors", "failed"
     error: str | None = None
     model_name: str | None = None
     architecture: str | None = None
@@ -81,14 +83,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def checkpoint_kind(ckpt: Checkpoint) -> str:
-    """``encoder`` (a ViT image tower), ``head`` (weight [classes, dim] and bias) or ``unknown``."""
-    if "visual.conv1.weight" in to_clip_keys(ckpt.state_dict, source=str(ckpt.path)):
-        return "encoder"
-    sd = {k.removeprefix("module."): v for k, v in ckpt.state_dict.items()}
-    weight = sd.get("weight")
-    if set(sd) <= {"weight", "bias"} and weight is not None and weight.dim() == 2:
-        return "head"
-    return "unknown"
+    """``encoder``, ``head`` or ``unknown``: `pool.keys.checkpoint_kind` of the file's tensors."""
+    return _kind_of(ckpt.state_dict)
 
 
 def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,20 +108,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8) if flat.element_size() and flat.numel() else flat
 
 
-def compare_tensors(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CorruptCheckpointError unless both have the same keys, dtypes, shapes and bits."""
+def tensor_difference(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """How two state dicts differ (keys, dtypes, shapes or bits), or None when they are identical."""
     if set(written) != set(expected):
         missing = sorted(set(expected) - set(written))[:3]
         extra = sorted(set(written) - set(expected))[:3]
-        raise CorruptCheckpointError(f"{where}: read back with different keys (missing {missing}, extra {extra})")
+        return f"different keys (missing {missing}, extra {extra})"
     for key, want in expected.items():
         got = written[key]
         if got.dtype != want.dtype or got.shape != want.shape:
-            raise CorruptCheckpointError(
-                f"{where}: {key} read back as {got.dtype} {tuple(got.shape)}, wrote {want.dtype} "
-                f"{tuple(want.shape)}")
+            return f"{key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}"
         if not torch.equal(_bits(got.cpu()), _bits(want.cpu())):
-            raise CorruptCheckpointError(f"{where}: {key} read back with different values")
+            return f"{key} has different values"
+    return None
+
+
+def compare_tensors(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CorruptCheckpointError unless both have the same keys, dtypes, shapes and bits."""
+    difference = tensor_difference(written, expected)
+    if difference is not None:
+        raise CorruptCheckpointError(f"{where}: read back with {difference}")
 
 
 def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
@@ -135,14 +137,14 @@ def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str
     res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name,
                         architecture=arch.describe(), quick_gelu=arch.quick_gelu)
     meta = {"pool.kind": "encoder", "pool.architecture": arch.describe(), "pool.model_name": name or "",
-            "pool.quick_gelu": str(bool(arch.quick_gelu)).lower(), "pool.embed_dim": str(arch.embed_dim),
+            QUICK_GELU_METADATA: str(bool(arch.quick_gelu)).lower(), "pool.embed_dim": str(arch.embed_dim),
             "pool.image_size": str(arch.image_size)}
     return dict(encoder.state_dict()), meta, res
 
 
 def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
     head = ClassificationHead.from_checkpoint(ckpt)  # validates shapes, resolves normalize
-    sd = {k.removeprefix("module."): v for k, v in ckpt.state_dict.items()}
+    sd = strip_ddp(ckpt.state_dict)
     tensors = {"weight": sd["weight"]}
     tensors["bias"] = sd["bias"] if sd.get("bias") is not None else head.bias.detach()
     classes, dim = (int(x) for x in sd["weight"].shape)
@@ -159,7 +161,9 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
     """Convert one checkpoint (encoder or head) to safetensors; see the module docstring.
 
     ``keep_current``: an existing destination converted earlier from the same source bytes (its
-    ``pool.source_sha256``) is read back and compared instead of rewritten ("up to date").
+    ``pool.source_sha256``) is read back and compared instead of rewritten (status "up to date");
+    one that holds exactly the tensors this conversion would write is kept too ("same tensors");
+    any other raises DestinationExistsError.
     """
     import safetensors.torch
 
@@ -179,29 +183,24 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
         raise DestinationExistsError(f"{dst.parent} is not an existing folder; create it first.")
     ckpt = read_checkpoint(src)
     digest = source_sha256 or sha256_file(src)
-    kind = checkpoint_kind(ckpt)
-    if kind == "encoder":
-        tensors, meta, res = _encoder_payload(ckpt, model_name)
-    elif kind == "head":
-        tensors, meta, res = _head_payload(ckpt)
-    else:
-        raise CheckpointError(
-            f"{src}: neither an image encoder (no visual.conv1.weight) nor a classification head "
-            f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
-            "`python -m pool inspect` shows what it is.")
+    tensors, meta, res = _payload(ckpt, model_name)
     meta.update({"format": "pt", "pool.source_sha256": digest, "pool.source_name": src.name,
                  "pool.source_container": ckpt.container, "pool.writer": f"openclip-pool {__version__}"})
-    tensors = _prepare(tensors)
     res.source, res.destination, res.source_sha256 = src, dst, digest
     res.tensors = len(tensors)
     if dst.exists() and not force:
-        if _stored_source_sha(dst) != digest:
-            raise DestinationExistsError(
-                f"{dst} exists and was not converted from {src} as it is now; refusing to overwrite "
-                "it. Pass --force to replace it.")
-        compare_tensors(read_checkpoint(dst, mmap=False).state_dict, tensors,
-                        f"{dst} (converted earlier from {src}; pass --force to rewrite it)")
-        res.ok, res.status, res.bytes = True, "up to date", dst.stat().st_size
+        if _stored_source_sha(dst) == digest:
+            compare_tensors(read_checkpoint(dst, mmap=False).state_dict, tensors,
+                            f"{dst} (converted earlier from {src}; pass --force to rewrite it)")
+            res.status = "up to date"
+        else:
+            difference = _existing_difference(dst, tensors)
+            if difference is not None:
+                raise DestinationExistsError(
+                    f"{dst} exists and does not hold {src}'s tensors ({difference}); refusing to "
+                    "overwrite it. Pass --force to replace it.")
+            res.status = "same tensors"
+        res.ok, res.bytes = True, dst.stat().st_size
         res.seconds = time.perf_counter() - start
         return res
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -244,6 +243,31 @@ class TreePlan:
     items: list[TreeItem]
     configs: dict[Path, Path] = field(default_factory=dict)  # group -> config path
     unplaced: list[Path] = field(default_factory=list)
+
+
+def _payload(ckpt: Checkpoint, model_name: str | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
+    """The tensors (contiguous, unshared), metadata and result a conversion of ``ckpt`` writes."""
+    kind = checkpoint_kind(ckpt)
+    if kind == "encoder":
+        tensors, meta, res = _encoder_payload(ckpt, model_name)
+    elif kind == "head":
+        tensors, meta, res = _head_payload(ckpt)
+    else:
+        raise CheckpointError(
+            f"{ckpt.path}: neither an image encoder (no visual.conv1.weight) nor a classification head "
+            f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
+            "`python -m pool inspect` shows what it is.")
+    return _prepare(tensors), meta, res
+
+
+def _existing_difference(destination: Path, tensors: dict[str, torch.Tensor]) -> str | None:
+    """None when ``destination`` already holds exactly ``tensors``, else how it differs."""
+    try:
+        held = read_checkpoint(destination, mmap=False).state_dict
+    except PoolError as exc:
+        return f"it cannot be read: {exc}"
+    return tensor_difference(held, tensors)
 
 
 def _stored_source_sha(path: Path) -> str | None:
@@ -311,7 +335,11 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
             if _stored_source_sha(item.destination) == item.sha256:
                 item.up_to_date = True
             elif not force:
-                existing.append(str(item.destination))
+                difference = _planned_difference(item)
+                if difference is None:
+                    item.up_to_date = True  # holds the very tensors: kept, reported "same tensors"
+                else:
+                    existing.append(f"{item.destination} ({difference})")
     for config in configs.values():
         if config.exists() and not force and not config.read_text(errors="replace").startswith(_CONFIG_HEADER):
             existing.append(str(config))
@@ -320,6 +348,14 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
             f"refusing to overwrite {len(existing)} existing file(s) that this tree's conversion "
             f"would write: {', '.join(existing)}. Nothing was written. Pass --force to replace them.")
     return TreePlan(root, items, configs, unplaced)
+
+
+def _planned_difference(item: TreeItem) -> str | None:
+    try:
+        tensors, _, _ = _payload(read_checkpoint(item.source))
+    except PoolError:
+        return "its source cannot be converted"  # convert_tree reports the source's own error
+    return _existing_difference(item.destination, tensors)
 
 
 def convert_tree(plan: TreePlan, *, force: bool = False,
@@ -354,9 +390,9 @@ def _model_entry(res: ConvertResult) -> dict[str, Any]:
     entry: dict[str, Any] = {"state_dict_path": str(res.destination.absolute())}
     if res.model_name:
         entry["model_name"] = res.model_name
-    default = arch_for_name(res.model_name).quick_gelu if res.model_name else True
-    if res.quick_gelu is not None and res.quick_gelu != default:
-        entry["quick_gelu"] = res.quick_gelu  # the safetensors file has no module records to say it
+    if res.quick_gelu is not None and res.quick_gelu != default_quick_gelu(res.model_name):
+        # Said in the config too: a kept file written by another tool may lack our metadata.
+        entry["quick_gelu"] = res.quick_gelu
     return entry
 
 

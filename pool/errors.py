@@ -6,9 +6,13 @@ entry where there is one), what was expected, what was found and what to do abou
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 __all__ = [
     "printable",
     "brief",
+    "amended",
     "PoolError",
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -47,6 +51,35 @@ def brief(value: object, limit: int = 120) -> str:
     return printable(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def amended(exc: E, *, prefix: str = "", **attributes: object) -> E:
+    """A copy of ``exc`` (same type, message and attributes) with ``prefix`` put before its message
+    and ``attributes`` set: context is added to an error by raising a new one ``from`` it, never by
+    changing an exception that was already raised (a caller may hold it).
+
+    Args:
+        exc: the exception caught.
+        prefix: text put before the message (before ``strerror`` for an ``OSError``).
+        attributes: attributes to set on the copy, e.g. ``checkpoint_globals=[...]``.
+
+    Returns:
+        The new exception, not yet raised: ``raise amended(exc, prefix="models.cars: ") from exc``.
+    """
+    new = copy.copy(exc)
+    if prefix:
+        if isinstance(new, OSError) and new.strerror:
+            new.strerror = prefix + new.strerror
+        elif new.args and isinstance(new.args[0], str):
+            new.args = (printable(prefix) + new.args[0], *new.args[1:])
+        else:
+            new.args = (printable(prefix.rstrip(": ")), *new.args)
+    for name, value in attributes.items():
+        setattr(new, name, value)
+    return new
+
+
 class PoolError(Exception):
     """Base of every error raised by `pool`. Its message is always terminal-safe (`printable`):
     file names, keys and globals in it come from files."""
@@ -62,7 +95,9 @@ class CheckpointError(PoolError):
     the error came before any unpickling); ``python -m pool inspect`` reports them.
     """
 
-    checkpoint_globals: list = []
+    def __init__(self, *args: object, checkpoint_globals: list | None = None) -> None:
+        super().__init__(*args)
+        self.checkpoint_globals: list = list(checkpoint_globals or [])
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -71,8 +106,9 @@ class UnsafeCheckpointError(CheckpointError):
     `globals` lists each offending ``module.name``; nothing from the file was executed.
     """
 
-    def __init__(self, message: str, globals: list[str] | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, globals: list[str] | None = None, *,
+                 checkpoint_globals: list | None = None) -> None:
+        super().__init__(message, checkpoint_globals=checkpoint_globals)
         self.globals = list(globals or [])
 
 

@@ -7,43 +7,98 @@ Writers in the wild name the same tensors differently:
 * training scripts: ``{"state_dict": {"module.visual.conv1.weight": ...}}`` (DDP prefixes);
 * full CLIP state dicts that still hold the text transformer (``transformer.resblocks.*``).
 
-`to_clip_keys` maps all of them onto open_clip CLIP keys (no prefix, no text transformer).
+`to_clip_keys` maps all of them onto open_clip CLIP keys (no prefix, no text transformer);
+`checkpoint_kind` says whether tensors are an encoder or a classification head, and
+`describe_layout` names the layout for people. Every other module asks these three.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TypeVar
 
 import torch
 
-__all__ = ["to_clip_keys", "to_clip_modules", "key_mismatch", "ENCODER_PREFIX", "TEXT_SIDE_KEYS"]
+__all__ = ["to_clip_keys", "to_clip_modules", "strip_ddp", "checkpoint_kind", "describe_layout", "key_mismatch",
+           "ENCODER_PREFIX", "DDP_PREFIX", "ENCODER_MARKER", "TEXT_SIDE_KEYS"]
 
 log = logging.getLogger(__name__)
 
 #: The prefix `pool.ImageEncoder` (like the original) puts before CLIP keys.
 ENCODER_PREFIX = "model."
+#: The prefix DistributedDataParallel puts before every key.
+DDP_PREFIX = "module."
+#: The tensor (in CLIP keys) whose presence makes a state dict a ViT image encoder.
+ENCODER_MARKER = "visual.conv1.weight"
 #: Top-level CLIP entries of the text side that an ImageEncoder keeps (the transformer is deleted).
 TEXT_SIDE_KEYS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
                   "text_projection", "logit_scale", "logit_bias")
 _DROPPED_PREFIXES = ("transformer.",)
 _DROPPED_KEYS = ("attn_mask",)
+V = TypeVar("V")
 
 
-def _strip(key: str, prefix: str) -> str:
-    return key[len(prefix):] if key.startswith(prefix) else key
+def _has_ddp_prefix(keys: list[str]) -> bool:
+    return bool(keys) and all(k.startswith(DDP_PREFIX) for k in keys)
+
+
+def strip_ddp(state_dict: Mapping[str, V]) -> dict[str, V]:
+    """``state_dict`` without DistributedDataParallel's ``module.`` prefix, when every key has it.
+
+    Example:
+        >>> strip_ddp({"module.weight": 1, "module.bias": 2})
+        {'weight': 1, 'bias': 2}
+    """
+    if not _has_ddp_prefix(list(state_dict)):
+        return dict(state_dict)
+    return {k[len(DDP_PREFIX):]: v for k, v in state_dict.items()}
+
+
+def checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"encoder"`` (a ViT image tower in any known key layout), ``"head"`` (a 2-d ``weight``
+    and optionally a ``bias``, nothing else) or ``"unknown"``."""
+    clip = to_clip_keys(state_dict)
+    if ENCODER_MARKER in clip:
+        return "encoder"
+    head = strip_ddp(state_dict)
+    weight = head.get("weight")
+    if set(head) <= {"weight", "bias"} and weight is not None and weight.dim() == 2:
+        return "head"
+    return "unknown"
+
+
+def describe_layout(keys: list[str], wrapper: str | None = None) -> str:
+    """How a file's tensors are named, for people: ``model.visual.* (task_vectors ImageEncoder)``,
+    ``visual.* (open_clip CLIP)``, ``weight, bias``, with the DDP prefix and wrapper noted."""
+    ddp = _has_ddp_prefix(keys)
+    stripped = [k[len(DDP_PREFIX):] for k in keys] if ddp else list(keys)
+    if any(k.startswith(ENCODER_PREFIX + "visual.") for k in stripped):
+        layout = "model.visual.* (task_vectors ImageEncoder)"
+    elif any(k.startswith("visual.") for k in stripped):
+        layout = "visual.* (open_clip CLIP)"
+    elif set(stripped) <= {"weight", "bias"}:
+        layout = "weight, bias"
+    else:
+        layout = ", ".join(stripped[:3]) + (" ..." if len(stripped) > 3 else "")
+    if ddp:
+        layout += ", module. prefix (DDP)"
+    if wrapper:
+        layout += f', wrapped in {{"{wrapper}": ...}}'
+    return layout
 
 
 def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Any known writer's keys -> open_clip CLIP keys, text transformer dropped."""
-    keys = list(state_dict)
+    """Any known writer's keys -> open_clip CLIP keys, text transformer dropped.
+
+    Example:
+        >>> list(to_clip_keys({"module.model.visual.proj": torch.zeros(1)}))
+        ['visual.proj']
+    """
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
-    strip_module = keys and all(k.startswith("module.") for k in keys)
-    for key, value in state_dict.items():
-        k = _strip(key, "module.") if strip_module else key
-        if not k.startswith("visual.") and k.startswith(ENCODER_PREFIX):
-            k = k[len(ENCODER_PREFIX):]
+    for key, value in strip_ddp(state_dict).items():
+        k = key[len(ENCODER_PREFIX):] if key.startswith(ENCODER_PREFIX) else key
         if k.startswith(_DROPPED_PREFIXES) or k in _DROPPED_KEYS:
             dropped.append(key)
             continue

@@ -16,11 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import VisionArch, arch_for_name, build_clip, check_arch, infer_arch, name_for_arch
+from .arch import (
+    VisionArch,
+    arch_for_name,
+    build_clip,
+    check_arch,
+    default_quick_gelu,
+    infer_arch,
+    name_for_arch,
+    recorded_quick_gelu,
+)
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import ArchitectureMismatchError, CheckpointError, printable
 from .gcpause import paused_gc
-from .keys import TEXT_SIDE_KEYS, key_mismatch, to_clip_keys, to_clip_modules
+from .keys import TEXT_SIDE_KEYS, key_mismatch, strip_ddp, to_clip_keys, to_clip_modules
 
 __all__ = ["ImageEncoder", "ClassificationHead", "DType"]
 
@@ -100,7 +109,7 @@ class ImageEncoder(nn.Module):
                 arch = replace(arch, quick_gelu=weights.quick_gelu)
         else:
             arch = weights if weights.quick_gelu is not None else replace(
-                weights, quick_gelu=_default_quick_gelu(weights))
+                weights, quick_gelu=default_quick_gelu(weights))
         if quick_gelu is not None:
             arch = replace(arch, quick_gelu=bool(quick_gelu))
         with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
@@ -112,8 +121,8 @@ class ImageEncoder(nn.Module):
     def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
         """Build from a `pool.checkpoint.Checkpoint` (uses its module records when it has them)."""
         kwargs.setdefault("source", str(checkpoint.path))
-        if kwargs.get("quick_gelu") is None and not checkpoint.modules and "pool.quick_gelu" in checkpoint.metadata:
-            kwargs["quick_gelu"] = checkpoint.metadata["pool.quick_gelu"] == "true"  # written by convert
+        if kwargs.get("quick_gelu") is None and not checkpoint.modules:
+            kwargs["quick_gelu"] = recorded_quick_gelu(checkpoint.metadata)  # written by pool.convert
         return cls.from_state_dict(checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
 
     @classmethod
@@ -128,12 +137,6 @@ class ImageEncoder(nn.Module):
         ckpt = read_checkpoint(path, map_location=device, mmap=mmap)
         return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
                                    dtype=dtype)
-
-
-def _default_quick_gelu(arch: VisionArch) -> bool:
-    """No activation recorded: OpenAI shapes mean QuickGELU, as the published weights use it."""
-    name = name_for_arch(arch)
-    return arch_for_name(name).quick_gelu if name else True
 
 
 def image_transforms(arch: VisionArch) -> tuple[Any, Any]:
@@ -191,7 +194,7 @@ class ClassificationHead(nn.Linear):
     def from_checkpoint(cls, checkpoint: Checkpoint, *, normalize: bool | None = None, device: Any = None,
                         dtype: DType = None) -> ClassificationHead:
         """Rebuild from a read checkpoint: weight, bias and the ``normalize`` flag it stored."""
-        sd = {k.removeprefix("module."): v for k, v in checkpoint.state_dict.items()}
+        sd = strip_ddp(checkpoint.state_dict)
         weight, bias = sd.get("weight"), sd.get("bias")
         if weight is None or weight.dim() != 2:
             raise CheckpointError(

@@ -20,7 +20,7 @@ from .arch import VisionArch, arch_for_name, infer_arch
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, resolve_entry
-from .errors import ArchitectureMismatchError, ConfigError, PoolError
+from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
 from .keys import to_clip_keys
 from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, resolve_dtype
 
@@ -41,13 +41,8 @@ def _as_mapping(value: Any, section: str) -> dict[str, Any]:
 
 
 def _with_entry(exc: PoolError, entry: Entry) -> PoolError:
-    """Prefix the entry's name to an error message, keeping the exception type."""
-    prefix = f"pool entry {entry.label}: "
-    if isinstance(exc, OSError) and exc.strerror:
-        exc.strerror = prefix + exc.strerror
-    elif exc.args and isinstance(exc.args[0], str):
-        exc.args = (prefix + exc.args[0], *exc.args[1:])
-    return exc
+    """A copy of ``exc`` (same type) whose message starts with the entry's name."""
+    return amended(exc, prefix=f"pool entry {entry.label}: ")
 
 
 class OpenCLIPVisionModelPool:
@@ -165,7 +160,7 @@ class OpenCLIPVisionModelPool:
         try:
             return read_checkpoint(entry.path, map_location=device, mmap=entry.options.get("mmap"))
         except PoolError as exc:
-            raise _with_entry(exc, entry) from None
+            raise _with_entry(exc, entry) from exc
 
     # -- models ------------------------------------------------------------------------------------
     def load_model(self, name_or_config: Any, *, device: Any = None, dtype: DType = None,
@@ -195,7 +190,7 @@ class OpenCLIPVisionModelPool:
             except ArchitectureMismatchError:
                 raise
             except PoolError as exc:
-                raise _with_entry(exc, entry) from None
+                raise _with_entry(exc, entry) from exc
         log.info("loaded %s (%s) in %.3f s", entry.label, entry.form, time.perf_counter() - start)
         return model
 
@@ -237,7 +232,7 @@ class OpenCLIPVisionModelPool:
                 return ClassificationHead.from_checkpoint(ckpt, normalize=entry.options.get("normalize"),
                                                           device=device, dtype=dtype)
             except PoolError as exc:
-                raise _with_entry(exc, entry) from None
+                raise _with_entry(exc, entry) from exc
         if device is not None or dtype is not None:
             head = head.to(device=device, dtype=resolve_dtype(dtype))
         return head
@@ -305,11 +300,11 @@ class OpenCLIPVisionModelPool:
         try:
             return instantiate(entry.config)
         except PoolError as exc:
-            raise _with_entry(exc, entry) from None
+            raise _with_entry(exc, entry) from exc
         except Exception as exc:  # noqa: BLE001 - Hydra wraps errors: report with the entry name
             cause = exc.__cause__ if isinstance(exc.__cause__, PoolError) else None
             if cause is not None:
-                raise _with_entry(cause, entry) from None
+                raise _with_entry(cause, entry) from exc
             raise ConfigError(f"pool entry {entry.label}: Hydra could not instantiate "
                               f"{entry.config.get('_target_')!r}: {exc}") from exc
 

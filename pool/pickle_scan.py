@@ -123,8 +123,7 @@ def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<byt
         error = CorruptCheckpointError(
             f"{source}: the {what} is malformed at byte {exc.at}: {exc.why}. No checkpoint writer "
             "produces this: the file is truncated, damaged or crafted; nothing was unpickled. "
-            "Download it again from a trusted source.")
-        error.checkpoint_globals = list(seen)
+            "Download it again from a trusted source.", checkpoint_globals=list(seen))
         raise error from None
     return result
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, printable
+from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, amended, printable
 from .pickle_scan import scan_pickle
 
 __all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
@@ -249,8 +249,8 @@ class Reader:
                 + (f" (and {len(unsafe) - 1} more unsafe)" if len(unsafe) > 1 else "")
                 + ", which could run code or touch the system if called. Nothing from the file was "
                 "executed. This is no checkpoint to keep using: get the file from a trusted source, "
-                "or run `python -m pool inspect` on it to see every global it names.", unsafe)
-            error.checkpoint_globals = self.named_globals
+                "or run `python -m pool inspect` on it to see every global it names.", unsafe,
+                checkpoint_globals=self.named_globals)
             raise error
 
     def find_class(self, module: str, name: str) -> type:
@@ -272,8 +272,7 @@ class Reader:
             scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
         except CorruptCheckpointError as exc:
             self.note_globals(exc.checkpoint_globals)
-            exc.checkpoint_globals = self.named_globals
-            raise
+            raise amended(exc, checkpoint_globals=self.named_globals) from exc
         self.note_globals(scan.globals)
         if scan.persistent_ids and persistent is None:
             raise CorruptCheckpointError(

@@ -415,14 +415,36 @@ def test_convert_tree_then_verify(capsys, converted_tree, synth_tree, tree_copy)
     assert code == 0 and "0 converted, 10 up to date" in out
 
 
+def test_convert_tree_on_a_fresh_synth_tree_keeps_a_destination_holding_the_same_tensors(capsys, synth_tree, tmp_path):
+    root = tmp_path / "ckpts"
+    shutil.copytree(synth_tree.root / "tiny", root / "tiny")
+    kept = root / "tiny" / "Cars" / "finetuned.safetensors"  # written by synth, not by convert
+    before = kept.read_bytes()
+    code, out, err = run(capsys, "convert", "--tree", root)
+    assert code == 0, out + err
+    row = next(line for line in out.splitlines() if "tiny/Cars/finetuned.pt " in line)
+    assert row.rstrip().endswith("same tensors")
+    assert "1 already held the same tensors (kept)" in out
+    assert kept.read_bytes() == before
+    cfg = OmegaConf.load(root / "pool.safetensors.yaml")
+    assert cfg.models.cars.state_dict_path == str(kept.absolute())
+    pool = OpenCLIPVisionModelPool.from_config(root / "pool.safetensors.yaml")
+    assert torch.equal(pool.load_model("cars").state_dict()["model.visual.proj"],
+                       ImageEncoder.load(root / "tiny" / "Cars" / "finetuned.pt").state_dict()["model.visual.proj"])
+
+
 def test_convert_tree_refuses_foreign_destinations_and_writes_nothing(capsys, synth_tree, tmp_path):
     root = tmp_path / "ckpts"
     shutil.copytree(synth_tree.root / "tiny", root / "tiny")
-    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    other = ImageEncoder.load(root / "tiny" / "DTD" / "finetuned.pt").state_dict()  # not Cars' tensors
+    synth.save_state_dict(other, root / "tiny" / "Cars" / "finetuned.safetensors", "safetensors")
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "convert", "--tree", root)
     assert code == 2
-    assert "Cars/finetuned.safetensors" in err and "Nothing was written" in " ".join(err.split())
-    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    text = " ".join(err.split())
+    assert "Cars/finetuned.safetensors (model." in text and "has different values" in text
+    assert "Nothing was written" in text
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
 def test_convert_tree_keeps_gelu_encoders_gelu(capsys, tmp_path):

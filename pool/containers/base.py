@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, amended
 from ..records import ModuleInfo, Walked
 from ..transfer import open_regular, pread_into
 from ..unpickler import GlobalName, Reader
@@ -155,9 +155,9 @@ def listing_globals(reader: Reader) -> Iterator[None]:
     try:
         yield
     except CheckpointError as exc:
-        if not exc.checkpoint_globals:
-            exc.checkpoint_globals = reader.named_globals
-        raise
+        if exc.checkpoint_globals:
+            raise
+        raise amended(exc, checkpoint_globals=reader.named_globals) from exc
 
 
 def result(path: Path, container: str, walked: Walked, tensors: dict[str, torch.Tensor],
