@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -141,20 +142,34 @@ def _missing_message(p: Path) -> str:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _device_of(map_location: Any) -> torch.device | None:
-    """The target device of a read; a bad argument is the caller's mistake (ConfigError, a
-    ValueError), never reported as a problem of the file."""
-    if map_location is None:
-        return None
-    if isinstance(map_location, (str, torch.device)):
+def _device(value: Any, what: str) -> torch.device:
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
         try:
-            return torch.device(map_location)
+            return torch.device(value)
         except RuntimeError as exc:
-            raise ConfigError(f"map_location {map_location!r} is not a device ({exc}); give a device "
-                              "string such as 'cpu' or 'cuda:0', or a torch.device") from None
-    raise ConfigError(f"map_location {map_location!r} is not supported: give a device string such as "
-                      "'cpu' or 'cuda:0', or a torch.device (every tensor goes to that one device; a "
-                      "dict of saved locations is not read)")
+            raise ConfigError(f"{what} {value!r} is not a device ({exc}); give a device string such as "
+                              "'cpu' or 'cuda:0', or a torch.device") from None
+    raise ConfigError(f"{what} {value!r} is not supported: give a device string such as 'cpu' or "
+                      "'cuda:0', a torch.device, or a dict of saved location -> device")
+
+
+def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsafe: bool = True) -> ReadOptions:
+    """How a read places tensors, from ``torch.load``'s ``map_location`` forms: None (the CPU), a
+    device string or `torch.device` (every tensor there), or a dict mapping saved locations to
+    devices (``{"cuda:0": "cpu"}``; a location it does not name stays on the CPU). A bad argument
+    is the caller's mistake (ConfigError, a ValueError), never reported as a problem of the file."""
+    if isinstance(map_location, Mapping):
+        locations = {}
+        for saved, target in map_location.items():
+            if not isinstance(saved, str):
+                raise ConfigError(f"map_location: the key {saved!r} is not a saved location string "
+                                  "such as 'cpu' or 'cuda:0'")
+            locations[saved] = _device(target, f"map_location[{saved!r}]")
+        return ReadOptions(None, mmap, refuse_unsafe, locations)
+    device = None if map_location is None else _device(map_location, "map_location")
+    return ReadOptions(device, mmap, refuse_unsafe)
 
 
 def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | None = None,
@@ -167,7 +182,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     """
     p = _existing_file(path)
     container = _container(sniff_container(p))
-    options = ReadOptions(_device_of(map_location), mmap, refuse_unsafe)
+    options = read_options(map_location, mmap, refuse_unsafe)
     with paused_gc():
         return container.read(p, options)
 

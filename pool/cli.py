@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import ConfigError, PoolError, printable
 from .report import Style, human_count, human_size, human_time, paragraph, table
+from .verify_report import EntryResult, HeadCheck, VerifyReport
 
 __all__ = ["main", "build_parser"]
 
@@ -33,6 +34,31 @@ PROG = "openclip-pool"
 
 class UsageError(PoolError):
     """The command cannot run as asked: exit status 2."""
+
+
+# -- exit status: the one policy ----------------------------------------------------------------------
+EXIT_OK = 0  #: all good
+EXIT_FOUND = 1  #: the command ran and found a problem (an entry failed, unsafe globals, a failed conversion)
+EXIT_USAGE = 2  #: the command could not run as asked (usage, config, a missing input, an existing destination)
+EXIT_INTERRUPTED = 130  #: Ctrl-C
+
+
+def exit_status(exc: BaseException, command: str | None) -> int:
+    """The exit status for an error that ended ``command``.
+
+    Usage and configuration errors, a missing input file and any ``OSError`` mean the command could
+    not run as asked (2); so does an unreadable file given to ``inspect``, whose job is to read
+    it. Any other `PoolError` is a problem the command found (1), as is a bug (1, reported as one).
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, (UsageError, ConfigError, FileNotFoundError)):
+        return EXIT_USAGE
+    if isinstance(exc, PoolError):
+        return EXIT_USAGE if command == "inspect" else EXIT_FOUND
+    if isinstance(exc, OSError):
+        return EXIT_USAGE
+    return EXIT_FOUND
 
 
 # -- plumbing -------------------------------------------------------------------------------------
@@ -152,10 +178,14 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
 
     def run(config: Path, label: str, note: str | None) -> int:
         pool, models, heads = prepare_pool(config)
-        progress = _Progress(len(models) + len(heads), "verify", _stderr_tty() and json_target != "-")
+        total = len(models) + len(heads)
+        bar = _stderr_tty() and json_target != "-"
+        progress = _Progress(total, "verify", bar)
+        stream = None if bar else _EntryLines(total)  # CI logs: one line per entry as it finishes
         try:
             report = verify_pool(pool, models, heads, config_label=label, device=args.device,
-                                 integrity=args.integrity, debug=args.debug, progress=progress.tick)
+                                 integrity=args.integrity, debug=args.debug, progress=progress.tick,
+                                 on_result=stream)
         finally:
             progress.close()
         report.note = note
@@ -163,15 +193,14 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
             for entry in report.failed:
                 if entry.traceback:
                     print(f"--- traceback for {entry.label} ---\n{entry.traceback}", file=sys.stderr)
-        payload = report.as_dict()
         if json_target == "-":
-            print(json.dumps(payload, indent=2, default=str))
+            print(report.to_json())
         else:
             print(_render_verify(report, config, out))
             if json_target:
-                Path(json_target).expanduser().write_text(json.dumps(payload, indent=2, default=str) + "\n")
+                Path(json_target).expanduser().write_text(report.to_json() + "\n")
                 print(out.dim(f"JSON report written to {json_target}"))
-        return 0 if report.ok else 1
+        return EXIT_OK if report.ok else EXIT_FOUND
 
     if args.config is None:
         with tempfile.TemporaryDirectory(prefix="pool-verify-") as tmp:
@@ -197,9 +226,31 @@ def _status(ok: bool, out: Style) -> str:
     return out.ok("PASS") if ok else out.bad("FAIL")
 
 
-def _render_verify(report: Any, config: Path, out: Style) -> str:
-    models = [e for e in report.entries if e.section == "models"]
-    heads = [e for e in report.entries if e.section != "models"]
+def _time(seconds: float | None) -> str:
+    return human_time(seconds) if seconds is not None else "-"
+
+
+class _EntryLines:
+    """One line on stderr per verified entry, as soon as it is done: what a CI log shows while a
+    long verify runs (stderr is no terminal, so there is no progress bar)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def __call__(self, e: EntryResult) -> None:
+        self.done += 1
+        t = e.timings
+        steps = [f"{name} {human_time(value)}" for name, value in
+                 (("load", t.load_s), ("weights", t.weights_s), ("forward", t.forward_s),
+                  ("task vector", t.task_vector_s)) if value is not None]
+        detail = ", ".join(steps) if e.ok else printable(e.error or "failed")
+        width = len(str(self.total))
+        print(f"verify [{self.done:>{width}}/{self.total}] {'PASS' if e.ok else 'FAIL'} {e.label}: {detail}",
+              file=sys.stderr, flush=True)
+
+
+def _render_verify(report: VerifyReport, config: Path, out: Style) -> str:
+    models, heads = report.models, report.heads
     root = _common_root([e.file for e in report.entries if e.file])
     lines = [out.bold("openclip-pool verify")]
     if report.note:
@@ -216,42 +267,42 @@ def _render_verify(report: Any, config: Path, out: Style) -> str:
     if models:
         rows = []
         for e in models:
-            arch = e.architecture or {}
-            arch_cell = arch.get("inferred") or "?"
-            if arch.get("configured"):
-                arch_cell += " = config" if arch.get("inferred") else f" (config: {arch['configured']})"
-            elif not arch:
-                arch_cell = "-"
-            fwd = e.forward or {}
-            if "output" in fwd:
-                fwd_cell = "x".join(map(str, fwd["output"])) + (" ok" if fwd.get("finite") else " NaN")
+            arch = e.architecture
+            arch_cell = "-" if arch is None else (arch.inferred or "?")
+            if arch is not None and arch.configured:
+                arch_cell += " = config" if arch.inferred else f" (config: {arch.configured})"
+            fwd = e.forward
+            if fwd is not None and fwd.output is not None:
+                fwd_cell = "x".join(map(str, fwd.output)) + (" ok" if fwd.finite else " NaN")
             else:
-                fwd_cell = fwd.get("skipped", "-") if fwd else "-"
-            tv = e.task_vector or {}
-            tv_cell = f"{tv['l2_norm']:.4g}" if "l2_norm" in tv else ("skipped" if tv else "-")
+                fwd_cell = (fwd.skipped or "-") if fwd is not None else "-"
+            tv = e.task_vector
+            tv_cell = "-" if tv is None else (f"{tv.l2_norm:.4g}" if tv.l2_norm is not None else "skipped")
+            t = e.timings
             rows.append([e.name, e.form, e.container or "-", _rel(e.file, root), arch_cell,
                          human_count(e.params) if e.params is not None else "-",
-                         human_time(e.load_s) if e.load_s is not None else "-", fwd_cell, tv_cell,
-                         _status(e.ok, out)])
+                         _time(t.load_s), _time(t.weights_s), _time(t.forward_s), _time(t.task_vector_s),
+                         fwd_cell, tv_cell, _status(e.ok, out)])
         lines += ["", out.bold(f"models ({len(models)})"),
-                  table(["name", "form", "container", "file", "architecture", "params", "load", "forward",
-                         "task vector L2", "status"], rows, right=(5, 6, 8))]
+                  table(["name", "form", "container", "file", "architecture", "params", "load", "weights",
+                         "forward", "task vec", "output", "task vector L2", "status"], rows,
+                        right=(5, 6, 7, 8, 9, 11))]
     if heads:
         rows = []
         for e in heads:
-            h = e.head or {}
-            logits = "x".join(map(str, h["logits"])) + " ok" if h.get("logits") and e.ok else "-"
-            paired = h.get("paired_with") or "-"
+            h = e.head or HeadCheck()
+            logits = "x".join(map(str, h.logits)) + " ok" if h.logits and e.ok else "-"
             rows.append([e.name, e.form, e.container or "-", _rel(e.file, root),
-                         str(h.get("classes", "-")), str(h.get("input_dim", "-")),
-                         str(h.get("normalize", "-")).lower(), paired,
-                         human_time(e.load_s) if e.load_s is not None else "-", logits, _status(e.ok, out)])
+                         str(h.classes if h.classes is not None else "-"),
+                         str(h.input_dim if h.input_dim is not None else "-"),
+                         str(h.normalize).lower() if h.normalize is not None else "-", h.paired_with or "-",
+                         _time(e.timings.load_s), logits, _status(e.ok, out)])
         lines += ["", out.bold(f"classification heads ({len(heads)})"),
                   table(["name", "form", "container", "file", "classes", "dim", "normalize", "paired with",
                          "load", "logits", "status"], rows, right=(4, 5, 8))]
     if report.integrity_checked:
-        notes = [f"{e.label}: {e.integrity['detail']}" for e in report.entries
-                 if e.integrity and not e.integrity.get("checked")]
+        notes = [f"{e.label}: {e.integrity.detail}" for e in report.entries
+                 if e.integrity and not e.integrity.checked]
         if notes:
             lines += ["", out.bold("integrity notes")] + [paragraph(n, prefix="  ", indent="    ") for n in notes]
     failed = report.failed
@@ -316,11 +367,11 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
         _error(f"{printable(str(path))}: names {len(unsafe)} unsafe global(s): {', '.join(unsafe)}. They were listed, "
                "not executed; pool refuses to load this file. Get the checkpoint from a trusted source.",
                "inspect", args.prog)
-        return 1
+        return EXIT_FOUND
     if info.error is not None:
         _error(info.error, "inspect", args.prog)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 # -- convert --------------------------------------------------------------------------------------
@@ -360,7 +411,7 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
             lines += ["", out.bad(f"{len(failed)} of {len(results)} files failed") + "; no config written "
                       "(fix or remove them and run again: converted files are kept and skipped as up to date)"]
             print("\n".join(lines))
-            return 1
+            return EXIT_FOUND
         lines.append("")
         counts = {status: sum(r.status == status for r in results)
                   for status in ("converted", "up to date", "same tensors")}
@@ -371,7 +422,7 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
             lines.append(f"config: {config}")
             lines.append(f"  check it: python -m pool verify {config}")
         print("\n".join(lines))
-        return 0
+        return EXIT_OK
     if not (args.source and args.destination):
         raise UsageError("convert needs SRC and DST (or --tree DIR); see `convert --help`.")
     try:
@@ -390,7 +441,7 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
                                       "metadata (pool reads it back; no config key needed)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
-    return 0
+    return EXIT_OK
 
 
 # -- synth ----------------------------------------------------------------------------------------
@@ -440,7 +491,7 @@ def _cmd_synth(args: argparse.Namespace, out: Style) -> int:
              "",
              f"next: python -m pool verify {tree.config}"]
     print("\n".join(lines))
-    return 0
+    return EXIT_OK
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -523,30 +574,18 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         except BrokenPipeError:  # e.g. `... | head`: stop quietly, as other command-line tools do
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-            return 1
-        except KeyboardInterrupt:
+            return EXIT_FOUND
+        except KeyboardInterrupt as exc:
             print(f"{parser.prog}: interrupted", file=sys.stderr)
-            return 130
-        except (UsageError, ConfigError) as exc:
+            return exit_status(exc, args.command)
+        except Exception as exc:  # noqa: BLE001 - every error is one paragraph; the traceback with --debug
             if debug:
                 traceback.print_exc()
-            _error(_message(exc), args.command, parser.prog)
-            return 2
-        except PoolError as exc:
-            if debug:
-                traceback.print_exc()
-            _error(_message(exc), args.command, parser.prog)
-            # inspect: an unreadable or missing file; elsewhere: a missing input is a usage error
-            return 2 if args.command == "inspect" or isinstance(exc, FileNotFoundError) else 1
-        except OSError as exc:
-            if debug:
-                traceback.print_exc()
-            _error(_message(exc), args.command, parser.prog)
-            return 2
-        except Exception as exc:  # noqa: BLE001 - a bug: one paragraph, the traceback with --debug
-            if debug:
-                traceback.print_exc()
-            _error(f"unexpected {type(exc).__name__}: {printable(str(exc))}. This is a bug in pool; rerun with --debug "
-                   "for the traceback and report it.", args.command)
-            return 1
+            if isinstance(exc, (PoolError, OSError)):
+                message = _message(exc)
+            else:  # a bug
+                message = (f"unexpected {type(exc).__name__}: {printable(str(exc))}. This is a bug in pool; rerun "
+                           "with --debug for the traceback and report it.")
+            _error(message, args.command, parser.prog)
+            return exit_status(exc, args.command)
 

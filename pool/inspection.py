@@ -16,7 +16,7 @@ from typing import Any
 from .checkpoint import read_checkpoint, sniff_container
 from .containers import REGISTRY
 from .errors import ArchitectureMismatchError, CheckpointError
-from .keys import ENCODER_PREFIX, to_clip_keys, to_clip_modules
+from .keys import checkpoint_kind, describe_layout, strip_ddp, to_clip_keys, to_clip_modules
 from .unpickler import GlobalName
 
 __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
@@ -63,24 +63,6 @@ class Inspection:
         }
 
 
-def _key_layout(keys: list[str], wrapper: str | None) -> str:
-    prefix = "module." if keys and all(k.startswith("module.") for k in keys) else ""
-    stripped = [k[len(prefix):] for k in keys]
-    if any(k.startswith(ENCODER_PREFIX + "visual.") for k in stripped):
-        layout = "model.visual.* (task_vectors ImageEncoder)"
-    elif any(k.startswith("visual.") for k in stripped):
-        layout = "visual.* (open_clip CLIP)"
-    elif set(stripped) <= {"weight", "bias"}:
-        layout = "weight, bias"
-    else:
-        layout = ", ".join(stripped[:3]) + (" ..." if len(stripped) > 3 else "")
-    if prefix:
-        layout += ", module. prefix (DDP)"
-    if wrapper:
-        layout += f', wrapped in {{"{wrapper}": ...}}'
-    return layout
-
-
 def inspect_file(path: str | Path, sha256: str) -> Inspection:
     """Describe one checkpoint file. Raises CheckpointError only when it is missing or no
     container at all; a file that cannot be read as a checkpoint comes back with ``error`` set."""
@@ -103,9 +85,10 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
     info.tensors = len(sd)
     info.parameters = sum(t.numel() for t in sd.values())
     info.dtypes = dict(Counter(str(t.dtype).removeprefix("torch.") for t in sd.values()).most_common())
-    info.key_layout = _key_layout(list(sd), ckpt.wrapper)
-    clip = to_clip_keys(sd, source=str(p))
-    if "visual.conv1.weight" in clip:
+    info.key_layout = describe_layout(list(sd), ckpt.wrapper)
+    kind = checkpoint_kind(sd)
+    if kind == "encoder":
+        clip = to_clip_keys(sd, source=str(p))
         modules = to_clip_modules(ckpt.modules) or None
         try:
             arch = infer_arch(clip, modules, source=str(p))
@@ -117,9 +100,8 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
         info.architecture = {"model_name": name, **arch.as_dict()}
         info.description = f"encoder: {name or 'a custom ViT'} ({arch.describe()})"
         return info
-    heads = {k.removeprefix("module."): v for k, v in sd.items()}
-    weight = heads.get("weight")
-    if set(heads) <= {"weight", "bias"} and weight is not None and weight.dim() == 2:
+    if kind == "head":
+        weight = strip_ddp(sd)["weight"]
         stored = ckpt.attributes.get("normalize", ckpt.metadata.get("normalize"))
         norm = f"normalize={stored}" if stored is not None else "normalize not stored (loads as True)"
         info.kind = "head"

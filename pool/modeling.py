@@ -27,7 +27,7 @@ from .arch import (
     recorded_quick_gelu,
 )
 from .checkpoint import Checkpoint, read_checkpoint
-from .errors import ArchitectureMismatchError, CheckpointError, printable
+from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, printable
 from .gcpause import paused_gc
 from .keys import TEXT_SIDE_KEYS, key_mismatch, strip_ddp, to_clip_keys, to_clip_modules
 
@@ -47,12 +47,16 @@ def resolve_dtype(dtype: DType) -> torch.dtype | None:
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
-def _finish(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
+def place_module(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
+    """The module in ``dtype`` on ``device``. A dict ``map_location`` placed each tensor when the
+    file was read: the module is then not moved as a whole."""
     dt = resolve_dtype(dtype)
+    if isinstance(device, Mapping):
+        device = None
     if device is not None or dt is not None:
         module = module.to(device=device, dtype=dt)
     return module
@@ -115,7 +119,7 @@ class ImageEncoder(nn.Module):
         with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
             model = _assign(build_clip(arch, source=source), sd, source)
             encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
-        return _finish(encoder, device, dtype)
+        return place_module(encoder, device, dtype)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
@@ -220,7 +224,7 @@ class ClassificationHead(nn.Linear):
         if isinstance(normalize, str):
             normalize = normalize.lower() in ("1", "true", "yes")
         head = cls(bool(normalize), weight, bias)
-        return _finish(head, device, dtype)
+        return place_module(head, device, dtype)
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,

@@ -22,7 +22,7 @@ from .data import load_dataset_entry
 from .entries import Entry, is_special_name, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
 from .keys import to_clip_keys
-from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, resolve_dtype
+from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, place_module
 
 __all__ = ["OpenCLIPVisionModelPool"]
 
@@ -175,12 +175,10 @@ class OpenCLIPVisionModelPool:
         start = time.perf_counter()
         if entry.form == "module":
             model = entry.config
-            if device is not None or dtype is not None:
-                model = model.to(device=device, dtype=resolve_dtype(dtype))
+            model = place_module(model, device, dtype)
         elif entry.form == "hydra":
             model = self._instantiate(entry)
-            if device is not None or dtype is not None:
-                model = model.to(device=device, dtype=resolve_dtype(dtype))
+            model = place_module(model, device, dtype)
         else:
             ckpt = self.read_entry(entry, device=device)
             try:
@@ -233,8 +231,7 @@ class OpenCLIPVisionModelPool:
                                                           device=device, dtype=dtype)
             except PoolError as exc:
                 raise _with_entry(exc, entry) from exc
-        if device is not None or dtype is not None:
-            head = head.to(device=device, dtype=resolve_dtype(dtype))
+        head = place_module(head, device, dtype)
         return head
 
     def load_model_and_head(self, name: str, **kwargs: Any) -> tuple[nn.Module, nn.Module]:

@@ -15,9 +15,20 @@ in a root conftest.py load the fixtures directly, without this module.)
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 INI = "openclip_pool_fixtures"
 OPTION = "--openclip-pool-fixtures"
 PLUGIN = "pool.testing"
+
+# pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
+# only if pytest rewrites the module's asserts, which must be arranged before it is imported:
+# pytest does it for a module loaded with -p or pytest_plugins, but not for the import in
+# pytest_configure below. (Entry points load before any conftest or test module.)
+if PLUGIN not in sys.modules:
+    pytest.register_assert_rewrite(PLUGIN)
 
 
 def pytest_addoption(parser) -> None:

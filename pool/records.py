@@ -117,7 +117,8 @@ def storage_from_pid(pid: Any, source: str) -> StorageRef:
                 and 0 <= view[1] < INT_LIMIT and 0 <= view[2] < INT_LIMIT):
             raise CorruptCheckpointError(f"{source}: a malformed storage view {brief(view)}; the file is damaged.")
         offset, root_numel, numel = view[1] * dtype.itemsize, numel, view[2]
-    return StorageRef(str(key), dtype, numel, offset, root_numel)
+    location = pid[3] if isinstance(pid[3], str) and len(pid[3]) <= 64 else "?"
+    return StorageRef(str(key), dtype, numel, offset, root_numel, location)
 
 
 class _Walker:

@@ -52,6 +52,7 @@ class StorageRef:
     numel: int
     byte_offset: int = 0
     root_numel: int = -1  # a legacy view's root storage size in elements (-1: not a view)
+    location: str = "cpu"  # where the writer's storage was ("cpu", "cuda:0"): what a dict map_location maps
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,21 @@ def move(tensors: Mapping[str, torch.Tensor], device: torch.device | None) -> di
         out[name] = torch.empty(0, dtype=tensor.dtype, device=device).set_(
             target, tensor.storage_offset(), tensor.size(), tensor.stride())
     return out
+
+
+def move_by_location(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec],
+                     locations: Mapping[str, torch.device]) -> dict[str, torch.Tensor]:
+    """``torch.load``'s dict ``map_location``: each tensor goes to the device ``locations`` gives
+    its storage's saved location; a location the dict does not name stays on the CPU (pool never
+    puts a tensor on an accelerator it was not asked for). Each storage is moved once."""
+    groups: dict[torch.device | None, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        spec = specs.get(name)
+        groups.setdefault(locations.get(spec.storage.location if spec else "cpu"), {})[name] = tensor
+    placed: dict[str, torch.Tensor] = {}
+    for device, group in groups.items():
+        placed.update(move(group, device))
+    return {name: placed[name] for name in tensors}
 
 
 def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from pool import synth
+from pool import ImageEncoder, synth
 from pool.checkpoint import CONTAINERS, Checkpoint, load_state_dict, read_checkpoint, sniff_container
+from pool.errors import ConfigError
 from pool.synth import save_object
 from pool.unpickler import GlobalName
 
@@ -355,6 +357,68 @@ def test_map_location_cpu(encoder_files, form, where):
     sd = load_state_dict(path, map_location=where)
     assert {t.device.type for t in sd.values()} == {"cpu"}
     assert_same_state(sd, module.state_dict(), ordered=form != "safetensors")
+
+
+@contextlib.contextmanager
+def saved_as_on(location: str, only: Callable[[object], bool] = lambda storage: True) -> Iterator[None]:
+    """torch.save records ``location`` (say ``cuda:0``) for the CPU storages ``only`` picks, as a
+    checkpoint written on a GPU does: the saved location a dict ``map_location`` maps."""
+    def tagger(storage: object) -> str | None:
+        return location if getattr(storage, "device", None) == torch.device("cpu") and only(storage) else None
+
+    registry = torch.serialization._package_registry
+    before = list(registry)
+    torch.serialization.register_package(1, tagger, lambda storage, loc: None)
+    try:
+        yield
+    finally:
+        registry[:] = before
+
+
+def write_form(module: torch.nn.Module, path: Path, form: str) -> Path:
+    if form in synth.ENCODER_CONTAINERS:
+        return synth.save_module(module, path, form)
+    return synth.save_state_dict(module.state_dict(), path, "safetensors" if form == "safetensors" else "torch")
+
+
+@pytest.mark.parametrize("form", ENCODER_FORMS)
+def test_dict_map_location_maps_saved_locations(tmp_path, form):
+    """torch.load's dict form: saved location -> device; a location the dict does not name stays
+    on the CPU. The meta device stands in for an accelerator (no GPU needed)."""
+    module = synth.make_original_encoder(seed=3)
+    with saved_as_on("cuda:0"):
+        path = write_form(module, tmp_path / f"gpu.{form}", form)
+    saved = "cpu" if form == "safetensors" else "cuda:0"  # safetensors records no location
+    sd = load_state_dict(path, map_location={saved: "meta"})
+    assert {t.device.type for t in sd.values()} == {"meta"}
+    assert {k: (t.shape, t.dtype) for k, t in sd.items()} == {k: (t.shape, t.dtype) for k, t in module.state_dict().items()}
+    sd = load_state_dict(path, map_location={"cuda:7": "meta"})  # names no saved location: all stay on the CPU
+    assert {t.device.type for t in sd.values()} == {"cpu"}
+    assert_same_state(sd, module.state_dict(), ordered=form != "safetensors")
+    encoder = ImageEncoder.load(path, map_location={saved: torch.device("cpu")})
+    assert_same_state(dict(encoder.state_dict()), module.state_dict(), ordered=False)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy"])
+def test_dict_map_location_places_each_storage_by_its_own_location(tmp_path, form):
+    state = {"a": torch.arange(6.0), "b": torch.ones(2, 3)}
+    b_storage = state["b"].untyped_storage().data_ptr()
+    with saved_as_on("cuda:1", only=lambda s: s.data_ptr() == b_storage):
+        path = tmp_path / f"mixed.{form}.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=form == "zip")
+    sd = load_state_dict(path, map_location={"cuda:1": "meta", "cpu": "cpu"})
+    assert sd["a"].device.type == "cpu" and sd["b"].device.type == "meta"
+    assert torch.equal(sd["a"], state["a"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"cuda:0": 3}, "map_location['cuda:0'] 3 is not supported"),
+    ({0: "cpu"}, "the key 0 is not a saved location"),
+    ({"cpu": "not-a-device"}, "map_location['cpu'] 'not-a-device' is not a device"),
+])
+def test_a_bad_dict_map_location_is_a_config_error(encoder_files, bad, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_state_dict(encoder_files["zip"][0], map_location=bad)
 
 
 # -- no `src` import, no torch warnings -----------------------------------------------------------

@@ -26,6 +26,8 @@ from pool import ClassificationHead, ImageEncoder, OpenCLIPVisionModelPool, read
 from pool.cli import main
 from pool.integrity import check_integrity
 from pool.report import Style, human_count, human_size, human_time
+from pool.verify import prepare_pool, verify_pool
+from pool.verify_report import SCHEMA, SCHEMA_VERSION, VerifyReport
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = "\033["
@@ -115,24 +117,69 @@ def test_verify_json_report(capsys, synth_tree):
     code, out, err = run(capsys, "verify", synth_tree.config, "--json", "-")
     assert code == 0, err
     report = json.loads(out)  # stdout holds the JSON alone
+    assert report["schema"] == SCHEMA and report["schema_version"] == SCHEMA_VERSION
     assert report["ok"] is True and report["integrity_checked"] is False
     assert set(report["versions"]) >= {"pool", "torch", "open_clip", "python"}
     entries = {(e["section"], e["name"]): e for e in report["entries"]}
     assert len(entries) == 11
     pre = entries[("models", "_pretrained_")]
-    assert pre["container"] == "zip" and pre["task_vector"] is None
+    assert pre["container"] == "zip" and pre["task_vector"] is None and pre["stage"] is None
     assert pre["forward"]["output"] == [2, synth.TINY.embed_dim] and pre["forward"]["finite"]
-    assert pre["params"] > 0 and pre["load_s"] > 0
-    assert pre["architecture"]["describe"] == synth.TINY.describe()
+    timings = pre["timings"]
+    assert pre["params"] > 0 and timings["load_s"] > 0 and timings["weights_s"] > 0 and timings["forward_s"] > 0
+    assert timings["task_vector_s"] is None  # _pretrained_ has no task vector
+    assert timings["total_s"] == pytest.approx(timings["load_s"] + timings["weights_s"] + timings["forward_s"])
+    assert pre["architecture"]["description"] == synth.TINY.describe()
+    assert pre["paired_head"] is None and pre["head"] is None
     for name in ("cars", "dtd", "eurosat", "mnist"):
-        tv = entries[("models", name)]["task_vector"]
-        assert tv["against"] == "_pretrained_" and tv["l2_norm"] > 0
+        model = entries[("models", name)]
+        assert model["task_vector"]["against"] == "_pretrained_" and model["task_vector"]["l2_norm"] > 0
+        assert model["timings"]["task_vector_s"] > 0
+        assert model["paired_head"] == f"classification_heads.{name}"
         head = entries[("classification_heads", name)]
         assert head["ok"] and head["head"]["paired_with"] == f"models.{name}"
-        assert head["head"]["input_dim"] == synth.TINY.embed_dim
+        assert head["head"]["input_dim"] == synth.TINY.embed_dim and head["paired_head"] is None
+    # the JSON reads back into the same typed report
+    back = VerifyReport.from_dict(report)
+    assert back.as_dict() == report
     # cars_state_dict/cars_safetensors hold the same weights as cars: same task vector
     cars = entries[("models", "cars")]["task_vector"]["l2_norm"]
     assert entries[("models", "cars_safetensors")]["task_vector"]["l2_norm"] == pytest.approx(cars)
+
+
+def test_verify_streams_one_line_per_entry_to_stderr_when_it_is_no_terminal(capsys, synth_tree):
+    code, out, err = run(capsys, "verify", synth_tree.config)
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("verify [")]
+    assert len(lines) == 11
+    assert lines[0].startswith("verify [ 1/11] PASS models._pretrained_: load ")
+    assert "weights " in lines[0] and "forward " in lines[0]
+    assert lines[-1].startswith("verify [11/11] PASS ")
+    assert any(" task vector " in line for line in lines)
+    # and the JSON-on-stdout form keeps stdout clean while stderr still streams
+    code, out, err = run(capsys, "verify", synth_tree.config, "--json", "-")
+    assert json.loads(out)["ok"] and len([x for x in err.splitlines() if x.startswith("verify [")]) == 11
+
+
+def test_verify_pool_reports_each_entry_as_soon_as_it_is_done(synth_tree):
+    pool, models, heads = prepare_pool(synth_tree.config)
+    events: list[str] = []
+    report = verify_pool(pool, models, heads, config_label="t", progress=lambda label: events.append("start " + label),
+                         on_result=lambda r: events.append("done " + r.label))
+    labels = [e.label for e in report.entries]
+    # every entry is reported before the next one starts, in report order
+    assert events == [x for label in labels for x in ("start " + label, "done " + label)]
+
+
+def test_verify_failure_stage_and_streamed_line_name_the_failure(capsys, synth_tree, tmp_path):
+    truncated = tmp_path / "finetuned.pt"
+    data = synth_tree.files["dtd"].read_bytes()  # a legacy file
+    truncated.write_bytes(data[: len(data) // 2])
+    config = write_config(tmp_path / "pool.yaml", {"dtd": str(truncated)})
+    code, _, err = run(capsys, "verify", config)
+    assert code == 1
+    line = next(x for x in err.splitlines() if x.startswith("verify ["))
+    assert line.startswith("verify [1/1] FAIL models.dtd: load: ") and str(truncated) in line
 
 
 def test_verify_corrupted_file_fails_and_reports_the_others(capsys, synth_tree, tmp_path):
@@ -156,7 +203,7 @@ def test_verify_corrupted_file_fails_and_reports_the_others(capsys, synth_tree, 
     report = json.loads(json_path.read_text())
     assert report["ok"] is False and report["summary"]["failed"] == ["models.cars"]
     failed = next(e for e in report["entries"] if e["name"] == "cars" and e["section"] == "models")
-    assert failed["error_type"] == "CorruptCheckpointError"
+    assert failed["error_type"] == "CorruptCheckpointError" and failed["stage"] == "load"
     # the head paired with the broken model is still checked, alone
     head = next(e for e in report["entries"] if e["name"] == "cars" and e["section"] != "models")
     assert head["ok"] and "checked alone" in head["head"]["note"]
@@ -190,7 +237,8 @@ def test_verify_head_that_does_not_fit_its_encoder_fails(capsys, synth_tree, wri
     assert not head["ok"] and head["error"].startswith("pairing:")
     assert "16-dim" in head["error"] and "32-dim" in head["error"]
     model = next(e for e in report["entries"] if e["section"] == "models")
-    assert model["ok"] and model["task_vector"] == {"skipped": "the pool has no _pretrained_"}
+    assert model["ok"] and model["task_vector"]["skipped"] == "the pool has no _pretrained_"
+    assert model["task_vector"]["l2_norm"] is None
 
 
 @pytest.mark.parametrize("content, message", [
@@ -246,7 +294,7 @@ def test_integrity_catches_flipped_bits_that_plain_verify_misses(capsys, synth_t
     cars = entries["cars"]
     assert not cars["ok"] and cars["error"].startswith("integrity:")
     assert "CRC32" in cars["error"] and member in cars["error"]
-    assert cars["load_s"] is None  # refused before loading
+    assert cars["timings"]["load_s"] is None and cars["stage"] == "integrity"  # refused before loading
     assert entries["_pretrained_"]["integrity"]["checked"] is True
     assert entries["dtd"]["ok"] and entries["dtd"]["integrity"]["checked"] is False
     assert "header and offsets ok" in entries["cars_safetensors"]["integrity"]["detail"]

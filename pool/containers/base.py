@@ -11,7 +11,7 @@ import contextlib
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CheckpointError, amended
 from ..records import ModuleInfo, Walked
+from ..tensors import TensorSpec, move, move_by_location
 from ..transfer import open_regular, pread_into
 from ..unpickler import GlobalName, Reader
 
@@ -32,12 +33,20 @@ __all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "map_file", "
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read: target ``device`` (None: CPU), ``mmap`` (None: the container's default),
-    and whether unsafe globals are refused (``inspect`` lists them instead)."""
+    """How to read: target ``device`` (None: CPU) or, for a dict ``map_location``, ``locations``
+    (saved location -> device), ``mmap`` (None: the container's default), and whether unsafe
+    globals are refused (``inspect`` lists them instead)."""
 
     device: torch.device | None = None
     mmap: bool | None = None
     refuse_unsafe: bool = True
+    locations: Mapping[str, torch.device] | None = None
+
+    def place(self, tensors: dict[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
+        """The tensors where this read puts them (each storage moved once)."""
+        if self.locations is not None:
+            return move_by_location(tensors, specs, self.locations)
+        return move(tensors, self.device)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, brief
 from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
-from ..tensors import StorageRef, materialize, move
+from ..tensors import StorageRef, materialize
 from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
 from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, result
 
@@ -68,7 +68,7 @@ class _Stream:
         numel = ref.root_numel if ref.root_numel >= 0 else ref.numel  # the root storage's size
         root = self.refs.get(ref.key)
         if root is None:
-            self.refs[ref.key] = StorageRef(ref.key, ref.dtype, numel)
+            self.refs[ref.key] = StorageRef(ref.key, ref.dtype, numel, location=ref.location)
         elif root.dtype != ref.dtype or root.numel != numel:
             raise self.fail(f"storage {brief(ref.key)} is named with two element types or sizes")
         return ref
@@ -202,7 +202,7 @@ class BlobReader:
         prefix = f"blob{number}/"
         for key, storage in storages.items():
             self.storages[prefix + key] = storage
-        ref = StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset)
+        ref = StorageRef(prefix + root.key, root.dtype, root.numel, root.byte_offset, location=root.location)
         self.refs[id(record)] = self.by_content[content] = ref
         return ref
 
@@ -227,7 +227,7 @@ class Legacy:
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
             storages.update(blobs.storages)
-            tensors = move(materialize(walked.tensors, storages, reader.source, size), options.device)
+            tensors = options.place(materialize(walked.tensors, storages, reader.source, size), walked.tensors)
         return result(path, self.name, walked, tensors, reader)
 
     def diagnose(self, head: bytes, size: int) -> str | None:

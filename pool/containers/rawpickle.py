@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 
 from ..records import walk
-from ..tensors import materialize, move
+from ..tensors import materialize
 from ..unpickler import Reader
 from .base import Checkpoint, FileRanges, ReadOptions, listing_globals, map_file, result
 from .legacy import BlobReader, is_legacy
@@ -43,7 +43,7 @@ class PlainPickle:
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
             del root
-            tensors = move(materialize(walked.tensors, blobs.storages, reader.source, size), options.device)
+            tensors = options.place(materialize(walked.tensors, blobs.storages, reader.source, size), walked.tensors)
         return result(path, self.name, walked, tensors, reader)
 
     def diagnose(self, head: bytes, size: int) -> str | None:

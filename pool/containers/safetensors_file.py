@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize, move
+from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
 from ..transfer import Span, open_regular, read_spans
 from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file
 
@@ -164,8 +164,8 @@ class Safetensors:
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
                                        contiguous_strides(e.shape))
         tensors = materialize(specs, storages, source, path.stat().st_size)
-        if not bulk and device.type != "cpu":  # other devices (meta, mps, xpu, ...): moved once each
-            tensors = move(tensors, device)
+        if not bulk:  # other devices (meta, mps, xpu, ...) or a dict map_location: moved once each
+            tensors = options.place(tensors, specs)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))
         return Checkpoint(path, self.name, tensors, "safetensors", metadata=metadata)
 

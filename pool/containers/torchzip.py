@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..records import storage_from_pid, walk
-from ..tensors import materialize, move
+from ..tensors import materialize
 from ..transfer import Span, read_spans
 from ..unpickler import Reader
 from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
@@ -123,7 +123,7 @@ class TorchZip:
                             for k in keys}
             storages.update(blobs.storages)
             # what is not on the device yet (blob storages, other devices than cpu/cuda): moved once each
-            tensors = move(materialize(walked.tensors, storages, source, len(buffer)), device)
+            tensors = options.place(materialize(walked.tensors, storages, source, len(buffer)), walked.tensors)
         return result(path, self.name, walked, tensors, reader)
 
     def integrity(self, path: Path) -> tuple[bool, str]:

@@ -1,0 +1,255 @@
+"""The typed result of ``verify``: one `EntryResult` per model or head, gathered in a `VerifyReport`.
+
+The JSON form (`VerifyReport.as_dict`, ``python -m pool verify --json``) is versioned: its
+``schema`` is ``"openclip-pool/verify-report"`` and ``schema_version`` is `SCHEMA_VERSION`; a
+field is added without a version change, a field renamed or removed changes the version.
+docs/cli.md documents every field; `VerifyReport.from_dict` reads a report back.
+
+Example:
+    >>> report = VerifyReport.from_dict(json.load(open("report.json")))  # doctest: +SKIP
+    >>> [e.label for e in report.failed]  # doctest: +SKIP
+    ['models.cars']
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import PoolError
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "Timings", "Architecture", "Integrity", "ForwardCheck", "HeadCheck",
+           "TaskVector", "EntryResult", "VerifyReport", "versions"]
+
+SCHEMA = "openclip-pool/verify-report"
+#: 2: typed entries (``timings``, ``paired_head``, ``stage``); 1 (unversioned): the first report.
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class Timings:
+    """Seconds spent on one entry, by step (None: the step did not run).
+
+    With memory-mapped files ``load_s`` is the read of the file's structure and the build of the
+    module; the weights' bytes are read in ``weights_s`` (every page touched once), so a cold
+    page cache shows there, not in ``forward_s``.
+    """
+
+    load_s: float | None = None
+    weights_s: float | None = None
+    forward_s: float | None = None
+    task_vector_s: float | None = None
+
+    @property
+    def total_s(self) -> float:
+        return sum(t for t in (self.load_s, self.weights_s, self.forward_s, self.task_vector_s) if t)
+
+
+@dataclass
+class Architecture:
+    """What the weights are (``inferred``: an open_clip name or a description) and what the
+    config said (``configured``)."""
+
+    inferred: str | None = None
+    description: str | None = None
+    configured: str | None = None
+    matches_config: bool | None = None
+    quick_gelu: bool | None = None
+
+
+@dataclass
+class Integrity:
+    """Whether the file's own checksums / header could be checked, and what was found."""
+
+    checked: bool
+    detail: str
+
+
+@dataclass
+class ForwardCheck:
+    """A forward pass on a random batch: its input and output shapes and whether it was finite
+    (or why it was skipped)."""
+
+    input: list[int] | None = None
+    output: list[int] | None = None
+    finite: bool | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class HeadCheck:
+    """A classification head: its size, flag, the model it was paired with and its logits."""
+
+    classes: int | None = None
+    input_dim: int | None = None
+    normalize: bool | None = None
+    paired_with: str | None = None
+    encoder_embed_dim: int | None = None
+    logits: list[int] | None = None
+    note: str | None = None
+
+
+@dataclass
+class TaskVector:
+    """A fine-tuned model minus ``_pretrained_``: tensors compared and the L2 norm of the
+    difference over all float tensors (or why it was skipped)."""
+
+    against: str | None = None
+    tensors: int | None = None
+    l2_norm: float | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class EntryResult:
+    """The outcome of one pool entry (a model or a head).
+
+    ``stage`` names the step that failed (``file``, ``integrity``, ``load``, ``weights``,
+    ``forward``, ``task vector``, ``pairing``, ``logits``). A model's ``paired_head`` is the label
+    of its head (``classification_heads.<name>``); a head's details are in ``head``.
+    """
+
+    name: str
+    section: str  # "models" or "classification_heads"
+    form: str
+    file: str | None = None
+    container: str | None = None
+    ok: bool = True
+    error: str | None = None
+    error_type: str | None = None
+    stage: str | None = None
+    integrity: Integrity | None = None
+    architecture: Architecture | None = None
+    params: int | None = None
+    timings: Timings = field(default_factory=Timings)
+    forward: ForwardCheck | None = None
+    task_vector: TaskVector | None = None
+    head: HeadCheck | None = None
+    paired_head: str | None = None
+    traceback: str | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def is_model(self) -> bool:
+        return self.section == "models"
+
+    def failed(self, exc: BaseException, *, stage: str, debug: bool = False) -> EntryResult:
+        """Record ``exc`` as this entry's failure at ``stage``; returns self."""
+        self.ok = False
+        self.stage = stage
+        self.error_type = type(exc).__name__
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if not isinstance(exc, (PoolError, OSError)):
+            message = f"{type(exc).__name__}: {message} (unexpected; rerun with --debug for the traceback)"
+        self.error = f"{stage}: {message}"
+        if debug:
+            self.traceback = "".join(traceback.format_exception(exc))
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["timings"]["total_s"] = self.timings.total_s
+        if out.get("traceback") is None:
+            out.pop("traceback", None)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EntryResult:
+        parts = {"integrity": Integrity, "architecture": Architecture, "forward": ForwardCheck,
+                 "task_vector": TaskVector, "head": HeadCheck}
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        for key, kind in parts.items():
+            if isinstance(values.get(key), dict):
+                values[key] = _build(kind, values[key])
+        values["timings"] = _build(Timings, data.get("timings") or {})
+        return cls(**values)
+
+
+def _build(kind: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def versions() -> dict[str, str]:
+    """The versions a report was made with: pool, torch, open_clip, safetensors, Python."""
+    import open_clip
+    import safetensors
+    import torch
+
+    from . import __version__
+
+    return {"pool": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class VerifyReport:
+    """Every entry's result plus what the run was (config, device, whether integrity was checked)."""
+
+    config: str
+    device: str
+    integrity_checked: bool
+    entries: list[EntryResult]
+    seconds: float = 0.0
+    note: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(e.ok for e in self.entries)
+
+    @property
+    def failed(self) -> list[EntryResult]:
+        return [e for e in self.entries if not e.ok]
+
+    @property
+    def models(self) -> list[EntryResult]:
+        return [e for e in self.entries if e.is_model]
+
+    @property
+    def heads(self) -> list[EntryResult]:
+        return [e for e in self.entries if not e.is_model]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The documented JSON form (docs/cli.md, "verify --json")."""
+        models, heads = self.models, self.heads
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "tool": "openclip-pool verify",
+            "config": self.config,
+            "note": self.note,
+            "ok": self.ok,
+            "device": self.device,
+            "integrity_checked": self.integrity_checked,
+            "seconds": round(self.seconds, 4),
+            "summary": {
+                "models": len(models), "models_passed": sum(e.ok for e in models),
+                "heads": len(heads), "heads_passed": sum(e.ok for e in heads),
+                "failed": [e.label for e in self.failed],
+            },
+            "versions": self.versions or versions(),
+            "entries": [e.as_dict() for e in self.entries],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VerifyReport:
+        """Read a report's JSON form back; refuses another schema or a newer version."""
+        if data.get("schema") != SCHEMA or not isinstance(data.get("schema_version"), int):
+            raise ValueError(f"not an openclip-pool verify report (schema {data.get('schema')!r})")
+        if data["schema_version"] > SCHEMA_VERSION:
+            raise ValueError(f"verify report schema_version {data['schema_version']} is newer than this "
+                             f"pool reads ({SCHEMA_VERSION}); upgrade pool.")
+        return cls(config=data["config"], device=data["device"], integrity_checked=data["integrity_checked"],
+                   entries=[EntryResult.from_dict(e) for e in data["entries"]], seconds=data.get("seconds", 0.0),
+                   note=data.get("note"), versions=dict(data.get("versions") or {}))
