@@ -120,7 +120,7 @@ def golden(session: nox.Session) -> None:
     if problems:
         session.error("golden files differ from a fresh open_clip 2.0.2 run:\n  " + "\n  ".join(problems)
                       + "\n(`nox -s golden -- --write` regenerates them)")
-    session.log(json.dumps({"golden": "reproducible", "files": len(new)}))  # noqa: E501
+    session.log(json.dumps({"golden": "reproducible", "files": len(new)}))
 
 
 @nox.session(python=False)

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402  (also puts the repository root on sys.path)
-import torch  # noqa: E402
+import benchlib
+import torch
 
 BATCH = {"ViT-B-32": 1024, "ViT-B-16": 512, "ViT-L-14": 256}
 MODES = ("fp32", "tf32", "autocast_bf16", "bf16_weights")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import open_clip  # noqa: E402,F401  (ImageEncoder imports it lazily; import it in every mode)
-import torch  # noqa: E402
+import open_clip  # noqa: F401  (ImageEncoder imports it lazily; import it in every mode)
+import torch
 
-import pool  # noqa: E402
-from pool.modeling import ImageEncoder  # noqa: E402
+import pool
+from pool.modeling import ImageEncoder
 
 
 def status() -> dict[str, int]:

@@ -1,6 +1,6 @@
 """pool: safe, offline, fast loading of OpenCLIP vision-encoder pools and classification heads.
 
-Public API (see DESIGN.md section 4)::
+Public API (README.md, "Using it from Python")::
 
     from pool import OpenCLIPVisionModelPool, ImageEncoder, ClassificationHead
     from pool.checkpoint import load_state_dict
@@ -15,7 +15,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's version: pyproject.toml reads it from here
 
 _EXPORTS = {
     "ArchitectureMismatchError": "errors",
@@ -32,6 +32,8 @@ _EXPORTS = {
     "ClassificationHead": "modeling",
     "ImageEncoder": "modeling",
     "OpenCLIPVisionModelPool": "modelpool",
+    "EntryResult": "verify_report",
+    "VerifyReport": "verify_report",
 }
 
 __all__ = [
@@ -42,10 +44,12 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "DatasetError",
+    "EntryResult",
     "ImageEncoder",
     "OpenCLIPVisionModelPool",
     "PoolError",
     "UnsafeCheckpointError",
+    "VerifyReport",
     "VisionArch",
     "__version__",
     "load_state_dict",
@@ -66,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .modeling import ClassificationHead, ImageEncoder
     from .modelpool import OpenCLIPVisionModelPool
+    from .verify_report import EntryResult, VerifyReport
 
 
 def __getattr__(name: str) -> Any:

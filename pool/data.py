@@ -71,6 +71,6 @@ def load_dataset_entry(config: Any, split: str, label: str) -> Any:
 
         try:
             return instantiate(config)
-        except Exception as exc:  # noqa: BLE001 - report with the entry's name
+        except Exception as exc:  # report with the entry's name
             raise DatasetError(f"{label}: instantiating {dict(config)!r} failed: {exc}") from exc
     return config  # an already-built dataset object

@@ -85,14 +85,14 @@ class OpenCLIPVisionModelPool:
                 raise ConfigError(f"pool config not found: {path.absolute()}")
             try:
                 config = OmegaConf.load(path)
-            except Exception as exc:  # noqa: BLE001 - YAML/OmegaConf errors: one clear message
+            except Exception as exc:  # YAML/OmegaConf errors: one clear message
                 raise ConfigError(f"{path.absolute()}: not a valid YAML pool config: {exc}") from exc
         elif not isinstance(config, DictConfig):
             config = OmegaConf.create(dict(config))
         _check_keys([str(k) for k in config.keys()], where=f"pool config {config_name}")
         try:
             OmegaConf.resolve(config)
-        except Exception as exc:  # noqa: BLE001 - interpolation errors
+        except Exception as exc:  # interpolation errors
             raise ConfigError(f"pool config: cannot resolve interpolations: {exc}") from exc
         kwargs = {str(k): config[k] for k in config.keys() if not str(k).startswith("_")}
         kwargs.update(overrides)
@@ -298,7 +298,7 @@ class OpenCLIPVisionModelPool:
             return instantiate(entry.config)
         except PoolError as exc:
             raise _with_entry(exc, entry) from exc
-        except Exception as exc:  # noqa: BLE001 - Hydra wraps errors: report with the entry name
+        except Exception as exc:  # Hydra wraps errors: report with the entry name
             cause = exc.__cause__ if isinstance(exc.__cause__, PoolError) else None
             if cause is not None:
                 raise _with_entry(cause, entry) from exc

@@ -359,7 +359,7 @@ class _Unpickler(pickle.Unpickler):
             return self.reader.find_class(module, name)
         except CheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: surfaces as itself (see unpickle)
+        except Exception as exc:  # a bug of ours: surfaces as itself (see unpickle)
             raise _CallbackBug(exc) from exc
 
     def persistent_load(self, pid: Any) -> Any:
@@ -369,7 +369,7 @@ class _Unpickler(pickle.Unpickler):
             value = self.persistent(pid)
         except CheckpointError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: surfaces as itself (see unpickle)
+        except Exception as exc:  # a bug of ours: surfaces as itself (see unpickle)
             raise _CallbackBug(exc) from exc
         if isinstance(value, type) and issubclass(value, GlobalRecord):
             return value  # a legacy module class: a record class like any global

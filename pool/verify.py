@@ -185,7 +185,7 @@ class _Run:
         start = time.perf_counter()
         try:
             value = fn()
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
+        except Exception as exc:  # every failure is reported, the run goes on
             result.failed(exc, stage=stage, debug=self.debug)
             log.debug("%s failed at %s", result.label, stage, exc_info=True)
             return None

@@ -7,6 +7,7 @@ Most tests call `pool.cli.main` in-process (capsys); a few run real subprocesses
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pool
 from pool import ClassificationHead, ImageEncoder, OpenCLIPVisionModelPool, read_checkpoint, synth
 from pool.cli import main
 from pool.integrity import check_integrity
@@ -544,7 +546,9 @@ def test_usage(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and all(c in out for c in ("verify", "inspect", "convert", "synth"))
     code, out, _ = run(capsys, "--version")
-    assert code == 0 and "0.1.0" in out
+    assert code == 0 and out.split() == ["openclip-pool", pool.__version__]
+    # the version is written once, in pool/__init__.py: the installed metadata reads it from there
+    assert importlib.metadata.version("openclip-pool") == pool.__version__
 
 
 def test_human_formats():
