@@ -31,6 +31,7 @@ __all__ = [
     "check_arch",
     "name_for_arch",
     "default_quick_gelu",
+    "known_architectures",
     "recorded_quick_gelu",
     "QUICK_GELU_METADATA",
 ]
@@ -82,6 +83,12 @@ class VisionArch:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def known_architectures() -> dict[str, VisionArch]:
+    """Every plain-ViT model config open_clip ships, by name (read once per process: the first
+    call imports open_clip)."""
+    return dict(_registry())
 
 
 @functools.cache

@@ -271,22 +271,16 @@ def _render_verify(report: VerifyReport, config: Path, out: Style) -> str:
             arch_cell = "-" if arch is None else (arch.inferred or "?")
             if arch is not None and arch.configured:
                 arch_cell += " = config" if arch.inferred else f" (config: {arch.configured})"
-            fwd = e.forward
-            if fwd is not None and fwd.output is not None:
-                fwd_cell = "x".join(map(str, fwd.output)) + (" ok" if fwd.finite else " NaN")
-            else:
-                fwd_cell = (fwd.skipped or "-") if fwd is not None else "-"
             tv = e.task_vector
             tv_cell = "-" if tv is None else (f"{tv.l2_norm:.4g}" if tv.l2_norm is not None else "skipped")
             t = e.timings
             rows.append([e.name, e.form, e.container or "-", _rel(e.file, root), arch_cell,
                          human_count(e.params) if e.params is not None else "-",
                          _time(t.load_s), _time(t.weights_s), _time(t.forward_s), _time(t.task_vector_s),
-                         fwd_cell, tv_cell, _status(e.ok, out)])
+                         tv_cell, _status(e.ok, out)])
         lines += ["", out.bold(f"models ({len(models)})"),
                   table(["name", "form", "container", "file", "architecture", "params", "load", "weights",
-                         "forward", "task vec", "output", "task vector L2", "status"], rows,
-                        right=(5, 6, 7, 8, 9, 11))]
+                         "forward", "task vec", "L2 norm", "status"], rows, right=(5, 6, 7, 8, 9, 10))]
     if heads:
         rows = []
         for e in heads:

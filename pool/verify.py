@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from .arch import VisionArch, name_for_arch
+from .arch import VisionArch, known_architectures, name_for_arch
 from .checkpoint import sniff_container
 from .entries import Entry
 from .errors import ConfigError, PoolError
@@ -177,6 +177,7 @@ class _Run:
         self.dev = torch.device(device) if device else torch.device("cpu")
         self.on_result = on_result or (lambda _result: None)
         self.base_state: dict[str, torch.Tensor] | None = None
+        known_architectures()  # open_clip's import and configs, once per process: no entry's load time
 
     def step(self, result: EntryResult, stage: str, fn: Callable[[], T], timing: str | None = None) -> T | None:
         """Run one check of an entry; a failure is recorded on the entry (and later steps skipped)."""
