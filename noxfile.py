@@ -1,8 +1,10 @@
-"""nox sessions for pool: tests, the open_clip compatibility matrix, lint, golden files, benchmarks.
+"""nox sessions for pool: tests, the open_clip compatibility matrix, lint, golden files, benchmarks,
+FusionBench.
 
-Every session runs on the interpreter that runs nox (``python=False``) and so reuses the torch,
-torchvision and open_clip already installed there: nothing here downloads torch. Run nox from the
-project environment::
+Every session but ``fusion_bench`` runs on the interpreter that runs nox (``python=False``) and so
+reuses the torch, torchvision and open_clip already installed there: nothing there downloads torch.
+``fusion_bench`` builds its own Python 3.12 environment with uv (FusionBench 0.2.33 needs 3.12+).
+Run nox from the project environment::
 
     .venv/bin/python -m nox -s tests compat lint        # or: . .venv/bin/activate && nox
 
@@ -14,6 +16,7 @@ on ``PYTHONPATH``, so it shadows the environment's open_clip for that session on
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from pathlib import Path
@@ -42,6 +45,14 @@ def _open_clip_dir(session: nox.Session, version: str) -> Path:
         session.run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     f"open_clip_torch=={version}", external=True)
     return target
+
+
+def _interpreter(version: str) -> str:
+    """A pyenv-installed ``python<version>`` when there is one (pyenv's shims answer only for the
+    active version), else the bare version for nox to find on PATH."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")))
+    return found[-1] if found else version
 
 
 def _env_with(path: Path) -> dict[str, str]:
@@ -136,3 +147,23 @@ def benchmarks(session: nox.Session) -> None:
     session.run(PYTHON, "-m", "pytest", "benchmarks", *args, *session.posargs, external=True)
     if not quick:
         session.run(PYTHON, "benchmarks/report.py", "--bench-json", str(out), external=True)
+
+
+FUSION_BENCH_TESTS = ["tests/test_fusion_bench.py", "tests/test_pool_parity.py"]
+
+
+@nox.session(python=_interpreter("3.12"), venv_backend="uv")
+def fusion_bench(session: nox.Session) -> None:
+    """FusionBench 0.2.33 on our pool, in its own Python 3.12 environment (uv; torch from the
+    registry, cached by uv after the first run): a task tree written by open_clip 2.0.2 itself
+    (tests/golden/make_task_tree.py: zip, legacy and plain-pickle containers), then SimpleAverage,
+    TaskArithmetic and TIES through the Python API and ``fusion_bench method=task_arithmetic ...``
+    through the CLI, each merge compared with one computed by hand (tests/test_fusion_bench.py)."""
+    session.install("-e", ".[test,fusion-bench]")
+    target = Path(session.cache_dir) / "open_clip-2.0.2-uv"
+    if not (target / "open_clip").is_dir():
+        session.install("--no-deps", "--target", str(target), "open_clip_torch==2.0.2")
+    tree = Path(session.create_tmp()).absolute() / "task_tree_open_clip_2.0.2"
+    session.run("python", "tests/golden/make_task_tree.py", str(tree), env=_env_with(target))
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or FUSION_BENCH_TESTS),
+                env={"POOL_FUSION_TREE": str(tree), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from .arch import QUICK_GELU_METADATA, default_quick_gelu, name_for_arch
+from .arch import default_quick_gelu, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
-from .errors import CheckpointError, CorruptCheckpointError, PoolError
+from .errors import CheckpointError, PoolError
 from .keys import checkpoint_kind as _kind_of
-from .keys import strip_ddp
 from .modeling import ClassificationHead, ImageEncoder
+from .saving import compare_tensors, module_payload, tensor_difference, write_checked
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "plan_tree",
            "convert_tree", "sha256_file", "checkpoint_kind"]
@@ -47,11 +47,36 @@ _CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
 
 
 class DestinationExistsError(PoolError, FileExistsError):
-    """The destination exists and ``force`` was not given."""
+    """The destination exists and ``force`` was not given.
+
+    Also raised when a destination cannot be written as asked: it is a directory, it is the
+    source itself, its folder does not exist, or (`plan_tree`) the tree's root is no folder.
+    Both a `PoolError` and a ``FileExistsError``.
+    """
 
 
 @dataclass
 class ConvertResult:
+    """What one conversion did (``convert`` prints it; ``as_dict`` is its JSON form).
+
+    Attributes:
+        source: the checkpoint converted.
+        destination: the safetensors file.
+        kind: ``"encoder"`` or ``"head"`` (empty when the conversion failed before telling).
+        ok: whether the destination now holds the source's tensors.
+        status: ``"converted"``, ``"up to date"``, ``"same tensors"`` or ``"failed"``.
+        error: why it failed, or None.
+        model_name: an encoder's open_clip name (None for a custom ViT).
+        architecture: an encoder's description, or a head's ``<classes> classes x <dim>``.
+        quick_gelu: an encoder's activation, as recorded in the file's metadata.
+        normalize: a head's ``normalize`` flag.
+        classes: a head's classes.
+        tensors: the tensors written (or found).
+        bytes: the destination's size.
+        source_sha256: the source's sha256, recorded in the destination's metadata.
+        seconds: how long the conversion took.
+    """
+
     source: Path
     destination: Path
     kind: str = ""
@@ -69,12 +94,35 @@ class ConvertResult:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, paths as strings.
+
+        Returns:
+            A new dict of the fields.
+        """
         out = dict(self.__dict__)
         out["source"], out["destination"] = str(self.source), str(self.destination)
         return out
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read ``chunk`` bytes at a time.
+
+    Args:
+        path: the file.
+        chunk: bytes per read (default 1 MiB).
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        OSError: the file cannot be read (``FileNotFoundError`` when it does not exist).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     sha256_file(f.name)[:16]
+        'e3b0c44298fc1c14'
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -83,76 +131,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def checkpoint_kind(ckpt: Checkpoint) -> str:
-    """``encoder``, ``head`` or ``unknown``: `pool.keys.checkpoint_kind` of the file's tensors."""
+    """``encoder``, ``head`` or ``unknown``: `pool.keys.checkpoint_kind` of the file's tensors.
+
+    Args:
+        ckpt: a checkpoint read with `pool.checkpoint.read_checkpoint`.
+
+    Returns:
+        ``"encoder"``, ``"head"`` or ``"unknown"``.
+
+    Example:
+        >>> from pool.checkpoint import read_checkpoint
+        >>> checkpoint_kind(read_checkpoint("head_Cars.pt"))  # doctest: +SKIP
+        'head'
+    """
     return _kind_of(ckpt.state_dict)
-
-
-def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, no two sharing storage (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        t = value.detach().to("cpu")
-        if not t.is_contiguous():
-            t = t.contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1).contiguous()
-    return flat.view(torch.uint8) if flat.element_size() and flat.numel() else flat
-
-
-def tensor_difference(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
-    """How two state dicts differ (keys, dtypes, shapes or bits), or None when they are identical."""
-    if set(written) != set(expected):
-        missing = sorted(set(expected) - set(written))[:3]
-        extra = sorted(set(written) - set(expected))[:3]
-        return f"different keys (missing {missing}, extra {extra})"
-    for key, want in expected.items():
-        got = written[key]
-        if got.dtype != want.dtype or got.shape != want.shape:
-            return f"{key} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}"
-        if not torch.equal(_bits(got.cpu()), _bits(want.cpu())):
-            return f"{key} has different values"
-    return None
-
-
-def compare_tensors(written: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
-    """Raise CorruptCheckpointError unless both have the same keys, dtypes, shapes and bits."""
-    difference = tensor_difference(written, expected)
-    if difference is not None:
-        raise CorruptCheckpointError(f"{where}: read back with {difference}")
 
 
 def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
     encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
     arch = encoder.arch
-    name = name_for_arch(arch)
-    res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name,
+    res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name_for_arch(arch),
                         architecture=arch.describe(), quick_gelu=arch.quick_gelu)
-    meta = {"pool.kind": "encoder", "pool.architecture": arch.describe(), "pool.model_name": name or "",
-            QUICK_GELU_METADATA: str(bool(arch.quick_gelu)).lower(), "pool.embed_dim": str(arch.embed_dim),
-            "pool.image_size": str(arch.image_size)}
-    return dict(encoder.state_dict()), meta, res
+    return *module_payload(encoder), res
 
 
 def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
     head = ClassificationHead.from_checkpoint(ckpt)  # validates shapes, resolves normalize
-    sd = strip_ddp(ckpt.state_dict)
-    tensors = {"weight": sd["weight"]}
-    tensors["bias"] = sd["bias"] if sd.get("bias") is not None else head.bias.detach()
-    classes, dim = (int(x) for x in sd["weight"].shape)
+    classes, dim = (int(x) for x in head.weight.shape)
     res = ConvertResult(ckpt.path, ckpt.path, "head", normalize=head.normalize, classes=classes,
                         architecture=f"{classes} classes x {dim}")
-    meta = {"pool.kind": "head", "normalize": str(head.normalize).lower(), "pool.classes": str(classes),
-            "pool.embed_dim": str(dim)}
-    return tensors, meta, res
+    return *module_payload(head), res
 
 
 def convert_file(source: str | Path, destination: str | Path, *, force: bool = False,
@@ -164,8 +172,43 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
     ``pool.source_sha256``) is read back and compared instead of rewritten (status "up to date");
     one that holds exactly the tensors this conversion would write is kept too ("same tensors");
     any other raises DestinationExistsError.
+
+    Args:
+        source: the checkpoint to convert (any container; ``~`` is expanded). It is read with
+            the restricted reader and never written to.
+        destination: the safetensors file to write; its folder must exist.
+        force: replace an existing destination.
+        model_name: an open_clip name to check an encoder's weights against; None infers the
+            architecture from them.
+        source_sha256: the source's sha256 when already known (`plan_tree` computes it); None
+            computes it.
+        keep_current: keep an existing destination that already holds the source's tensors,
+            as described above.
+
+    Returns:
+        The `ConvertResult`, ``ok`` True and ``status`` ``"converted"``, ``"up to date"`` or
+        ``"same tensors"``.
+
+    Raises:
+        DestinationExistsError: the destination exists (without ``force``, or with
+            ``keep_current`` but other tensors), is a directory or the source itself, or its
+            folder does not exist.
+        CheckpointNotFoundError: the source does not exist.
+        UnsafeCheckpointError: the source names a global that could run code.
+        CorruptCheckpointError: the source is damaged, or the file written (or kept) does not
+            read back bit for bit as meant (nothing is replaced).
+        CheckpointError: the source is neither an image encoder nor a classification head, or
+            cannot be used otherwise.
+        ArchitectureMismatchError: an encoder's weights are no ViT image tower this loader
+            builds, or not the one ``model_name`` names; a head's tensors are inconsistent.
+        ConfigError: ``model_name`` is no open_clip ViT config this loader can build.
+
+    Example:
+        >>> from pool.convert import convert_file
+        >>> result = convert_file("ViT-B-32/Cars/finetuned.pt", "cars.safetensors")  # doctest: +SKIP
+        >>> result.status, result.kind, result.model_name  # doctest: +SKIP
+        ('converted', 'encoder', 'ViT-B-32')
     """
-    import safetensors.torch
 
     from . import __version__
 
@@ -203,23 +246,8 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
         res.ok, res.bytes = True, dst.stat().st_size
         res.seconds = time.perf_counter() - start
         return res
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-        back = read_checkpoint(tmp, mmap=False)
-        compare_tensors(back.state_dict, tensors, f"{dst} (converted from {src})")
-        if back.metadata != meta:
-            raise CorruptCheckpointError(f"{dst}: metadata read back differs from what was written")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    res.bytes = write_checked(tensors, meta, dst)
     res.ok, res.status = True, "converted"
-    res.bytes = dst.stat().st_size
     res.seconds = time.perf_counter() - start
     log.info("converted %s -> %s (%d tensors) in %.3f s", src, dst, res.tensors, res.seconds)
     return res
@@ -239,6 +267,17 @@ class TreeItem:
 
 @dataclass
 class TreePlan:
+    """What `plan_tree` found: each file to convert and the configs to write (`convert_tree` runs it).
+
+    Attributes:
+        root: the tree's root.
+        items: each ``.pt`` file found: its destination, the group (architecture folder) and
+            role (``model`` / ``head``) and pool name a config gives it, whether it is up to date.
+        configs: each group's config file (``root/pool.safetensors.yaml`` for a single group,
+            else one in each group's folder).
+        unplaced: the ``.pt`` files converted but named in no config.
+    """
+
     root: Path
     items: list[TreeItem]
     configs: dict[Path, Path] = field(default_factory=dict)  # group -> config path
@@ -258,7 +297,7 @@ def _payload(ckpt: Checkpoint, model_name: str | None = None
             f"{ckpt.path}: neither an image encoder (no visual.conv1.weight) nor a classification head "
             f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
             "`python -m pool inspect` shows what it is.")
-    return _prepare(tensors), meta, res
+    return tensors, meta, res
 
 
 def _existing_difference(destination: Path, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -287,7 +326,29 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
     (lower-cased); ``<group>/head_<Task>.pt`` -> head ``task`` (a head one level above a single
     group belongs to it). Other ``.pt`` files are converted but named in no config. Raises
     DestinationExistsError listing every destination that exists (unless ``force``) before
-    anything is written.
+    anything is written; a destination converted earlier from the same source bytes, or that
+    already holds exactly the tensors its conversion would write, is not listed: it is kept.
+
+    Args:
+        root: the tree's root folder (``~`` is expanded); files in hidden folders are skipped.
+        force: plan to replace existing destinations and configs instead of refusing them.
+
+    Returns:
+        The `TreePlan`; nothing has been written.
+
+    Raises:
+        DestinationExistsError: ``root`` is no folder, or (without ``force``) destinations or
+            configs that a conversion would replace exist (all listed). A config this command
+            wrote earlier is not counted.
+        CheckpointError: there is no ``.pt`` file under ``root``, or two files would get the
+            same role and name in one group.
+
+    Example:
+        >>> from pool.convert import convert_tree, plan_tree
+        >>> plan = plan_tree("checkpoints/")  # doctest: +SKIP
+        >>> results, configs = convert_tree(plan)  # doctest: +SKIP
+        >>> all(r.ok for r in results), configs  # doctest: +SKIP
+        (True, [PosixPath('checkpoints/pool.safetensors.yaml')])
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -362,7 +423,28 @@ def convert_tree(plan: TreePlan, *, force: bool = False,
                  progress: Callable[[TreeItem], None] | None = None) -> tuple[list[ConvertResult], list[Path]]:
     """Convert every planned file; write the config(s) only if every file converted.
 
-    Returns the per-file results and the configs written.
+    Returns the per-file results and the configs written. A file that fails is recorded (status
+    ``"failed"``, with its error) and the others go on; files the plan found up to date are read
+    back and kept.
+
+    Args:
+        plan: what `plan_tree` returned.
+        force: replace every destination, up to date or not.
+        progress: called with each `TreeItem` before it is converted; None for silence.
+
+    Returns:
+        ``(results, configs)``: one `ConvertResult` per planned file, in order, and the config
+        files written (none when a file failed).
+
+    Raises:
+        CheckpointError: a file named like an encoder (``zeroshot.pt``, ``finetuned.pt``) holds a
+            head, or one named like a head holds an encoder; raised while writing the configs.
+
+    Example:
+        >>> from pool.convert import convert_tree, plan_tree
+        >>> results, configs = convert_tree(plan_tree("checkpoints/"))  # doctest: +SKIP
+        >>> [r.status for r in results if not r.ok]  # doctest: +SKIP
+        []
     """
     results: list[ConvertResult] = []
     for item in plan.items:

@@ -26,13 +26,35 @@ _OPTION_KEYS = {"model_name", "quick_gelu", "normalize", "dtype", "device", "mma
 
 
 def is_special_name(name: str) -> bool:
-    """``_pretrained_`` and the like: kept out of `model_names`."""
+    """Whether a name is special (``_pretrained_`` and the like): kept out of `model_names`.
+
+    Args:
+        name: an entry name.
+
+    Returns:
+        True for a name of more than two characters that starts and ends with ``_``.
+
+    Example:
+        >>> is_special_name("_pretrained_"), is_special_name("cars"), is_special_name("__")
+        (True, False, False)
+    """
     return len(name) > 2 and name.startswith("_") and name.endswith("_")
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A resolved pool entry: its form, file (if any) and options."""
+    """A resolved pool entry: its form, file (if any) and options.
+
+    Attributes:
+        name: the entry's name in its section.
+        section: ``"models"`` or ``"classification_heads"``.
+        form: ``"path"``, ``"pickle_path"``, ``"state_dict_path"``, ``"hydra"`` or ``"module"``.
+        path: the checkpoint file (``~`` expanded) of a file entry, else None.
+        model_name: the configured open_clip name, if any.
+        options: the entry's options among ``quick_gelu``, ``normalize``, ``dtype``, ``device``
+            and ``mmap``.
+        config: the Hydra config or module instance, for those forms.
+    """
 
     name: str
     section: str  # "models" or "classification_heads"
@@ -44,10 +66,11 @@ class Entry:
 
     @property
     def label(self) -> str:
+        """``<section>.<name>``, as messages name the entry (``models.cars``)."""
         return f"{self.section}.{self.name}"
 
 
-def _plain(config: Any) -> Any:
+def plain_config(config: Any) -> Any:
     """DictConfig -> dict with interpolations resolved; other values unchanged."""
     try:
         from omegaconf import DictConfig, OmegaConf
@@ -59,7 +82,28 @@ def _plain(config: Any) -> Any:
 
 
 def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
-    """Classify one entry's configuration into an `Entry`."""
+    """Classify one entry's configuration into an `Entry`.
+
+    Nothing is read or instantiated: the form is told from the configuration alone.
+
+    Args:
+        name: the entry's name.
+        config: an ``nn.Module``, a checkpoint path (string or `Path`), a mapping with
+            ``_target_`` (Hydra), or a mapping with ``pickle_path`` or ``state_dict_path`` plus
+            options (``model_name``, ``quick_gelu``, ``normalize``, ``dtype``, ``device``, ``mmap``).
+        section: ``"models"`` (the default) or ``"classification_heads"``.
+
+    Returns:
+        The `Entry`.
+
+    Raises:
+        ConfigError: a file mapping has unknown keys, or the configuration is no entry form.
+
+    Example:
+        >>> entry = resolve_entry("cars", {"model_name": "ViT-B-32", "state_dict_path": "cars.pt"})
+        >>> entry.label, entry.form, entry.model_name
+        ('models.cars', 'state_dict_path', 'ViT-B-32')
+    """
     if isinstance(config, nn.Module):
         return Entry(name, section, "module", config=config)
     if isinstance(config, (str, Path)):
@@ -67,7 +111,7 @@ def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         if "_target_" in config:
             return Entry(name, section, "hydra", config=config)
-        plain = _plain(config)
+        plain = plain_config(config)
         options = {k: v for k, v in plain.items() if k in _OPTION_KEYS and k != "model_name"}
         for form in ("pickle_path", "state_dict_path"):
             if plain.get(form):
