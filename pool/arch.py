@@ -34,6 +34,8 @@ __all__ = [
     "known_architectures",
     "recorded_quick_gelu",
     "QUICK_GELU_METADATA",
+    "HEADS_METADATA",
+    "recorded_heads",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,30 @@ MAX_LAYERS = 256  # transformer blocks (the largest released ViTs have 48-64)
 
 @dataclass(frozen=True)
 class VisionArch:
-    """A ViT CLIP image tower plus the shapes of the text pieces an ImageEncoder keeps."""
+    """A ViT CLIP image tower plus the shapes of the text pieces an ImageEncoder keeps.
+
+    `infer_arch` reads one off the weights, `arch_for_name` from open_clip's config for a name;
+    `build_clip` builds the model. Frozen and hashable.
+
+    Attributes:
+        image_size: input resolution in pixels (square images).
+        patch_size: side of a patch in pixels.
+        width: the vision transformer's width.
+        layers: the vision transformer's block count.
+        heads: attention heads per block.
+        mlp_ratio: each block's MLP hidden size over ``width``.
+        embed_dim: the size of the image embedding (the columns of ``visual.proj``).
+        quick_gelu: True for QuickGELU, False for GELU, None when not known (yet).
+        text_context_length: rows of the kept ``positional_embedding`` (default 77).
+        text_vocab_size: rows of the kept ``token_embedding`` (default 49408).
+        text_width: width of the kept text pieces (``ln_final``, ``token_embedding``; default 512).
+
+    Example:
+        >>> from pool.arch import arch_for_name
+        >>> arch = arch_for_name("ViT-B-32")
+        >>> arch.patch_size, arch.width, arch.layers, arch.embed_dim, arch.quick_gelu
+        (32, 768, 12, 512, True)
+    """
 
     image_size: int
     patch_size: int
@@ -64,30 +89,73 @@ class VisionArch:
     text_width: int = 512
 
     def describe(self) -> str:
+        """One line for people: patch, width, layers, resolution, embedding and activation.
+
+        Returns:
+            The description; the activation is left out when ``quick_gelu`` is None.
+
+        Example:
+            >>> arch_for_name("ViT-B-32").describe()
+            'patch 32, width 768, 12 layers, 224 px, embed 512, QuickGELU'
+        """
         act = {True: ", QuickGELU", False: ", GELU", None: ""}[self.quick_gelu]
         return (f"patch {self.patch_size}, width {self.width}, {self.layers} layers, "
                 f"{self.image_size} px, embed {self.embed_dim}{act}")
 
     def shapes(self) -> tuple[Any, ...]:
+        """The shapes that decide whether weights fit (what `check_arch` and `name_for_arch` compare).
+
+        Returns:
+            ``(image_size, patch_size, width, layers, mlp_ratio, embed_dim)``: no head count,
+            activation or text sizes.
+        """
         return tuple(getattr(self, f) for f in _SHAPE_FIELDS)
 
     def vision_cfg(self) -> dict[str, Any]:
+        """open_clip's ``vision_cfg`` for this tower.
+
+        Returns:
+            ``image_size``, ``patch_size``, ``width``, ``layers``, ``head_width`` (``width``
+            over ``heads``) and ``mlp_ratio``.
+        """
         return {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.width,
                 "layers": self.layers, "head_width": self.width // max(1, self.heads),
                 "mlp_ratio": self.mlp_ratio}
 
     def text_cfg(self) -> dict[str, Any]:
+        """open_clip's ``text_cfg`` for the kept text pieces, with a single transformer block.
+
+        Returns:
+            ``context_length``, ``vocab_size``, ``width``, ``heads`` (``width`` / 64) and
+            ``layers`` (1: the text transformer is deleted right after construction).
+        """
         # The text transformer is deleted right after construction; one block keeps it cheap.
         return {"context_length": self.text_context_length, "vocab_size": self.text_vocab_size,
                 "width": self.text_width, "heads": max(1, self.text_width // 64), "layers": 1}
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field by name (``inspect --json`` reports it).
+
+        Returns:
+            A new dict, ``dataclasses.asdict`` of the architecture.
+        """
         return asdict(self)
 
 
 def known_architectures() -> dict[str, VisionArch]:
-    """Every plain-ViT model config open_clip ships, by name (read once per process: the first
-    call imports open_clip)."""
+    """Every plain-ViT model config open_clip ships, by name.
+
+    Read once per process: the first call imports open_clip. Configs this loader cannot build
+    (timm towers, non-square images, layer scale, ...) are left out.
+
+    Returns:
+        A new dict, open_clip model name -> `VisionArch` (with the config's own activation).
+
+    Example:
+        >>> known = known_architectures()
+        >>> "ViT-B-32" in known, "RN50" in known
+        (True, False)
+    """
     return dict(_registry())
 
 
@@ -141,6 +209,24 @@ def arch_for_name(model_name: str, quick_gelu: bool | None = None) -> VisionArch
     otherwise, because the published checkpoints come from OpenAI's weights. task_vectors' own
     spelling ``NAME__pretrained__TAG`` is understood: a tag other than ``openai`` (LAION weights,
     say) means the config's activation (GELU for the plain names).
+
+    Args:
+        model_name: an open_clip ViT name (``ViT-B-32``, ``ViT-B-32-quickgelu``, ...), optionally
+            as ``NAME__pretrained__TAG``.
+        quick_gelu: the activation to use; None (the default) applies the rules above.
+
+    Returns:
+        The `VisionArch`, ``quick_gelu`` set to True or False.
+
+    Raises:
+        ConfigError: ``model_name`` is not an open_clip ViT config this loader can build (the
+            message lists known names).
+
+    Example:
+        >>> arch_for_name("ViT-B-16").quick_gelu, arch_for_name("ViT-B-16", quick_gelu=False).quick_gelu
+        (True, False)
+        >>> arch_for_name("ViT-B-16__pretrained__laion400m_e32").quick_gelu
+        False
     """
     name, _, tag = model_name.partition("__pretrained__")
     registry = _registry()
@@ -159,7 +245,19 @@ def arch_for_name(model_name: str, quick_gelu: bool | None = None) -> VisionArch
 
 
 def name_for_arch(arch: VisionArch) -> str | None:
-    """The open_clip name whose config has these shapes (OpenAI names first), or None."""
+    """The open_clip name whose config has these shapes (OpenAI names first), or None.
+
+    Args:
+        arch: the architecture; only its `VisionArch.shapes` are compared.
+
+    Returns:
+        The best name (OpenAI names first, then names without ``-quickgelu``, then the shortest),
+        or None when no open_clip config has these shapes (a custom ViT).
+
+    Example:
+        >>> name_for_arch(arch_for_name("ViT-L-14"))
+        'ViT-L-14'
+    """
     matches = [n for n, a in _registry().items() if a.shapes() == arch.shapes()]
     if not matches:
         return None
@@ -169,12 +267,33 @@ def name_for_arch(arch: VisionArch) -> str | None:
 
 #: The safetensors metadata key `pool.convert` writes the activation under ("true" / "false").
 QUICK_GELU_METADATA = "pool.quick_gelu"
+#: The metadata keys that give the attention heads per block (the weights cannot tell): ours, then
+#: a transformers config's.
+HEADS_METADATA = "pool.heads"
+_HEADS_KEYS = (HEADS_METADATA, "hf.num_attention_heads")
+
+
+def recorded_heads(metadata: Mapping[str, str]) -> str | None:
+    """The attention heads per block a file's metadata records (as written), or None."""
+    return next((metadata[k] for k in _HEADS_KEYS if k in metadata), None)
 
 
 def default_quick_gelu(arch: VisionArch | str | None) -> bool:
-    """The activation to use when the file records none: an architecture (or open_clip name) of
-    OpenAI's shapes means QuickGELU, as the published weights use it; a custom ViT too, as every
-    checkpoint of this field derives from OpenAI's weights.
+    """The activation to use when the file records none: QuickGELU for OpenAI's shapes.
+
+    An architecture (or open_clip name) of OpenAI's shapes means QuickGELU, as the published
+    weights use it; a custom ViT too, as every checkpoint of this field derives from OpenAI's
+    weights. An architecture with the shapes of a non-OpenAI config gets that config's activation.
+
+    Args:
+        arch: an architecture, an open_clip name (read with `arch_for_name`'s rules), or None
+            (a custom ViT).
+
+    Returns:
+        True for QuickGELU, False for GELU.
+
+    Raises:
+        ConfigError: ``arch`` is a name that is no open_clip ViT config this loader can build.
 
     Example:
         >>> default_quick_gelu("ViT-B-32"), default_quick_gelu("ViT-B-32__pretrained__laion2b_s34b_b79k")
@@ -187,9 +306,36 @@ def default_quick_gelu(arch: VisionArch | str | None) -> bool:
 
 
 def recorded_quick_gelu(metadata: Mapping[str, str]) -> bool | None:
-    """The activation a converted file records in its metadata, or None when it records none."""
+    """The activation a file records in its metadata, or None when it records none: a converted
+    file's `QUICK_GELU_METADATA`, or a transformers folder's ``hidden_act`` (``quick_gelu``, or
+    ``gelu``, exact like nn.GELU; transformers' default is ``quick_gelu``).
+
+    Args:
+        metadata: a checkpoint's metadata (`pool.checkpoint.Checkpoint.metadata`).
+
+    Returns:
+        True for QuickGELU, False for GELU, None when nothing is recorded.
+
+    Raises:
+        ArchitectureMismatchError: a transformers activation open_clip's ViT does not have.
+
+    Example:
+        >>> recorded_quick_gelu({"pool.quick_gelu": "false"}), recorded_quick_gelu({})
+        (False, None)
+        >>> recorded_quick_gelu({"hf.model_type": "clip_vision_model"})
+        True
+    """
     value = metadata.get(QUICK_GELU_METADATA)
-    return None if value is None else value == "true"
+    if value is not None:
+        return value == "true"
+    if "hf.model_type" not in metadata:
+        return None
+    act = metadata.get("hf.hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ArchitectureMismatchError(
+            f"the transformers config says hidden_act={act!r}; open_clip's ViT uses quick_gelu or gelu (exact), "
+            "so these weights would compute other features.")
+    return act == "quick_gelu"
 
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any] | None = None,
@@ -197,7 +343,30 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Any
     """Read the architecture off normalised CLIP keys (``visual.*``, ``token_embedding.weight``...).
 
     ``modules`` (from `pool.checkpoint.Checkpoint.modules`, keys without the ``model.`` prefix)
-    supplies what shapes cannot: the attention head count and QuickGELU vs GELU.
+    supplies what shapes cannot: the attention head count and QuickGELU vs GELU. Without it the
+    head count is ``width // 64`` and the activation unknown.
+
+    Args:
+        state_dict: tensors under open_clip CLIP keys (`pool.keys.to_clip_keys` of any layout);
+            only their shapes are read, so meta tensors do.
+        modules: a pickled module's records by CLIP path (`pool.keys.to_clip_modules`), or None.
+        source: how error messages name the weights (the file, usually).
+
+    Returns:
+        The `VisionArch`; ``quick_gelu`` is None unless ``modules`` names the activation class.
+
+    Raises:
+        ArchitectureMismatchError: the tensors are no ViT image tower this loader can build (a
+            key is missing, shapes disagree, a transformer block is missing, the head count does
+            not divide the width, ...).
+
+    Example:
+        >>> import torch
+        >>> shapes = {"visual.conv1.weight": (64, 3, 8, 8), "visual.positional_embedding": (17, 64),
+        ...           "visual.proj": (64, 32), "visual.transformer.resblocks.0.mlp.c_fc.weight": (256, 64)}
+        >>> weights = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+        >>> infer_arch(weights).describe()
+        'patch 8, width 64, 1 layers, 32 px, embed 32'
     """
     def bad(why: str) -> ArchitectureMismatchError:
         return ArchitectureMismatchError(
@@ -284,7 +453,20 @@ def _label(arch: VisionArch) -> str:
 
 
 def check_arch(weights: VisionArch, configured: VisionArch, model_name: str, source: str) -> None:
-    """Raise ArchitectureMismatchError when the weights are not the configured architecture."""
+    """Raise ArchitectureMismatchError when the weights are not the configured architecture.
+
+    Only `VisionArch.shapes` are compared (not the activation, head count or text sizes).
+
+    Args:
+        weights: the architecture the weights have (`infer_arch`).
+        configured: the architecture the configuration names (`arch_for_name`).
+        model_name: the configured name, for the message.
+        source: how the message names the weights (the file, usually).
+
+    Raises:
+        ArchitectureMismatchError: the shapes differ; the message describes both and says to fix
+            or leave out ``model_name``.
+    """
     if weights.shapes() == configured.shapes():
         return
     raise ArchitectureMismatchError(
@@ -299,6 +481,25 @@ def build_clip(arch: VisionArch, *, device: str | torch.device = "meta", source:
     On the meta device (the default) nothing is allocated or initialised: the caller assigns the
     real tensors with ``load_state_dict(..., assign=True)``. Shapes open_clip cannot build raise
     ArchitectureMismatchError (naming ``source``, the file the shapes came from, when given).
+
+    Args:
+        arch: the architecture to build.
+        device: where to build it; ``"meta"`` (the default) copies a cached meta-device
+            template's structure, any other device constructs (and initialises) a fresh model.
+        source: the file the shapes came from, put before an error's message; None leaves the
+            message as it is.
+
+    Returns:
+        The ``CLIP`` module, without its ``transformer`` (and causal ``attn_mask``).
+
+    Raises:
+        ArchitectureMismatchError: open_clip cannot build a ViT of these shapes.
+
+    Example:
+        >>> from pool.synth import TINY
+        >>> model = build_clip(TINY)
+        >>> model.visual.conv1.weight.is_meta, hasattr(model, "transformer")
+        (True, False)
     """
     try:
         if torch.device(device).type == "meta":

@@ -27,6 +27,8 @@ from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
 from .containers.base import as_text
+from .containers.hf_folder import NAME as HF_FOLDER
+from .containers.hf_folder import is_hf_folder, read_hf_folder
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .gcpause import paused_gc
 from .records import ModuleInfo
@@ -70,7 +72,33 @@ def _describe_bytes(head: bytes) -> str:
 
 
 def sniff_container(path: PathLike) -> str:
-    """Name the container of a file by its first bytes: zip, legacy, pickle or safetensors."""
+    """Name the container of a file by its first bytes: zip, legacy, pickle or safetensors.
+
+    Containers are recognised by content, never by file extension. Only the first 512 bytes are
+    read, from a regular file only (a pipe or device could block). A file that is no container
+    gets a message saying what it looks like instead: a Git LFS pointer, an HTML error page, a
+    truncated safetensors file, ...
+
+    Args:
+        path: the file (``~`` is expanded).
+
+    Returns:
+        The container's name, one of `CONTAINERS`: ``"zip"``, ``"legacy"``, ``"safetensors"``
+        or ``"pickle"``.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist (the message lists the nearest folder).
+        CorruptCheckpointError: the path is a directory, a pipe, socket or device, an empty file,
+            or no known container.
+        CheckpointError: a tar archive (torch's pre-1.0 format), which is not supported.
+
+    Example:
+        >>> from pool.checkpoint import sniff_container
+        >>> sniff_container("finetuned.pt")  # doctest: +SKIP
+        'zip'
+    """
+    if is_hf_folder(Path(path).expanduser()):
+        return HF_FOLDER
     p = _existing_file(path)
     size, head = _head(p)
     if size == 0:
@@ -116,7 +144,8 @@ def _existing_file(path: PathLike) -> Path:
         inside = sorted(x.name for x in p.iterdir())[:10]
         raise CorruptCheckpointError(
             f"{p}: is a directory, not a checkpoint file. It holds: {', '.join(inside) or 'nothing'}. "
-            "Point at the .pt / .safetensors file itself.")
+            "Point at the .pt / .safetensors file itself (a transformers model folder is read too: "
+            "config.json beside model.safetensors or pytorch_model.bin).")
     try:
         info = p.stat()
     except FileNotFoundError:
@@ -179,15 +208,80 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     ``mmap`` (default: on for zip and safetensors) maps the tensors from the file instead of
     copying them. With ``refuse_unsafe=False`` a file naming unsafe globals is still read (they
     stay inert records) and they are listed in `Checkpoint.globals`; that is what ``inspect`` uses.
+
+    Args:
+        path: the checkpoint file (``~`` is expanded); its container is recognised by content.
+        map_location: where the tensors go, as for ``torch.load``: None (the CPU), a device
+            string or ``torch.device`` (every tensor there), or a dict mapping saved locations to
+            devices (``{"cuda:0": "cpu"}``; a location it does not name stays on the CPU).
+        mmap: for zip and safetensors files read onto the CPU, map the tensors from the file
+            (None, the default, or True) or read them into memory (False). Tensors bound for a
+            CUDA device are read in bulk either way; legacy and plain-pickle files are copied.
+        refuse_unsafe: refuse a file naming a global that could run code (the default); False
+            reads it all the same, for ``inspect``.
+
+    Returns:
+        The `Checkpoint`: its state dict (exactly the keys a pickled module's own
+        ``state_dict()`` has), module records, named globals and metadata.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist.
+        UnsafeCheckpointError: the file names a global that could run code or touch the system
+            (unless ``refuse_unsafe=False``), or is a TorchScript archive (always).
+        CorruptCheckpointError: the file is truncated, damaged or crafted, is no known container,
+            or is a directory, pipe or device.
+        CheckpointError: any other unusable file, such as a tar archive or a file that changed
+            while it was read.
+        ConfigError: ``map_location`` is not a device, a device string or a dict of them.
+
+    Example:
+        >>> from pool import read_checkpoint
+        >>> ckpt = read_checkpoint("finetuned.pt", map_location="cpu")  # doctest: +SKIP
+        >>> ckpt.container, ckpt.root_type  # doctest: +SKIP
+        ('zip', 'src.modeling.ImageEncoder')
+        >>> sorted(ckpt.state_dict)[:1]  # doctest: +SKIP
+        ['model.ln_final.bias']
     """
-    p = _existing_file(path)
-    container = _container(sniff_container(p))
     options = read_options(map_location, mmap, refuse_unsafe)
+    folder = Path(path).expanduser()
+    if is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
+        with paused_gc():
+            return read_hf_folder(folder, options, _read_file)
+    p = _existing_file(path)
     with paused_gc():
-        return container.read(p, options)
+        return _read_file(p, options)
+
+
+def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
+    return _container(sniff_container(p)).read(_existing_file(p), options)
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,
                     mmap: bool | None = None) -> dict[str, torch.Tensor]:
-    """Any supported checkpoint file -> ``{name: Tensor}``, without running code from it."""
+    """Any supported checkpoint file -> ``{name: Tensor}``, without running code from it.
+
+    `read_checkpoint` with unsafe files refused, keeping only the state dict.
+
+    Args:
+        path: the checkpoint file (``~`` is expanded): a pickled module, a state dict (torch zip
+            or legacy) or safetensors.
+        map_location: where the tensors go, as for `read_checkpoint` (None: the CPU).
+        mmap: map zip and safetensors tensors from the file, as for `read_checkpoint`.
+
+    Returns:
+        The tensors by key; for a pickled module, exactly what its own ``state_dict()`` returns.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist.
+        UnsafeCheckpointError: the file names a global that could run code, or is TorchScript.
+        CorruptCheckpointError: the file is truncated, damaged, crafted or no known container.
+        CheckpointError: any other unusable file (a tar archive, a file changed while read).
+        ConfigError: ``map_location`` is not a device, a device string or a dict of them.
+
+    Example:
+        >>> from pool.checkpoint import load_state_dict
+        >>> state_dict = load_state_dict("finetuned.safetensors")  # doctest: +SKIP
+        >>> state_dict["model.visual.conv1.weight"].shape  # doctest: +SKIP
+        torch.Size([768, 3, 32, 32])
+    """
     return read_checkpoint(path, map_location=map_location, mmap=mmap).state_dict

@@ -321,8 +321,11 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
     from .inspection import CONTAINER_NAMES, inspect_file
 
     path = Path(args.checkpoint).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{path.absolute()} is a folder; inspect takes one checkpoint file.")
+    from .containers.hf_folder import is_hf_folder
+
+    if path.is_dir() and not is_hf_folder(path):
+        raise UsageError(f"{path.absolute()} is a folder; inspect takes one checkpoint file (or a transformers "
+                         "model folder: config.json beside model.safetensors).")
     # Missing files (the message lists what is near), pipes and devices (which could block the
     # hash below) are refused here, before the file is opened.
     sniff_container(path)
@@ -371,11 +374,13 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
 # -- convert --------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
     from .checkpoint import CheckpointNotFoundError
-    from .convert import DestinationExistsError, convert_file, convert_tree, plan_tree
+    from .convert import DestinationExistsError, convert_file, convert_to_hf, convert_tree, plan_tree
 
     if args.tree:
         if args.source or args.destination:
             raise UsageError("convert takes either SRC DST or --tree DIR, not both.")
+        if args.to != "safetensors":
+            raise UsageError("--tree writes safetensors files; convert one encoder at a time with --to hf.")
         try:
             plan = plan_tree(args.tree, force=args.force)
         except DestinationExistsError as exc:
@@ -420,7 +425,10 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
     if not (args.source and args.destination):
         raise UsageError("convert needs SRC and DST (or --tree DIR); see `convert --help`.")
     try:
-        res = convert_file(args.source, args.destination, force=args.force)
+        if args.to == "hf":
+            res = convert_to_hf(args.source, args.destination, force=args.force)
+        else:
+            res = convert_file(args.source, args.destination, force=args.force)
     except (DestinationExistsError, CheckpointNotFoundError) as exc:
         raise UsageError(_message(exc)) from None
     rows = [("converted", f"{res.source} -> {res.destination}"),
@@ -431,8 +439,10 @@ def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
             ("source", f"sha256 {res.source_sha256} (never modified)"),
             ("time", human_time(res.seconds))]
     if res.kind == "encoder" and res.quick_gelu is not None:
-        rows.insert(2, ("activation", f"{'QuickGELU' if res.quick_gelu else 'GELU'}, recorded in the file's "
-                                      "metadata (pool reads it back; no config key needed)"))
+        where = ("config.json as hidden_act=" + ("quick_gelu" if res.quick_gelu else "gelu")) if args.to == "hf" \
+            else "the file's metadata"
+        rows.insert(2, ("activation", f"{'QuickGELU' if res.quick_gelu else 'GELU'}, recorded in {where} "
+                                      "(read back by pool; no config key needed)"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     return EXIT_OK
@@ -490,6 +500,21 @@ def _cmd_synth(args: argparse.Namespace, out: Style) -> int:
 
 # -- entry point ----------------------------------------------------------------------------------
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line's parser: ``verify``, ``inspect``, ``convert`` and ``synth``.
+
+    Each subcommand sets ``func``, the function `main` runs, and takes ``--debug``.
+
+    Args:
+        prog: the program name in usage and help text (default ``openclip-pool``).
+
+    Returns:
+        The parser (a command is required).
+
+    Example:
+        >>> args = build_parser().parse_args(["verify", "pool.yaml", "--integrity"])
+        >>> args.command, args.config, args.integrity, args.device
+        ('verify', 'pool.yaml', True, None)
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="debug logging, and tracebacks with errors")
@@ -526,11 +551,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", parents=[common], help="convert checkpoints to safetensors",
                        description="Write SRC as safetensors at DST (or every .pt under --tree DIR beside the "
-                                   "originals, plus DIR/pool.safetensors.yaml). Atomic writes; each file is read "
-                                   "back and compared bit for bit; the source is never modified.")
+                                   "originals, plus DIR/pool.safetensors.yaml), or with --to hf as a transformers "
+                                   "CLIPVisionModelWithProjection folder. SRC may be any checkpoint pool reads, a "
+                                   "transformers CLIP folder included. Atomic writes; each file is read back and "
+                                   "compared bit for bit; the source is never modified.")
     p.add_argument("source", nargs="?", metavar="SRC")
     p.add_argument("destination", nargs="?", metavar="DST")
     p.add_argument("--tree", metavar="DIR", help="convert a whole checkpoint tree and write a pool config")
+    p.add_argument("--to", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors in pool's layout (default), or hf: a transformers folder (config.json, "
+                        "model.safetensors, preprocessor_config.json)")
     p.add_argument("--force", action="store_true", help="overwrite existing destinations")
     p.set_defaults(func=_cmd_convert)
 
@@ -553,7 +583,28 @@ def _error(message: str, command: str | None, prog: str = PROG) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Run one command; returns the exit status (never raises for a user's mistake)."""
+    """Run one command; returns the exit status (never raises for a user's mistake).
+
+    Every error is one paragraph on stderr (``--debug`` adds the traceback and debug logging);
+    the exit status comes from one policy (`exit_status`).
+
+    Args:
+        argv: the arguments after the program name; None reads ``sys.argv[1:]``.
+        prog: the program name in messages; None means ``openclip-pool``.
+
+    Returns:
+        0 all good (``--help`` and ``--version`` included); 1 the command ran and found a problem
+        (an entry failed, a file names unsafe globals, a conversion failed; also a bug, or a
+        closed output pipe); 2 it could not run as asked (usage, a missing or malformed config or
+        input file, a destination that exists without ``--force``); 130 interrupted.
+
+    Example:
+        >>> from pool.cli import main
+        >>> main(["inspect", "no-such-checkpoint.pt"])  # the error goes to stderr
+        2
+        >>> main(["verify", "pool.yaml", "--json", "report.json"])  # doctest: +SKIP
+        0
+    """
     parser = build_parser(prog or PROG)
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

@@ -32,12 +32,13 @@ import torch
 
 from .arch import default_quick_gelu, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
+from .containers.hf_folder import CONFIG, is_hf_folder, weights_file
 from .errors import CheckpointError, PoolError
 from .keys import checkpoint_kind as _kind_of
 from .modeling import ClassificationHead, ImageEncoder
 from .saving import compare_tensors, module_payload, tensor_difference, write_checked
 
-__all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "plan_tree",
+__all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
            "convert_tree", "sha256_file", "checkpoint_kind"]
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class ConvertResult:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file's bytes, read ``chunk`` bytes at a time.
+    """The sha256 of a file's bytes, read ``chunk`` bytes at a time (of a transformers model
+    folder: of its config.json then its weights file).
 
     Args:
         path: the file.
@@ -124,9 +126,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         'e3b0c44298fc1c14'
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    folder = Path(path)
+    # a transformers folder: its config and its weights file, in that order
+    files = [folder / CONFIG, weights_file(folder)] if is_hf_folder(folder) else [folder]
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -253,6 +259,56 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
     return res
 
 
+def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = False,
+                  model_name: str | None = None) -> ConvertResult:
+    """Write an encoder checkpoint (any form pool reads) as a transformers
+    ``CLIPVisionModelWithProjection`` folder (`pool.hf.write_hf_folder`): ``config.json`` with
+    the activation (``quick_gelu`` for OpenAI-derived weights), ``model.safetensors`` and
+    ``preprocessor_config.json``. The weights are read back from the folder by pool's own reader
+    and compared bit for bit with the encoder's; the source is never modified.
+
+    Args:
+        source: an encoder checkpoint (a head has no transformers counterpart).
+        destination: the folder to write (created; an existing non-empty folder needs ``force``).
+        force: write into an existing, non-empty folder.
+        model_name: an open_clip name to check the weights against.
+
+    Returns:
+        The `ConvertResult` (``kind="encoder"``, ``status="converted"``).
+
+    Raises:
+        DestinationExistsError: the destination is a file, or a non-empty folder without ``force``.
+        CheckpointError: the source is no encoder, or cannot be read.
+    """
+    from .hf import to_hf, write_hf_folder
+    from .keys import to_clip_keys
+
+    start = time.perf_counter()
+    src, dst = Path(source).expanduser(), Path(destination).expanduser()
+    if dst.exists() and not dst.is_dir():
+        raise DestinationExistsError(f"{dst} is a file; --to hf writes a folder (config.json, model.safetensors, "
+                                     "preprocessor_config.json). Give a folder name.")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise DestinationExistsError(f"{dst} exists and is not empty; refusing to write into it. Pass --force, "
+                                     "or choose a new folder.")
+    ckpt = read_checkpoint(src)
+    if checkpoint_kind(ckpt) != "encoder":
+        raise CheckpointError(f"{src}: not an image encoder; only encoders have a transformers counterpart "
+                              "(CLIPVisionModelWithProjection).")
+    encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
+    write_hf_folder(encoder, dst)
+    expected = to_hf(to_clip_keys(encoder.state_dict()))
+    compare_tensors(read_checkpoint(dst / "model.safetensors", mmap=False).state_dict,
+                    {k: v.detach().contiguous().cpu() for k, v in expected.items()}, str(dst / "model.safetensors"))
+    arch = encoder.arch
+    res = ConvertResult(src, dst, "encoder", ok=True, status="converted", model_name=name_for_arch(arch),
+                        architecture=arch.describe(), quick_gelu=arch.quick_gelu, tensors=len(expected),
+                        bytes=sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
+                        source_sha256=sha256_file(src), seconds=time.perf_counter() - start)
+    log.info("converted %s -> %s (transformers folder) in %.3f s", src, dst, res.seconds)
+    return res
+
+
 # -- trees ----------------------------------------------------------------------------------------
 @dataclass
 class TreeItem:
@@ -330,7 +386,7 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
     already holds exactly the tensors its conversion would write, is not listed: it is kept.
 
     Args:
-        root: the tree's root folder (``~`` is expanded); files in hidden folders are skipped.
+        root: the tree's root folder (``~`` is expanded); hidden files and folders are skipped.
         force: plan to replace existing destinations and configs instead of refusing them.
 
     Returns:

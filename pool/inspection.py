@@ -15,6 +15,7 @@ from typing import Any
 
 from .checkpoint import read_checkpoint, sniff_container
 from .containers import REGISTRY
+from .containers.hf_folder import NAME as HF_FOLDER
 from .errors import ArchitectureMismatchError, CheckpointError
 from .keys import checkpoint_kind, describe_layout, strip_ddp, to_clip_keys, to_clip_modules
 from .unpickler import GlobalName
@@ -24,10 +25,35 @@ __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
 log = logging.getLogger(__name__)
 
 CONTAINER_NAMES = {container.name: container.describe() for container in REGISTRY}
+CONTAINER_NAMES[HF_FOLDER] = "transformers model folder (config.json beside model.safetensors or pytorch_model.bin)"
 
 
 @dataclass
 class Inspection:
+    """What `inspect_file` found in one file (``python -m pool inspect`` prints it).
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        sha256: its sha256 (hex), as the caller gave it.
+        container: its container (`pool.checkpoint.sniff_container`).
+        root_type: the class of the root object (``src.modeling.ImageEncoder``,
+            ``collections.OrderedDict``; ``"safetensors"`` for safetensors); None when the
+            file could not be read.
+        kind: ``"encoder"``, ``"head"`` or ``"unknown"``.
+        description: one line for people: the architecture, or why the file is neither.
+        architecture: an encoder's `pool.arch.VisionArch` fields plus ``model_name``, or a head's
+            ``classes``, ``input_dim`` and ``normalize``; None otherwise.
+        key_layout: how the tensors are named (`pool.keys.describe_layout`).
+        tensors: the number of tensors.
+        parameters: their elements, in all.
+        dtypes: tensors per dtype name (``float32``), the commonest first.
+        globals: every global the file names, unsafe ones flagged.
+        metadata: the file's metadata (safetensors).
+        attributes: the root module's plain attributes (a head's ``normalize``).
+        error: why no state dict could be read (globals may still be listed); None if it was.
+    """
+
     path: Path
     size: int
     sha256: str
@@ -47,9 +73,16 @@ class Inspection:
 
     @property
     def unsafe(self) -> list[str]:
+        """The globals on the unsafe list, as ``module.name`` strings (terminal-safe)."""
         return [str(g) for g in self.globals if g.unsafe]
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``python -m pool inspect --json`` prints.
+
+        Returns:
+            Every field (``path`` as ``file``, globals as ``{"name", "unsafe"}`` objects) plus
+            ``unsafe_globals``; attributes other than booleans, numbers and strings are left out.
+        """
         return {
             "file": str(self.path), "size": self.size, "sha256": self.sha256,
             "container": self.container, "root_type": self.root_type, "kind": self.kind,
@@ -64,13 +97,38 @@ class Inspection:
 
 
 def inspect_file(path: str | Path, sha256: str) -> Inspection:
-    """Describe one checkpoint file. Raises CheckpointError only when it is missing or no
-    container at all; a file that cannot be read as a checkpoint comes back with ``error`` set."""
+    """Describe one checkpoint file, without running anything from it.
+
+    Raises CheckpointError only when it is missing or no container at all; a file that cannot be
+    read as a checkpoint comes back with ``error`` set (and the globals named before reading
+    stopped). The file is read with ``refuse_unsafe=False``: unsafe globals are listed, flagged.
+    An encoder whose architecture cannot be read comes back as kind ``"unknown"``, saying why.
+
+    Args:
+        path: the file (``~`` is expanded).
+        sha256: its sha256 (`pool.convert.sha256_file`), reported as given.
+
+    Returns:
+        The `Inspection`.
+
+    Raises:
+        CheckpointNotFoundError: the file does not exist.
+        CorruptCheckpointError: it is a directory, a pipe or device, empty, or no known container.
+        CheckpointError: it is a tar archive (torch's pre-1.0 format).
+
+    Example:
+        >>> from pool.convert import sha256_file
+        >>> from pool.inspection import inspect_file
+        >>> info = inspect_file("finetuned.pt", sha256_file("finetuned.pt"))  # doctest: +SKIP
+        >>> info.kind, info.container, info.unsafe  # doctest: +SKIP
+        ('encoder', 'zip', [])
+    """
     from .arch import infer_arch, name_for_arch
 
     p = Path(path).expanduser()
     container = sniff_container(p)
-    info = Inspection(p, p.stat().st_size, sha256, container)
+    size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
+    info = Inspection(p, size, sha256, container)
     try:
         ckpt = read_checkpoint(p, refuse_unsafe=False)
     except CheckpointError as exc:

@@ -14,13 +14,21 @@ from pathlib import Path
 
 from .checkpoint import sniff_container
 from .containers import by_name
+from .containers.hf_folder import NAME as HF_FOLDER
+from .containers.hf_folder import weights_file
 
 __all__ = ["IntegrityResult", "check_integrity"]
 
 
 @dataclass(frozen=True)
 class IntegrityResult:
-    """What was checked: ``checked`` False for containers without checksums."""
+    """What was checked: ``checked`` False for containers without checksums.
+
+    Attributes:
+        container: the file's container (``zip``, ``legacy``, ``safetensors``, ``pickle``).
+        checked: whether the container has checksums (or a header) that were checked.
+        detail: what was checked, or why nothing could be.
+    """
 
     container: str
     checked: bool
@@ -28,8 +36,34 @@ class IntegrityResult:
 
 
 def check_integrity(path: str | Path) -> IntegrityResult:
-    """Check one checkpoint file's integrity as far as its container allows."""
+    """Check one checkpoint file's integrity as far as its container allows.
+
+    A torch zip's members are checked against their CRC32s, a safetensors header against the
+    file; legacy files and plain pickles have no checksums (``checked`` False). Nothing is
+    unpickled.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The `IntegrityResult`; a check that fails raises instead.
+
+    Raises:
+        CheckpointNotFoundError: the file does not exist.
+        CorruptCheckpointError: a checksum or the header does not match the bytes, or the file
+            is no known container (or a directory, pipe or device, or empty).
+        CheckpointError: a tar archive.
+
+    Example:
+        >>> from pool.integrity import check_integrity
+        >>> check_integrity("finetuned.pt").checked  # doctest: +SKIP
+        True
+    """
     p = Path(path)
     container = sniff_container(p)
+    if container == HF_FOLDER:  # a transformers folder: its weights file's own check
+        weights = weights_file(p)
+        checked, detail = by_name(sniff_container(weights)).integrity(weights)
+        return IntegrityResult(container, checked, f"{weights.name}: {detail}")
     checked, detail = by_name(container).integrity(p)
     return IntegrityResult(container, checked, detail)

@@ -20,7 +20,10 @@ from typing import TypeVar
 
 import torch
 
+from .hf import from_hf, is_hf_layout
+
 __all__ = ["to_clip_keys", "to_clip_modules", "strip_ddp", "checkpoint_kind", "describe_layout", "key_mismatch",
+           "task_vector_pair",
            "ENCODER_PREFIX", "DDP_PREFIX", "ENCODER_MARKER", "TEXT_SIDE_KEYS"]
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,17 @@ def _has_ddp_prefix(keys: list[str]) -> bool:
 def strip_ddp(state_dict: Mapping[str, V]) -> dict[str, V]:
     """``state_dict`` without DistributedDataParallel's ``module.`` prefix, when every key has it.
 
+    Args:
+        state_dict: values (tensors, usually) by key.
+
+    Returns:
+        A new dict: the keys without the prefix when every key had it, else the keys unchanged.
+
     Example:
         >>> strip_ddp({"module.weight": 1, "module.bias": 2})
         {'weight': 1, 'bias': 2}
+        >>> strip_ddp({"module.weight": 1, "bias": 2})  # not every key: unchanged
+        {'module.weight': 1, 'bias': 2}
     """
     if not _has_ddp_prefix(list(state_dict)):
         return dict(state_dict)
@@ -56,8 +67,24 @@ def strip_ddp(state_dict: Mapping[str, V]) -> dict[str, V]:
 
 
 def checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """``"encoder"`` (a ViT image tower in any known key layout), ``"head"`` (a 2-d ``weight``
-    and optionally a ``bias``, nothing else) or ``"unknown"``."""
+    """Whether tensors are an image encoder, a classification head or neither.
+
+    Args:
+        state_dict: tensors by key, in any layout `to_clip_keys` knows (DDP prefix included).
+
+    Returns:
+        ``"encoder"`` (a ViT image tower in any known key layout), ``"head"`` (a 2-d ``weight``
+        and optionally a ``bias``, nothing else) or ``"unknown"``.
+
+    Example:
+        >>> import torch
+        >>> checkpoint_kind({"module.model.visual.conv1.weight": torch.zeros(8, 3, 4, 4)})
+        'encoder'
+        >>> checkpoint_kind({"weight": torch.zeros(10, 512), "bias": torch.zeros(10)})
+        'head'
+        >>> checkpoint_kind({"weight": torch.zeros(10)})
+        'unknown'
+    """
     clip = to_clip_keys(state_dict)
     if ENCODER_MARKER in clip:
         return "encoder"
@@ -69,12 +96,26 @@ def checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def describe_layout(keys: list[str], wrapper: str | None = None) -> str:
-    """How a file's tensors are named, for people: ``model.visual.* (task_vectors ImageEncoder)``,
-    ``visual.* (open_clip CLIP)``, ``weight, bias``, with the DDP prefix and wrapper noted."""
+    """How a file's tensors are named, for people (``inspect`` shows it).
+
+    Args:
+        keys: the state dict's keys, as the file has them.
+        wrapper: the key of the dict the tensors sat in (``"state_dict"``), or None.
+
+    Returns:
+        ``model.visual.* (task_vectors ImageEncoder)``, ``visual.* (open_clip CLIP)``,
+        ``weight, bias`` or the first three keys, with the DDP prefix and wrapper noted.
+
+    Example:
+        >>> describe_layout(["module.model.visual.conv1.weight"], wrapper="state_dict")
+        'model.visual.* (task_vectors ImageEncoder), module. prefix (DDP), wrapped in {"state_dict": ...}'
+    """
     ddp = _has_ddp_prefix(keys)
     stripped = [k[len(DDP_PREFIX):] for k in keys] if ddp else list(keys)
     if any(k.startswith(ENCODER_PREFIX + "visual.") for k in stripped):
         layout = "model.visual.* (task_vectors ImageEncoder)"
+    elif is_hf_layout(stripped):
+        layout = "vision_model.* (transformers CLIP)"
     elif any(k.startswith("visual.") for k in stripped):
         layout = "visual.* (open_clip CLIP)"
     elif set(stripped) <= {"weight", "bias"}:
@@ -91,13 +132,27 @@ def describe_layout(keys: list[str], wrapper: str | None = None) -> str:
 def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Any known writer's keys -> open_clip CLIP keys, text transformer dropped.
 
+    The DDP ``module.`` prefix (when every key has it) and the ImageEncoder's ``model.`` prefix
+    are removed; ``transformer.*`` and ``attn_mask`` (the text transformer, which an ImageEncoder
+    deletes) are dropped.
+
+    Args:
+        state_dict: tensors by key, in any of the layouts the module docstring lists.
+        source: how the debug log names the tensors' file.
+
+    Returns:
+        A new dict of the same tensors (not copied) under open_clip CLIP keys.
+
     Example:
         >>> list(to_clip_keys({"module.model.visual.proj": torch.zeros(1)}))
         ['visual.proj']
     """
+    plain = strip_ddp(state_dict)
+    if is_hf_layout(list(plain)):  # transformers' CLIP: renamed, q/k/v fused, projections transposed
+        return from_hf(plain, source=source)
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
-    for key, value in strip_ddp(state_dict).items():
+    for key, value in plain.items():
         k = key[len(ENCODER_PREFIX):] if key.startswith(ENCODER_PREFIX) else key
         if k.startswith(_DROPPED_PREFIXES) or k in _DROPPED_KEYS:
             dropped.append(key)
@@ -110,8 +165,20 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
 
 
 def to_clip_modules(modules: Mapping[str, object] | None) -> dict[str, object]:
-    """Module-record paths of a pickled ImageEncoder (``model.visual...``) -> CLIP paths, as
-    `to_clip_keys` does for tensor names."""
+    """Module-record paths of a pickled ImageEncoder (``model.visual...``) -> CLIP paths.
+
+    What `to_clip_keys` does for tensor names, for `pool.checkpoint.Checkpoint.modules`.
+
+    Args:
+        modules: module records by path, or None.
+
+    Returns:
+        A new dict with the ``model.`` prefix removed from each path (empty for None).
+
+    Example:
+        >>> to_clip_modules({"model.visual.transformer": "record", "": "root"})
+        {'visual.transformer': 'record', '': 'root'}
+    """
     return {(k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k): v
             for k, v in (modules or {}).items()}
 
@@ -120,9 +187,40 @@ def _preview(keys: list[str], n: int = 4) -> str:
     return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
 
 
+def task_vector_pair(finetuned: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The two encoders' state dicts a task vector is taken over: all of their keys, less the
+    text-side leftovers (`TEXT_SIDE_KEYS`) that only one of them has. An encoder read from a
+    transformers vision model has none of those, one read from a task_vectors pickle has them all,
+    and a forward pass uses none of them, so such pairs line up on every image-tower key.
+
+    Returns:
+        ``(finetuned, pretrained)`` restricted to the keys compared; `key_mismatch` checks the rest.
+    """
+    text = set(TEXT_SIDE_KEYS) | {ENCODER_PREFIX + k for k in TEXT_SIDE_KEYS}
+    drop = {k for k in text if (k in finetuned) != (k in pretrained)}
+    return ({k: v for k, v in finetuned.items() if k not in drop},
+            {k: v for k, v in pretrained.items() if k not in drop})
+
+
 def key_mismatch(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor],
                  want_name: str = "expected") -> str | None:
-    """Why two state dicts do not line up key for key and shape for shape, or None if they do."""
+    """Why two state dicts do not line up key for key and shape for shape, or None if they do.
+
+    Args:
+        got: the tensors at hand.
+        want: the tensors they should match (only their keys and shapes are compared).
+        want_name: how the message names ``want``.
+
+    Returns:
+        None when the keys and every shape agree; else one sentence naming the first missing
+        and unexpected keys, or the first tensor whose shape differs.
+
+    Example:
+        >>> import torch
+        >>> print(key_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, "the architecture"))
+        tensor w has shape (2,), the architecture has (3,) (1 tensors differ)
+    """
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     if missing or extra:

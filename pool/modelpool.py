@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
-from .keys import key_mismatch, to_clip_keys
+from .keys import key_mismatch, task_vector_pair, to_clip_keys
 from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, place_module
 
 __all__ = ["OpenCLIPVisionModelPool"]
@@ -519,12 +519,12 @@ class OpenCLIPVisionModelPool:
         base = pretrained.state_dict()
         vectors = []
         for name, model in self.named_models(**kwargs):
-            state = model.state_dict()
-            problem = key_mismatch(state, base, PRETRAINED)
+            state, against = task_vector_pair(model.state_dict(), base)
+            problem = key_mismatch(state, against, PRETRAINED)
             if problem:
                 raise ArchitectureMismatchError(f"pool entry models.{name}: no task vector against "
                                                 f"{PRETRAINED}: {problem}")
-            vectors.append({k: (v - base[k]) if v.is_floating_point() else v for k, v in state.items()})
+            vectors.append({k: (v - against[k]) if v.is_floating_point() else v for k, v in state.items()})
         return pretrained, vectors
 
     def save_model(self, model: nn.Module, path: str | Path, *args: Any, **kwargs: Any) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import QUICK_GELU_METADATA, name_for_arch
+from .arch import HEADS_METADATA, QUICK_GELU_METADATA, name_for_arch
 from .errors import ConfigError, CorruptCheckpointError
 
 __all__ = ["module_payload", "write_checked", "save_module_weights", "tensor_difference", "compare_tensors",
@@ -123,7 +123,7 @@ def module_payload(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         name = name_for_arch(arch)
         meta = {"pool.kind": "encoder", "pool.architecture": arch.describe(), "pool.model_name": name or "",
                 QUICK_GELU_METADATA: str(bool(arch.quick_gelu)).lower(), "pool.embed_dim": str(arch.embed_dim),
-                "pool.image_size": str(arch.image_size)}
+                "pool.image_size": str(arch.image_size), HEADS_METADATA: str(arch.heads)}
         tensors = dict(module.state_dict())
     elif hasattr(module, "normalize") and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         classes, dim = (int(x) for x in weight.shape)

@@ -28,7 +28,7 @@ from .checkpoint import sniff_container
 from .entries import Entry
 from .errors import ConfigError, PoolError
 from .integrity import check_integrity
-from .keys import key_mismatch
+from .keys import key_mismatch, task_vector_pair
 from .modelpool import PRETRAINED, OpenCLIPVisionModelPool, check_head_fits
 from .verify_report import (
     Architecture,
@@ -57,7 +57,21 @@ class TaskVectorError(PoolError):
 
 
 def arch_label(arch: VisionArch | None) -> str:
-    """``ViT-B-32`` when open_clip has a config with these shapes, else a compact description."""
+    """``ViT-B-32`` when open_clip has a config with these shapes, else a compact description.
+
+    Args:
+        arch: the architecture, or None when it is not known.
+
+    Returns:
+        The open_clip name, ``ViT p<patch> w<width> L<layers> <size>px`` for a custom ViT, or
+        ``"?"`` for None.
+
+    Example:
+        >>> from pool.arch import arch_for_name
+        >>> from pool.synth import TINY
+        >>> arch_label(arch_for_name("ViT-B-16")), arch_label(TINY), arch_label(None)
+        ('ViT-B-16', 'ViT p8 w128 L2 32px', '?')
+    """
     if arch is None:
         return "?"
     name = name_for_arch(arch)
@@ -76,8 +90,28 @@ class _DropMessage(logging.Filter):
 
 
 def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entry], list[Entry]]:
-    """Read a pool config and resolve every entry, raising one ConfigError listing all problems
-    (unknown keys, unknown model_name, no entries): errors the user fixes in the YAML."""
+    """Read a pool config and resolve every entry, raising one ConfigError listing all problems.
+
+    The problems are the ones the user fixes in the YAML: unknown keys, unknown model_name, no
+    entries. Nothing is loaded yet.
+
+    Args:
+        config: the pool YAML file (anything `OpenCLIPVisionModelPool.from_config` reads).
+
+    Returns:
+        ``(pool, models, heads)``: the pool and its model and head entries, ``_pretrained_``
+        first among the models; what `verify_pool` takes.
+
+    Raises:
+        ConfigError: the config cannot be read, has unknown or malformed entries or unknown
+            model names (all listed in one message), or has no models and no heads.
+
+    Example:
+        >>> from pool.verify import prepare_pool
+        >>> pool, models, heads = prepare_pool("pool.yaml")  # doctest: +SKIP
+        >>> [entry.label for entry in models]  # doctest: +SKIP
+        ['models._pretrained_', 'models.cars']
+    """
     from .arch import arch_for_name
 
     modelpool_log = logging.getLogger("pool.modelpool")
@@ -149,6 +183,7 @@ def read_weights(module: torch.nn.Module) -> int:
 def task_vector(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> TaskVector:
     """The L2 norm of ``state - base`` over every float tensor (each tensor's norm accumulated in
     float64), after checking both have the same keys and shapes."""
+    state, base = task_vector_pair(state, base)
     problem = key_mismatch(state, base, PRETRAINED)
     if problem:
         raise TaskVectorError(f"task vector against {PRETRAINED}: {problem}; this model is not a "
@@ -315,6 +350,21 @@ def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[
 
     Returns:
         The `VerifyReport`; it never raises for an entry's failure, which is recorded instead.
+
+    Example:
+        >>> import tempfile
+        >>> from pool.synth import write_tree
+        >>> from pool.verify import prepare_pool, verify_pool
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     pool, models, heads = prepare_pool(write_tree(tmp, tasks=["Cars"]).config)
+        ...     report = verify_pool(pool, models, heads, config_label="a tiny tree")
+        >>> for entry in report.entries:
+        ...     print(entry.label, entry.ok)
+        models._pretrained_ True
+        models.cars True
+        classification_heads.cars True
+        models.cars_state_dict True
+        models.cars_safetensors True
     """
     start = time.perf_counter()
     run = _Run(pool, device=device, integrity=integrity, debug=debug, on_result=on_result)

@@ -1,0 +1,90 @@
+"""A Hugging Face transformers model folder as one checkpoint: ``config.json`` beside
+``model.safetensors`` (or ``pytorch_model.bin``, a torch zip read by our own parser).
+
+The weights are read by the container their bytes are (nothing from the folder runs); the fields
+of ``config.json`` that decide how the tensors are used become metadata (``hf.model_type``,
+``hf.hidden_act``, ``hf.layer_norm_eps``, ``hf.projection_dim``): for a whole ``CLIPModel`` they
+are its ``vision_config``'s. Which models the keys describe is for `pool.keys` to say; this module
+knows only the folder's files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptCheckpointError
+from .base import Checkpoint, ReadOptions
+
+__all__ = ["NAME", "CONFIG", "WEIGHTS", "is_hf_folder", "weights_file", "read_hf_folder"]
+
+#: the container name a folder reads as (`pool.checkpoint.sniff_container`, `Checkpoint.container`)
+NAME = "hf"
+CONFIG = "config.json"
+#: weight files looked for, in this order
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+MAX_CONFIG_BYTES = 1 << 20
+_SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder holding ``config.json`` and a weights file (or a shard index)."""
+    return path.is_dir() and (path / CONFIG).is_file() and any(
+        (path / name).is_file() for name in (*WEIGHTS, *_SHARDED))
+
+
+def weights_file(folder: Path) -> Path:
+    """The folder's single weights file.
+
+    Raises:
+        CorruptCheckpointError: only a sharded model (an index file) or no weights file.
+    """
+    for name in WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    sharded = [name for name in _SHARDED if (folder / name).is_file()]
+    if sharded:
+        raise CorruptCheckpointError(f"{folder}: holds a sharded model ({sharded[0]}); pool reads one weights "
+                                     "file. Merge the shards with transformers (save_pretrained with a "
+                                     "larger max_shard_size) first.")
+    raise CorruptCheckpointError(f"{folder}: no {' or '.join(WEIGHTS)} beside {CONFIG}.")
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes; a model config is a few kB.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); the folder is damaged.") from None
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object.")
+    return config
+
+
+def read_hf_folder(folder: Path, options: ReadOptions,
+                   read_file: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
+    """Read the folder's weights with ``read_file`` and attach its config as metadata.
+
+    Raises:
+        CorruptCheckpointError: a missing, sharded or unreadable weights file, or a bad config.json.
+    """
+    config = _config(folder)
+    model_type = str(config.get("model_type", ""))
+    vision = config.get("vision_config") if model_type == "clip" else config
+    if not isinstance(vision, dict):
+        vision = {}
+    weights = read_file(weights_file(folder), options)
+    metadata = dict(weights.metadata)
+    metadata["hf.model_type"] = model_type
+    for key in ("hidden_act", "layer_norm_eps", "projection_dim", "image_size", "num_attention_heads"):
+        if key in vision:
+            metadata[f"hf.{key}"] = str(vision[key])
+    if "projection_dim" in config and "hf.projection_dim" not in metadata:
+        metadata["hf.projection_dim"] = str(config["projection_dim"])
+    architectures = config.get("architectures") or [model_type or "unknown"]
+    return Checkpoint(folder, NAME, weights.state_dict, f"transformers {architectures[0]}",
+                      globals=weights.globals, metadata=metadata)
