@@ -1,8 +1,9 @@
 """``python -m pool`` / ``openclip-pool``: verify, inspect, convert, synth.
 
-Exit status: 0 all good; 1 the command ran and found a problem (an entry failed, a file names
-unsafe globals, a conversion failed); 2 the command could not run as asked (usage, a missing or
-malformed config or input file, a destination that exists without --force).
+Exit status (one policy: `exit_status`): 0 all good; 1 the command ran and found a problem (an entry
+failed, a file names unsafe globals, a conversion failed), or a bug / a closed output pipe; 2 the
+command could not run as asked (usage, a missing or malformed config or input file, a destination
+that exists without --force); 130 interrupted.
 Errors are one paragraph on stderr; ``--debug`` adds the traceback and debug logging.
 """
 
@@ -167,6 +168,7 @@ def _common_root(paths: Sequence[str]) -> Path | None:
 # -- verify ---------------------------------------------------------------------------------------
 def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
     from . import synth
+    from .distributed import verify_distributed, world
     from .verify import prepare_pool, verify_pool
 
     _check_device(args.device)
@@ -178,16 +180,25 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
 
     def run(config: Path, label: str, note: str | None) -> int:
         pool, models, heads = prepare_pool(config)
-        total = len(models) + len(heads)
-        bar = _stderr_tty() and json_target != "-"
-        progress = _Progress(total, "verify", bar)
-        stream = None if bar else _EntryLines(total)  # CI logs: one line per entry as it finishes
-        try:
-            report = verify_pool(pool, models, heads, config_label=label, device=args.device,
-                                 integrity=args.integrity, debug=args.debug, progress=progress.tick,
-                                 on_result=stream)
-        finally:
-            progress.close()
+        place = world()
+        if place is not None:  # under torchrun: this rank's share, then every rank's results merged
+            rank, size = place
+            report, rank = verify_distributed(
+                pool, models, heads, config_label=label, device=args.device, integrity=args.integrity,
+                debug=args.debug, timeout_s=args.timeout, on_result=_EntryLines(0, prefix=f"[rank {rank}/{size}] "))
+            if rank != 0:  # rank 0 alone prints and writes the report; every rank exits alike
+                return EXIT_OK if report.ok else EXIT_FOUND
+        else:
+            total = len(models) + len(heads)
+            bar = _stderr_tty() and json_target != "-"
+            progress = _Progress(total, "verify", bar)
+            stream = None if bar else _EntryLines(total)  # CI logs: one line per entry as it finishes
+            try:
+                report = verify_pool(pool, models, heads, config_label=label, device=args.device,
+                                     integrity=args.integrity, debug=args.debug, progress=progress.tick,
+                                     on_result=stream)
+            finally:
+                progress.close()
         report.note = note
         if args.debug:
             for entry in report.failed:
@@ -234,8 +245,8 @@ class _EntryLines:
     """One line on stderr per verified entry, as soon as it is done: what a CI log shows while a
     long verify runs (stderr is no terminal, so there is no progress bar)."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
+    def __init__(self, total: int, prefix: str = "") -> None:
+        self.total, self.done, self.prefix = total, 0, prefix
 
     def __call__(self, e: EntryResult) -> None:
         self.done += 1
@@ -244,8 +255,8 @@ class _EntryLines:
                  (("load", t.load_s), ("weights", t.weights_s), ("forward", t.forward_s),
                   ("task vector", t.task_vector_s)) if value is not None]
         detail = ", ".join(steps) if e.ok else printable(e.error or "failed")
-        width = len(str(self.total))
-        print(f"verify [{self.done:>{width}}/{self.total}] {'PASS' if e.ok else 'FAIL'} {e.label}: {detail}",
+        count = f"{self.done:>{len(str(self.total))}}/{self.total}" if self.total else str(self.done)
+        print(f"{self.prefix}verify [{count}] {'PASS' if e.ok else 'FAIL'} {e.label}: {detail}",
               file=sys.stderr, flush=True)
 
 
@@ -538,7 +549,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write a machine-readable report to PATH ('-': stdout only)")
     p.add_argument("--integrity", action="store_true",
                    help="check zip CRC32s and safetensors headers before loading each file")
-    p.add_argument("--device", metavar="D", help="device to load on and run the forward pass (default cpu)")
+    p.add_argument("--device", metavar="D", help="device to load on and run the forward pass (default cpu; "
+                                                 "under torchrun, cuda means each rank's own GPU)")
+    p.add_argument("--timeout", metavar="S", type=float, default=1800.0,
+                   help="under torchrun: seconds a rank waits for the others before failing (default 1800)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("inspect", parents=[common], help="describe a checkpoint file without loading it",

@@ -24,6 +24,7 @@ from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
 from .keys import key_mismatch, task_vector_pair, to_clip_keys
 from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, place_module
+from .sharding import check_shard, shard_units
 
 __all__ = ["OpenCLIPVisionModelPool"]
 
@@ -198,7 +199,10 @@ class OpenCLIPVisionModelPool:
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"pool config not found: {file.absolute()}")
-        config = OmegaConf.load(file)
+        try:
+            config = OmegaConf.load(file)
+        except Exception as exc:  # YAML/OmegaConf errors: one clear message, as from_config gives
+            raise ConfigError(f"{file.absolute()}: not a valid YAML pool config: {exc}") from exc
         if "modelpool" in config and "models" not in config:
             config = config.modelpool
         return cls.from_config(config)
@@ -475,7 +479,7 @@ class OpenCLIPVisionModelPool:
         for _, model in self.named_models(**kwargs):
             yield model
 
-    def named_models(self, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+    def named_models(self, shard: tuple[int, int] | None = None, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
         """Yield ``(name, encoder)`` for each regular model, loading one at a time.
 
         Only the model being yielded is held: iterating 20 fine-tuned encoders holds one in
@@ -483,20 +487,40 @@ class OpenCLIPVisionModelPool:
         out.
 
         Args:
+            shard: ``(rank, world_size)``: only this process's share of the models, for a job
+                split across processes (torchrun's ``RANK`` and ``WORLD_SIZE``); deterministic and
+                balanced by file size (`pool.sharding.shard_units`), so the shards of all ranks
+                cover every model exactly once. None: every model.
             **kwargs: `load_model`'s keyword arguments (``device``, ``dtype``, ...).
 
         Yields:
             ``(name, encoder)``, in config order; an entry's errors (as `load_model`) are raised
             when the iteration reaches it.
 
+        Raises:
+            ConfigError: ``shard`` is not ``(rank, world_size)`` with ``0 <= rank < world_size``.
+
         Example:
             >>> for name, encoder in pool.named_models(device="cuda"):  # doctest: +SKIP
             ...     print(name, encoder.embed_dim)
             cars 512
             dtd 512
+            >>> rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # doctest: +SKIP
+            >>> mine = [name for name, _ in pool.named_models(shard=(rank, world))]  # doctest: +SKIP
         """
-        for name in self.model_names:
+        names = self.model_names
+        if shard is not None:
+            rank, world_size = check_shard(shard)
+            names = shard_units(names, [self._file_size(n) for n in names], rank, world_size)
+        for name in names:
             yield name, self.load_model(name, **kwargs)
+
+    def _file_size(self, name: str) -> int:
+        try:
+            path = self.entry(name).path
+            return path.stat().st_size if path is not None and path.is_file() else 0
+        except (PoolError, OSError):
+            return 0
 
     def load_pretrained_model_and_task_vectors(self, **kwargs: Any) -> tuple[nn.Module, list[dict[str, Any]]]:
         """The ``_pretrained_`` encoder and, for each regular model in order, its task vector.
@@ -836,7 +860,7 @@ class OpenCLIPVisionModelPool:
         return self._get_processors()[1]
 
     def architecture(self) -> VisionArch:
-        """The architecture of the pretrained (or first) model, read without building it.
+        """The architecture of the pretrained (or first) model; for file entries, without building it.
 
         An entry's ``model_name`` gives it without reading anything; else the file's tensor
         shapes do (the file is read, no model is built). A Hydra or module entry is loaded to ask

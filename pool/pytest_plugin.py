@@ -11,6 +11,10 @@ imports torch and defines the fixtures ``tiny_arch``, ``synth_tree``, ``write_en
 
 or ``pytest --openclip-pool-fixtures``. (``-p pool.testing`` or ``pytest_plugins = ["pool.testing"]``
 in a root conftest.py load the fixtures directly, without this module.)
+
+The second switch, ``pytest --openclip-pool-verify CONFIG`` (or the ``openclip_pool_verify`` ini
+value), registers `pool.pytest_verify`: one test item per entry of that pool config, checked as
+``python -m pool verify`` checks it (JUnit XML, ``-k``, ``-n N`` with pytest-xdist).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import pytest
 INI = "openclip_pool_fixtures"
 OPTION = "--openclip-pool-fixtures"
 PLUGIN = "pool.testing"
+VERIFY_INI = "openclip_pool_verify"
+VERIFY_OPTION = "--openclip-pool-verify"
+VERIFY_PLUGIN = "pool.pytest_verify"
 
 # pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
 # only if pytest rewrites the module's asserts, which must be arranged before it is imported:
@@ -38,6 +45,10 @@ def pytest_addoption(parser) -> None:
     group = parser.getgroup("openclip-pool")
     group.addoption(OPTION, action="store_true", default=False, dest="openclip_pool_fixtures",
                     help=f"register pool's checkpoint fixtures (same as the {INI} ini option)")
+    parser.addini(VERIFY_INI, default="", help="a pool config: one test item per entry, checked as verify does")
+    group.addoption(VERIFY_OPTION, metavar="CONFIG", default=None, dest=VERIFY_INI,
+                    help=f"one test item per entry of this pool config, checked as `python -m pool verify` "
+                         f"does (same as the {VERIFY_INI} ini option)")
 
 
 def enabled(config) -> bool:
@@ -45,11 +56,16 @@ def enabled(config) -> bool:
 
 
 def pytest_configure(config) -> None:
+    import importlib
+
+    if (config.getoption(VERIFY_INI, default=None) or config.getini(VERIFY_INI)) and \
+            not config.pluginmanager.has_plugin(VERIFY_PLUGIN):
+        module = importlib.import_module(VERIFY_PLUGIN)
+        config.pluginmanager.register(module, VERIFY_PLUGIN)
+        module.pytest_configure(config)  # registered after the configure hooks ran: its markers now
     if not enabled(config):
         return
     pm = config.pluginmanager
     if pm.has_plugin(PLUGIN):  # already loaded by -p or pytest_plugins
         return
-    import importlib
-
     pm.register(importlib.import_module(PLUGIN), PLUGIN)

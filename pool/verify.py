@@ -30,6 +30,7 @@ from .errors import ConfigError, PoolError
 from .integrity import check_integrity
 from .keys import key_mismatch, task_vector_pair
 from .modelpool import PRETRAINED, OpenCLIPVisionModelPool, check_head_fits
+from .sharding import shard_units
 from .verify_report import (
     Architecture,
     EntryResult,
@@ -44,7 +45,7 @@ from .verify_report import (
 T = TypeVar("T")
 
 __all__ = ["EntryResult", "VerifyReport", "verify_pool", "prepare_pool", "versions", "arch_label",
-           "TaskVectorError"]
+           "TaskVectorError", "shard_entries", "verify_order", "EntryChecker"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,12 @@ def _param_dtype(module: torch.nn.Module) -> torch.dtype:
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
+def _param_device(module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where the module's weights are (an entry's or the pool's own ``device`` may place them)."""
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else default
+
+
 def _image_size(encoder: torch.nn.Module) -> int | None:
     arch = getattr(encoder, "arch", None)
     if arch is not None:
@@ -212,6 +219,7 @@ class _Run:
         self.dev = torch.device(device) if device else torch.device("cpu")
         self.on_result = on_result or (lambda _result: None)
         self.base_state: dict[str, torch.Tensor] | None = None
+        self.base_tried = False  # _pretrained_ loaded (or failed) already, as an entry or for task vectors
         known_architectures()  # open_clip's import and configs, once per process: no entry's load time
 
     def step(self, result: EntryResult, stage: str, fn: Callable[[], T], timing: str | None = None) -> T | None:
@@ -263,17 +271,30 @@ class _Run:
             res.params = sum(p.numel() for p in encoder.parameters())
             self.step(res, "weights", lambda: read_weights(encoder), "weights_s")
         features = self.step(res, "forward", lambda: self._forward(encoder, res), "forward_s")
+        if entry.name == PRETRAINED:
+            self.base_tried = True
         if encoder is not None and res.ok:
             if entry.name == PRETRAINED:
                 self.base_state = {k: v.detach() for k, v in encoder.state_dict().items()}
-            elif self.base_state is not None:
-                base = self.base_state
+            elif (base := self.base()) is not None:
                 res.task_vector = self.step(res, "task vector", lambda: task_vector(encoder.state_dict(), base),
                                             "task_vector_s")
             else:
                 res.task_vector = TaskVector(skipped=f"{PRETRAINED} failed to load" if self.pool.has_pretrained
                                              else f"the pool has no {PRETRAINED}")
         return res, (encoder if res.ok else None), features
+
+    def base(self) -> dict[str, torch.Tensor] | None:
+        """``_pretrained_``'s state dict for task vectors. When this process did not check it as an
+        entry (another shard did), it is loaded here once, unreported; None if it cannot be."""
+        if self.base_state is None and not self.base_tried and self.pool.has_pretrained:
+            self.base_tried = True
+            try:
+                encoder = self.pool.load_model(PRETRAINED, device=self.device)
+                self.base_state = {k: v.detach() for k, v in encoder.state_dict().items()}
+            except Exception:  # its own entry reports why; here the task vectors are skipped
+                log.debug("%s could not be loaded for task vectors", PRETRAINED, exc_info=True)
+        return self.base_state
 
     def _forward(self, encoder: torch.nn.Module | None, res: EntryResult) -> torch.Tensor | None:
         if encoder is None:
@@ -283,7 +304,7 @@ class _Run:
             res.forward = ForwardCheck(skipped="not an ImageEncoder: image size unknown")
             return None
         generator = torch.Generator().manual_seed(0)
-        images = torch.randn(BATCH, 3, size, size, generator=generator).to(device=self.dev,
+        images = torch.randn(BATCH, 3, size, size, generator=generator).to(device=_param_device(encoder, self.dev),
                                                                           dtype=_param_dtype(encoder))
         encoder.eval()
         with torch.no_grad():
@@ -324,7 +345,7 @@ class _Run:
             if feats is None or not res.ok:
                 feats = torch.randn(BATCH, info.input_dim or 1, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
-                out = head(feats.to(device=self.dev, dtype=_param_dtype(head)))
+                out = head(feats.to(device=_param_device(head, self.dev), dtype=_param_dtype(head)))
             info.logits = list(out.shape)
             if not bool(torch.isfinite(out).all()):
                 raise PoolError("logits are not finite (NaN or inf): the head's weights are damaged")
@@ -392,3 +413,112 @@ def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[
         done(run.head(entry, None, None, paired_ok=None))
     return VerifyReport(config_label, str(run.dev), integrity, results, time.perf_counter() - start,
                         versions=versions())
+
+
+def verify_order(models: list[Entry], heads: list[Entry]) -> list[str]:
+    """Entry labels in the order `verify_pool` checks them: each model followed by its head of the
+    same name, then the heads with no model.
+
+    Args:
+        models, heads: the entries, as `prepare_pool` returns them.
+
+    Returns:
+        The labels (``models.<name>``, ``classification_heads.<name>``).
+    """
+    head_names = {h.name for h in heads}
+    model_names = {m.name for m in models}
+    out = []
+    for model in models:
+        out.append(model.label)
+        if model.name in head_names:
+            out.append(f"classification_heads.{model.name}")
+    return out + [h.label for h in heads if h.name not in model_names]
+
+
+def shard_entries(models: list[Entry], heads: list[Entry], rank: int, world_size: int
+                  ) -> tuple[list[Entry], list[Entry]]:
+    """The entries rank ``rank`` of ``world_size`` checks: deterministic, balanced by file size
+    (`pool.sharding.shard_units`), a model and its head of the same name together.
+
+    Args:
+        models, heads: every entry, as `prepare_pool` returns them.
+        rank, world_size: this process and the number of processes.
+
+    Returns:
+        ``(models, heads)`` of this rank, in the order verify checks them.
+    """
+    head_by_name = {e.name: e for e in heads}
+    units: list[tuple[Entry | None, Entry | None]] = [(m, head_by_name.pop(m.name, None)) for m in models]
+    units += [(None, h) for h in head_by_name.values()]
+
+    def size(entry: Entry | None) -> int:
+        try:
+            return entry.path.stat().st_size if entry is not None and entry.path is not None else 0
+        except OSError:
+            return 0
+
+    mine = shard_units(units, [size(m) + size(h) for m, h in units], rank, world_size)
+    return [m for m, _ in mine if m is not None], [h for _, h in mine if h is not None]
+
+
+class EntryChecker:
+    """Checks one pool entry at a time, as verify would (what the pytest items run): a model's
+    load, weights, forward and task vector; a head with the encoder of the same name.
+
+    Args:
+        pool, models, heads: what `prepare_pool` returned.
+        device: where to load and run (default CPU).
+        integrity: check each file's checksums / header first.
+
+    Example:
+        >>> checker = EntryChecker(*prepare_pool("pool.yaml"))  # doctest: +SKIP
+        >>> checker.check("models.cars").ok  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[Entry], *,
+                 device: str | None = None, integrity: bool = False) -> None:
+        self.run = _Run(pool, device=device, integrity=integrity, debug=True, on_result=None)
+        self.models = {e.name: e for e in models}
+        self.heads = {e.name: e for e in heads}
+
+    @property
+    def labels(self) -> list[str]:
+        """Every entry's label, in verify's order (each model followed by its head)."""
+        return verify_order(list(self.models.values()), list(self.heads.values()))
+
+    def entry(self, label: str) -> Entry:
+        """The resolved entry of a label.
+
+        Args:
+            label: ``models.<name>`` or ``classification_heads.<name>``.
+
+        Returns:
+            Its `pool.entries.Entry`.
+
+        Raises:
+            KeyError: no entry has that label.
+        """
+        section, _, name = label.partition(".")
+        return (self.models if section == "models" else self.heads)[name]
+
+    def check(self, label: str) -> EntryResult:
+        """Check one entry; a head is checked with the encoder of the same name, if any.
+
+        Args:
+            label: ``models.<name>`` or ``classification_heads.<name>``.
+
+        Returns:
+            The entry's `EntryResult` (a failure is recorded in it, never raised).
+        """
+        section, _, name = label.partition(".")
+        if section == "models":
+            result, _, _ = self.run.model(self.models[name])
+            if name in self.heads:
+                result.paired_head = f"classification_heads.{name}"
+            return result
+        model = self.models.get(name)
+        if model is None:
+            return self.run.head(self.heads[name], None, None, paired_ok=None)
+        model_result, encoder, features = self.run.model(model)
+        return self.run.head(self.heads[name], encoder, features, paired_ok=model_result.ok)

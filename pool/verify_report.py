@@ -36,6 +36,12 @@ class Timings:
     With memory-mapped files ``load_s`` is the read of the file's structure and the build of the
     module; the weights' bytes are read in ``weights_s`` (every page touched once), so a cold
     page cache shows there, not in ``forward_s``.
+
+    Attributes:
+        load_s: reading the file's structure and building the module.
+        weights_s: reading every weight's bytes.
+        forward_s: the forward pass (a head's: its logits).
+        task_vector_s: computing the task vector against ``_pretrained_``.
     """
 
     load_s: float | None = None
@@ -45,13 +51,22 @@ class Timings:
 
     @property
     def total_s(self) -> float:
+        """The seconds of the steps that ran, summed (0.0 when none did)."""
         return sum(t for t in (self.load_s, self.weights_s, self.forward_s, self.task_vector_s) if t)
 
 
 @dataclass
 class Architecture:
     """What the weights are (``inferred``: an open_clip name or a description) and what the
-    config said (``configured``)."""
+    config said (``configured``).
+
+    Attributes:
+        inferred: the weights' architecture: an open_clip name or a compact description.
+        description: the architecture in words (`pool.arch.VisionArch.describe`).
+        configured: the ``model_name`` the config gave, if any.
+        matches_config: True when a configured name was checked against the weights.
+        quick_gelu: the activation the model was built with (None: not known).
+    """
 
     inferred: str | None = None
     description: str | None = None
@@ -62,7 +77,12 @@ class Architecture:
 
 @dataclass
 class Integrity:
-    """Whether the file's own checksums / header could be checked, and what was found."""
+    """Whether the file's own checksums / header could be checked, and what was found.
+
+    Attributes:
+        checked: whether there was anything to check (False for legacy files and pickles).
+        detail: what was checked, or why nothing could be.
+    """
 
     checked: bool
     detail: str
@@ -71,7 +91,14 @@ class Integrity:
 @dataclass
 class ForwardCheck:
     """A forward pass on a random batch: its input and output shapes and whether it was finite
-    (or why it was skipped)."""
+    (or why it was skipped).
+
+    Attributes:
+        input: the random batch's shape.
+        output: the features' shape.
+        finite: whether every feature was finite.
+        skipped: why no forward pass ran, or None.
+    """
 
     input: list[int] | None = None
     output: list[int] | None = None
@@ -81,7 +108,17 @@ class ForwardCheck:
 
 @dataclass
 class HeadCheck:
-    """A classification head: its size, flag, the model it was paired with and its logits."""
+    """A classification head: its size, flag, the model it was paired with and its logits.
+
+    Attributes:
+        classes: its outputs.
+        input_dim: its inputs.
+        normalize: its ``normalize`` flag.
+        paired_with: the label of the model of the same name, if there is one.
+        encoder_embed_dim: that encoder's feature size, when it loaded.
+        logits: the logits' shape.
+        note: why the head was checked alone, if it was.
+    """
 
     classes: int | None = None
     input_dim: int | None = None
@@ -95,7 +132,14 @@ class HeadCheck:
 @dataclass
 class TaskVector:
     """A fine-tuned model minus ``_pretrained_``: tensors compared and the L2 norm of the
-    difference over all float tensors (or why it was skipped)."""
+    difference over all float tensors (or why it was skipped).
+
+    Attributes:
+        against: the model subtracted (``_pretrained_``).
+        tensors: the float tensors compared.
+        l2_norm: the L2 norm of the difference over all of them.
+        skipped: why no task vector was computed, or None.
+    """
 
     against: str | None = None
     tensors: int | None = None
@@ -110,6 +154,28 @@ class EntryResult:
     ``stage`` names the step that failed (``file``, ``integrity``, ``load``, ``weights``,
     ``forward``, ``task vector``, ``pairing``, ``logits``). A model's ``paired_head`` is the label
     of its head (``classification_heads.<name>``); a head's details are in ``head``.
+
+    Attributes:
+        name: the entry's pool name.
+        section: ``"models"`` or ``"classification_heads"``.
+        form: the entry's configuration form (``path``, ``pickle_path``, ``state_dict_path``,
+            ``hydra``, ``module``).
+        file: the file's absolute path, for a file entry.
+        container: the file's container.
+        ok: whether every check passed.
+        error: ``"<stage>: <message>"`` for a failure.
+        error_type: the failure's exception class name.
+        stage: the step that failed.
+        integrity: the file's checksum check, when asked for.
+        architecture: a model's architecture, inferred and configured.
+        params: the module's parameter count.
+        timings: seconds per step.
+        forward: a model's forward pass.
+        task_vector: a fine-tuned model's task vector against ``_pretrained_``.
+        head: a head's details.
+        paired_head: a model's head's label, when the pool has a head of the same name.
+        rank: the torchrun rank that checked the entry (``pool.distributed``); None in one process.
+        traceback: the failure's traceback (``--debug`` only; left out of the JSON when None).
     """
 
     name: str
@@ -129,18 +195,33 @@ class EntryResult:
     task_vector: TaskVector | None = None
     head: HeadCheck | None = None
     paired_head: str | None = None
+    rank: int | None = None
     traceback: str | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
+        """``<section>.<name>``, such as ``models.cars``."""
         return f"{self.section}.{self.name}"
 
     @property
     def is_model(self) -> bool:
+        """Whether the entry is a model (else a classification head)."""
         return self.section == "models"
 
     def failed(self, exc: BaseException, *, stage: str, debug: bool = False) -> EntryResult:
-        """Record ``exc`` as this entry's failure at ``stage``; returns self."""
+        """Record ``exc`` as this entry's failure at ``stage``; returns self.
+
+        An exception that is neither a `PoolError` nor an ``OSError`` is reported as unexpected
+        (a bug), with its type.
+
+        Args:
+            exc: the exception the step raised.
+            stage: the step (``load``, ``forward``, ...).
+            debug: keep the traceback in ``traceback``.
+
+        Returns:
+            This entry, ``ok`` now False.
+        """
         self.ok = False
         self.stage = stage
         self.error_type = type(exc).__name__
@@ -153,6 +234,12 @@ class EntryResult:
         return self
 
     def as_dict(self) -> dict[str, Any]:
+        """The entry's JSON form (docs/cli.md, "verify --json").
+
+        Returns:
+            Every field, nested results as dicts, ``timings.total_s`` added, and ``traceback``
+            left out when it is None.
+        """
         out = asdict(self)
         out["timings"]["total_s"] = self.timings.total_s
         if out.get("traceback") is None:
@@ -161,6 +248,22 @@ class EntryResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EntryResult:
+        """Read an entry's JSON form back (`as_dict`); unknown keys are ignored.
+
+        Args:
+            data: one item of a report's ``entries``.
+
+        Returns:
+            The `EntryResult`, nested results rebuilt.
+
+        Raises:
+            TypeError: ``data`` lacks ``name``, ``section`` or ``form``.
+
+        Example:
+            >>> entry = EntryResult.from_dict({"name": "cars", "section": "models", "form": "path"})
+            >>> entry.label, entry.ok, entry.timings.total_s
+            ('models.cars', True, 0)
+        """
         parts = {"integrity": Integrity, "architecture": Architecture, "forward": ForwardCheck,
                  "task_vector": TaskVector, "head": HeadCheck}
         known = {f.name for f in fields(cls)}
@@ -178,7 +281,15 @@ def _build(kind: type, data: dict[str, Any]) -> Any:
 
 
 def versions() -> dict[str, str]:
-    """The versions a report was made with: pool, torch, open_clip, safetensors, Python."""
+    """The versions a report was made with: pool, torch, open_clip, safetensors, Python.
+
+    Returns:
+        Version strings by name: ``pool``, ``torch``, ``open_clip``, ``safetensors``, ``python``.
+
+    Example:
+        >>> sorted(versions())
+        ['open_clip', 'pool', 'python', 'safetensors', 'torch']
+    """
     import open_clip
     import safetensors
     import torch
@@ -191,7 +302,17 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class VerifyReport:
-    """Every entry's result plus what the run was (config, device, whether integrity was checked)."""
+    """Every entry's result plus what the run was (config, device, whether integrity was checked).
+
+    Attributes:
+        config: how the report names the config (its path, or ``embedded default``).
+        device: where the entries were loaded and run.
+        integrity_checked: whether each file's checksums were checked before loading.
+        entries: one `EntryResult` per model and head, in the order they were checked.
+        seconds: the run's duration.
+        note: a remark on the run (what the embedded default is), or None.
+        versions: the versions it ran with (`versions`); empty until filled in.
+    """
 
     config: str
     device: str
@@ -203,22 +324,32 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether every entry passed (True for a report without entries)."""
         return all(e.ok for e in self.entries)
 
     @property
     def failed(self) -> list[EntryResult]:
+        """The entries that failed, in order."""
         return [e for e in self.entries if not e.ok]
 
     @property
     def models(self) -> list[EntryResult]:
+        """The model entries, in order."""
         return [e for e in self.entries if e.is_model]
 
     @property
     def heads(self) -> list[EntryResult]:
+        """The classification head entries, in order."""
         return [e for e in self.entries if not e.is_model]
 
     def as_dict(self) -> dict[str, Any]:
-        """The documented JSON form (docs/cli.md, "verify --json")."""
+        """The documented JSON form (docs/cli.md, "verify --json").
+
+        Returns:
+            ``schema``, ``schema_version``, the run's fields, a ``summary`` (counts and failed
+            labels) and each entry's `EntryResult.as_dict`; ``versions`` are this process's when
+            the report has none.
+        """
         models, heads = self.models, self.heads
         return {
             "schema": SCHEMA,
@@ -240,13 +371,45 @@ class VerifyReport:
         }
 
     def to_json(self) -> str:
+        """The JSON form as text (what ``verify --json`` writes).
+
+        Returns:
+            `as_dict`, indented by two spaces; values JSON cannot hold are written as strings.
+        """
         return json.dumps(self.as_dict(), indent=2, default=str)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VerifyReport:
-        """Read a report's JSON form back; refuses another schema or a newer version."""
+        """Read a report's JSON form back; refuses another schema or a newer version.
+
+        Args:
+            data: the parsed JSON (``json.load`` of what ``verify --json`` wrote).
+
+        Returns:
+            The `VerifyReport`, each entry an `EntryResult`.
+
+        Raises:
+            ValueError: ``data`` is no verify report (another ``schema``, or no integer
+                ``schema_version``), or its ``schema_version`` is newer than `SCHEMA_VERSION`.
+            KeyError: a required field (``config``, ``device``, ``integrity_checked``,
+                ``entries``) is missing.
+
+        Example:
+            >>> from pool import VerifyReport
+            >>> data = {"schema": "openclip-pool/verify-report", "schema_version": 2,
+            ...         "config": "pool.yaml", "device": "cpu", "integrity_checked": False,
+            ...         "entries": [{"name": "cars", "section": "models", "form": "path",
+            ...                      "ok": False, "stage": "load", "error": "load: not found"}]}
+            >>> report = VerifyReport.from_dict(data)
+            >>> report.ok, [entry.label for entry in report.failed]
+            (False, ['models.cars'])
+            >>> VerifyReport.from_dict(json.loads(report.to_json())).failed[0].error
+            'load: not found'
+        """
         if data.get("schema") != SCHEMA or not isinstance(data.get("schema_version"), int):
-            raise ValueError(f"not an openclip-pool verify report (schema {data.get('schema')!r})")
+            raise ValueError(f"not an openclip-pool verify report of a readable version (schema "
+                             f"{data.get('schema')!r}); reports without a schema are version 1, written before "
+                             "the report was typed: run verify again to get one.")
         if data["schema_version"] > SCHEMA_VERSION:
             raise ValueError(f"verify report schema_version {data['schema_version']} is newer than this "
                              f"pool reads ({SCHEMA_VERSION}); upgrade pool.")

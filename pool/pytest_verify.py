@@ -1,0 +1,146 @@
+"""``pytest --openclip-pool-verify CONFIG``: one test item per pool entry, checked as ``verify`` does.
+
+Registered by `pool.pytest_plugin` only when the option (or the ``openclip_pool_verify`` ini
+value) names a config, so projects that do not ask pay nothing. Each model and head becomes an
+item ``<config>::models.<name>`` / ``<config>::classification_heads.<name>`` with markers
+``pool_models`` / ``pool_heads``, ``pool_form_<form>`` and ``pool_container_<container>``, so a CI
+gets JUnit XML (``--junitxml``), ``-k`` / ``-m`` selection and pytest-xdist parallelism (``-n N``)
+for free. A failing item shows that entry's report. Relative config paths resolve against the
+directory pytest was started in; the entries inside resolve as ``verify`` resolves them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .verify import EntryChecker, prepare_pool
+from .verify_report import EntryResult
+
+__all__ = ["PoolEntryItem", "EntryFailed"]
+
+OPTION_DEST = "openclip_pool_verify"
+FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
+CONTAINERS = ("zip", "legacy", "pickle", "safetensors", "hf")
+MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
+           "pool_heads: a pool classification-head entry (pytest --openclip-pool-verify)",
+           *(f"pool_form_{form}: a pool entry of the {form} form" for form in FORMS),
+           *(f"pool_container_{c}: a pool entry whose file is a {c} container" for c in CONTAINERS))
+
+
+class EntryFailed(Exception):
+    """An entry did not pass; carries its `EntryResult`.
+
+    Args:
+        result: the failed entry's result (``error`` becomes the message).
+    """
+
+    def __init__(self, result: EntryResult) -> None:
+        super().__init__(result.error)
+        self.result = result
+
+
+def config_path(config: pytest.Config) -> Path | None:
+    value = config.getoption(OPTION_DEST, default=None) or config.getini(OPTION_DEST)
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
+
+
+@functools.cache
+def _checker(path: str) -> EntryChecker:
+    """One checker per process (per xdist worker): ``_pretrained_`` is loaded once for task vectors."""
+    return EntryChecker(*prepare_pool(path))
+
+
+def _marker(prefix: str, value: str | None) -> Any:
+    return getattr(pytest.mark, f"{prefix}{re.sub(r'[^0-9a-zA-Z_]', '_', value or 'none')}")
+
+
+class PoolEntryItem(pytest.Item):
+    """One pool entry as a test item.
+
+    Args:
+        config_file: the pool config's absolute path.
+        label: the entry (``models.<name>`` or ``classification_heads.<name>``).
+        **kwargs: `pytest.Item`'s (``parent``, ``name``), as ``from_parent`` passes them.
+    """
+
+    def __init__(self, *, config_file: str, label: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config_file, self.label = config_file, label
+
+    def runtest(self) -> None:
+        """Check the entry; its report goes into ``user_properties`` (JUnit XML carries them).
+
+        Raises:
+            EntryFailed: the entry did not pass.
+        """
+        result = _checker(self.config_file).check(self.label)
+        self.user_properties.append(("pool_entry", result.as_dict()))
+        if not result.ok:
+            raise EntryFailed(result)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        """The entry's report for a failed entry; pytest's usual report for anything else.
+
+        Args:
+            excinfo: what the item raised.
+            style: pytest's traceback style (used for other exceptions).
+
+        Returns:
+            The text pytest shows for the failure.
+        """
+        if isinstance(excinfo.value, EntryFailed):
+            r = excinfo.value.result
+            lines = [f"{r.label} failed at {r.stage}: {r.error}", f"  form       {r.form}",
+                     f"  file       {r.file or '-'}", f"  container  {r.container or '-'}",
+                     f"  error type {r.error_type}"]
+            if r.traceback:
+                lines += ["", r.traceback.rstrip()]
+            return "\n".join(lines)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        """Where pytest says the item is.
+
+        Returns:
+            ``(config file, None, "pool entry <label>")``.
+        """
+        return Path(self.config_file), None, f"pool entry {self.label}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Add one item per entry (before ``-k`` / ``-m`` deselection, which runs after this hook)."""
+    path = config_path(config)
+    if path is None:
+        return
+    if not path.is_file():
+        raise pytest.UsageError(f"--openclip-pool-verify {path}: no such pool config file")
+    # the entries are read without loading any weights: prepare_pool only resolves them
+    from .checkpoint import sniff_container
+    from .errors import PoolError
+
+    checker = _checker(str(path))
+    for label in checker.labels:
+        entry = checker.entry(label)
+        item = PoolEntryItem.from_parent(session, name=label, config_file=str(path), label=label)
+        item.add_marker(pytest.mark.pool_models if label.startswith("models.") else pytest.mark.pool_heads)
+        item.add_marker(_marker("pool_form_", entry.form))
+        if entry.path is not None:
+            try:
+                item.add_marker(_marker("pool_container_", sniff_container(entry.path)))
+            except (PoolError, OSError):  # the item itself reports the file's problem
+                pass
+        items.append(item)
