@@ -274,7 +274,19 @@ _HEADS_KEYS = (HEADS_METADATA, "hf.num_attention_heads")
 
 
 def recorded_heads(metadata: Mapping[str, str]) -> str | None:
-    """The attention heads per block a file's metadata records (as written), or None."""
+    """The attention heads per block a file's metadata records (as written), or None.
+
+    Args:
+        metadata: a checkpoint's metadata: `HEADS_METADATA` (ours) is read first, then a
+            transformers folder's ``hf.num_attention_heads``.
+
+    Returns:
+        The recorded value as a string (not checked), or None when neither key is there.
+
+    Example:
+        >>> recorded_heads({"pool.heads": "12"}), recorded_heads({})
+        ('12', None)
+    """
     return next((metadata[k] for k in _HEADS_KEYS if k in metadata), None)
 
 

@@ -77,19 +77,20 @@ def sniff_container(path: PathLike) -> str:
     Containers are recognised by content, never by file extension. Only the first 512 bytes are
     read, from a regular file only (a pipe or device could block). A file that is no container
     gets a message saying what it looks like instead: a Git LFS pointer, an HTML error page, a
-    truncated safetensors file, ...
+    truncated safetensors file, ... A transformers model folder (``config.json`` beside
+    ``model.safetensors`` or ``pytorch_model.bin``) is named ``"hf"``.
 
     Args:
-        path: the file (``~`` is expanded).
+        path: the file, or a transformers model folder (``~`` is expanded).
 
     Returns:
-        The container's name, one of `CONTAINERS`: ``"zip"``, ``"legacy"``, ``"safetensors"``
-        or ``"pickle"``.
+        The container's name: one of `CONTAINERS` (``"zip"``, ``"legacy"``, ``"safetensors"``,
+        ``"pickle"``) for a file, ``"hf"`` for a transformers model folder.
 
     Raises:
         CheckpointNotFoundError: the path does not exist (the message lists the nearest folder).
-        CorruptCheckpointError: the path is a directory, a pipe, socket or device, an empty file,
-            or no known container.
+        CorruptCheckpointError: the path is another directory, a pipe, socket or device, an empty
+            file, or no known container.
         CheckpointError: a tar archive (torch's pre-1.0 format), which is not supported.
 
     Example:
@@ -210,7 +211,9 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     stay inert records) and they are listed in `Checkpoint.globals`; that is what ``inspect`` uses.
 
     Args:
-        path: the checkpoint file (``~`` is expanded); its container is recognised by content.
+        path: the checkpoint file (``~`` is expanded), its container recognised by content; or a
+            transformers model folder, whose weights file is read and whose ``config.json``
+            fields that matter (``hidden_act``, ``layer_norm_eps``, ...) become ``hf.*`` metadata.
         map_location: where the tensors go, as for ``torch.load``: None (the CPU), a device
             string or ``torch.device`` (every tensor there), or a dict mapping saved locations to
             devices (``{"cuda:0": "cpu"}``; a location it does not name stays on the CPU).
@@ -229,7 +232,8 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         UnsafeCheckpointError: the file names a global that could run code or touch the system
             (unless ``refuse_unsafe=False``), or is a TorchScript archive (always).
         CorruptCheckpointError: the file is truncated, damaged or crafted, is no known container,
-            or is a directory, pipe or device.
+            or is a pipe, a device or a directory that is no transformers model folder (or one
+            with a sharded model or a bad ``config.json``).
         CheckpointError: any other unusable file, such as a tar archive or a file that changed
             while it was read.
         ConfigError: ``map_location`` is not a device, a device string or a dict of them.
@@ -264,7 +268,7 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
 
     Args:
         path: the checkpoint file (``~`` is expanded): a pickled module, a state dict (torch zip
-            or legacy) or safetensors.
+            or legacy) or safetensors; or a transformers model folder.
         map_location: where the tensors go, as for `read_checkpoint` (None: the CPU).
         mmap: map zip and safetensors tensors from the file, as for `read_checkpoint`.
 

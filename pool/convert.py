@@ -110,7 +110,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     folder: of its config.json then its weights file).
 
     Args:
-        path: the file.
+        path: the file, or a transformers model folder.
         chunk: bytes per read (default 1 MiB).
 
     Returns:
@@ -118,6 +118,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
     Raises:
         OSError: the file cannot be read (``FileNotFoundError`` when it does not exist).
+        CorruptCheckpointError: a transformers folder holds only a sharded model.
 
     Example:
         >>> import tempfile
@@ -507,7 +508,7 @@ def convert_tree(plan: TreePlan, *, force: bool = False,
         if progress:
             progress(item)
         try:
-            res = convert_file(item.source, item.destination, force=force or not item.up_to_date,
+            res = convert_file(item.source, item.destination, force=force,
                                source_sha256=item.sha256 or None, keep_current=item.up_to_date)
         except PoolError as exc:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -62,8 +62,31 @@ def _load_string(spec: str, split: str, label: str) -> Any:
 
 
 def load_dataset_entry(config: Any, split: str, label: str) -> Any:
-    """Load one dataset entry: a string goes to `datasets.load_dataset(string, split=...)` (or
-    `load_from_disk` for a saved directory); any other config goes to Hydra ``instantiate``."""
+    """Load one dataset entry of a pool's ``train_datasets`` / ``val_datasets`` / ``test_datasets``.
+
+    A string goes to `datasets.load_dataset(string, split=...)` (or `load_from_disk` for a saved
+    directory), trying each name `SPLITS` gives the split (``val``: ``validation``, ``val``,
+    ``valid``); a mapping (a DictConfig included) goes to Hydra ``instantiate``; any other value
+    is taken to be a dataset already and returned as it is.
+
+    Args:
+        config: the entry: a hub name or local path, a Hydra config, or a dataset object.
+        split: the section's split: ``"train"``, ``"val"`` or ``"test"``.
+        label: how messages name the entry (``train_datasets.cars``).
+
+    Returns:
+        The dataset: the split asked for (a directory saved as one dataset is returned whole),
+        what Hydra built, or ``config`` itself.
+
+    Raises:
+        DatasetError: a saved directory has none of the split's names, the hub could not be
+            reached (offline) for a name that is no local directory, the load failed, or Hydra's
+            ``instantiate`` failed.
+
+    Example:
+        >>> from pool.data import load_dataset_entry
+        >>> train = load_dataset_entry("~/data/cars", "train", "train_datasets.cars")  # doctest: +SKIP
+    """
     if isinstance(config, (str, Path)):
         return _load_string(str(config), split, label)
     if isinstance(config, Mapping) or hasattr(config, "keys"):

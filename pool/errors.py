@@ -24,9 +24,23 @@ __all__ = [
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters (terminal escape sequences, carriage returns, newlines,
-    ...) shown as ``\\x1b``-style escapes, so that text taken from a file can neither drive the
-    terminal nor forge lines of a report."""
+    """``text`` with its control characters shown as escapes, safe to print.
+
+    Control characters (terminal escape sequences, carriage returns, newlines, ...) are shown as
+    ``\\x1b``-style escapes, so that text taken from a file can neither drive the terminal nor
+    forge lines of a report. Every `PoolError` message goes through it.
+
+    Args:
+        text: any text, typically a name or key read from a file.
+
+    Returns:
+        ``text`` itself when it is printable, else a copy with each non-printable character
+        escaped.
+
+    Example:
+        >>> print(printable("name\\x1b[2J\\rforged line\\n"))
+        name\\x1b[2J\\rforged line\\n
+    """
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
@@ -34,8 +48,23 @@ def printable(text: str) -> str:
 
 
 def brief(value: object, limit: int = 120) -> str:
-    """A short, safe rendering of a value read from a file for a message: integers too large to
-    print (or to print quickly) are described, long renderings are cut."""
+    """A short, safe rendering of a value read from a file, for an error message.
+
+    Integers too large to print (or to print quickly) are described, long renderings are cut,
+    nested sequences are shown three levels and eight items deep, and any other object is named
+    by its type only.
+
+    Args:
+        value: the value, as a file gave it (it may be hostile: a huge integer, a long string).
+        limit: the longest rendering kept, in characters (default 120).
+
+    Returns:
+        The rendering, cut to ``limit`` characters (``...`` marks the cut) and made `printable`.
+
+    Example:
+        >>> brief(1 << 100), brief([1, "a", b"b", None]), brief(object())
+        ('<a 101-bit integer>', "[1, 'a', b'b', None]", '<object>')
+    """
     def render(item: object, depth: int) -> str:
         if isinstance(item, bool) or item is None:
             return repr(item)
@@ -55,17 +84,27 @@ E = TypeVar("E", bound=BaseException)
 
 
 def amended(exc: E, *, prefix: str = "", **attributes: object) -> E:
-    """A copy of ``exc`` (same type, message and attributes) with ``prefix`` put before its message
-    and ``attributes`` set: context is added to an error by raising a new one ``from`` it, never by
-    changing an exception that was already raised (a caller may hold it).
+    """A copy of ``exc`` with ``prefix`` put before its message and ``attributes`` set.
+
+    The copy keeps the type, message and attributes of ``exc``: context is added to an error by
+    raising a new one ``from`` it, never by changing an exception that was already raised (a
+    caller may hold it). ``exc`` itself is left as it was.
 
     Args:
         exc: the exception caught.
-        prefix: text put before the message (before ``strerror`` for an ``OSError``).
-        attributes: attributes to set on the copy, e.g. ``checkpoint_globals=[...]``.
+        prefix: text put before the message (before ``strerror`` for an ``OSError``; as the only
+            argument when the message is not a string).
+        **attributes: attributes to set on the copy, e.g. ``checkpoint_globals=[...]``.
 
     Returns:
         The new exception, not yet raised: ``raise amended(exc, prefix="models.cars: ") from exc``.
+
+    Example:
+        >>> from pool.errors import ConfigError, amended
+        >>> original = ConfigError("unknown key 'modles'")
+        >>> error = amended(original, prefix="pool.yaml: ")
+        >>> type(error).__name__, str(error), str(original)
+        ('ConfigError', "pool.yaml: unknown key 'modles'", "unknown key 'modles'")
     """
     new = copy.copy(exc)
     if prefix:
@@ -81,8 +120,14 @@ def amended(exc: E, *, prefix: str = "", **attributes: object) -> E:
 
 
 class PoolError(Exception):
-    """Base of every error raised by `pool`. Its message is always terminal-safe (`printable`):
-    file names, keys and globals in it come from files."""
+    """Base of every error raised by `pool`; its message is always terminal-safe.
+
+    String arguments go through `printable`: file names, keys and globals in a message come from
+    files.
+
+    Args:
+        *args: the message (and any further arguments), as for `Exception`.
+    """
 
     def __init__(self, *args: object) -> None:
         super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
@@ -93,6 +138,10 @@ class CheckpointError(PoolError):
 
     ``checkpoint_globals`` lists the globals a pickle named before reading stopped (empty when
     the error came before any unpickling); ``python -m pool inspect`` reports them.
+
+    Args:
+        *args: the message, as for `PoolError`.
+        checkpoint_globals: the globals named so far (`pool.unpickler.GlobalName`; default: none).
     """
 
     def __init__(self, *args: object, checkpoint_globals: list | None = None) -> None:
@@ -104,6 +153,11 @@ class UnsafeCheckpointError(CheckpointError):
     """The file names a global that could run code or touch the system.
 
     `globals` lists each offending ``module.name``; nothing from the file was executed.
+
+    Args:
+        message: what was refused and what to do.
+        globals: the offending ``module.name`` strings (default: none).
+        checkpoint_globals: every global the file named, as for `CheckpointError`.
     """
 
     def __init__(self, message: str, globals: list[str] | None = None, *,

@@ -22,8 +22,20 @@ _was_enabled = False  # the collector's state when the first block opened
 
 @contextlib.contextmanager
 def paused_gc() -> Iterator[None]:
-    """Disable the cyclic collector inside the block; the last block to close (in any thread)
-    restores the state the first one found."""
+    """Disable the cyclic collector inside the block; the last block to close restores it.
+
+    Blocks nest and may overlap across threads: the last block to close (in any thread)
+    restores the state the first one found. Reference counting still frees objects meanwhile.
+
+    Yields:
+        None: the body runs with the collector disabled.
+
+    Example:
+        >>> import gc
+        >>> with paused_gc():
+        ...     gc.isenabled()
+        False
+    """
     global _depth, _was_enabled
     with _lock:
         if _depth == 0:

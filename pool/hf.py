@@ -65,13 +65,34 @@ _DROPPED = re.compile(r"^(?:vision_model\.embeddings\.position_ids|text_model\.e
 
 
 def is_hf_layout(keys: list[str]) -> bool:
-    """Whether tensor names are transformers' CLIP layout (``vision_model.*``)."""
+    """Whether tensor names are transformers' CLIP layout (``vision_model.*``).
+
+    Args:
+        keys: the tensor names.
+
+    Returns:
+        True when any name starts with ``vision_model.``.
+
+    Example:
+        >>> is_hf_layout(["vision_model.embeddings.class_embedding"]), is_hf_layout(["visual.proj"])
+        (True, False)
+    """
     return any(k.startswith("vision_model.") for k in keys)
 
 
 def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """transformers CLIP keys -> open_clip CLIP keys (vision tower, projection, and a whole
-    CLIPModel's text-side pieces an ImageEncoder keeps); the text transformer is dropped.
+    """transformers CLIP keys -> open_clip CLIP keys; the text transformer is dropped.
+
+    Kept: the vision tower, the projection, and a whole CLIPModel's text-side pieces an
+    ImageEncoder keeps. q/k/v are fused into ``in_proj_*``, projections transposed.
+
+    Args:
+        state_dict: a ``CLIPVisionModelWithProjection`` or ``CLIPModel`` state dict.
+        source: how error messages name the file.
+
+    Returns:
+        A new dict under open_clip CLIP keys (fused and transposed tensors are new; the others
+        are the same tensors).
 
     Raises:
         ArchitectureMismatchError: a key no open_clip ViT has, or q/k/v projections missing.
@@ -108,8 +129,24 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint
 
 
 def to_hf(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """open_clip CLIP keys -> a ``CLIPVisionModelWithProjection`` state dict (vision tower and
-    projection; text-side pieces are left out). Tensors are contiguous copies where reshaped."""
+    """open_clip CLIP keys -> a ``CLIPVisionModelWithProjection`` state dict.
+
+    The vision tower and projection; text-side pieces are left out. Tensors are contiguous
+    copies where reshaped.
+
+    Args:
+        clip: tensors under open_clip CLIP keys (`pool.keys.to_clip_keys`).
+
+    Returns:
+        A new dict under transformers keys (``in_proj_*`` split into q/k/v, ``visual.proj``
+        transposed).
+
+    Example:
+        >>> import torch
+        >>> hf = to_hf({"visual.proj": torch.zeros(768, 512)})
+        >>> hf["visual_projection.weight"].shape, from_hf(hf)["visual.proj"].shape
+        (torch.Size([512, 768]), torch.Size([768, 512]))
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in clip.items():
         if key in _TOP and key.startswith("visual."):
@@ -129,7 +166,20 @@ def to_hf(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def vision_config(arch: Any) -> dict[str, Any]:
-    """``config.json`` of a ``CLIPVisionModelWithProjection`` for a `pool.arch.VisionArch`."""
+    """``config.json`` of a ``CLIPVisionModelWithProjection`` for a `pool.arch.VisionArch`.
+
+    Args:
+        arch: the encoder's architecture (its ``quick_gelu`` decides ``hidden_act``).
+
+    Returns:
+        The config as a dict, ready for ``json.dumps``.
+
+    Example:
+        >>> from pool.arch import arch_for_name
+        >>> config = vision_config(arch_for_name("ViT-B-32"))
+        >>> config["hidden_size"], config["num_attention_heads"], config["hidden_act"]
+        (768, 12, 'quick_gelu')
+    """
     return {
         "architectures": ["CLIPVisionModelWithProjection"],
         "model_type": "clip_vision_model",
@@ -151,8 +201,19 @@ def vision_config(arch: Any) -> dict[str, Any]:
 
 
 def preprocessor_config(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    """``preprocessor_config.json`` for ``CLIPImageProcessor``: resize the shortest side (bicubic),
-    center-crop, scale to [0, 1], normalise with the encoder's own mean and std."""
+    """``preprocessor_config.json`` for ``CLIPImageProcessor``.
+
+    Resize the shortest side (bicubic), center-crop, scale to [0, 1], normalise with the encoder's
+    own mean and std.
+
+    Args:
+        image_size: the encoder's input resolution (the resize and the crop).
+        mean: the per-channel mean to subtract.
+        std: the per-channel standard deviation to divide by.
+
+    Returns:
+        The config as a dict, ready for ``json.dumps``.
+    """
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
@@ -177,8 +238,15 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     ``config.json``, ``model.safetensors`` (written and read back by `pool.saving.write_checked`) and
     ``preprocessor_config.json``. The folder is created; files in it are replaced atomically.
 
+    Args:
+        encoder: an `ImageEncoder` (its ``arch`` and ``val_preprocess`` are used).
+        destination: the folder (``~`` is expanded).
+
     Returns:
         The folder.
+
+    Raises:
+        CorruptCheckpointError: ``model.safetensors`` did not read back identical.
     """
     from .keys import to_clip_keys
     from .saving import contiguous_unshared, write_checked

@@ -1,8 +1,9 @@
 """What a checkpoint file is, without running anything from it (``python -m pool inspect``).
 
 The file is read with ``refuse_unsafe=False``: globals that could run code become inert records
-and are listed, flagged. A file whose pickle yields no tensors at all (a pure exploit, say) is
-scanned once more for its globals alone, by the same restricted reader, so they are still listed.
+and are listed, flagged. A file that cannot be read as a checkpoint (a pure exploit with no
+tensors, say) still lists the globals its pickle named before reading stopped: the reader attaches
+them to the error (``CheckpointError.checkpoint_globals``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ class Inspection:
     """What `inspect_file` found in one file (``python -m pool inspect`` prints it).
 
     Attributes:
-        path: the file.
-        size: its size in bytes.
+        path: the file (or transformers model folder).
+        size: its size in bytes (a folder's: the sum of the files in it).
         sha256: its sha256 (hex), as the caller gave it.
-        container: its container (`pool.checkpoint.sniff_container`).
+        container: its container (`pool.checkpoint.sniff_container`; ``hf`` for a folder).
         root_type: the class of the root object (``src.modeling.ImageEncoder``,
             ``collections.OrderedDict``; ``"safetensors"`` for safetensors); None when the
             file could not be read.
@@ -105,7 +106,7 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
     An encoder whose architecture cannot be read comes back as kind ``"unknown"``, saying why.
 
     Args:
-        path: the file (``~`` is expanded).
+        path: the file, or a transformers model folder (``~`` is expanded).
         sha256: its sha256 (`pool.convert.sha256_file`), reported as given.
 
     Returns:
@@ -113,7 +114,8 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
 
     Raises:
         CheckpointNotFoundError: the file does not exist.
-        CorruptCheckpointError: it is a directory, a pipe or device, empty, or no known container.
+        CorruptCheckpointError: it is a directory that is no transformers model folder, a pipe or
+            device, empty, or no known container.
         CheckpointError: it is a tar archive (torch's pre-1.0 format).
 
     Example:

@@ -39,11 +39,11 @@ def check_integrity(path: str | Path) -> IntegrityResult:
     """Check one checkpoint file's integrity as far as its container allows.
 
     A torch zip's members are checked against their CRC32s, a safetensors header against the
-    file; legacy files and plain pickles have no checksums (``checked`` False). Nothing is
-    unpickled.
+    file; legacy files and plain pickles have no checksums (``checked`` False). A transformers
+    model folder gets its weights file's check. Nothing is unpickled.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or a transformers model folder.
 
     Returns:
         The `IntegrityResult`; a check that fails raises instead.
@@ -51,7 +51,8 @@ def check_integrity(path: str | Path) -> IntegrityResult:
     Raises:
         CheckpointNotFoundError: the file does not exist.
         CorruptCheckpointError: a checksum or the header does not match the bytes, or the file
-            is no known container (or a directory, pipe or device, or empty).
+            is no known container (or a directory that is no transformers model folder, a pipe
+            or device, or empty), or a folder holds only a sharded model.
         CheckpointError: a tar archive.
 
     Example:

@@ -76,6 +76,9 @@ def checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
         ``"encoder"`` (a ViT image tower in any known key layout), ``"head"`` (a 2-d ``weight``
         and optionally a ``bias``, nothing else) or ``"unknown"``.
 
+    Raises:
+        ArchitectureMismatchError: transformers-layout keys that do not map (as `to_clip_keys`).
+
     Example:
         >>> import torch
         >>> checkpoint_kind({"module.model.visual.conv1.weight": torch.zeros(8, 3, 4, 4)})
@@ -104,7 +107,8 @@ def describe_layout(keys: list[str], wrapper: str | None = None) -> str:
 
     Returns:
         ``model.visual.* (task_vectors ImageEncoder)``, ``visual.* (open_clip CLIP)``,
-        ``weight, bias`` or the first three keys, with the DDP prefix and wrapper noted.
+        ``vision_model.* (transformers CLIP)``, ``weight, bias`` or the first three keys, with the
+        DDP prefix and wrapper noted.
 
     Example:
         >>> describe_layout(["module.model.visual.conv1.weight"], wrapper="state_dict")
@@ -134,14 +138,21 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
 
     The DDP ``module.`` prefix (when every key has it) and the ImageEncoder's ``model.`` prefix
     are removed; ``transformer.*`` and ``attn_mask`` (the text transformer, which an ImageEncoder
-    deletes) are dropped.
+    deletes) are dropped. transformers' CLIP layout (``vision_model.*``) goes through
+    `pool.hf.from_hf`.
 
     Args:
-        state_dict: tensors by key, in any of the layouts the module docstring lists.
-        source: how the debug log names the tensors' file.
+        state_dict: tensors by key, in any of the layouts the module docstring lists, or
+            transformers' CLIP layout.
+        source: how the debug log (and a transformers layout's errors) name the tensors' file.
 
     Returns:
-        A new dict of the same tensors (not copied) under open_clip CLIP keys.
+        A new dict of the tensors under open_clip CLIP keys (not copied, except transformers'
+        fused q/k/v and transposed projections).
+
+    Raises:
+        ArchitectureMismatchError: a transformers key has no open_clip counterpart, or a layer
+            lacks one of its q/k/v projections.
 
     Example:
         >>> list(to_clip_keys({"module.model.visual.proj": torch.zeros(1)}))
@@ -189,10 +200,16 @@ def _preview(keys: list[str], n: int = 4) -> str:
 
 def task_vector_pair(finetuned: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The two encoders' state dicts a task vector is taken over: all of their keys, less the
-    text-side leftovers (`TEXT_SIDE_KEYS`) that only one of them has. An encoder read from a
-    transformers vision model has none of those, one read from a task_vectors pickle has them all,
-    and a forward pass uses none of them, so such pairs line up on every image-tower key.
+    """The two encoders' state dicts a task vector is taken over: all keys but one-sided leftovers.
+
+    Left out are the text-side leftovers (`TEXT_SIDE_KEYS`) that only one of them has. An encoder
+    read from a transformers vision model has none of those, one read from a task_vectors pickle
+    has them all, and a forward pass uses none of them, so such pairs line up on every
+    image-tower key.
+
+    Args:
+        finetuned: the fine-tuned encoder's state dict.
+        pretrained: the pre-trained encoder's state dict.
 
     Returns:
         ``(finetuned, pretrained)`` restricted to the keys compared; `key_mismatch` checks the rest.

@@ -199,13 +199,16 @@ class ImageEncoder(nn.Module):
     def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
         """Build from a `pool.checkpoint.Checkpoint` (uses its module records when it has them).
 
-        Without module records and without ``quick_gelu``, the activation a converted file
-        records in its metadata (`pool.arch.recorded_quick_gelu`) is used.
+        Without module records, the activation (unless ``quick_gelu`` is given) and the attention
+        head count (unless ``heads`` is) that the checkpoint's metadata records are used: a
+        converted file's (`pool.arch.recorded_quick_gelu`, `pool.arch.recorded_heads`) or a
+        transformers folder's ``hidden_act`` and ``num_attention_heads``.
 
         Args:
             checkpoint: a checkpoint read with `pool.checkpoint.read_checkpoint`.
             **kwargs: `from_state_dict`'s keyword arguments (``model_name``, ``quick_gelu``,
-                ``device``, ``dtype``, ``source``; ``source`` defaults to the checkpoint's path).
+                ``device``, ``dtype``, ``source``, ``heads``; ``source`` defaults to the
+                checkpoint's path).
 
         Returns:
             The encoder, as `from_state_dict` builds it.
@@ -213,7 +216,9 @@ class ImageEncoder(nn.Module):
         Raises:
             ConfigError: ``model_name`` or ``dtype`` is not supported.
             ArchitectureMismatchError: the weights are no ViT image tower, or not the one
-                ``model_name`` names.
+                ``model_name`` names; or the metadata records a head count that is no integer
+                dividing the width, or a transformers ``hidden_act`` or ``layer_norm_eps`` that
+                open_clip's ViT does not have.
 
         Example:
             >>> from pool import ImageEncoder, read_checkpoint
@@ -246,7 +251,7 @@ class ImageEncoder(nn.Module):
 
         Args:
             path: the encoder file: a pickled ImageEncoder (torch zip, legacy or plain pickle),
-                a state dict (torch zip or legacy) or safetensors.
+                a state dict (torch zip or legacy) or safetensors; or a transformers CLIP folder.
             model_name: an open_clip name to check the weights against; None (the default)
                 reads the architecture from the weights.
             quick_gelu: the activation; None: what the file says, else the name's default.

@@ -93,8 +93,15 @@ _UNICODE = ord("V")
 
 @dataclass
 class ScanResult:
-    """What the scan saw: where the pickle ends (one past STOP), the globals it names in order
-    (``(module, name)``, duplicates removed), and how many persistent ids it uses."""
+    """What the scan saw.
+
+    Attributes:
+        end: where the pickle ends (one past ``STOP``).
+        globals: the globals it names, in order, as ``(module, name)``, duplicates removed.
+        persistent_ids: how many persistent ids it uses.
+        large: ``(opcode offset, payload start, payload end)`` of each byte string of at least
+            ``large_bytes`` bytes (``BINBYTES`` / ``BINBYTES8``), when asked for.
+    """
 
     end: int
     globals: list[tuple[str, str]] = field(default_factory=list)
@@ -112,9 +119,32 @@ class _Refused(Exception):
 
 def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<bytes>",
                 what: str = "pickle", large_bytes: int | None = None) -> ScanResult:
-    """Scan the pickle that starts at ``data[start]``; raise CorruptCheckpointError if it is not
-    provably bounded (see the module docstring). ``what`` names the pickle in messages; with
-    ``large_bytes``, byte strings at least that long are listed in `ScanResult.large`."""
+    """Scan the pickle that starts at ``data[start]``; raise CorruptCheckpointError if it is not bounded.
+
+    What "provably bounded" means is in the module docstring. Nothing is imported, built or
+    unpickled.
+
+    Args:
+        data: the bytes (a memoryview of a mapped file is not copied whole).
+        start: where the pickle starts in ``data``.
+        source: how messages name the file.
+        what: how messages name the pickle (``data.pkl``).
+        large_bytes: list byte strings at least this long in `ScanResult.large`; None lists none.
+
+    Returns:
+        The `ScanResult`: where the pickle ends, the globals it names, its persistent ids.
+
+    Raises:
+        CorruptCheckpointError: the pickle is malformed, truncated or not provably bounded; the
+            error carries the globals named before the refusal (``checkpoint_globals``).
+
+    Example:
+        >>> import collections, pickle
+        >>> data = pickle.dumps(collections.OrderedDict(a=1), protocol=4)
+        >>> result = scan_pickle(data)
+        >>> result.globals, result.end == len(data)
+        ([('collections', 'OrderedDict')], True)
+    """
     result = ScanResult(end=start)
     seen: dict[tuple[str, str], None] = {}
     try:

@@ -51,7 +51,13 @@ _STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """A pickled module's class (``module.QualName``) and its plain attributes."""
+    """A pickled module's class (``module.QualName``) and its plain attributes.
+
+    Attributes:
+        type: the class the pickle names, ``module.QualName`` (``open_clip.transformer.QuickGELU``).
+        attributes: the module's plain attributes (None, bools, 64-bit ints, floats, strings and
+            tuples of them; a head's ``normalize``, an attention module's ``num_heads``).
+    """
 
     type: str
     attributes: dict[str, Any] = field(default_factory=dict)
@@ -59,9 +65,15 @@ class ModuleInfo:
 
 @dataclass
 class Walked:
-    """What a checkpoint's root object holds: tensor specs by state-dict key, the module tree
-    (path -> class and plain attributes, "" for the root), the root's type, and the wrapper key
-    (``"state_dict"``) when the tensors sat inside one."""
+    """What a checkpoint's root object holds, as `walk` read it.
+
+    Attributes:
+        tensors: tensor specs by state-dict key.
+        modules: the module tree: path -> class and plain attributes (`ModuleInfo`), "" for the
+            root; empty for a plain state dict.
+        root_type: the root object's type (``src.modeling.ImageEncoder``, ``collections.OrderedDict``).
+        wrapper: the wrapper key (``"state_dict"``) when the tensors sat inside one, else None.
+    """
 
     tensors: dict[str, TensorSpec]
     modules: dict[str, ModuleInfo]
@@ -94,8 +106,23 @@ def _call_name(obj: Any) -> str | None:
 
 
 def storage_from_pid(pid: Any, source: str) -> StorageRef:
-    """A torch persistent id ``('storage', StorageClass, key, location, numel[, view])`` as a
-    `StorageRef` (container key ``str(key)``); anything else is refused."""
+    """A torch persistent id ``('storage', StorageClass, key, location, numel[, view])`` as a ref.
+
+    The storage class must be a torch storage class (``torch.FloatStorage``, ...; the
+    ``torch.cuda`` twins read as CPU ones); a legacy view's offset and size are checked.
+
+    Args:
+        pid: the persistent id, as the unpickler handed it over.
+        source: how error messages name the file.
+
+    Returns:
+        The `StorageRef` (container key ``str(key)``, element dtype, element count, a view's
+        byte offset, the saved location).
+
+    Raises:
+        CorruptCheckpointError: ``pid`` is no torch storage reference, names a storage class
+            that is not read here, or has a key, size or view that is no bounded count.
+    """
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
         raise CorruptCheckpointError(f"{source}: a persistent id that is no torch storage reference "
                                      f"({type(pid).__name__} of {len(pid) if isinstance(pid, tuple) else 1})"
@@ -334,8 +361,19 @@ class _Walker:
 
 
 def record_bytes(obj: Any) -> bytes | InPlaceBytes | None:
-    """A bytes value: plain bytes, the file's own bytes (`pool.unpickler` leaves large byte
-    strings in place), or protocol 2's ``_codecs.encode(text, 'latin1')``; else None."""
+    """The bytes a pickled value stands for, or None when it stands for none.
+
+    Args:
+        obj: plain bytes (or a bytearray), the file's own bytes (`pool.unpickler` leaves large
+            byte strings in place), or protocol 2's ``_codecs.encode(text, 'latin1')`` record.
+
+    Returns:
+        The bytes (an `pool.unpickler.InPlaceBytes` for bytes left in place), or None.
+
+    Example:
+        >>> record_bytes(b"abc"), record_bytes("abc")
+        (b'abc', None)
+    """
     if isinstance(obj, PersistentRecord) and obj.untouched and isinstance(obj.value, InPlaceBytes):
         return obj.value
     if isinstance(obj, bytes):
@@ -352,8 +390,21 @@ def record_bytes(obj: Any) -> bytes | InPlaceBytes | None:
 
 
 def find_calls(root: Any, name: str, source: str) -> list[Record]:
-    """Every record of a call of global ``name`` reachable from ``root`` (each once), wherever it
-    sits: so that nested pickles are checked even where the walk would never look."""
+    """Every record of a call of global ``name`` reachable from ``root`` (each once), wherever it sits.
+
+    So that nested pickles are checked even where the walk would never look.
+
+    Args:
+        root: the unpickled root object (plain data and records).
+        name: the global's ``module.name`` (``torch.storage._load_from_bytes``).
+        source: how error messages name the file.
+
+    Returns:
+        The call records, in the order they were found.
+
+    Raises:
+        CorruptCheckpointError: more than ``4 * MAX_WALK_ENTRIES`` objects are reachable.
+    """
     found: list[Record] = []
     seen: set[int] = set()
     pending = [root]
@@ -382,7 +433,18 @@ def find_calls(root: Any, name: str, source: str) -> list[Record]:
 
 
 def is_key(key: Any) -> bool:
-    """A state-dict or storage key: a string, or an integer small enough to print."""
+    """Whether a value can be a state-dict or storage key: a string, or an integer small enough to print.
+
+    Args:
+        key: the value a pickle gave as a key.
+
+    Returns:
+        True for a string or an integer below ``2**62`` in size (not a bool).
+
+    Example:
+        >>> is_key("visual.proj"), is_key(3), is_key(True), is_key(1 << 70)
+        (True, True, False, False)
+    """
     return isinstance(key, str) or (type(key) is int and -INT_LIMIT < key < INT_LIMIT)
 
 
@@ -390,7 +452,21 @@ def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None 
     """Interpret an unpickled checkpoint: tensor specs by key, module tree, root type, wrapper.
 
     ``blob`` reads a ``torch.storage._load_from_bytes`` record into a storage reference (the
-    container's legacy parser); without it such blobs are refused.
+    container's legacy parser); without it such blobs are refused. A root ``{"state_dict": ...}``
+    is unwrapped. Nothing is called: records are read by the names of their globals.
+
+    Args:
+        root: the unpickled root object (`pool.unpickler.Unpickled.root`).
+        source: how error messages name the file.
+        blob: reads a storage blob record into a `StorageRef`; None refuses blobs.
+
+    Returns:
+        The `Walked` result: tensor specs, module tree, root type and wrapper key.
+
+    Raises:
+        CorruptCheckpointError: the root holds no tensors, or something no checkpoint holds (a
+            module that contains itself, a key that is no name, a tensor record of the wrong
+            shape, a structure past `MAX_WALK_ENTRIES` or `MAX_DEPTH`, ...).
     """
     walker = _Walker(source, blob)
     wrapper = None

@@ -83,7 +83,13 @@ for _cls, _name in ((_OriginalImageEncoder, "ImageEncoder"), (_OriginalClassific
 
 @contextlib.contextmanager
 def legacy_modeling_module() -> Iterator[types.ModuleType]:
-    """Register a stand-in ``src.modeling`` while pickling, so classes pickle under that name."""
+    """Register a stand-in ``src.modeling`` while pickling, so classes pickle under that name.
+
+    What ``sys.modules`` held under ``src`` and ``src.modeling`` before is restored afterwards.
+
+    Yields:
+        The stand-in ``src.modeling`` module (its ``ImageEncoder`` and ``ClassificationHead``).
+    """
     saved = {k: sys.modules.get(k) for k in ("src", "src.modeling")}
     src = types.ModuleType("src")
     modeling = types.ModuleType("src.modeling")
@@ -102,8 +108,25 @@ def legacy_modeling_module() -> Iterator[types.ModuleType]:
 
 
 def make_original_encoder(arch: VisionArch = TINY, seed: int = 0) -> nn.Module:
-    """An ``src.modeling.ImageEncoder`` like the published ones: CLIP with its text transformer
-    deleted, open_clip transforms attached, random weights from ``seed``."""
+    """An ``src.modeling.ImageEncoder`` like the published ones, with random weights.
+
+    CLIP with its text transformer deleted, open_clip transforms attached, random weights from
+    ``seed``.
+
+    Args:
+        arch: the architecture (default `TINY`, a few-layer ViT at 32 px).
+        seed: the random weights' seed: the same seed gives the same weights.
+
+    Returns:
+        The encoder, an instance of the stand-in ``src.modeling.ImageEncoder``.
+
+    Raises:
+        ArchitectureMismatchError: open_clip cannot build ``arch``.
+
+    Example:
+        >>> make_original_encoder(seed=1).model.visual.conv1.weight.shape
+        torch.Size([128, 3, 8, 8])
+    """
     import open_clip
 
     model = build_clip(arch, device="cpu")
@@ -125,7 +148,21 @@ def make_original_encoder(arch: VisionArch = TINY, seed: int = 0) -> nn.Module:
 
 def make_original_head(num_classes: int, embed_dim: int, seed: int = 0,
                        normalize: bool = True) -> nn.Module:
-    """An ``src.modeling.ClassificationHead`` with random weights and bias."""
+    """An ``src.modeling.ClassificationHead`` with random weights and bias.
+
+    Args:
+        num_classes: the head's outputs.
+        embed_dim: its inputs (the encoder's embedding size).
+        seed: the random weights' seed.
+        normalize: the head's ``normalize`` flag.
+
+    Returns:
+        The head, an instance of the stand-in ``src.modeling.ClassificationHead``.
+
+    Example:
+        >>> make_original_head(5, 32).weight.shape
+        torch.Size([5, 32])
+    """
     generator = torch.Generator().manual_seed(10_000 + seed)
     weights = torch.randn(num_classes, embed_dim, generator=generator)
     biases = torch.randn(num_classes, generator=generator) * 0.1
@@ -133,9 +170,22 @@ def make_original_head(num_classes: int, embed_dim: int, seed: int = 0,
 
 
 def save_object(obj: Any, target: str | Path | BinaryIO, container: str) -> Any:
-    """Write any object the ways the wild did: ``zip`` / ``legacy`` torch.save, or a plain
-    ``pickle`` (protocol 4; ``pickle0`` ... ``pickle5`` name one). ``target`` is a path (folders
-    are created) or a binary file object. Returns ``target``."""
+    """Write any object the ways the wild did: ``zip`` / ``legacy`` torch.save, or a plain ``pickle``.
+
+    A plain ``pickle`` is protocol 4; ``pickle0`` ... ``pickle5`` name one. ``target`` is a path
+    (folders are created) or a binary file object. Returns ``target``.
+
+    Args:
+        obj: what to write (modules pickle as ``src.modeling`` classes).
+        target: a file path or a binary file object.
+        container: ``"zip"``, ``"legacy"``, ``"pickle"`` or ``"pickle0"`` ... ``"pickle5"``.
+
+    Returns:
+        ``target`` (as a `Path` when it was a string).
+
+    Raises:
+        ValueError: ``container`` is none of those.
+    """
     if container == "pickle" or (container.startswith("pickle") and container[6:].isdigit()):
         protocol = int(container[6:] or 4)
     elif container not in ("zip", "legacy"):
@@ -158,7 +208,19 @@ def save_object(obj: Any, target: str | Path | BinaryIO, container: str) -> Any:
 
 
 def save_module(module: nn.Module, path: str | Path, container: str) -> Path:
-    """Write a whole module the way the wild did: ``zip`` / ``legacy`` torch.save, or ``pickle``."""
+    """Write a whole module the way the wild did: ``zip`` / ``legacy`` torch.save, or ``pickle``.
+
+    Args:
+        module: the module (`make_original_encoder`, `make_original_head`).
+        path: the file to write (its folders are created).
+        container: as for `save_object`.
+
+    Returns:
+        ``path``, as a `Path`.
+
+    Raises:
+        ValueError: ``container`` is not known.
+    """
     return save_object(module, Path(path), container)
 
 
@@ -178,7 +240,17 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, fmt: 
 
 @dataclass
 class SynthTree:
-    """What `write_tree` wrote: the root, the pool config and each file by role."""
+    """What `write_tree` wrote: the root, the pool config and each file by role.
+
+    Attributes:
+        root: the tree's root folder.
+        config: the pool config, ``root/pool.yaml``.
+        arch: the architecture of every encoder.
+        model_name: its open_clip name, or None for the tiny default.
+        files: each file by role: ``_pretrained_``, a task (``cars``), ``head_<task>``,
+            ``<task>_state_dict`` and ``<task>_safetensors`` for the first task.
+        tasks: the task names, as given.
+    """
 
     root: Path
     config: Path
@@ -195,6 +267,27 @@ def write_tree(root: str | Path, *, arch: VisionArch | str = TINY, tasks: Sequen
     ``root/<ARCH>/zeroshot.pt`` (zip), ``root/<ARCH>/<Task>/finetuned.pt`` cycling through the zip,
     legacy and plain-pickle containers, a state-dict file and a safetensors file for the first
     task, and ``root/<ARCH>/head_<Task>.pt`` heads; ``root/pool.yaml`` points at all of them.
+    ``<ARCH>`` is the model name, or ``tiny``.
+
+    Args:
+        root: the folder to write in (created if needed; existing files are overwritten).
+        arch: a `VisionArch` or an open_clip name (default `TINY`).
+        tasks: the task names (folder names; pool names are their lower-case forms).
+        num_classes: the first task's head's classes; each next task's head has one more.
+        seed: the random weights' seed.
+
+    Returns:
+        The `SynthTree`.
+
+    Raises:
+        ConfigError: ``arch`` is a name that is no open_clip ViT config this loader can build.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     tree = write_tree(tmp, tasks=["Cars"])
+        ...     sorted(tree.files)
+        ['_pretrained_', 'cars', 'cars_safetensors', 'cars_state_dict', 'head_cars']
     """
     from omegaconf import OmegaConf
 

@@ -43,9 +43,17 @@ _ALLOWED = frozenset(DTYPES.values()) | frozenset(STORAGE_DTYPES.values())
 
 @dataclass(frozen=True)
 class StorageRef:
-    """A storage a pickle refers to: the container's key for its bytes, the element type its
-    class names, and the elements it claims; a legacy view adds its byte offset into its root and
-    the root's size."""
+    """A storage a pickle refers to: the container's key for its bytes, its element type and size.
+
+    Attributes:
+        key: the container's key for the storage's bytes (``data/<key>`` in a torch zip).
+        dtype: the element type its storage class names (``torch.FloatStorage``: float32).
+        numel: the elements it claims (checked against the bytes that are there).
+        byte_offset: a legacy view's byte offset into its root storage (0 otherwise).
+        root_numel: a legacy view's root storage size in elements; -1 when it is no view.
+        location: where the writer's storage was (``"cpu"``, ``"cuda:0"``): what a dict
+            ``map_location`` maps.
+    """
 
     key: str
     dtype: torch.dtype
@@ -57,7 +65,15 @@ class StorageRef:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor a pickle describes: a view of ``dtype`` into ``storage``."""
+    """A tensor a pickle describes: a view of ``dtype`` into ``storage``.
+
+    Attributes:
+        storage: the storage the view is into.
+        dtype: the tensor's element type.
+        offset: the view's offset into the storage, in elements.
+        size: the tensor's shape.
+        stride: its strides, in elements.
+    """
 
     storage: StorageRef
     dtype: torch.dtype
@@ -103,8 +119,17 @@ def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
 
 
 def move(tensors: Mapping[str, torch.Tensor], device: torch.device | None) -> dict[str, torch.Tensor]:
-    """The tensors on ``device`` (None or CPU: as they are), each storage moved once (views of one
-    storage stay views of one storage there, rather than becoming copies each)."""
+    """The tensors on ``device``, each storage moved once.
+
+    Views of one storage stay views of one storage there, rather than becoming copies each.
+
+    Args:
+        tensors: tensors by key.
+        device: the target device; None or a CPU device leaves the tensors as they are.
+
+    Returns:
+        A new dict of the tensors on ``device`` (the same tensors for None or the CPU).
+    """
     if device is None or device.type == "cpu":
         return dict(tensors)
     moved: dict[tuple[int, int], torch.UntypedStorage] = {}
@@ -136,7 +161,16 @@ def move_by_location(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Te
 
 
 def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:
-    """``storage``, or a copy of it at an aligned address if it starts misaligned."""
+    """``storage``, or a copy of it at an aligned address if it starts misaligned.
+
+    Args:
+        storage: the storage (a slice of a mapped file may start anywhere).
+        alignment: the alignment wanted, in bytes.
+
+    Returns:
+        ``storage`` itself when its address is a multiple of ``alignment`` (or it is empty),
+        else an aligned copy.
+    """
     if storage.data_ptr() % alignment == 0 or storage.nbytes() == 0:
         return storage
     return _bytes(storage).clone().untyped_storage()
@@ -148,7 +182,14 @@ def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 def logical_bytes(specs: Mapping[str, TensorSpec]) -> int:
-    """The bytes the tensors would take if each were copied (views and broadcasts counted in full)."""
+    """The bytes the tensors would take if each were copied (views and broadcasts counted in full).
+
+    Args:
+        specs: tensor specs by key (their sizes must already be bounded integers).
+
+    Returns:
+        The sum over the specs of elements times element size.
+    """
     return sum(math.prod(s.size) * s.dtype.itemsize for s in specs.values())
 
 
@@ -159,6 +200,21 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
     Views may overlap (an expanded tensor has stride 0), but what the tensors would take once
     copied (a dtype cast, a move to another device) is bounded by the file's size: a few bytes
     cannot stand for gigabytes of weights.
+
+    Args:
+        specs: the tensors a pickle (or a safetensors header) describes, by key.
+        storages: the bytes the container read, by container key.
+        source: how error messages name the file.
+        file_size: the file's size in bytes, which bounds what the tensors may take.
+
+    Returns:
+        The tensors by key, views over ``storages`` (a misaligned storage is copied once).
+
+    Raises:
+        CorruptCheckpointError: a dtype off the allowlist, a malformed shape, a view reaching
+            past its storage, a storage the file does not hold or that claims more bytes than are
+            there, or tensors that would take more than `MAX_EXPANSION` times the file's size
+            (plus `EXPANSION_SLACK`) once copied.
     """
     for name, spec in specs.items():  # shapes first: bounded integers before any arithmetic on them
         _check_shape(spec, name, source)

@@ -41,7 +41,12 @@ _staging: dict[int, list[tuple[torch.Tensor, torch.cuda.Event]]] = {}
 
 @dataclass(frozen=True)
 class Span:
-    """``nbytes`` bytes at file ``offset``."""
+    """``nbytes`` bytes at file ``offset``.
+
+    Attributes:
+        offset: where the bytes start in the file.
+        nbytes: how many bytes.
+    """
 
     offset: int
     nbytes: int
@@ -73,8 +78,20 @@ class FileChangedError(CheckpointError):
 
 
 def open_regular(path: str | os.PathLike[str]) -> int:
-    """A read-only descriptor of a regular file, opened so that a pipe or device swapped in for
-    it cannot block (``O_NONBLOCK``) and is refused."""
+    """A read-only descriptor of a regular file; a pipe or device swapped in for it is refused.
+
+    The file is opened with ``O_NONBLOCK`` (and ``O_NOCTTY``), so that a pipe or device swapped
+    in for it cannot block.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The open file descriptor; the caller closes it.
+
+    Raises:
+        CheckpointError: the path is not a regular file (any more).
+    """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -84,7 +101,17 @@ def open_regular(path: str | os.PathLike[str]) -> int:
 
 
 def pread_into(fd: int, buffer: memoryview, offset: int, path: str | os.PathLike[str] = "the file") -> None:
-    """Fill ``buffer`` with the file's bytes from ``offset`` (all of them, or FileChangedError)."""
+    """Fill ``buffer`` with the file's bytes from ``offset`` (all of them, or FileChangedError).
+
+    Args:
+        fd: an open file descriptor.
+        buffer: a writable buffer, filled completely.
+        offset: where in the file to start.
+        path: how the error message names the file.
+
+    Raises:
+        FileChangedError: the file ends before the buffer is full (it was truncated or replaced).
+    """
     done = 0
     while done < len(buffer):
         n = os.preadv(fd, [buffer[done:]], offset + done)
@@ -197,7 +224,22 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
                device: torch.device | str) -> list[torch.UntypedStorage]:
     """Read each span of ``path`` onto ``device``; returns one storage per span, in order.
 
-    The storages are slices of one device buffer holding the merged regions.
+    The storages are slices of one device buffer holding the merged regions. Onto CUDA the reads
+    go through a ring of pinned staging buffers and overlap the host-to-device copies; on the CPU
+    the ranges are read straight into the buffer, in parallel.
+
+    Args:
+        path: the file.
+        spans: the byte ranges to read (they may overlap or leave gaps).
+        device: where the bytes go (``"cpu"``, ``"cuda:0"``, a ``torch.device``).
+
+    Returns:
+        One ``torch.UntypedStorage`` per span, in the order of ``spans`` (an empty one for an
+        empty span).
+
+    Raises:
+        CheckpointError: the path is not a regular file.
+        FileChangedError: the file ended early while it was read.
     """
     device = torch.device(device)
     regions = _regions(spans)

@@ -66,7 +66,13 @@ MAX_RECORD_TYPES = 10_000
 
 @dataclass(frozen=True)
 class GlobalName:
-    """One ``module.name`` a file names, and whether it is on the unsafe list."""
+    """One ``module.name`` a file names, and whether it is on the unsafe list.
+
+    Attributes:
+        module: the module part, as the file spells it (Python 2 names mapped to Python 3's).
+        name: the name within the module.
+        unsafe: whether it could run code or touch the system if called (`is_unsafe_global`).
+    """
 
     module: str
     name: str
@@ -78,7 +84,25 @@ class GlobalName:
 
 
 def is_unsafe_global(module: str, name: str) -> bool:
-    """Whether a global could run code or touch the system if it were ever called."""
+    """Whether a global could run code or touch the system if it were ever called.
+
+    Refused: builtins other than plain types (``eval``, ``getattr``, ``open``, ...), modules that
+    run code, spawn processes, touch files or the network or load more pickles (``os``,
+    ``subprocess``, ``pickle``, ...), and torch entry points that read files, compile or execute
+    code (``torch.load``, ``torch.jit``, ...). torch's tensor rebuild functions and storage
+    classes are not on the list: they stay records all the same.
+
+    Args:
+        module: the global's module (``os``, ``torch._utils``).
+        name: its name in that module.
+
+    Returns:
+        True when the file is to be refused for naming it.
+
+    Example:
+        >>> is_unsafe_global("os", "system"), is_unsafe_global("torch._utils", "_rebuild_tensor_v2")
+        (True, False)
+    """
     if module in ("builtins", "__builtin__"):
         return name not in _PLAIN_BUILTINS
     root = module.split(".", 1)[0]
@@ -106,6 +130,10 @@ class Record:
 
     ``args`` / ``kwargs``: the call or ``NEWOBJ`` arguments; ``state``: what ``BUILD`` handed
     over (recorded, never applied); ``items``: what ``APPEND(S)`` / ``SETITEM(S)`` added.
+
+    Args:
+        *args: the call's positional arguments, kept as ``args``.
+        **kwargs: its keyword arguments, kept as ``kwargs``.
     """
 
     __slots__ = ("args", "kwargs", "state", "items")
@@ -128,11 +156,21 @@ class Record:
         self.items.append((key, value))
 
     def append(self, value: Any) -> None:
+        """Record what the pickle's ``APPEND`` added (nothing is built).
+
+        Args:
+            value: the item, kept in ``items``.
+        """
         if self.items is None:
             self.items = []
         self.items.append(value)
 
     def extend(self, values: Any) -> None:
+        """Record what the pickle's ``APPENDS`` added (nothing is built).
+
+        Args:
+            values: the items, kept in ``items`` in order.
+        """
         if self.items is None:
             self.items = []
         self.items.extend(values)
@@ -158,7 +196,13 @@ class GlobalRecord(Record):
 
 
 class CallRecord(Record):
-    """A call of something that was itself a record instance (``func``)."""
+    """A call of something that was itself a record instance (``func``).
+
+    Args:
+        func: the record that was called.
+        args: the call's positional arguments.
+        kwargs: its keyword arguments.
+    """
 
     __slots__ = ("func",)
 
@@ -169,8 +213,15 @@ class CallRecord(Record):
 
 
 class PersistentRecord(Record):
-    """What a persistent id (``BINPERSID``) resolved to, wrapped: the pickle can BUILD or APPEND
-    to the wrapper (recorded like any record, and refused by the walker), never to ``value``."""
+    """What a persistent id (``BINPERSID``) resolved to, wrapped.
+
+    The pickle can BUILD or APPEND to the wrapper (recorded like any record, and refused by the
+    walker), never to ``value``.
+
+    Args:
+        value: what the container's persistent-id callback returned (a storage reference, the
+            bytes of a large byte string).
+    """
 
     __slots__ = ("value",)
 
@@ -186,7 +237,15 @@ class PersistentRecord(Record):
 
 
 def global_of(obj: Any) -> str | None:
-    """``module.name`` of a record class, or of the class of a record made by calling one."""
+    """``module.name`` of a record class, or of the class of a record made by calling one.
+
+    Args:
+        obj: anything the unpickler produced.
+
+    Returns:
+        The global's ``module.name`` as the file spells it, or None when ``obj`` is no record
+        class or instance of one (a `CallRecord` included).
+    """
     if isinstance(obj, GlobalRecord) or (isinstance(obj, type) and issubclass(obj, GlobalRecord)):
         return obj.record_name
     return None
@@ -194,7 +253,12 @@ def global_of(obj: Any) -> str | None:
 
 @dataclass
 class Unpickled:
-    """The root object of one pickle (plain data and records) and where the pickle ended."""
+    """The root object of one pickle (plain data and records) and where the pickle ended.
+
+    Attributes:
+        root: the root object: plain data and records, nothing the file named was built.
+        end: the offset one past the pickle's ``STOP`` opcode.
+    """
 
     root: Any
     end: int
@@ -221,7 +285,13 @@ class _RecordTypes:
 
 
 class Reader:
-    """The globals and record classes of one read of one file, nested pickles included."""
+    """The globals and record classes of one read of one file, nested pickles included.
+
+    Args:
+        source: how error messages name the file.
+        refuse_unsafe: raise `UnsafeCheckpointError` as soon as an unsafe global is named (the
+            default); False lists it and reads on (``inspect``).
+    """
 
     def __init__(self, source: str, *, refuse_unsafe: bool = True) -> None:
         self.source = source
@@ -231,10 +301,19 @@ class Reader:
 
     @property
     def named_globals(self) -> list[GlobalName]:
+        """Every global this read has named so far, in order, unsafe ones flagged."""
         return list(self.globals.values())
 
     def note_globals(self, names: list[tuple[str, str]]) -> None:
-        """Record globals the scan found; refuse unsafe ones before anything is unpickled."""
+        """Record globals the scan found; refuse unsafe ones before anything is unpickled.
+
+        Args:
+            names: ``(module, name)`` pairs as the pickle spells them (Python 2 names are mapped).
+
+        Raises:
+            UnsafeCheckpointError: one of them is unsafe and ``refuse_unsafe`` is set; the error
+                lists the unsafe ones and carries every global named so far.
+        """
         unsafe = []
         for module, name in names:
             module, name = python3_name(module, name)
@@ -254,6 +333,20 @@ class Reader:
             raise error
 
     def find_class(self, module: str, name: str) -> type:
+        """The record class standing for a global (the unpickler's ``find_class``); nothing is imported.
+
+        Args:
+            module: the global's module, as the pickle spells it.
+            name: its name.
+
+        Returns:
+            A `GlobalRecord` subclass, one per distinct global of this read.
+
+        Raises:
+            UnsafeCheckpointError: the global (not seen by the scan) is unsafe and
+                ``refuse_unsafe`` is set.
+            CorruptCheckpointError: the read names more than ``MAX_RECORD_TYPES`` globals.
+        """
         key = python3_name(module, name)
         if key not in self.globals:
             # The scan spelled this name differently (an escape it decoded otherwise): the same
@@ -264,10 +357,28 @@ class Reader:
     def unpickle(self, data: bytes | memoryview, *, what: str = "pickle",
                  persistent: Callable[[Any], Any] | None = None,
                  large_bytes: int | None = None) -> Unpickled:
-        """Scan ``data`` (a pickle starting at byte 0), then unpickle exactly the scanned bytes into
-        plain data and records. ``persistent`` maps a persistent id to an object; without it a
-        pickle that has persistent ids is refused. With ``large_bytes``, byte strings at least that
-        long are not copied: they come back as `InPlaceBytes` (views of ``data``)."""
+        """Scan ``data`` (a pickle starting at byte 0), then unpickle exactly the scanned bytes.
+
+        The result is plain data and records. ``persistent`` maps a persistent id to an object;
+        without it a pickle that has persistent ids is refused. With ``large_bytes``, byte strings
+        at least that long are not copied: they come back as `InPlaceBytes` (views of ``data``).
+
+        Args:
+            data: the bytes, the pickle starting at byte 0 (anything after its ``STOP`` is
+                ignored); a memoryview of a mapped file is copied before it is unpickled.
+            what: how messages name the pickle (``data.pkl``).
+            persistent: maps a persistent id to an object; None refuses persistent ids.
+            large_bytes: leave byte strings at least this long in place; None copies them all.
+
+        Returns:
+            The `Unpickled` root object and the offset where the pickle ended.
+
+        Raises:
+            CorruptCheckpointError: the scan refuses the pickle (unbounded or malformed), it uses
+                persistent ids without ``persistent``, or it cannot be read (it does something no
+                writer does).
+            UnsafeCheckpointError: it names an unsafe global and ``refuse_unsafe`` is set.
+        """
         try:
             scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
         except CorruptCheckpointError as exc:
@@ -307,8 +418,12 @@ class Reader:
 
 @dataclass(frozen=True)
 class InPlaceBytes:
-    """A large byte string left where it is: a read-only view of the pickle's buffer and the
-    offset of that view in it."""
+    """A large byte string left where it is, not copied out of the pickle's buffer.
+
+    Attributes:
+        view: a read-only view of the bytes in the pickle's buffer.
+        offset: where the view starts in that buffer.
+    """
 
     view: memoryview
     offset: int

@@ -21,11 +21,38 @@ _BY_NAME = {c.name: c for c in REGISTRY}
 
 
 def by_name(name: str) -> Container:
+    """The registered container of a name (what `pool.checkpoint.sniff_container` returns).
+
+    Args:
+        name: ``"zip"``, ``"legacy"``, ``"safetensors"`` or ``"pickle"`` (see `CONTAINERS`).
+
+    Returns:
+        The container.
+
+    Raises:
+        KeyError: no container has that name.
+
+    Example:
+        >>> by_name("safetensors").describe()
+        'safetensors (tensors and a JSON header; no pickle)'
+    """
     return _BY_NAME[name]
 
 
 def sniff(head: bytes, size: int) -> Container | None:
-    """The container a file's first bytes (and size) say it is, or None."""
+    """The container a file's first bytes (and size) say it is, or None.
+
+    Args:
+        head: the file's first bytes (up to 512).
+        size: the file's size in bytes.
+
+    Returns:
+        The first container in `REGISTRY` order whose ``sniff`` accepts the bytes, or None.
+
+    Example:
+        >>> sniff(b"PK\\x03\\x04" + bytes(60), 4096).name, sniff(b"hello", 5)
+        ('zip', None)
+    """
     for container in REGISTRY:
         if container.sniff(head, size):
             return container

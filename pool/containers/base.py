@@ -33,9 +33,16 @@ __all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "map_file", "
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read: target ``device`` (None: CPU) or, for a dict ``map_location``, ``locations``
-    (saved location -> device), ``mmap`` (None: the container's default), and whether unsafe
-    globals are refused (``inspect`` lists them instead)."""
+    """How to read (`pool.checkpoint.read_options` builds it from ``map_location``).
+
+    Attributes:
+        device: where every tensor goes; None: the CPU (or ``locations`` decides).
+        mmap: map tensors from the file (True) or read them into memory (False); None: the
+            container's default.
+        refuse_unsafe: refuse a file naming unsafe globals (``inspect`` lists them instead).
+        locations: for a dict ``map_location``: saved location -> device; a location it does not
+            name stays on the CPU. None otherwise.
+    """
 
     device: torch.device | None = None
     mmap: bool | None = None
@@ -43,7 +50,15 @@ class ReadOptions:
     locations: Mapping[str, torch.device] | None = None
 
     def place(self, tensors: dict[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
-        """The tensors where this read puts them (each storage moved once)."""
+        """The tensors where this read puts them (each storage moved once).
+
+        Args:
+            tensors: the tensors read, by key.
+            specs: their specs, whose storages' saved locations ``locations`` maps.
+
+        Returns:
+            A new dict of the tensors on their devices.
+        """
         if self.locations is not None:
             return move_by_location(tensors, specs, self.locations)
         return move(tensors, self.device)
@@ -56,6 +71,21 @@ class Checkpoint:
     ``state_dict`` is what the pickled module's own ``state_dict()`` returns (or the stored state
     dict); ``modules`` maps each submodule path ("" for the root) to its class and plain
     attributes; ``globals`` lists every global the pickle names, unsafe ones flagged.
+
+    Attributes:
+        path: the file (or transformers model folder) read.
+        container: its container (``zip``, ``legacy``, ``safetensors``, ``pickle``; ``hf`` for a
+            transformers model folder).
+        state_dict: the tensors by key.
+        root_type: the class of the pickle's root object (``src.modeling.ImageEncoder``,
+            ``collections.OrderedDict``), ``"safetensors"`` for safetensors, ``"transformers
+            <architecture>"`` for a transformers folder.
+        modules: each submodule path ("" for the root) -> `pool.records.ModuleInfo`; empty for a
+            state dict.
+        globals: every global the pickle names (`pool.unpickler.GlobalName`), unsafe ones flagged.
+        metadata: a safetensors file's metadata, plus a transformers folder's ``hf.*`` config
+            fields (empty for the other containers).
+        wrapper: ``"state_dict"`` when the tensors sat in ``{"state_dict": ...}``, else None.
     """
 
     path: Path
@@ -75,32 +105,91 @@ class Checkpoint:
 
     @property
     def unsafe_globals(self) -> list[str]:
+        """The unsafe globals the file names, as ``module.name`` strings (terminal-safe)."""
         return [str(g) for g in self.globals if g.unsafe]
 
 
 class Container(Protocol):
-    """One file format: its short ``name`` (``zip``, ``legacy``, ...) and its operations."""
+    """One file format: its short ``name`` (``zip``, ``legacy``, ...) and its operations.
+
+    Attributes:
+        name: the short name `pool.checkpoint.sniff_container` returns.
+    """
 
     name: str
 
     def sniff(self, head: bytes, size: int) -> bool:
-        """Whether a file of ``size`` bytes starting with ``head`` (up to 512 bytes) is this format."""
+        """Whether a file of ``size`` bytes starting with ``head`` (up to 512 bytes) is this format.
+
+        Args:
+            head: the file's first bytes (up to 512).
+            size: the file's size in bytes.
+
+        Returns:
+            True when the bytes are this format's.
+        """
 
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
-        """Read the file's tensors without running anything from it."""
+        """Read the file's tensors without running anything from it.
+
+        Args:
+            path: the file, which `sniff` accepted.
+            options: where the tensors go, whether to map them, whether unsafe globals are refused.
+
+        Returns:
+            The `Checkpoint`.
+
+        Raises:
+            CheckpointError: the file cannot be used; a subclass says why (`CorruptCheckpointError`,
+                `UnsafeCheckpointError`).
+        """
 
     def integrity(self, path: Path) -> tuple[bool, str]:
-        """Check the container's own checksums: (whether it has any, what was checked)."""
+        """Check the container's own checksums: (whether it has any, what was checked).
+
+        Args:
+            path: the file.
+
+        Returns:
+            ``(checked, detail)``: False and why for a format without checksums.
+
+        Raises:
+            CorruptCheckpointError: a checksum (or the header) does not match the bytes.
+        """
 
     def describe(self) -> str:
-        """One line for people: what this format is and who writes it."""
+        """One line for people: what this format is and who writes it.
+
+        Returns:
+            The description.
+        """
 
     def diagnose(self, head: bytes, size: int) -> str | None:
-        """For a file `sniff` did not accept: why, if it looks like a broken file of this format."""
+        """For a file `sniff` did not accept: why, if it looks like a broken file of this format.
+
+        Args:
+            head: the file's first bytes (up to 512).
+            size: the file's size in bytes.
+
+        Returns:
+            What is wrong with it (``"looks like safetensors but ..."``), or None.
+        """
 
 
 def as_text(head: bytes) -> str | None:
-    """head decoded as UTF-8 if it is printable text (a character cut at the end is allowed)."""
+    """``head`` decoded as UTF-8 if it is printable text (a character cut at the end is allowed).
+
+    Args:
+        head: a file's first bytes.
+
+    Returns:
+        The text (without a character cut off at the end), or None when the bytes are not
+        printable UTF-8 text (or empty).
+
+    Example:
+        >>> as_text(b"version https://git-lfs"), as_text(b"PK\\x03\\x04")
+        ('version https://git-lfs', None)
+    """
     try:
         decoded = head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -113,7 +202,17 @@ def as_text(head: bytes) -> str | None:
 
 
 def map_file(path: Path) -> memoryview:
-    """The file's bytes, memory-mapped copy-on-write (writes never reach the file)."""
+    """The file's bytes, memory-mapped copy-on-write (writes never reach the file).
+
+    Args:
+        path: a regular file.
+
+    Returns:
+        A writable memoryview of the mapping (an empty one for an empty file).
+
+    Raises:
+        CheckpointError: the path is no longer a regular file.
+    """
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
@@ -125,8 +224,17 @@ def map_file(path: Path) -> memoryview:
 
 
 class FileRanges:
-    """Reads byte ranges of one open file into fresh, aligned CPU storages (``pread``: the bytes
-    are copied once from the page cache, and no mapping of them stays resident)."""
+    """Reads byte ranges of one open file into fresh, aligned CPU storages.
+
+    ``pread``: the bytes are copied once from the page cache, and no mapping of them stays
+    resident. A context manager: leaving it closes the file.
+
+    Args:
+        path: the file, opened at once (a regular file only).
+
+    Raises:
+        CheckpointError: the path is not a regular file.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -139,19 +247,47 @@ class FileRanges:
         os.close(self.fd)
 
     def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
+        """``nbytes`` bytes of the file from ``offset``, in a new CPU storage.
+
+        Args:
+            offset: where to start reading, in bytes.
+            nbytes: how many bytes to read.
+
+        Returns:
+            The storage.
+
+        Raises:
+            FileChangedError: the file ends before ``offset + nbytes`` (it changed meanwhile).
+        """
         target = torch.empty(nbytes, dtype=torch.uint8)
         pread_into(self.fd, memoryview(target.numpy()), offset, self.path)
         return target.untyped_storage()
 
 
 def copy_bytes(buffer: memoryview | bytes, start: int, stop: int) -> torch.UntypedStorage:
-    """A fresh, aligned CPU storage holding ``buffer[start:stop]``."""
+    """A fresh, aligned CPU storage holding ``buffer[start:stop]``.
+
+    Args:
+        buffer: the bytes.
+        start: the first byte to copy.
+        stop: one past the last byte to copy.
+
+    Returns:
+        The new storage.
+    """
     array = np.frombuffer(buffer, dtype=np.uint8, count=stop - start, offset=start).copy()
     return torch.from_numpy(array).untyped_storage()
 
 
 def file_storage(buffer: memoryview) -> torch.UntypedStorage:
-    """A CPU storage over a writable (copy-on-write) mapping, without copying."""
+    """A CPU storage over a writable (copy-on-write) mapping, without copying.
+
+    Args:
+        buffer: a writable memoryview, such as `map_file` returns.
+
+    Returns:
+        The storage (an empty one for an empty buffer).
+    """
     if len(buffer) == 0:
         return torch.UntypedStorage(0)
     return torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
@@ -159,8 +295,20 @@ def file_storage(buffer: memoryview) -> torch.UntypedStorage:
 
 @contextlib.contextmanager
 def listing_globals(reader: Reader) -> Iterator[None]:
-    """Any CheckpointError raised inside carries the globals the reader had seen by then (what
-    ``inspect`` lists for a file it cannot read)."""
+    """Any CheckpointError raised inside carries the globals the reader had seen by then.
+
+    That is what ``inspect`` lists for a file it cannot read. An error that already carries
+    globals is re-raised as it is; another is re-raised as an `pool.errors.amended` copy.
+
+    Args:
+        reader: the read's `pool.unpickler.Reader`.
+
+    Yields:
+        None: the block runs as it is.
+
+    Raises:
+        CheckpointError: what the block raised, with ``checkpoint_globals`` set.
+    """
     try:
         yield
     except CheckpointError as exc:
@@ -171,7 +319,18 @@ def listing_globals(reader: Reader) -> Iterator[None]:
 
 def result(path: Path, container: str, walked: Walked, tensors: dict[str, torch.Tensor],
            reader: Reader) -> Checkpoint:
-    """The Checkpoint of a pickled container."""
+    """The Checkpoint of a pickled container.
+
+    Args:
+        path: the file read.
+        container: its container's name.
+        walked: what `pool.records.walk` found in its pickle.
+        tensors: the tensors, placed.
+        reader: the read's reader, whose globals the checkpoint lists.
+
+    Returns:
+        The `Checkpoint`.
+    """
     log.debug("read %s (%s): %d tensors", path, container, len(tensors))
     return Checkpoint(path, container, tensors, walked.root_type, walked.modules, reader.named_globals,
                       wrapper=walked.wrapper)

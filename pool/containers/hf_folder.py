@@ -30,13 +30,26 @@ _SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def is_hf_folder(path: Path) -> bool:
-    """A folder holding ``config.json`` and a weights file (or a shard index)."""
+    """Whether a path is a transformers model folder: ``config.json`` and a weights file (or a shard index).
+
+    Args:
+        path: any path.
+
+    Returns:
+        True for a folder holding `CONFIG` and one of `WEIGHTS` (or a shard index).
+    """
     return path.is_dir() and (path / CONFIG).is_file() and any(
         (path / name).is_file() for name in (*WEIGHTS, *_SHARDED))
 
 
 def weights_file(folder: Path) -> Path:
     """The folder's single weights file.
+
+    Args:
+        folder: a transformers model folder.
+
+    Returns:
+        ``model.safetensors`` when there is one, else ``pytorch_model.bin``.
 
     Raises:
         CorruptCheckpointError: only a sharded model (an index file) or no weights file.
@@ -68,6 +81,16 @@ def _config(folder: Path) -> dict[str, Any]:
 def read_hf_folder(folder: Path, options: ReadOptions,
                    read_file: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
     """Read the folder's weights with ``read_file`` and attach its config as metadata.
+
+    Args:
+        folder: a transformers model folder.
+        options: how to read the weights file.
+        read_file: reads one checkpoint file (`pool.checkpoint` passes its own reader).
+
+    Returns:
+        The `Checkpoint`: container ``hf``, root type ``transformers <architecture>``, the weights
+        file's tensors and globals, and ``hf.*`` metadata from ``config.json`` (a ``CLIPModel``'s
+        from its ``vision_config``).
 
     Raises:
         CorruptCheckpointError: a missing, sharded or unreadable weights file, or a bad config.json.

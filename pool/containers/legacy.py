@@ -32,7 +32,14 @@ _MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
 
 
 def is_legacy(head: bytes) -> bool:
-    """Whether bytes start a legacy torch stream: a pickle (any protocol) of the magic number."""
+    """Whether bytes start a legacy torch stream: a pickle (any protocol) of the magic number.
+
+    Args:
+        head: a file's (or a blob's) first bytes; the first 32 are looked at.
+
+    Returns:
+        True for a legacy torch stream.
+    """
     return head[:1] == b"\x80" and _MAGIC_LONG in head[:32]
 
 
@@ -112,9 +119,27 @@ class _Stream:
 
 def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str,
                  file: tuple[FileRanges, int] | None = None) -> tuple[Any, dict[str, torch.UntypedStorage]]:
-    """Parse a legacy stream: its root object and its storages (copied out, aligned). With
-    ``file`` (an open file and the buffer's offset in it), the storages are read from the file
-    rather than copied from the buffer."""
+    """Parse a legacy stream: its root object and its storages (copied out, aligned).
+
+    With ``file`` (an open file and the buffer's offset in it), the storages are read from the
+    file rather than copied from the buffer.
+
+    Args:
+        buffer: the stream's bytes.
+        reader: the read's reader (its unsafe-global policy applies to all five pickles).
+        what: how messages name the stream (``legacy stream``, ``storage blob 3``).
+        file: ``(ranges, offset)``: read the storages from ``ranges`` at ``offset`` plus their
+            place in ``buffer``; None copies them from ``buffer``.
+
+    Returns:
+        ``(root, storages)``: the unpickled object (storages as `pool.tensors.StorageRef`) and
+        the storages' bytes by key.
+
+    Raises:
+        CorruptCheckpointError: a pickle is malformed, the magic number or protocol version is
+            wrong, the file is big-endian, or the storages' keys or sizes do not match their data.
+        UnsafeCheckpointError: a pickle names an unsafe global (when the reader refuses them).
+    """
     root, spans = _Stream(buffer, reader, what).parse()
     if file is None:
         return root, {key: copy_bytes(buffer, start, stop) for key, (start, stop) in spans.items()}
@@ -127,7 +152,14 @@ class BlobReader:
 
     `preload` reads every blob a pickle holds as soon as it is unpickled, wherever it sits, so
     that an unsafe global inside any blob is refused (and listed by ``inspect``) even where the
-    walk would never look."""
+    walk would never look.
+
+    Args:
+        reader: the read's reader.
+        budget: the storage bytes all blobs may yield together (the file's size).
+        file: the open file in which blobs left in place (`pool.unpickler.InPlaceBytes`) are
+            read; None copies them from memory.
+    """
 
     MAX_BLOBS = 100_000
     MAX_NESTING = 8
@@ -143,12 +175,33 @@ class BlobReader:
         self._keep: list[Any] = []  # ids stay unique while these live
 
     def preload(self, root: Any, depth: int = 0) -> None:
+        """Parse every blob reachable from ``root`` now, so their globals are checked first.
+
+        Args:
+            root: an unpickled object (a file's root, or a blob's).
+            depth: how deep in nested blobs ``root`` is.
+
+        Raises:
+            CorruptCheckpointError: a blob is no legacy torch stream, is malformed, nests too
+                deep, or the blobs hold more bytes than the file.
+            UnsafeCheckpointError: a blob names an unsafe global (when the reader refuses them).
+        """
         if ("torch.storage", "_load_from_bytes") in self.reader.globals:
             for record in find_calls(root, self.GLOBAL, self.reader.source):
                 self._parse(record, depth)
 
     def read(self, record: Record) -> StorageRef:
-        """The storage a blob record holds (the walker's callback)."""
+        """The storage a blob record holds (the walker's callback).
+
+        Args:
+            record: a ``torch.storage._load_from_bytes`` call record.
+
+        Returns:
+            A `pool.tensors.StorageRef` to the blob's storage (its bytes are in ``storages``).
+
+        Raises:
+            CorruptCheckpointError: the blob holds no storage, or cannot be parsed.
+        """
         ref = self._parse(record, 0)
         if ref is None:
             raise CorruptCheckpointError(f"{self.reader.source}: a storage blob (torch.storage._load_from_bytes) "
@@ -208,15 +261,50 @@ class BlobReader:
 
 
 class Legacy:
+    """torch's legacy stream (``_use_new_zipfile_serialization=False``): a `Container`.
+
+    Attributes:
+        name: ``"legacy"``.
+    """
+
     name = "legacy"
 
     def describe(self) -> str:
+        """One line for people: what this format is.
+
+        Returns:
+            ``"torch legacy (_use_new_zipfile_serialization=False)"``.
+        """
         return "torch legacy (_use_new_zipfile_serialization=False)"
 
     def sniff(self, head: bytes, size: int) -> bool:
+        """Whether the bytes start a legacy stream (`is_legacy`).
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size (not needed).
+
+        Returns:
+            True for a legacy torch stream.
+        """
         return is_legacy(head)
 
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+        """Read a legacy file's tensors without running anything from it.
+
+        Args:
+            path: the file.
+            options: where the tensors go and whether unsafe globals are refused (``mmap`` is
+                not used: the storages are read from the file, and copied).
+
+        Returns:
+            The `Checkpoint`.
+
+        Raises:
+            CorruptCheckpointError: the stream or a blob in it is malformed or truncated.
+            UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
+            CheckpointError: the file changed while it was read.
+        """
         reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
         with listing_globals(reader):
             buffer = map_file(path)
@@ -231,7 +319,24 @@ class Legacy:
         return result(path, self.name, walked, tensors, reader)
 
     def diagnose(self, head: bytes, size: int) -> str | None:
+        """Nothing to say about a file `sniff` refused.
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size.
+
+        Returns:
+            None.
+        """
         return None
 
     def integrity(self, path: Path) -> tuple[bool, str]:
+        """A legacy file has no checksums: nothing is checked.
+
+        Args:
+            path: the file (not read).
+
+        Returns:
+            ``(False, why)``.
+        """
         return False, "a legacy container stores no checksums: integrity not checkable"

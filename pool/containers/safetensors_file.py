@@ -47,7 +47,15 @@ _MAX_DIMS = 64
 
 @dataclass(frozen=True)
 class SafetensorsEntry:
-    """One tensor of a safetensors file: name, dtype string, shape and absolute byte range."""
+    """One tensor of a safetensors file: name, dtype string, shape and absolute byte range.
+
+    Attributes:
+        name: the tensor's key.
+        dtype: its safetensors dtype name (``F32``, ``BF16``, ...).
+        shape: its shape.
+        offset: where its bytes start in the file (absolute, header included).
+        nbytes: how many bytes it takes.
+    """
 
     name: str
     dtype: str
@@ -57,7 +65,18 @@ class SafetensorsEntry:
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides of a contiguous tensor of ``shape``."""
+    """Row-major strides of a contiguous tensor of ``shape``.
+
+    Args:
+        shape: the tensor's shape.
+
+    Returns:
+        The strides, in elements.
+
+    Example:
+        >>> contiguous_strides((2, 3, 4))
+        (12, 4, 1)
+    """
     return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
@@ -71,7 +90,24 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[str, str]]:
-    """Parse and check a safetensors header: entries (absolute offsets) and metadata."""
+    """Parse and check a safetensors header: entries (absolute offsets) and metadata.
+
+    The header's size is checked against the file's before it is read, and each entry's dtype,
+    shape and byte range against the file; duplicate names are refused.
+
+    Args:
+        path: the safetensors file.
+
+    Returns:
+        ``(entries, metadata)``: one `SafetensorsEntry` per tensor, in header order, and the
+        ``__metadata__`` strings (empty when there are none).
+
+    Raises:
+        CorruptCheckpointError: the header is cut off, too large, not a JSON object, has a
+            malformed entry (unknown dtype, bad shape or offsets, a byte range past the file or
+            of the wrong size) or ``__metadata__`` that is not strings to strings.
+        CheckpointError: the path is not a regular file.
+    """
     path = Path(path)
 
     def bad(why: str) -> CorruptCheckpointError:
@@ -125,18 +161,49 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
 
 
 class Safetensors:
+    """safetensors files: a `Container`; tensors are views of the mapped file (CPU) by default.
+
+    Attributes:
+        name: ``"safetensors"``.
+    """
+
     name = "safetensors"
 
     def describe(self) -> str:
+        """One line for people: what this format is.
+
+        Returns:
+            ``"safetensors (tensors and a JSON header; no pickle)"``.
+        """
         return "safetensors (tensors and a JSON header; no pickle)"
 
     def sniff(self, head: bytes, size: int) -> bool:
+        """Whether the bytes start a safetensors file: a header length that fits, then ``{``.
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size in bytes.
+
+        Returns:
+            True when byte 8 is ``{`` and the little-endian length before it is positive and
+            fits in the file.
+        """
         if len(head) < 9 or head[8:9] != b"{":
             return False
         (header_len,) = struct.unpack("<Q", head[:8])
         return 0 < header_len <= size - 8
 
     def diagnose(self, head: bytes, size: int) -> str | None:
+        """Why a file that `sniff` refused looks like a truncated safetensors file, if it does.
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size in bytes.
+
+        Returns:
+            A message naming the header length it claims and the file's size, or None (for
+            text that merely has ``{`` at byte 8, such as JSON or YAML).
+        """
         if len(head) < 9 or head[8:9] != b"{" or as_text(head[:200]) is not None:
             return None  # text that merely has "{" at byte 8 (a JSON or YAML file): not ours
         (header_len,) = struct.unpack("<Q", head[:8])
@@ -144,6 +211,21 @@ class Safetensors:
                 "the file is truncated: download it again")
 
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+        """Read a safetensors file's tensors (no pickle is involved).
+
+        Args:
+            path: the file.
+            options: where the tensors go; on the CPU they are views of the mapped file unless
+                ``mmap`` is False, onto CUDA (or with ``mmap`` False) they are read in bulk.
+
+        Returns:
+            The `Checkpoint` (``root_type`` ``"safetensors"``, the header's metadata).
+
+        Raises:
+            CorruptCheckpointError: the header is malformed, or a dtype is one this torch cannot
+                hold.
+            CheckpointError: the file is not regular, or changed while it was read.
+        """
         source = str(path)
         entries, metadata = safetensors_entries(path)
         for e in entries:
@@ -170,7 +252,18 @@ class Safetensors:
         return Checkpoint(path, self.name, tensors, "safetensors", metadata=metadata)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
-        """The header check, then the tensors' byte ranges must tile the data section exactly."""
+        """The header check, then the tensors' byte ranges must tile the data section exactly.
+
+        Args:
+            path: the file.
+
+        Returns:
+            ``(True, detail)``: the tensor count and data bytes checked.
+
+        Raises:
+            CorruptCheckpointError: the header is malformed, tensors overlap or leave a gap, or
+                bytes trail the last tensor.
+        """
         entries, _ = safetensors_entries(path)
         with open(path, "rb") as f:
             data_start = end = 8 + int.from_bytes(f.read(8), "little")

@@ -40,7 +40,16 @@ def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
 
 
 class TorchArchive:
-    """A parsed torch zip: its folder prefix, its pickle member and its storage records."""
+    """A parsed torch zip: its folder prefix, its pickle member and its storage records.
+
+    Args:
+        source: how error messages name the file.
+        archive: the parsed zip (`pool.containers.zipfmt.parse_zip`).
+
+    Raises:
+        CorruptCheckpointError: the archive has no single ``<folder>/data.pkl``, or members
+            outside that folder.
+    """
 
     def __init__(self, source: str, archive: ZipArchive) -> None:
         names = list(archive.members)
@@ -62,12 +71,31 @@ class TorchArchive:
                         if name.startswith(prefix + "data/")}
 
     def pickle_bytes(self, buffer: memoryview) -> bytes:
+        """The bytes of ``data.pkl``, their CRC32 checked.
+
+        Args:
+            buffer: the whole file's bytes.
+
+        Returns:
+            A copy of the pickle's bytes.
+
+        Raises:
+            CorruptCheckpointError: the member fails its CRC32 check.
+        """
         try:
             return self.archive.read(buffer, self.prefix + "data.pkl")
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{self.source}: {exc}; the file is damaged: download it again.") from None
 
     def check_byteorder(self, buffer: memoryview) -> None:
+        """Refuse a big-endian checkpoint (an archive without ``byteorder`` is little-endian).
+
+        Args:
+            buffer: the whole file's bytes.
+
+        Raises:
+            CorruptCheckpointError: the ``byteorder`` member says anything but ``little``.
+        """
         member = self.archive.members.get(self.prefix + "byteorder")
         if member is not None and bytes(buffer[member.offset:member.offset + member.size]) != b"little":
             raise CorruptCheckpointError(f"{self.source}: a big-endian torch checkpoint; only little-endian "
@@ -75,25 +103,84 @@ class TorchArchive:
 
 
 def open_archive(buffer: memoryview, source: str) -> TorchArchive:
-    """Parse a torch zip checkpoint (refusing TorchScript archives first)."""
+    """Parse a torch zip checkpoint (refusing TorchScript archives first).
+
+    Args:
+        buffer: the whole file's bytes.
+        source: how error messages name the file.
+
+    Returns:
+        The `TorchArchive`.
+
+    Raises:
+        UnsafeCheckpointError: a TorchScript archive (``constants.pkl`` or ``code/``).
+        CorruptCheckpointError: a zip archive the strict parser refuses, or no torch checkpoint.
+    """
     return TorchArchive(source, parse_zip(buffer, source, _refuse_torchscript(source)))
 
 
 class TorchZip:
+    """torch's zip checkpoints (``torch.save`` since torch 1.6): a `Container`.
+
+    Attributes:
+        name: ``"zip"``.
+    """
+
     name = "zip"
 
     def describe(self) -> str:
+        """One line for people: what this format is.
+
+        Returns:
+            ``"torch zip (torch.save, torch >= 1.6)"``.
+        """
         return "torch zip (torch.save, torch >= 1.6)"
 
     def sniff(self, head: bytes, size: int) -> bool:
+        """Whether the bytes start a zip archive (a local file header).
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size (not needed).
+
+        Returns:
+            True when the file starts with ``PK\\x03\\x04``.
+        """
         return head.startswith(b"PK\x03\x04")
 
     def diagnose(self, head: bytes, size: int) -> str | None:
+        """Why a file that `sniff` refused is a zip all the same: an empty or split archive.
+
+        Args:
+            head: the file's first bytes.
+            size: the file's size.
+
+        Returns:
+            A message for an empty or split zip archive, else None.
+        """
         if head.startswith((b"PK\x05\x06", b"PK\x07\x08")):
             return "an empty or split zip archive, not a torch checkpoint"
         return None
 
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+        """Read a torch zip's tensors without running anything from it.
+
+        Args:
+            path: the file.
+            options: where the tensors go; on the CPU they are views of the mapped file unless
+                ``mmap`` is False, onto CUDA (or with ``mmap`` False) the storages the state dict
+                uses are read in bulk.
+
+        Returns:
+            The `Checkpoint`.
+
+        Raises:
+            UnsafeCheckpointError: a TorchScript archive, or a pickle naming an unsafe global
+                (when ``options`` refuses them).
+            CorruptCheckpointError: the archive or its pickle is malformed, big-endian, or refers
+                to storage the archive does not hold.
+            CheckpointError: the file changed while it was read.
+        """
         buffer = map_file(path)
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
@@ -127,7 +214,17 @@ class TorchZip:
         return result(path, self.name, walked, tensors, reader)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
-        """Recompute every member's CRC32 over its bytes (torch's reader never checks them)."""
+        """Recompute every member's CRC32 over its bytes (torch's reader never checks them).
+
+        Args:
+            path: the file.
+
+        Returns:
+            ``(True, detail)``: the members and bytes checked.
+
+        Raises:
+            CorruptCheckpointError: a member fails its CRC32 check, or the zip is malformed.
+        """
         buffer = map_file(path)
         archive = parse_zip(buffer, str(path))
         total = 0

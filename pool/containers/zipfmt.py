@@ -39,7 +39,14 @@ _MAX_VERSION = 63  # the newest "version needed to extract" Python's zipfile rea
 
 @dataclass(frozen=True)
 class ZipMember:
-    """One member: its name, where its data starts, its size and its CRC32."""
+    """One member: its name, where its data starts, its size and its CRC32.
+
+    Attributes:
+        name: the member's name (``archive/data.pkl``).
+        offset: where its data starts in the file.
+        size: its size in bytes (stored: compressed and uncompressed sizes are equal).
+        crc32: the CRC32 the central directory records.
+    """
 
     name: str
     offset: int
@@ -49,12 +56,28 @@ class ZipMember:
 
 @dataclass(frozen=True)
 class ZipArchive:
-    """The members of a zip archive by name, in central-directory order."""
+    """The members of a zip archive by name, in central-directory order.
+
+    Attributes:
+        members: each member's `ZipMember`, by name.
+    """
 
     members: dict[str, ZipMember]
 
     def read(self, buffer: memoryview | bytes, name: str) -> bytes:
-        """A member's bytes, its CRC32 checked."""
+        """A member's bytes, its CRC32 checked.
+
+        Args:
+            buffer: the whole file's bytes.
+            name: the member's name.
+
+        Returns:
+            A copy of the member's bytes.
+
+        Raises:
+            KeyError: the archive has no member of that name.
+            CorruptCheckpointError: the bytes fail the member's CRC32 check.
+        """
         member = self.members[name]
         data = bytes(buffer[member.offset:member.offset + member.size])
         if zlib.crc32(data) != member.crc32:
@@ -72,6 +95,18 @@ def parse_zip(buffer: memoryview | bytes, source: str,
 
     ``check_names`` sees the member names as soon as the central directory is read, before the
     members themselves are checked (to name what an archive is, e.g. TorchScript, first).
+
+    Args:
+        buffer: the whole file's bytes.
+        source: how error messages name the file.
+        check_names: called with the member names; what it raises propagates. None skips it.
+
+    Returns:
+        The `ZipArchive`.
+
+    Raises:
+        CorruptCheckpointError: the archive is cut off, or is something another zip reader could
+            read differently (see the module docstring).
     """
     try:
         return _parse(buffer, check_names)
