@@ -43,6 +43,7 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
     "legacy / read legacy bytes": ("legacy", "read_legacy", "<=", 3.0),
     "pickle / read pickle bytes": ("pickle", "read_pickle", "<=", 3.0),
     "verify / hand loop": ("verify", "hand_loop", "<=", 1.5),  # issue 11
+    "verify 2 processes / 1 process": ("verify_2proc", "verify_1proc", "", 0.0),  # issue 13 (informative)
     # informative, no target in the issue:
     "state_dict / floor": ("state_dict", "floor", "", 0.0),
     "safetensors / floor": ("safetensors", "floor", "", 0.0),

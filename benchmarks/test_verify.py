@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import benchlib
@@ -101,3 +102,33 @@ def test_verify_cli(benchmark, arch, verify_config, rounds, tmp_path):
     benchmark.extra_info.update({"arch": arch, "role": "ours", "median_s": seconds, "rounds": n,
                                  "last_run_steps_s": steps})
     benchlib.record(arch, "verify", seconds, rounds=n, role="ours", steps=steps)
+
+
+def _subprocess_verify(args: list[str], cwd: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_verify_processes(benchmark, arch, verify_config, rounds, processes, tmp_path):
+    """Wall time of the whole command (start-up included) at 1 process and under
+    ``torchrun --standalone --nproc-per-node 2`` (torchrun gives each rank one thread)."""
+    import sys
+
+    benchmark.group = f"{arch} verify processes"
+    report = tmp_path / "report.json"
+    if processes == 1:
+        args = [sys.executable, "-m", "pool", "verify", str(verify_config), "--json", str(report)]
+    else:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        args = [torchrun, "--standalone", "--nproc-per-node", str(processes), "-m", "pool", "verify",
+                str(verify_config), "--json", str(report)]
+    seconds, n = benchlib.time_it(benchmark, lambda: _subprocess_verify(args, tmp_path),
+                                  rounds=max(1, rounds["slow"] // 2), warmup=0)
+    data = json.loads(report.read_text())
+    assert data["ok"] and len(data["entries"]) == 2 * benchlib.N_FINETUNED + 1
+    benchmark.extra_info.update({"arch": arch, "processes": processes, "median_s": seconds, "rounds": n})
+    benchlib.record(arch, f"verify_{processes}proc", seconds, rounds=n, role="ours" if processes > 1 else "baseline")

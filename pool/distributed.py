@@ -79,7 +79,7 @@ def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads
     rank, size = place
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())  # more ranks than GPUs: shared
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"

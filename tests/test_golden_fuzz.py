@@ -2,7 +2,8 @@
 
 Every outcome is a correct read (a state dict of tensors) or a `pool.errors.CheckpointError`
 subclass: never another exception, never a hang, and nothing from the file ever runs. Bounded and
-seeded (``derandomize=True``) so a run is fast and repeatable.
+derandomised by default (the ``ci`` Hypothesis profile, conftest.py) so a run is fast and
+repeatable; ``POOL_HYPOTHESIS_PROFILE=fuzz`` tries thousands of random mutations instead.
 """
 
 from __future__ import annotations
@@ -14,20 +15,19 @@ import pickle
 import pickletools
 import resource
 import signal
-import struct
 import sys
-import tempfile
-import zipfile
+import threading
 from pathlib import Path
 
 import open_clip.model  # noqa: F401  (legacy reads compare class sources with importable modules)
 import pytest
 import torch
+from helpers import edit_data_pkl, examples, member_spans
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pool.checkpoint import read_checkpoint
-from pool.errors import CheckpointError, UnsafeCheckpointError
+from pool.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 ARCH = "tiny-vit-quickgelu"
@@ -43,7 +43,7 @@ HANG_SECONDS = 20
 # FRAME / BINBYTES8 lengths are only reserved, a huge memo index is also touched: see
 # test_memo_index_bomb). Under the cap those fail fast with MemoryError -> CorruptCheckpointError.
 MEMORY_HEADROOM = 1 << 30
-FUZZ = settings(max_examples=25, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=examples(25), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -60,15 +60,11 @@ def _pickle_spans(data: bytes, start: int, count: int) -> int:
 
 def _zip_regions(data: bytes) -> tuple[list[range], list[range]]:
     pickled, tensors = [], []
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
-            start = info.header_offset + 30 + name_len + extra_len
-            span = range(start, start + info.compress_size)
-            if info.filename.endswith("data.pkl"):
-                pickled.append(span)
-            elif "/data/" in info.filename and info.compress_size:
-                tensors.append(span)
+    for name, span in member_spans(data).items():
+        if name.endswith("data.pkl"):
+            pickled.append(span)
+        elif "/data/" in name and len(span):
+            tensors.append(span)
     return pickled, tensors
 
 
@@ -111,9 +107,15 @@ REGIONS = {kind: _regions(kind, data) for kind, data in BYTES.items()}
 _SHAPES: dict[str, dict] = {}
 
 
-def _golden_shapes(kind: str) -> dict:
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the mutated files are written (pytest's temporary tree: removed with it)."""
+    return tmp_path_factory.mktemp("golden_fuzz")
+
+
+def _golden_shapes(kind: str, scratch: Path) -> dict:
     if kind not in _SHAPES:
-        outcome = _read(kind, BYTES[kind])
+        outcome = _read(kind, BYTES[kind], scratch)
         assert not isinstance(outcome, CheckpointError), outcome
         _SHAPES[kind] = {k: v.shape for k, v in outcome.state_dict.items()}
     return _SHAPES[kind]
@@ -126,15 +128,49 @@ class _Hang(BaseException):  # BaseException: the reader's `except Exception` mu
 
 _GADGET_EVENTS = ("os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "subprocess.Popen",
                   "socket.connect", "ctypes.dlopen", "os.startfile")
-_AUDIT = {"active": False, "events": []}
 
 
-def _audit(event: str, args: tuple) -> None:
-    if _AUDIT["active"] and event.startswith(_GADGET_EVENTS):
-        _AUDIT["events"].append((event, repr(args)[:200]))
+class _GadgetAudit:
+    """Records process and network audit events while a guarded read is in progress.
+
+    An audit hook cannot be removed, so the hook is added once, on the first guarded read (not on
+    import: collecting this file changes nothing), and is a no-op (one attribute check) whenever
+    no read is in progress: the rest of the test run never sees it. The switch is process-wide on
+    purpose (not a context variable): an event raised in one of the reader's worker threads
+    counts too.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.events: list[tuple[str, str]] = []
+        self._installed = False
+        self._lock = threading.Lock()
+
+    def hook(self, event: str, args: tuple) -> None:
+        if not self.active:
+            return
+        if event.startswith(_GADGET_EVENTS):
+            try:
+                detail = repr(args)[:200]
+            except Exception:  # noqa: BLE001 - a hostile repr must not break the hook
+                detail = "<unprintable>"
+            self.events.append((event, detail))
+
+    @contextlib.contextmanager
+    def recording(self):
+        with self._lock:
+            if not self._installed:
+                sys.addaudithook(self.hook)
+                self._installed = True
+        self.events = []
+        self.active = True
+        try:
+            yield self.events
+        finally:
+            self.active = False
 
 
-sys.addaudithook(_audit)  # cannot be removed; inert unless a read below is in progress
+_AUDIT = _GadgetAudit()
 
 
 @contextlib.contextmanager
@@ -150,15 +186,14 @@ def _guarded(kind: str):
     cap = _vm_size() + MEMORY_HEADROOM
     if hard == resource.RLIM_INFINITY or cap < hard:  # a memory bomb fails fast instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    _AUDIT["active"], _AUDIT["events"] = True, []
     try:
-        yield
+        with _AUDIT.recording() as events:
+            yield
     finally:
-        _AUDIT["active"] = False
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    assert not _AUDIT["events"], f"a gadget ran: {_AUDIT['events']}"
+    assert not events, f"a gadget ran: {events}"
 
 
 def _vm_size() -> int:
@@ -169,12 +204,10 @@ def _vm_size() -> int:
     return 0
 
 
-_TMP = tempfile.mkdtemp(prefix="pool-fuzz-")
-
-
-def _read(kind: str, data: bytes):
-    """Write ``data`` and read it; return the Checkpoint or the CheckpointError raised."""
-    path = os.path.join(_TMP, f"{kind}.pt")
+def _read(kind: str, data: bytes, scratch: Path):
+    """Write ``data`` under ``scratch`` and read it; return the Checkpoint or the CheckpointError
+    raised."""
+    path = os.path.join(scratch, f"{kind}.pt")
     with open(path, "wb") as f:
         f.write(data)
     with _guarded(kind):
@@ -185,14 +218,14 @@ def _read(kind: str, data: bytes):
             return exc
 
 
-def _assert_outcome(kind: str, outcome, *, tensors_only: bool = False) -> None:
+def _assert_outcome(kind: str, outcome, scratch: Path, *, tensors_only: bool = False) -> None:
     if isinstance(outcome, CheckpointError):
         return
     sd = outcome.state_dict
     assert isinstance(sd, dict) and sd
     assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
     if tensors_only:  # only tensor bytes changed: same keys and shapes, values may differ
-        assert {k: v.shape for k, v in sd.items()} == _golden_shapes(kind)
+        assert {k: v.shape for k, v in sd.items()} == _golden_shapes(kind, scratch)
 
 
 def _offsets(kind: str, which: int):
@@ -214,20 +247,20 @@ KINDS = list(FILES)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_unmutated_files_read(kind):
-    assert _golden_shapes(kind)
+def test_unmutated_files_read(kind, scratch):
+    assert _golden_shapes(kind, scratch)
     assert REGIONS[kind][0] and REGIONS[kind][1], "pickle and tensor regions found"
 
 
 # -- mutations --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-def test_truncated(kind):
+def test_truncated(kind, scratch):
     data = BYTES[kind]
 
     @FUZZ
     @given(st.integers(0, len(data) - 1))
     def run(n):
-        outcome = _read(kind, data[:n])
+        outcome = _read(kind, data[:n], scratch)
         # a truncated file never reads as if it were whole
         assert isinstance(outcome, CheckpointError), f"{kind} truncated to {n} of {len(data)} bytes read"
 
@@ -243,78 +276,68 @@ def _flip_strategy(kind: str, which: int):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pickle_bytes_overwritten(kind):
+def test_pickle_bytes_overwritten(kind, scratch):
     @FUZZ
     @given(_overwrite_strategy(kind, 0))
     def run(edits):
         data = bytearray(BYTES[kind])
         for pos, value in edits:
             data[pos] = value
-        _assert_outcome(kind, _read(kind, bytes(data)))
+        _assert_outcome(kind, _read(kind, bytes(data), scratch), scratch)
 
     run()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pickle_bits_flipped(kind):
+def test_pickle_bits_flipped(kind, scratch):
     @FUZZ
     @given(_flip_strategy(kind, 0))
     def run(flips):
         data = bytearray(BYTES[kind])
         for pos, bit in flips:
             data[pos] ^= 1 << bit
-        _assert_outcome(kind, _read(kind, bytes(data)))
+        _assert_outcome(kind, _read(kind, bytes(data), scratch), scratch)
 
     run()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tensor_bits_flipped(kind):
+def test_tensor_bits_flipped(kind, scratch):
     @FUZZ
     @given(_flip_strategy(kind, 1))
     def run(flips):
         data = bytearray(BYTES[kind])
         for pos, bit in flips:
             data[pos] ^= 1 << bit
-        _assert_outcome(kind, _read(kind, bytes(data)), tensors_only=True)
+        _assert_outcome(kind, _read(kind, bytes(data), scratch), scratch, tensors_only=True)
 
     run()
 
 
 # -- explicit gadgets spliced into the golden pickles -----------------------------------------------
-MARKER = os.path.join(_TMP, "gadget-ran")
-# GLOBAL 'os system', MARK, STRING cmd, TUPLE, REDUCE, POP: calls os.system(cmd), drops the result.
-GADGET = b"cos\nsystem\n(S'touch " + MARKER.encode() + b"'\ntR0"
+def _gadget(marker: Path) -> bytes:
+    """GLOBAL 'os system', MARK, STRING cmd, TUPLE, REDUCE, POP: calls os.system(cmd), drops the
+    result; cmd creates ``marker``."""
+    return b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR0"
 
 
-def _splice_zip(data: bytes, gadget: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            body = src.read(info)
-            if info.filename.endswith("data.pkl"):
-                body = body[:2] + gadget + body[2:]  # after PROTO, before the first FRAME
-            dst.writestr(info.filename, body)
-    return out.getvalue()
-
-
-def _splice(kind: str, gadget: bytes = GADGET) -> bytes:
+def _splice(kind: str, gadget: bytes) -> bytes:
     data = BYTES[kind]
-    if data[:4] == b"PK\x03\x04":
-        return _splice_zip(data, gadget)
+    if data[:4] == b"PK\x03\x04":  # after PROTO, before the first FRAME
+        return edit_data_pkl(data, lambda body: body[:2] + gadget + body[2:])
     if kind == "legacy":  # into the object pickle, the 4th in the file
         start = _pickle_spans(data, 0, 3)
         return data[:start + 2] + gadget + data[start + 2:]
     return data[:2] + gadget + data[2:]
 
 
-def _nested_blob_gadget() -> bytes:
+def _nested_blob_gadget(gadget: bytes) -> bytes:
     """A plain pickle whose nested ``torch.storage._load_from_bytes`` blob carries the gadget."""
     legacy = io.BytesIO()
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     blob = legacy.getvalue()
     start = _pickle_spans(blob, 0, 3)
-    evil = blob[:start + 2] + GADGET + blob[start + 2:]
+    evil = blob[:start + 2] + gadget + blob[start + 2:]
 
     class Blob:
         def __reduce__(self):
@@ -324,13 +347,13 @@ def _nested_blob_gadget() -> bytes:
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "nested_blob"])
-def test_spliced_os_system_gadget_is_refused_and_never_runs(kind):
-    data = _nested_blob_gadget() if kind == "nested_blob" else _splice(kind)
-    assert b"system" in data
-    if os.path.exists(MARKER):
-        os.remove(MARKER)
-    outcome = _read("pickle" if kind == "nested_blob" else kind, data)
-    assert not os.path.exists(MARKER), "the gadget ran"
+def test_spliced_os_system_gadget_is_refused_and_never_runs(kind, scratch):
+    marker = scratch / f"gadget-ran-{kind}"
+    gadget = _gadget(marker)
+    data = _nested_blob_gadget(gadget) if kind == "nested_blob" else _splice(kind, gadget)
+    assert gadget in data
+    outcome = _read("pickle" if kind == "nested_blob" else kind, data, scratch)
+    assert not marker.exists(), "the gadget ran"
     assert isinstance(outcome, UnsafeCheckpointError), outcome
     assert "os.system" in outcome.globals or "posix.system" in outcome.globals
 
@@ -340,16 +363,31 @@ def test_spliced_os_system_gadget_is_refused_and_never_runs(kind):
 # the OOM killer). The fuzz found it in the head pickle (a MEMOIZE byte turned into LONG_BINPUT);
 # pool/pickle_scan.py now refuses any memo index a sequential pickler would not write before the C
 # unpickler sees the bytes.
-def test_memo_index_bomb():
+def test_memo_index_bomb(scratch):
     """9 bytes: PROTO 4, EMPTY_DICT, LONG_BINPUT 0x01000000, STOP -> must not allocate 256 MiB."""
     import tracemalloc
 
     data = b"\x80\x04}r" + (0x01000000).to_bytes(4, "little") + b"."
     tracemalloc.start()
     try:
-        outcome = _read("pickle", data)
+        outcome = _read("pickle", data, scratch)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert isinstance(outcome, CheckpointError)
     assert peak < 64 << 20, f"a 9-byte file made the reader allocate {peak / 2**20:.0f} MiB"
+
+
+def test_the_audit_guard_fails_a_read_that_runs_a_gadget(scratch, monkeypatch):
+    """The guard every read above runs under is live: a process event during a read fails it (an
+    audit event raised by hand: nothing runs), and the same event outside a read is not recorded."""
+    def runs_a_gadget(path, *args, **kwargs):
+        sys.audit("os.system", b"touch /nonexistent/marker")
+        raise CorruptCheckpointError(f"{path}: refused")
+
+    monkeypatch.setattr(sys.modules[__name__], "read_checkpoint", runs_a_gadget)
+    with pytest.raises(AssertionError, match="a gadget ran: .*os.system"):
+        _read("pickle", b"\x80\x02}.", scratch)
+    sys.audit("os.system", b"outside any read")
+    assert _AUDIT.events == [("os.system", "(b'touch /nonexistent/marker',)")]
+    assert not _AUDIT.active

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,7 @@ def tiny_archs(draw, any_heads: bool = True) -> VisionArch:
     )
 
 
-SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=examples(8), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -77,7 +78,7 @@ def test_state_dict_forms_give_the_same_encoder(arch, seed):
         _check_pool(_forms(Path(tmp), original, with_state_dicts=True), original, arch, seed)
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
+@settings(max_examples=examples(20), deadline=None)
 @given(classes=st.integers(1, 20), dim=st.integers(1, 64), normalize=st.booleans(),
        container=st.sampled_from(["zip", "legacy", "pickle"]), seed=st.integers(0, 2**16))
 def test_head_logits_equal_the_original(classes, dim, normalize, container, seed):

@@ -1,6 +1,6 @@
 """Red team: hostile checkpoint files against the public API (DESIGN section 5).
 
-Every hostile read runs in a forked child (`run_isolated`): a reader that hangs, segfaults or
+Every hostile read runs in a forked child (`helpers.run_isolated`): a reader that hangs, segfaults or
 allocates gigabytes fails its test instead of taking the run down. Each read must end in a typed
 error from `pool.errors` whose message names the file, within 10 s, with under 1 GB of extra peak
 memory, and write nothing: the payload's marker file stays absent, the folder of hostile files gains
@@ -21,34 +21,32 @@ from __future__ import annotations
 import bz2
 import contextlib
 import copyreg
-import faulthandler
 import io
 import json
 import os
 import pickle
 import re
 import resource
-import select
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redteam_files as rf
 import torch
+from helpers import MEMORY_LIMIT, SMALL_ARCH, TIME_LIMIT_S, Report, describe_exception, run_isolated
+from helpers import qualname as _qualname
+from helpers import status_bytes as _status_bytes
 from redteam_files import Op, Pickled
 
 import pool.pickle_scan
@@ -64,190 +62,8 @@ from pool.errors import (
 from pool.records import MAX_WALK_ENTRIES
 
 REPO = Path(__file__).resolve().parent.parent
-TIME_LIMIT_S = 10.0
-MEMORY_LIMIT = 1 << 30  # extra peak RSS a hostile read may cost
-KILL_AT = 3 << 29  # the watchdog ends a child whose RSS grows by 1.5 GiB
 CONTAINERS = ("zip", "legacy", "pickle")
 CODE_ERRORS = (UnsafeCheckpointError, CorruptCheckpointError)  # a file that would run code
-
-
-# == isolation ====================================================================================
-def _status_bytes(pid: int | str, key: str) -> int:
-    """A ``kB`` field of /proc/<pid>/status in bytes (0 once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def describe_exception(exc: BaseException) -> dict[str, Any]:
-    try:
-        message = str(exc)
-    except Exception:  # noqa: BLE001 - a hostile str() must not break the report
-        message = f"<unprintable {type(exc).__name__}>"
-    return {"type": _qualname(type(exc)), "mro": tuple(_qualname(c) for c in type(exc).__mro__),
-            "message": message[:20000],
-            "tb": "".join(traceback.format_exception(exc))[-3000:]}
-
-
-@dataclass
-class Report:
-    """What one isolated call did."""
-
-    kind: str  # returned | raised | timeout | memory | signal | exit
-    value: Any = None
-    exc: dict[str, Any] = field(default_factory=dict)
-    elapsed: float = 0.0
-    peak_extra: int = 0
-    detail: str = ""
-    written: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        if self.kind == "raised":
-            what = f"raised {self.exc['type']}: {self.exc['message'][:400]}"
-        elif self.kind == "returned":
-            what = f"returned {self.value!r}"[:2000]
-        else:
-            what = f"{self.kind} {self.detail}"
-        return f"{what} ({self.elapsed:.2f} s, +{self.peak_extra / 2**20:.0f} MiB peak)"
-
-
-def _send(fd: int, message: Any) -> None:
-    data = pickle.dumps(message)
-    view = memoryview(struct.pack("<Q", len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _forget_parent_thread_pools() -> None:
-    """(In the child.) A ThreadPoolExecutor made before the fork believes in worker threads that
-    the child does not have: work submitted to it would never run. Give each one a fresh start
-    (only needed when the parent had threads: after other test files read with a thread pool)."""
-    import concurrent.futures.thread as cft
-    import gc
-    import queue
-
-    for obj in gc.get_objects():
-        if issubclass(type(obj), cft.ThreadPoolExecutor):  # type(): no __class__ or hook runs
-            obj._threads = set()
-            obj._idle_semaphore = threading.Semaphore(0)
-            obj._work_queue = queue.SimpleQueue()
-            obj._shutdown_lock = threading.Lock()
-
-
-def _child(fd: int, fn: Callable[..., Any], args: tuple, kill_at: int, workdir: Path | None,
-           parent_threads: int) -> None:
-    status = 0
-    try:
-        faulthandler.disable()  # a crash is reported as a signal; no interpreter dump on the terminal
-        torch.set_num_threads(1)  # forked after OpenMP started: a parallel region would never return
-        if parent_threads > 1:
-            _forget_parent_thread_pools()
-        if workdir is not None:
-            os.chdir(workdir)
-            os.environ["TMPDIR"] = str(workdir)
-            tempfile.tempdir = str(workdir)
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        baseline = _status_bytes("self", "VmRSS")
-        _send(fd, ("baseline", baseline))
-        stop = threading.Event()
-
-        def watchdog() -> None:  # the parent watches too: a C call holding the GIL starves this thread
-            while not stop.wait(0.05):
-                if _status_bytes("self", "VmRSS") - baseline > kill_at:
-                    os._exit(77)
-
-        threading.Thread(target=watchdog, daemon=True).start()
-        start = time.monotonic()
-        try:
-            result: dict[str, Any] = {"kind": "returned", "value": fn(*args)}
-        except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
-            result = {"kind": "raised", "exc": describe_exception(exc)}
-        result["elapsed"] = time.monotonic() - start
-        stop.set()
-        result["peak_extra"] = _status_bytes("self", "VmHWM") - baseline
-        try:
-            _send(fd, ("result", result))
-        except Exception:  # noqa: BLE001 - an unpicklable value: send its repr
-            result["value"] = repr(result.get("value"))[:4000]
-            _send(fd, ("result", result))
-    except BaseException:  # noqa: BLE001
-        status = 70
-    finally:
-        os._exit(status)
-
-
-def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float = TIME_LIMIT_S, kill_at: int = KILL_AT,
-                 workdir: Path | None = None) -> Report:
-    """Call ``fn(*args)`` in a forked child and report how it ended.
-
-    The child resets its peak RSS, reports its RSS baseline, runs fn, then reports the outcome
-    (return value or exception), the elapsed time and the peak RSS above the baseline. A watchdog
-    in the child and the parent's own polling end it with SIGKILL once its RSS grows by ``kill_at``
-    (``memory``); the parent kills it after ``timeout`` plus up to 1 s for the report to arrive
-    (``timeout``); a crash is ``signal``.
-    """
-    r, w = os.pipe()
-    parent_threads = threading.active_count()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(r)
-        _child(w, fn, args, kill_at, workdir, parent_threads)
-    os.close(w)
-    started = time.monotonic()
-    buf = bytearray()
-    messages: dict[str, Any] = {}
-    killed, peak_seen, status = "", 0, None
-    try:
-        while True:
-            ready, _, _ = select.select([r], [], [], 0.05)
-            eof = False
-            if ready:
-                chunk = os.read(r, 1 << 20)
-                eof = not chunk
-                buf += chunk
-                while len(buf) >= 8 and len(buf) >= 8 + struct.unpack("<Q", buf[:8])[0]:
-                    n = struct.unpack("<Q", buf[:8])[0]
-                    tag, payload = pickle.loads(bytes(buf[8:8 + n]))
-                    messages[tag] = payload
-                    del buf[:8 + n]
-            if "baseline" in messages and "result" not in messages:
-                extra = _status_bytes(pid, "VmRSS") - messages["baseline"]
-                peak_seen = max(peak_seen, extra)
-                if extra > kill_at:
-                    killed = "memory"
-            if not killed and time.monotonic() - started > timeout + min(1.0, timeout):
-                killed = "timeout"
-            if killed:
-                os.kill(pid, signal.SIGKILL)
-            if eof or killed:
-                _, status = os.waitpid(pid, 0)
-                break
-    finally:
-        os.close(r)
-    elapsed = time.monotonic() - started
-    if killed:
-        detail = f"after {elapsed:.1f} s" if killed == "timeout" else f"(RSS +{peak_seen >> 20} MiB)"
-        return Report(killed, elapsed=elapsed, peak_extra=peak_seen, detail=detail)
-    if "result" in messages:
-        res = messages["result"]
-        return Report(res["kind"], value=res.get("value"), exc=res.get("exc", {}), elapsed=res["elapsed"],
-                      peak_extra=max(res["peak_extra"], peak_seen))
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        return Report("signal", elapsed=elapsed, detail=f"killed by {signal.Signals(sig).name}")
-    code = os.WEXITSTATUS(status)
-    return Report("memory" if code == 77 else "exit", elapsed=elapsed, peak_extra=peak_seen,
-                  detail=f"exit status {code}")
 
 
 # == the sandbox: where hostile files live, and what must not change ================================
@@ -431,7 +247,7 @@ def unrestricted_load(path: Path, container: str) -> str:
         warnings.simplefilter("ignore")
         if container == "pickle":
             with open(path, "rb") as f:
-                pickle.load(f)  # noqa: S301 - the control: show the payload is live
+                pickle.load(f)  # the control: show the payload is live
         else:
             torch.load(path, weights_only=False)  # noqa: S614
     return "loaded"
@@ -483,6 +299,21 @@ def test_harness_reports_return_exception_hang_crash_and_memory():
     bomb = run_isolated(_grow, 32 << 20, kill_at=128 << 20)
     assert bomb.kind == "memory", bomb
     peak = run_isolated(_peak_then_free)
+    assert peak.kind == "returned" and peak.peak_extra >= 90 << 20, peak
+
+
+def test_harness_sees_an_allocation_that_reuses_the_parents_free_heap():
+    """After other tests the parent's heap holds freed but resident memory, which the child
+    inherits: an allocation reusing it adds nothing to the RSS. The child trims its heap before
+    measuring, so the 96 MiB still show."""
+    import gc
+
+    blocks = [bytearray(64 << 10) for _ in range(3072)]  # 192 MiB of heap chunks (below mmap's threshold)
+    pin = bytearray(64 << 10)  # keeps the freed chunks below it from being trimmed on free
+    del blocks
+    gc.collect()
+    peak = run_isolated(_peak_then_free)
+    del pin
     assert peak.kind == "returned" and peak.peak_extra >= 90 << 20, peak
 
 
@@ -549,10 +380,7 @@ def _read_with_tripwires(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_encoder():
-    arch = synth.VisionArch(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
-                            embed_dim=8, quick_gelu=True, text_context_length=4, text_vocab_size=16,
-                            text_width=16)
-    return synth.make_original_encoder(arch, seed=3)
+    return synth.make_original_encoder(SMALL_ARCH, seed=3)
 
 
 @pytest.mark.parametrize("container", CONTAINERS)

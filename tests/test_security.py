@@ -21,7 +21,6 @@ import sys
 import types
 import uuid
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import SMALL_ARCH, edit_data_pkl, rewrite_zip, zip_records
 
 from pool import synth
-from pool.checkpoint import CONTAINERS, load_state_dict, read_checkpoint
+from pool.checkpoint import CONTAINERS, load_state_dict, read_checkpoint, sniff_container
 from pool.errors import CheckpointError, UnsafeCheckpointError
 from pool.synth import save_object
 from pool.unpickler import GlobalName, is_unsafe_global
@@ -102,11 +102,7 @@ def write_raw(body: bytes, path: Path, container: str, template_zip: Path) -> Pa
         path.write_bytes(magic + pickle.dumps(1001, protocol=2) + sys_info + pkl
                          + pickle.dumps([], protocol=2))
     else:  # a real torch zip with its data.pkl swapped
-        with zipfile.ZipFile(template_zip) as zf:
-            records = {i.filename: zf.read(i) for i in zf.infolist()}
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-            for name, data in records.items():
-                zf.writestr(name, pkl if name.endswith("/data.pkl") else data)
+        path.write_bytes(edit_data_pkl(template_zip.read_bytes(), lambda _: pkl))
     return path
 
 
@@ -301,10 +297,7 @@ def test_gadget_beside_real_tensors_is_refused(env, container, gadget):
 
 @pytest.fixture(scope="module")
 def small_encoder():
-    arch = synth.VisionArch(image_size=16, patch_size=8, width=32, layers=1, heads=2, mlp_ratio=2.0,
-                            embed_dim=8, quick_gelu=True, text_context_length=4,
-                            text_vocab_size=16, text_width=16)
-    return synth.make_original_encoder(arch, seed=1)
+    return synth.make_original_encoder(SMALL_ARCH, seed=1)
 
 
 @pytest.mark.parametrize("container", HOSTILE_CONTAINERS)
@@ -467,18 +460,33 @@ def test_zip_with_a_constants_record_is_refused(tmp_path, monkeypatch):
     planted constants.pkl must not get there either."""
     good = tmp_path / "good.pt"
     torch.save({"w": torch.ones(3)}, good)
+    data = good.read_bytes()
+    prefix = next(iter(zip_records(data))).split("/")[0]
+    control = tmp_path / "rewritten.pt"  # the same rewrite without the record reads: that record is the cause
+    control.write_bytes(rewrite_zip(data))
+    assert torch.equal(read_checkpoint(control).state_dict["w"], torch.ones(3))
     path = tmp_path / "planted.pt"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
-        prefix = src.infolist()[0].filename.split("/")[0]
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info))
-        dst.writestr(f"{prefix}/constants.pkl", pickle.dumps((), protocol=2))
+    path.write_bytes(rewrite_zip(data, add={f"{prefix}/constants.pkl": pickle.dumps((), protocol=2)}))
     calls = []
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(UnsafeCheckpointError, match="TorchScript") as info:
         read_checkpoint(path)
+    assert str(path) in str(info.value)
     assert calls == []
 
 
-def test_containers_constant_is_complete():
-    assert set(CONTAINERS) == {"zip", "legacy", "pickle", "safetensors"}
+def test_every_container_is_one_the_reader_recognises_and_reads(tmp_path):
+    """CONTAINERS names exactly the formats files come in: a file written in each one sniffs as
+    that name and reads back bit for bit, and no container listed goes unwritten."""
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
+    written = {}
+    for form in ("zip", "legacy", "pickle"):
+        written[form] = save_object(state, tmp_path / f"{form}.pt", form)
+    written["safetensors"] = synth.save_state_dict(state, tmp_path / "st.safetensors", "safetensors")
+    assert set(written) == set(CONTAINERS)
+    for form, path in written.items():
+        assert sniff_container(path) == form
+        ckpt = read_checkpoint(path)
+        assert ckpt.container == form
+        assert set(ckpt.state_dict) == set(state)
+        assert all(torch.equal(ckpt.state_dict[k], v) for k, v in state.items()), form

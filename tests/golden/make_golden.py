@@ -528,7 +528,7 @@ def verify_outputs(outdir: Path, manifest: dict) -> None:
         if d <= 1e-3:
             problems.append(f"GELU vs QuickGELU features differ only by {d:.3g} (want > 1e-3)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from manifest import verify_manifest  # noqa: E402  (sibling helper, dependency-free)
+    from manifest import verify_manifest  # sibling helper, dependency-free
 
     problems += verify_manifest(outdir)
     if problems:

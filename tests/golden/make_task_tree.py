@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import (  # noqa: E402  (make_golden lives beside this script)
+from make_golden import (
     build_encoder,
     build_head,
     install_src_modeling,
