@@ -286,6 +286,10 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
 
     start = time.perf_counter()
     src, dst = Path(source).expanduser(), Path(destination).expanduser()
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DestinationExistsError(f"{dst} is, holds or lies inside the source {src}; the source is never "
+                                     "overwritten. Choose another folder.")
     if dst.exists() and not dst.is_dir():
         raise DestinationExistsError(f"{dst} is a file; --to hf writes a folder (config.json, model.safetensors, "
                                      "preprocessor_config.json). Give a folder name.")
@@ -293,6 +297,7 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
         raise DestinationExistsError(f"{dst} exists and is not empty; refusing to write into it. Pass --force, "
                                      "or choose a new folder.")
     ckpt = read_checkpoint(src)
+    digest = sha256_file(src)
     if checkpoint_kind(ckpt) != "encoder":
         raise CheckpointError(f"{src}: not an image encoder; only encoders have a transformers counterpart "
                               "(CLIPVisionModelWithProjection).")
@@ -305,7 +310,7 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
     res = ConvertResult(src, dst, "encoder", ok=True, status="converted", model_name=name_for_arch(arch),
                         architecture=arch.describe(), quick_gelu=arch.quick_gelu, tensors=len(expected),
                         bytes=sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
-                        source_sha256=sha256_file(src), seconds=time.perf_counter() - start)
+                        source_sha256=digest, seconds=time.perf_counter() - start)
     log.info("converted %s -> %s (transformers folder) in %.3f s", src, dst, res.seconds)
     return res
 

@@ -81,6 +81,21 @@ def plain_config(config: Any) -> Any:
     return config
 
 
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A boolean option as YAML or an interpolation may spell it (``true``, ``"false"``, ``1``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{where}: {value!r} is not true or false")
+
+
 def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
     """Classify one entry's configuration into an `Entry`.
 
@@ -113,6 +128,13 @@ def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
             return Entry(name, section, "hydra", config=config)
         plain = plain_config(config)
         options = {k: v for k, v in plain.items() if k in _OPTION_KEYS and k != "model_name"}
+        for flag in ("quick_gelu", "normalize", "mmap"):
+            if options.get(flag) is not None:
+                options[flag] = _flag(options[flag], f"{section}.{name}.{flag}")
+        model_name = plain.get("model_name")
+        if model_name is not None and not isinstance(model_name, str):
+            raise ConfigError(f"{section}.{name}.model_name: {model_name!r} is not an open_clip model name "
+                              "(a string such as ViT-B-32)")
         for form in ("pickle_path", "state_dict_path"):
             if plain.get(form):
                 unknown = set(plain) - _OPTION_KEYS - {form}

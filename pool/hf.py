@@ -254,7 +254,12 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     folder = Path(destination).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tensors = contiguous_unshared(to_hf(to_clip_keys(encoder.state_dict())))
-    write_checked(tensors, {"format": "pt"}, folder / "model.safetensors")
+    from .arch import HEADS_METADATA, QUICK_GELU_METADATA
+
+    # transformers reads only "format"; ours keep the weights file right when used on its own
+    metadata = {"format": "pt", QUICK_GELU_METADATA: str(bool(encoder.arch.quick_gelu)).lower(),
+                HEADS_METADATA: str(encoder.arch.heads)}
+    write_checked(tensors, metadata, folder / "model.safetensors")
     mean, std = _normalize_of(encoder.val_preprocess)
     for name, body in (("config.json", vision_config(encoder.arch)),
                        ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):

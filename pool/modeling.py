@@ -184,6 +184,9 @@ class ImageEncoder(nn.Module):
         else:
             arch = weights if weights.quick_gelu is not None else replace(
                 weights, quick_gelu=default_quick_gelu(weights))
+            named = name_for_arch(weights) if not modules else None
+            if named:  # the weights cannot tell the heads: open_clip's config of these shapes does
+                arch = replace(arch, heads=arch_for_name(named).heads)
         if quick_gelu is not None:
             arch = replace(arch, quick_gelu=bool(quick_gelu))
         if heads is not None:

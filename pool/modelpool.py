@@ -137,14 +137,21 @@ class OpenCLIPVisionModelPool:
         from omegaconf import DictConfig, OmegaConf
 
         config_name = "(mapping)"
-        if isinstance(config, (str, Path)) and not Path(config).expanduser().is_file() and _hydra_ready():
+        if (isinstance(config, (str, Path)) and not Path(config).suffix and not Path(config).expanduser().is_file()
+                and _hydra_ready()):  # a config *name* (no extension), as FusionBench's CLI passes
             from hydra import compose
 
             config_name = str(config)
-            config = compose(config_name=config_name, overrides=list(overrides or []))
+            groups = config_name.split("/")[:-1]
+            try:  # overrides are relative to the pool, as for a file: the group path put before them,
+                # and "++" (set, whether or not the key exists), as key=value does for a file
+                config = compose(config_name=config_name,
+                                 overrides=["++" + ".".join([*groups, o.lstrip("+")]) for o in (overrides or [])])
+                for group in groups:
+                    config = config[group]
+            except Exception as exc:  # Hydra's own exceptions: one clear message
+                raise ConfigError(f"pool config {config_name!r}: Hydra could not compose it: {exc}") from exc
             overrides = None
-            for group in config_name.split("/")[:-1]:
-                config = config[group]
         if isinstance(config, (str, Path)):
             path = Path(config).expanduser()
             config_name = str(path.absolute())
@@ -155,7 +162,14 @@ class OpenCLIPVisionModelPool:
             except Exception as exc:  # YAML/OmegaConf errors: one clear message
                 raise ConfigError(f"{path.absolute()}: not a valid YAML pool config: {exc}") from exc
         elif not isinstance(config, DictConfig):
-            config = OmegaConf.create(dict(config), flags={"allow_objects": True})
+            try:
+                config = OmegaConf.create(dict(config), flags={"allow_objects": True})
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"pool config: expected a mapping of sections, found "
+                                  f"{type(config).__name__}") from exc
+        if not isinstance(config, DictConfig):
+            raise ConfigError(f"pool config {config_name}: the top level is a {type(config).__name__}; a pool "
+                              "config is a mapping with models: and classification_heads: sections")
         if overrides:
             bad = [o for o in overrides if not isinstance(o, str) or "=" not in o or not o.split("=", 1)[0].strip()]
             try:
@@ -215,6 +229,7 @@ class OpenCLIPVisionModelPool:
         from omegaconf import OmegaConf
 
         body: dict[str, Any] = {"_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+                                "_recursive_": False,  # Hydra must hand the entries over, not build them
                                 "models": dict(self._models), "classification_heads": dict(self._heads)}
         for split in ("train", "val", "test"):
             if self._datasets[split]:
@@ -569,7 +584,9 @@ class OpenCLIPVisionModelPool:
             The path written.
 
         Raises:
-            ConfigError: ``path`` is a folder or its folder does not exist.
+            ConfigError: ``path`` is a folder or its folder does not exist, or a ``.pt`` / ``.pth``
+                / ``.bin`` file could not carry the model's activation, head count or a head's
+                ``normalize=False`` (safetensors records them).
             CorruptCheckpointError: the written file did not read back identical (nothing is
                 replaced).
 

@@ -45,11 +45,17 @@ class EntryFailed(Exception):
 
 
 def config_path(config: pytest.Config) -> Path | None:
-    value = config.getoption(OPTION_DEST, default=None) or config.getini(OPTION_DEST)
+    """The pool config to verify: the command-line value relative to the folder pytest started in,
+    the ini value relative to the ini file's folder (so ``pytest`` works from any subfolder)."""
+    option = config.getoption(OPTION_DEST, default=None)
+    value = option or config.getini(OPTION_DEST)
     if not value:
         return None
     path = Path(str(value)).expanduser()
-    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
+    if path.is_absolute():
+        return path
+    base = config.invocation_params.dir if option else (config.inipath.parent if config.inipath else config.rootpath)
+    return Path(base) / path
 
 
 @functools.cache
@@ -132,7 +138,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .checkpoint import sniff_container
     from .errors import PoolError
 
-    checker = _checker(str(path))
+    try:
+        checker = _checker(str(path))
+    except PoolError as exc:  # a config the user fixes: pytest's usage error, not an internal error
+        raise pytest.UsageError(f"--openclip-pool-verify {path}: {exc}") from None
     for label in checker.labels:
         entry = checker.entry(label)
         item = PoolEntryItem.from_parent(session, name=label, config_file=str(path), label=label)

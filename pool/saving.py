@@ -179,6 +179,26 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
     return destination.stat().st_size
 
 
+def _lost_in_torch_format(module: nn.Module) -> list[str]:
+    """What a plain state-dict file would not carry: the settings a reader would infer otherwise
+    (an activation or head count other than the shapes' default, a head's ``normalize=False``)."""
+    from .arch import VisionArch, arch_for_name, default_quick_gelu
+
+    arch = getattr(module, "arch", None)
+    if isinstance(arch, VisionArch):
+        lost = []
+        if bool(arch.quick_gelu) != default_quick_gelu(arch):
+            lost.append(f"activation ({'QuickGELU' if arch.quick_gelu else 'GELU'})")
+        name = name_for_arch(arch)
+        default_heads = arch_for_name(name).heads if name else max(1, arch.width // 64)
+        if arch.heads != default_heads:
+            lost.append(f"attention heads ({arch.heads})")
+        return lost
+    if hasattr(module, "normalize") and not module.normalize:
+        return ["normalize=False flag"]
+    return []
+
+
 def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignored: Any) -> Path:
     """Save ``module``'s weights to ``path``: safetensors, or a torch zip state dict when the name ends
     in ``.pt``, ``.pth`` or ``.bin``. Atomic and read back before it replaces anything; never a
@@ -193,7 +213,9 @@ def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignor
         The path written.
 
     Raises:
-        ConfigError: ``path`` is a folder or its folder does not exist.
+        ConfigError: ``path`` is a folder or its folder does not exist, or a ``.pt`` / ``.pth`` /
+            ``.bin`` file could not carry what the model needs (an activation or head count other
+            than its shapes' default, a head's ``normalize=False``): save as safetensors.
         CorruptCheckpointError: the written file did not read back identical.
 
     Example:
@@ -208,7 +230,13 @@ def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignor
     if not destination.parent.is_dir():
         raise ConfigError(f"{destination.parent} does not exist; create the folder first.")
     tensors, metadata = module_payload(module)
-    size = write_checked(tensors, metadata, destination,
-                         torch_format=destination.suffix.lower() in TORCH_SUFFIXES)
+    torch_format = destination.suffix.lower() in TORCH_SUFFIXES
+    if torch_format:
+        lost = _lost_in_torch_format(module)
+        if lost:
+            raise ConfigError(f"{destination}: a {destination.suffix} file keeps tensors only, and this model's "
+                              f"{' and '.join(lost)} would read back otherwise. Save it as .safetensors, "
+                              "which records it.")
+    size = write_checked(tensors, metadata, destination, torch_format=torch_format)
     log.info("saved %s (%d tensors, %d bytes)", destination, len(tensors), size)
     return destination

@@ -280,20 +280,23 @@ class _Run:
                 res.task_vector = self.step(res, "task vector", lambda: task_vector(encoder.state_dict(), base),
                                             "task_vector_s")
             else:
-                res.task_vector = TaskVector(skipped=f"{PRETRAINED} failed to load" if self.pool.has_pretrained
+                res.task_vector = TaskVector(skipped=f"{PRETRAINED} did not pass its checks" if self.pool.has_pretrained
                                              else f"the pool has no {PRETRAINED}")
         return res, (encoder if res.ok else None), features
 
     def base(self) -> dict[str, torch.Tensor] | None:
         """``_pretrained_``'s state dict for task vectors. When this process did not check it as an
-        entry (another shard did), it is loaded here once, unreported; None if it cannot be."""
+        entry (another shard did), it is loaded and checked here once, unreported (its own entry
+        reports it), so that every shard decides as one process would; None if it does not pass."""
         if self.base_state is None and not self.base_tried and self.pool.has_pretrained:
             self.base_tried = True
-            try:
-                encoder = self.pool.load_model(PRETRAINED, device=self.device)
+            scratch = EntryResult(PRETRAINED, "models", "")
+            encoder = self.step(scratch, "load", lambda: self.pool.load_model(PRETRAINED, device=self.device))
+            self.step(scratch, "forward", lambda: self._forward(encoder, scratch))
+            if encoder is not None and scratch.ok:
                 self.base_state = {k: v.detach() for k, v in encoder.state_dict().items()}
-            except Exception:  # its own entry reports why; here the task vectors are skipped
-                log.debug("%s could not be loaded for task vectors", PRETRAINED, exc_info=True)
+            else:
+                log.debug("%s did not pass its checks: %s", PRETRAINED, scratch.error)
         return self.base_state
 
     def _forward(self, encoder: torch.nn.Module | None, res: EntryResult) -> torch.Tensor | None:

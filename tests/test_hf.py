@@ -261,3 +261,40 @@ def test_clip_image_processor_matches_open_clip_transforms_closely(tmp_path):
     # at most 2 grey levels (0.028 after normalisation) where resizing happens, 0 where it does not:
     # rounding in the resampling, not a different pipeline
     assert worst < 0.04
+
+
+def test_convert_to_hf_never_writes_into_or_over_its_source(tmp_path):
+    random_hf(hf_config(), seed=0).save_pretrained(tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    for destination in (tmp_path / "hf", tmp_path / "hf" / "inner"):
+        assert main(["convert", str(tmp_path / "hf"), str(destination), "--to", "hf", "--force"]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def test_the_weights_file_of_a_written_folder_reads_right_on_its_own(tmp_path):
+    arch = replace(synth.TINY, quick_gelu=False, heads=4)
+    src = synth.save_module(synth.make_original_encoder(arch, seed=2), tmp_path / "enc.pt", "zip")
+    convert_to_hf(src, tmp_path / "hf")
+    alone = ImageEncoder.load(tmp_path / "hf" / "model.safetensors")
+    assert alone.arch.quick_gelu is False and alone.arch.heads == 4
+    x = images(32)
+    torch.testing.assert_close(features(alone, x), features(ImageEncoder.load(src), x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change", [{"architectures": {"a": 1}}, {"architectures": 5}, {"architectures": []}])
+def test_odd_architectures_fields_still_read(tmp_path, change):
+    random_hf(hf_config(), seed=0).save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    assert read_checkpoint(tmp_path / "hf").root_type == "transformers clip_vision_model"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    (json.dumps({"model_type": "clip_vision_model", "hidden_act": ["gelu"]}), "hidden_act is list"),
+])
+def test_hostile_configs_are_corrupt_checkpoints(tmp_path, text, message):
+    random_hf(hf_config(), seed=0).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(text)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        read_checkpoint(tmp_path / "hf")

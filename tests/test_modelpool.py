@@ -338,3 +338,50 @@ def test_extra_keys_for_interpolation_are_kept(synth_tree):
     config["root"] = "somewhere"
     pool = OpenCLIPVisionModelPool.from_config(config)
     assert pool.extra["root"] == "somewhere"
+
+
+@pytest.mark.parametrize("spelled, quick", [("false", False), ("False", False), ("true", True), ("no", False)])
+def test_boolean_options_spelled_as_strings(synth_tree, spelled, quick):
+    pool = OpenCLIPVisionModelPool(models={"a": {"pickle_path": str(synth_tree.files["cars"]),
+                                                 "quick_gelu": spelled}})
+    assert pool.load_model("a").arch.quick_gelu is quick
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"pickle_path": "x.pt", "quick_gelu": "maybe"}, "quick_gelu: 'maybe' is not true or false"),
+    ({"pickle_path": "x.pt", "model_name": 5}, "model_name: 5 is not an open_clip model name"),
+])
+def test_mistyped_options_are_config_errors(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        OpenCLIPVisionModelPool(models={"a": entry}).load_model("a")
+
+
+def test_a_config_that_is_no_mapping_is_a_config_error(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="the top level is a ListConfig"):
+        OpenCLIPVisionModelPool.from_config(path)
+
+
+def test_heads_come_from_the_open_clip_config_the_shapes_match(tmp_path, monkeypatch):
+    """ViT-H-14 and larger have heads of width 80 or 88, not 64: a state dict cannot tell, the
+    open_clip config of its shapes can (a tiny config of that kind stands in for them here)."""
+    from dataclasses import replace
+
+    import open_clip
+
+    from pool import arch as arch_module
+    from pool import synth
+
+    config = {"embed_dim": 32, "quick_gelu": True,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 320, "head_width": 80, "patch_size": 16},
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-h80", config)
+    arch_module._registry.cache_clear()
+    try:
+        spec = replace(synth.TINY, width=320, heads=4, layers=1, patch_size=16, text_width=32)
+        state = synth.make_original_encoder(spec, seed=0).state_dict()
+        encoder = ImageEncoder.from_state_dict(state)
+        assert encoder.model_name == "tiny-h80" and encoder.arch.heads == 4  # not 320 // 64 = 5
+    finally:
+        arch_module._registry.cache_clear()

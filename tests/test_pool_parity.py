@@ -207,3 +207,40 @@ def test_dataset_generators_and_flags(tmp_path, monkeypatch):
 def test_paths_written_by_save_model_are_plain_files(pool, tmp_path):
     path = pool.save_model(pool.load_model("cars"), tmp_path / "m.safetensors")
     assert isinstance(path, Path) and path.is_file() and path.stat().st_size > 0
+
+
+def test_save_model_refuses_a_torch_file_that_would_lose_settings(pool, tmp_path):
+    from dataclasses import replace
+
+    encoder = pool.load_model("cars")
+    gelu = ImageEncoder.from_state_dict(encoder.state_dict(), quick_gelu=False)
+    with pytest.raises(ConfigError, match=r"activation \(GELU\).*\.safetensors"):
+        pool.save_model(gelu, tmp_path / "gelu.pt")
+    head = ClassificationHead(False, torch.randn(4, 32), torch.randn(4))
+    with pytest.raises(ConfigError, match="normalize=False"):
+        pool.save_model(head, tmp_path / "head.pt")
+    assert list(tmp_path.iterdir()) == []
+    pool.save_model(encoder, tmp_path / "ok.pt")  # QuickGELU, default heads: nothing lost
+    assert ImageEncoder.load(tmp_path / "ok.pt").arch == replace(encoder.arch)
+
+
+def test_config_tells_hydra_not_to_build_the_entries(tmp_path, synth_tree):
+    from hydra.utils import instantiate
+
+    pool = OpenCLIPVisionModelPool(models={"h": {"_target_": "pool.ImageEncoder.load",
+                                                 "path": str(synth_tree.files["cars"])}})
+    assert pool.config._recursive_ is False
+    again = instantiate(pool.config)
+    assert not again.has_instance_models and again.get_model_config("h")["_target_"] == "pool.ImageEncoder.load"
+
+
+def test_hydra_composition_errors_are_config_errors(tmp_path, synth_tree):
+    from hydra import initialize_config_dir
+
+    (tmp_path / "modelpool").mkdir()
+    OmegaConf.save(OmegaConf.load(synth_tree.config), tmp_path / "modelpool" / "mine.yaml")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        pool = OpenCLIPVisionModelPool.from_config("modelpool/mine", overrides=["device=cpu"])
+        assert pool.device == "cpu" and pool.all_model_names == list(OmegaConf.load(synth_tree.config).models.keys())
+        with pytest.raises(ConfigError, match="Hydra could not compose"):
+            OpenCLIPVisionModelPool.from_config("modelpool/missing")

@@ -134,3 +134,38 @@ def test_named_models_shard(synth_tree):
     for bad in ((2, 2), (0, 0), (-1, 2), ("0", 2), (0,)):
         with pytest.raises(ConfigError, match="shard"):
             next(pool.named_models(shard=bad))
+
+
+def test_a_shard_without_pretrained_decides_as_one_process_would(tmp_path):
+    """_pretrained_ loads but computes NaN: one process skips the task vectors; a shard (or a
+    pytest item) that loads _pretrained_ only for its task vectors must skip them too."""
+    import torch
+
+    from pool.verify import EntryChecker
+
+    bad = synth.make_original_encoder(seed=0)
+    with torch.no_grad():
+        bad.model.visual.proj.fill_(float("nan"))
+    base = synth.save_module(bad, tmp_path / "zeroshot.pt", "zip")
+    tuned = synth.save_module(synth.make_original_encoder(seed=1), tmp_path / "tuned.pt", "zip")
+    config = tmp_path / "pool.yaml"
+    config.write_text(f"models:\n  _pretrained_: {base}\n  cars: {tuned}\n")
+    result = EntryChecker(*prepare_pool(config)).check("models.cars")
+    assert result.ok and result.task_vector.skipped == "_pretrained_ did not pass its checks"
+
+
+def test_pytest_items_config_errors_are_usage_errors_and_ini_paths_follow_the_ini_file(broken_tree, tmp_path):
+    config, _ = broken_tree
+    project = tmp_path / "downstream"
+    (project / "sub").mkdir(parents=True)
+    bad = project / "bad.yaml"
+    bad.write_text("classification_head:\n  a: x.pt\nmodels: {}\n")
+    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--openclip-pool-verify", str(bad)], project)
+    assert proc.returncode == 4 and "INTERNALERROR" not in proc.stdout + proc.stderr
+    assert "did you mean 'classification_heads'" in proc.stderr
+    shutil.copy(config, project / "pool.yaml")  # its entries are absolute paths
+    (project / "pytest.ini").write_text("[pytest]\nopenclip_pool_verify = pool.yaml\n")
+    proc = run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-k", "cars and not state"],
+               project / "sub")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 passed" in proc.stdout

@@ -71,7 +71,7 @@ def _config(folder: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes; a model config is a few kB.")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); the folder is damaged.") from None
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object.")
@@ -104,10 +104,13 @@ def read_hf_folder(folder: Path, options: ReadOptions,
     metadata = dict(weights.metadata)
     metadata["hf.model_type"] = model_type
     for key in ("hidden_act", "layer_norm_eps", "projection_dim", "image_size", "num_attention_heads"):
-        if key in vision:
-            metadata[f"hf.{key}"] = str(vision[key])
-    if "projection_dim" in config and "hf.projection_dim" not in metadata:
-        metadata["hf.projection_dim"] = str(config["projection_dim"])
-    architectures = config.get("architectures") or [model_type or "unknown"]
-    return Checkpoint(folder, NAME, weights.state_dict, f"transformers {architectures[0]}",
+        value = vision.get(key)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            metadata[f"hf.{key}"] = str(value)
+        elif value is not None:
+            raise CorruptCheckpointError(f"{folder / CONFIG}: {key} is {type(value).__name__}, not a number or name.")
+    architectures = config.get("architectures")
+    kind = architectures[0] if isinstance(architectures, list) and architectures and isinstance(
+        architectures[0], str) else (model_type or "unknown")
+    return Checkpoint(folder, NAME, weights.state_dict, f"transformers {kind[:100]}",
                       globals=weights.globals, metadata=metadata)
