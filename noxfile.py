@@ -34,8 +34,9 @@ PYTHON = sys.executable  # the interpreter running nox: the one with torch insta
 OLDEST_OPEN_CLIP = "2.7.0"
 OPEN_CLIP_VERSIONS = [OLDEST_OPEN_CLIP, "2.32.0", "3.3.0"]
 #: What compat runs under each version: the tests that touch open_clip (goldens, modeling, the pool,
-#: the plugin's fixtures). The reader/fuzz/security tests never import open_clip's model code.
-COMPAT_TESTS = ["tests/test_golden.py", "tests/test_modelpool.py", "tests/test_smoke_reader.py"]
+#: the plugin's fixtures, the CLI, whose reports name open_clip's version). The reader/fuzz/security
+#: tests never import open_clip's model code.
+COMPAT_TESTS = ["tests/test_golden.py", "tests/test_modelpool.py", "tests/test_smoke_reader.py", "tests/test_cli.py"]
 
 
 def _open_clip_dir(session: nox.Session, version: str) -> Path:
@@ -167,3 +168,90 @@ def fusion_bench(session: nox.Session) -> None:
     session.run("python", "tests/golden/make_task_tree.py", str(tree), env=_env_with(target))
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or FUSION_BENCH_TESTS),
                 env={"POOL_FUSION_TREE": str(tree), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+# -- the environment matrix (issue 12) ------------------------------------------------------------------
+#: (cell id, Python, packages pinned beyond the project's own requirements). "newest" cells pin nothing:
+#: uv resolves the newest torch, torchvision and open_clip the ranges allow; the "oldest" cell pins the
+#: lower bounds pyproject claims.
+MATRIX = [
+    ("py3.10-newest", _interpreter("3.10"), []),
+    ("py3.11-newest", _interpreter("3.11"), []),
+    ("py3.12-newest", _interpreter("3.12"), []),
+    ("py3.13-newest", _interpreter("3.13"), []),
+    ("py3.10-oldest", _interpreter("3.10"),
+     ["torch==2.4.1", "torchvision==0.19.1", f"open_clip_torch=={OLDEST_OPEN_CLIP}"]),
+]
+MATRIX_DIR = ROOT / ".nox-matrix"  # one JSON per cell; `nox -s matrix_report` turns them into docs/matrix.md
+# Run every cell with `nox -t matrix`, then `nox -s matrix_report`.
+
+
+def _matrix_cell(session: nox.Session, cell: str, pins: list[str]) -> None:
+    """One cell of the environment matrix: its own environment (uv), the whole test suite, a JSON
+    record (versions, counts, minutes) under .nox-matrix/. The environment is removed after the cell
+    (uv hardlinks from its cache, so the next cell costs seconds, not gigabytes)."""
+    import json
+    import shutil
+    import time
+    import xml.etree.ElementTree as ET
+
+    session.install("-e", ".[test]", *pins)
+    versions = session.run("python", "-c", "import json, platform, torch, torchvision, open_clip.version as v; "
+                           "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
+                           "'torchvision': torchvision.__version__, 'open_clip': v.__version__}))",
+                           silent=True).strip().splitlines()[-1]
+    MATRIX_DIR.mkdir(exist_ok=True)
+    junit = MATRIX_DIR / f"{cell}.xml"
+    start = time.perf_counter()
+    try:
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *session.posargs,
+                    env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, success_codes=[0, 1])
+    finally:
+        minutes = (time.perf_counter() - start) / 60
+        counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+        if junit.exists():
+            suite = ET.parse(junit).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            total, failed = int(suite.get("tests", 0)), int(suite.get("failures", 0))
+            errors, skipped = int(suite.get("errors", 0)), int(suite.get("skipped", 0))
+            counts = {"passed": total - failed - errors - skipped, "failed": failed, "skipped": skipped,
+                      "errors": errors}
+        record = {"cell": cell, "pins": pins, **json.loads(versions), **counts, "minutes": round(minutes, 1)}
+        (MATRIX_DIR / f"{cell}.json").write_text(json.dumps(record, indent=1) + "\n")
+        shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+
+def _register_cell(cell: str, interpreter: str, pins: list[str]) -> None:
+    def run_cell(session: nox.Session) -> None:
+        _matrix_cell(session, cell, pins)
+
+    run_cell.__doc__ = f"matrix cell {cell}: Python {interpreter.rsplit('python', 1)[-1]}, " + (
+        ", ".join(pins) if pins else "the newest torch, torchvision and open_clip the ranges allow")
+    nox.session(name=f"matrix-{cell}", python=interpreter, venv_backend="uv", tags=["matrix"])(run_cell)
+
+
+for _cell, _interp, _pins in MATRIX:
+    _register_cell(_cell, _interp, _pins)
+
+
+@nox.session(python=False)
+def matrix_report(session: nox.Session) -> None:
+    """docs/matrix.md (a table) and docs/matrix.json from the cells' records in .nox-matrix/
+    (``nox -t matrix`` writes them)."""
+    import json
+
+    records = [json.loads((MATRIX_DIR / f"{cell}.json").read_text()) for cell, _, _ in MATRIX
+               if (MATRIX_DIR / f"{cell}.json").exists()]
+    (ROOT / "docs" / "matrix.json").write_text(json.dumps(records, indent=1) + "\n")
+    rows = ["| cell | Python | torch | torchvision | open_clip | passed | failed | errors | skipped | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {r['cell']} | {r['python']} | {r['torch']} | {r['torchvision']} | {r['open_clip']} | {r['passed']} | "
+             f"{r['failed']} | {r['errors']} | {r['skipped']} | {r['minutes']} |" for r in records]
+    missing = [cell for cell, _, _ in MATRIX if not (MATRIX_DIR / f"{cell}.json").exists()]
+    text = ("# The environment matrix\n\nWritten by `nox -t matrix` (each cell: its own uv environment, the whole "
+            "test suite) and `nox -s matrix_report`. \"newest\" cells take the newest releases the project's "
+            "ranges allow; \"oldest\" pins the lower bounds pyproject.toml claims.\n\n" + "\n".join(rows) + "\n")
+    if missing:
+        text += f"\nNot run: {', '.join(missing)}.\n"
+    (ROOT / "docs" / "matrix.md").write_text(text)
+    session.log(f"wrote docs/matrix.md ({len(records)} cells)")

@@ -290,13 +290,13 @@ def versions() -> dict[str, str]:
         >>> sorted(versions())
         ['open_clip', 'pool', 'python', 'safetensors', 'torch']
     """
-    import open_clip
     import safetensors
     import torch
+    from open_clip.version import __version__ as open_clip_version  # old releases lack open_clip.__version__
 
     from . import __version__
 
-    return {"pool": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+    return {"pool": __version__, "torch": torch.__version__, "open_clip": open_clip_version,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
