@@ -257,7 +257,8 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
 
 
 def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
-    return _container(sniff_container(p)).read(_existing_file(p), options)
+    """Read one file; `sniff_container` checks that it exists and is a regular file."""
+    return _container(sniff_container(p)).read(p, options)
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,

@@ -69,6 +69,15 @@ class Entry:
         """``<section>.<name>``, as messages name the entry (``models.cars``)."""
         return f"{self.section}.{self.name}"
 
+    @property
+    def file_size(self) -> int:
+        """The entry's file's bytes on disk (what sharding balances); 0 for an entry with no
+        regular file (a Hydra or module entry, a folder, a missing file)."""
+        try:
+            return self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
+        except OSError:
+            return 0
+
 
 def plain_config(config: Any) -> Any:
     """DictConfig -> dict with interpolations resolved; other values unchanged."""

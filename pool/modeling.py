@@ -173,6 +173,7 @@ class ImageEncoder(nn.Module):
         """
         sd = to_clip_keys(state_dict, source=source)
         weights = infer_arch(sd, to_clip_modules(modules), source=source)
+        named = None  # the open_clip name of these shapes, looked up once (the registry is scanned)
         if model_name:
             arch = arch_for_name(model_name)
             check_arch(weights, arch, model_name, source)
@@ -182,10 +183,10 @@ class ImageEncoder(nn.Module):
             if weights.quick_gelu is not None:
                 arch = replace(arch, quick_gelu=weights.quick_gelu)
         else:
+            named = name_for_arch(weights)
             arch = weights if weights.quick_gelu is not None else replace(
-                weights, quick_gelu=default_quick_gelu(weights))
-            named = name_for_arch(weights) if not modules else None
-            if named:  # the weights cannot tell the heads: open_clip's config of these shapes does
+                weights, quick_gelu=default_quick_gelu(named))
+            if named and not modules:  # the weights cannot tell the heads: open_clip's config of these shapes does
                 arch = replace(arch, heads=arch_for_name(named).heads)
         if quick_gelu is not None:
             arch = replace(arch, quick_gelu=bool(quick_gelu))
@@ -195,7 +196,7 @@ class ImageEncoder(nn.Module):
             arch = replace(arch, heads=heads)
         with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
             model = _assign(build_clip(arch, source=source), sd, source)
-            encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or name_for_arch(arch))
+            encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or named)
         return place_module(encoder, device, dtype)
 
     @classmethod

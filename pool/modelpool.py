@@ -532,9 +532,8 @@ class OpenCLIPVisionModelPool:
 
     def _file_size(self, name: str) -> int:
         try:
-            path = self.entry(name).path
-            return path.stat().st_size if path is not None and path.is_file() else 0
-        except (PoolError, OSError):
+            return self.entry(name).file_size
+        except PoolError:  # an entry that cannot be resolved weighs nothing; loading it reports why
             return 0
 
     def load_pretrained_model_and_task_vectors(self, **kwargs: Any) -> tuple[nn.Module, list[dict[str, Any]]]:

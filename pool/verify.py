@@ -454,13 +454,8 @@ def shard_entries(models: list[Entry], heads: list[Entry], rank: int, world_size
     units: list[tuple[Entry | None, Entry | None]] = [(m, head_by_name.pop(m.name, None)) for m in models]
     units += [(None, h) for h in head_by_name.values()]
 
-    def size(entry: Entry | None) -> int:
-        try:
-            return entry.path.stat().st_size if entry is not None and entry.path is not None else 0
-        except OSError:
-            return 0
-
-    mine = shard_units(units, [size(m) + size(h) for m, h in units], rank, world_size)
+    sizes = [sum(e.file_size for e in unit if e is not None) for unit in units]
+    mine = shard_units(units, sizes, rank, world_size)
     return [m for m, _ in mine if m is not None], [h for _, h in mine if h is not None]
 
 
