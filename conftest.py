@@ -9,6 +9,9 @@ from hypothesis import HealthCheck, settings
 # Tests never touch the network: make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The conversion cache is opt-in; a user's own cache must not change what the tests read (tests of the
+# cache pass cache_dir= or set the variable themselves).
+os.environ.pop("OPENCLIP_POOL_CACHE_DIR", None)
 
 pytest_plugins = ["pool.testing"]
 

@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import torch
 
+from .cache import CheckpointCache, resolve_cache_dir
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
@@ -203,7 +204,7 @@ def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsa
 
 
 def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | None = None,
-                    refuse_unsafe: bool = True) -> Checkpoint:
+                    refuse_unsafe: bool = True, cache_dir: Any = None) -> Checkpoint:
     """Read any supported checkpoint file without running code from it.
 
     ``mmap`` (default: on for zip and safetensors) maps the tensors from the file instead of
@@ -222,10 +223,16 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
             CUDA device are read in bulk either way; legacy and plain-pickle files are copied.
         refuse_unsafe: refuse a file naming a global that could run code (the default); False
             reads it all the same, for ``inspect``.
+        cache_dir: the conversion cache (`pool.cache`): a directory where a pickled file's
+            tensors are kept as safetensors after its first read, so later reads of the
+            unchanged file map them; None (the default) uses ``$OPENCLIP_POOL_CACHE_DIR`` when
+            set, False turns the cache off. Reads with ``refuse_unsafe=False`` or a dict
+            ``map_location`` never use it.
 
     Returns:
         The `Checkpoint`: its state dict (exactly the keys a pickled module's own
-        ``state_dict()`` has), module records, named globals and metadata.
+        ``state_dict()`` has), module records, named globals and metadata; ``cache_entry``
+        names the cache's copy when the tensors came from it.
 
     Raises:
         CheckpointNotFoundError: the path does not exist.
@@ -236,7 +243,8 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
             with a sharded model or a bad ``config.json``).
         CheckpointError: any other unusable file, such as a tar archive or a file that changed
             while it was read.
-        ConfigError: ``map_location`` is not a device, a device string or a dict of them.
+        ConfigError: ``map_location`` is not a device, a device string or a dict of them, or
+            ``cache_dir`` is no path.
 
     Example:
         >>> from pool import read_checkpoint
@@ -252,7 +260,10 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         with paused_gc():
             return read_hf_folder(folder, options, _read_file)
     p = _existing_file(path)
+    cache = resolve_cache_dir(cache_dir)
     with paused_gc():
+        if cache is not None:
+            return CheckpointCache(cache).read(p, options, _read_file)
         return _read_file(p, options)
 
 
@@ -262,7 +273,7 @@ def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,
-                    mmap: bool | None = None) -> dict[str, torch.Tensor]:
+                    mmap: bool | None = None, cache_dir: Any = None) -> dict[str, torch.Tensor]:
     """Any supported checkpoint file -> ``{name: Tensor}``, without running code from it.
 
     `read_checkpoint` with unsafe files refused, keeping only the state dict.
@@ -272,6 +283,7 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
             or legacy) or safetensors; or a transformers model folder.
         map_location: where the tensors go, as for `read_checkpoint` (None: the CPU).
         mmap: map zip and safetensors tensors from the file, as for `read_checkpoint`.
+        cache_dir: the conversion cache, as for `read_checkpoint` (None: ``$OPENCLIP_POOL_CACHE_DIR``).
 
     Returns:
         The tensors by key; for a pickled module, exactly what its own ``state_dict()`` returns.
@@ -289,4 +301,4 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
         >>> state_dict["model.visual.conv1.weight"].shape  # doctest: +SKIP
         torch.Size([768, 3, 32, 32])
     """
-    return read_checkpoint(path, map_location=map_location, mmap=mmap).state_dict
+    return read_checkpoint(path, map_location=map_location, mmap=mmap, cache_dir=cache_dir).state_dict

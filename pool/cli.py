@@ -1,4 +1,4 @@
-"""``python -m pool`` / ``openclip-pool``: verify, inspect, convert, synth.
+"""``python -m pool`` / ``openclip-pool``: verify, inspect, convert, synth, cache.
 
 Exit status (one policy: `exit_status`): 0 all good; 1 the command ran and found a problem (an entry
 failed, a file names unsafe globals, a conversion failed), or a bug / a closed output pipe; 2 the
@@ -509,9 +509,45 @@ def _cmd_synth(args: argparse.Namespace, out: Style) -> int:
     return EXIT_OK
 
 
+# -- cache ------------------------------------------------------------------------------------------
+def _cmd_cache(args: argparse.Namespace, out: Style) -> int:
+    from .cache import CACHE_ENV, CheckpointCache, resolve_cache_dir
+
+    root = resolve_cache_dir(args.cache_dir)
+    if root is None:
+        raise UsageError(f"no cache directory: pass --cache-dir DIR or set ${CACHE_ENV} (the conversion cache is "
+                         "opt-in; a pool config's cache_dir: key sets it for that pool's loads).")
+    cache = CheckpointCache(root)
+    if args.action == "clear":
+        removed, freed = cache.clear(only_unusable=args.unusable)
+        what = "unusable entries (stale, missing, damaged, orphan)" if args.unusable else "entries"
+        print(f"removed {removed} {what} ({human_size(freed)}) from {cache.folder}")
+        return EXIT_OK
+    entries = list(cache.entries())
+    total = sum(e.nbytes for e in entries)
+    if args.json:
+        print(json.dumps({"cache_dir": str(root.absolute()), "entries": [e.as_dict() for e in entries],
+                          "bytes": total}, indent=2))
+        return EXIT_OK
+    counts = {status: sum(e.status == status for e in entries)
+              for status in ("fresh", "stale", "missing", "damaged", "orphan")}
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n) or "empty"
+    lines = [out.bold(f"cache {root.absolute()}: {len(entries)} entries, {human_size(total)} ({summary})")]
+    if entries:
+        styled = {"fresh": out.ok, "stale": out.warn, "missing": out.warn, "damaged": out.bad, "orphan": out.warn}
+        rows = [[styled[e.status](e.status), e.container or "-", human_size(e.nbytes),
+                 printable(str(e.source)) if e.source else printable(e.index.name)] for e in entries]
+        lines += ["", table(["status", "container", "size", "source"], rows, right=(2,))]
+        if len(entries) > counts["fresh"]:
+            lines += ["", f"remove the unusable ones with: {args.prog} cache clear --unusable"
+                          + (f" --cache-dir {root}" if args.cache_dir else "")]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 # -- entry point ----------------------------------------------------------------------------------
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The command line's parser: ``verify``, ``inspect``, ``convert`` and ``synth``.
+    """The command line's parser: ``verify``, ``inspect``, ``convert``, ``synth`` and ``cache``.
 
     Each subcommand sets ``func``, the function `main` runs, and takes ``--debug``.
 
@@ -586,6 +622,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--tasks", metavar="A,B,C", help="task names (default: Cars,DTD,EuroSAT,MNIST)")
     p.add_argument("--force", action="store_true", help="write over an existing tree")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("cache", parents=[common], help="list or clear the conversion cache",
+                       description="The opt-in conversion cache ($OPENCLIP_POOL_CACHE_DIR, or a pool config's "
+                                   "cache_dir:) keeps a safetensors copy of each pickled checkpoint after its first "
+                                   "load. info lists its entries: fresh (served), stale (the source changed), "
+                                   "missing (the source is gone), damaged (rebuilt on the next load) or orphan (left "
+                                   "by an interrupted process); clear removes them.")
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--cache-dir", metavar="DIR", help="the cache directory (default: $OPENCLIP_POOL_CACHE_DIR)")
+    p.add_argument("--json", action="store_true", help="info: print JSON instead of text")
+    p.add_argument("--unusable", action="store_true",
+                   help="clear: remove only the unusable entries (stale, missing, damaged, orphan), keep the fresh ones")
+    p.set_defaults(func=_cmd_cache)
     return parser
 
 

@@ -231,7 +231,7 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
             "destination.")
     if not dst.parent.is_dir():
         raise DestinationExistsError(f"{dst.parent} is not an existing folder; create it first.")
-    ckpt = read_checkpoint(src)
+    ckpt = read_checkpoint(src, cache_dir=False)
     digest = source_sha256 or sha256_file(src)
     tensors, meta, res = _payload(ckpt, model_name)
     meta.update({"format": "pt", "pool.source_sha256": digest, "pool.source_name": src.name,
@@ -240,7 +240,7 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
     res.tensors = len(tensors)
     if dst.exists() and not force:
         if _stored_source_sha(dst) == digest:
-            compare_tensors(read_checkpoint(dst, mmap=False).state_dict, tensors,
+            compare_tensors(read_checkpoint(dst, mmap=False, cache_dir=False).state_dict, tensors,
                             f"{dst} (converted earlier from {src}; pass --force to rewrite it)")
             res.status = "up to date"
         else:
@@ -296,7 +296,7 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise DestinationExistsError(f"{dst} exists and is not empty; refusing to write into it. Pass --force, "
                                      "or choose a new folder.")
-    ckpt = read_checkpoint(src)
+    ckpt = read_checkpoint(src, cache_dir=False)
     digest = sha256_file(src)
     if checkpoint_kind(ckpt) != "encoder":
         raise CheckpointError(f"{src}: not an image encoder; only encoders have a transformers counterpart "
@@ -304,7 +304,7 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
     encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
     write_hf_folder(encoder, dst)
     expected = to_hf(to_clip_keys(encoder.state_dict()))
-    compare_tensors(read_checkpoint(dst / "model.safetensors", mmap=False).state_dict,
+    compare_tensors(read_checkpoint(dst / "model.safetensors", mmap=False, cache_dir=False).state_dict,
                     {k: v.detach().contiguous().cpu() for k, v in expected.items()}, str(dst / "model.safetensors"))
     arch = encoder.arch
     res = ConvertResult(src, dst, "encoder", ok=True, status="converted", model_name=name_for_arch(arch),
@@ -365,7 +365,7 @@ def _payload(ckpt: Checkpoint, model_name: str | None = None
 def _existing_difference(destination: Path, tensors: dict[str, torch.Tensor]) -> str | None:
     """None when ``destination`` already holds exactly ``tensors``, else how it differs."""
     try:
-        held = read_checkpoint(destination, mmap=False).state_dict
+        held = read_checkpoint(destination, mmap=False, cache_dir=False).state_dict
     except PoolError as exc:
         return f"it cannot be read: {exc}"
     return tensor_difference(held, tensors)
@@ -475,7 +475,7 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
 
 def _planned_difference(item: TreeItem) -> str | None:
     try:
-        tensors, _, _ = _payload(read_checkpoint(item.source))
+        tensors, _, _ = _payload(read_checkpoint(item.source, cache_dir=False))
     except PoolError:
         return "its source cannot be converted"  # convert_tree reports the source's own error
     return _existing_difference(item.destination, tensors)

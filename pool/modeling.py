@@ -247,7 +247,7 @@ class ImageEncoder(nn.Module):
     @classmethod
     def load(cls, path: str | PathLike[str], *, model_name: str | None = None, quick_gelu: bool | None = None,
              device: Any = None, dtype: DType = None, mmap: bool | None = None,
-             map_location: Any = None) -> ImageEncoder:
+             map_location: Any = None, cache_dir: Any = None) -> ImageEncoder:
         """Read any supported encoder file (pickle, state dict, safetensors) and build it.
 
         ``map_location`` is an alias of ``device``, as in ``torch.load``. Nothing from the file
@@ -264,6 +264,8 @@ class ImageEncoder(nn.Module):
             mmap: map zip and safetensors tensors from the file (None: the default, on).
             map_location: used when ``device`` is None, in any form `read_checkpoint` takes
                 (a dict maps saved locations).
+            cache_dir: the conversion cache (`pool.cache`): None (the default) uses
+                ``$OPENCLIP_POOL_CACHE_DIR`` when set, False turns it off.
 
         Returns:
             The `ImageEncoder`.
@@ -283,7 +285,7 @@ class ImageEncoder(nn.Module):
             >>> encoder = ImageEncoder.load("cars.safetensors", device="cuda", dtype="bf16")  # doctest: +SKIP
         """
         device = device if device is not None else map_location
-        ckpt = read_checkpoint(path, map_location=device, mmap=mmap)
+        ckpt = read_checkpoint(path, map_location=device, mmap=mmap, cache_dir=cache_dir)
         return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
                                    dtype=dtype)
 
@@ -431,7 +433,7 @@ class ClassificationHead(nn.Linear):
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,
-             dtype: DType = None, map_location: Any = None) -> ClassificationHead:
+             dtype: DType = None, map_location: Any = None, cache_dir: Any = None) -> ClassificationHead:
         """Read a head file (pickled ClassificationHead, state dict or safetensors) and build it.
 
         Args:
@@ -441,6 +443,8 @@ class ClassificationHead(nn.Linear):
             device: where the tensors are read to and the head goes (None: the CPU).
             dtype: a ``torch.dtype`` or a name such as ``"bf16"``; None keeps the file's.
             map_location: used when ``device`` is None, in any form `read_checkpoint` takes.
+            cache_dir: the conversion cache (`pool.cache`): None (the default) uses
+                ``$OPENCLIP_POOL_CACHE_DIR`` when set, False turns it off.
 
         Returns:
             The `ClassificationHead`.
@@ -460,5 +464,5 @@ class ClassificationHead(nn.Linear):
             >>> logits = head(features)  # doctest: +SKIP
         """
         device = device if device is not None else map_location
-        return cls.from_checkpoint(read_checkpoint(path, map_location=device), normalize=normalize,
+        return cls.from_checkpoint(read_checkpoint(path, map_location=device, cache_dir=cache_dir), normalize=normalize,
                                    device=device, dtype=dtype)

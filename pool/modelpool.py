@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .arch import VisionArch, arch_for_name, infer_arch
+from .cache import resolve_cache_dir
 from .checkpoint import Checkpoint, read_checkpoint
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
@@ -66,6 +67,9 @@ class OpenCLIPVisionModelPool:
         test_datasets: name -> dataset entry.
         device: the device of every load whose call and entry name none (None: the CPU).
         dtype: the dtype of every load whose call and entry name none (None: the checkpoint's).
+        cache_dir: the conversion cache of every file load (`pool.cache`): pickled checkpoints
+            are kept there as safetensors after their first read. None (the default) uses
+            ``$OPENCLIP_POOL_CACHE_DIR`` when set; False turns the cache off.
         **extra: other keys, kept in ``extra`` (a config's ``model_dir`` for its interpolations);
             keys starting with ``_`` are dropped.
 
@@ -85,7 +89,7 @@ class OpenCLIPVisionModelPool:
 
     def __init__(self, models: Any = None, classification_heads: Any = None, train_datasets: Any = None,
                  val_datasets: Any = None, test_datasets: Any = None, *, device: Any = None,
-                 dtype: DType = None, **extra: Any) -> None:
+                 dtype: DType = None, cache_dir: Any = None, **extra: Any) -> None:
         self._models = _as_mapping(models, "models")
         self._heads = _as_mapping(classification_heads, "classification_heads")
         self._datasets = {
@@ -95,6 +99,8 @@ class OpenCLIPVisionModelPool:
         }
         self.device = device
         self.dtype = dtype
+        resolve_cache_dir(cache_dir)  # a bad value is a ConfigError now, not at the first load
+        self.cache_dir = cache_dir
         _check_keys(list(extra), where="OpenCLIPVisionModelPool")
         self.extra = {k: v for k, v in extra.items() if not k.startswith("_")}
         self._processors: tuple[Any, Any] | None = None
@@ -238,6 +244,8 @@ class OpenCLIPVisionModelPool:
             value = getattr(self, key)
             if value is not None:
                 body[key] = str(value).removeprefix("torch.")
+        if self.cache_dir is not None:
+            body["cache_dir"] = self.cache_dir if isinstance(self.cache_dir, bool) else str(self.cache_dir)
         body.update(self.extra)
         from omegaconf import UnsupportedValueType
 
@@ -372,7 +380,8 @@ class OpenCLIPVisionModelPool:
         if entry.path is None:
             raise ConfigError(f"pool entry {entry.label} is a {entry.form} entry, not a file")
         try:
-            return read_checkpoint(entry.path, map_location=device, mmap=entry.options.get("mmap"))
+            return read_checkpoint(entry.path, map_location=device, mmap=entry.options.get("mmap"),
+                                   cache_dir=self.cache_dir)
         except PoolError as exc:
             raise _with_entry(exc, entry) from exc
 
@@ -962,7 +971,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-_KNOWN_KEYS = (*_SECTIONS, "device", "dtype")
+_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir")
 
 
 def _check_keys(keys: list[str], *, where: str) -> None:

@@ -86,6 +86,8 @@ class Checkpoint:
         metadata: a safetensors file's metadata, plus a transformers folder's ``hf.*`` config
             fields (empty for the other containers).
         wrapper: ``"state_dict"`` when the tensors sat in ``{"state_dict": ...}``, else None.
+        cache_entry: the conversion cache's safetensors copy the tensors were read from
+            (`pool.cache`), None when they were read from ``path`` itself.
     """
 
     path: Path
@@ -96,6 +98,7 @@ class Checkpoint:
     globals: list[GlobalName] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     wrapper: str | None = None
+    cache_entry: Path | None = None
 
     @property
     def attributes(self) -> dict[str, Any]:

@@ -1,0 +1,464 @@
+"""The conversion cache (pool.cache): served only while the source is unchanged, never stale, damaged
+entries rebuilt, nothing but tensors and metadata stored, opt-in through the environment variable,
+the pool's ``cache_dir`` key or ``cache_dir=``; and ``python -m pool cache info|clear``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import examples
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pool import synth
+from pool.cache import CACHE_ENV, CheckpointCache, resolve_cache_dir
+from pool.checkpoint import read_checkpoint
+from pool.cli import main
+from pool.errors import ConfigError, CorruptCheckpointError, UnsafeCheckpointError
+from pool.modeling import ClassificationHead, ImageEncoder
+from pool.modelpool import OpenCLIPVisionModelPool
+
+PICKLED = synth.ENCODER_CONTAINERS  # zip, legacy, pickle
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A tiny encoder and head in every pickled container, plus a safetensors copy: read-only."""
+    root = tmp_path_factory.mktemp("cache_sources")
+    encoder = synth.make_original_encoder(seed=3)
+    head = synth.make_original_head(5, synth.TINY.embed_dim, seed=4, normalize=False)
+    files = {}
+    for container in PICKLED:
+        files["encoder", container] = synth.save_module(encoder, root / f"encoder.{container}.pt", container)
+        files["head", container] = synth.save_module(head, root / f"head.{container}.pt", container)
+    files["encoder", "safetensors"] = synth.save_state_dict(encoder.state_dict(), root / "encoder.safetensors",
+                                                            "safetensors")
+    return files
+
+
+def _same(a, b) -> None:
+    """Two checkpoints hold the same tensors (bit for bit) and the same records."""
+    assert list(a.state_dict) == list(b.state_dict)
+    for key in a.state_dict:
+        x, y = a.state_dict[key], b.state_dict[key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+    assert (a.container, a.root_type, a.wrapper, a.metadata) == (b.container, b.root_type, b.wrapper, b.metadata)
+    assert a.modules == b.modules
+    assert a.globals == b.globals
+
+
+def _entries(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "v1").glob("*.safetensors")) if (cache_dir / "v1").is_dir() else []
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+# -- served from the cache, equal to the source -----------------------------------------------------
+@pytest.mark.parametrize("kind", ["encoder", "head"])
+@pytest.mark.parametrize("container", PICKLED)
+def test_second_read_comes_from_the_cache_and_equals_the_source(sources, tmp_path, kind, container):
+    path = sources[kind, container]
+    direct = read_checkpoint(path, cache_dir=False)
+    first = read_checkpoint(path, cache_dir=tmp_path)
+    second = read_checkpoint(path, cache_dir=tmp_path)
+    assert len(_entries(tmp_path)) == 1
+    assert direct.cache_entry is None
+    assert first.cache_entry == second.cache_entry == _entries(tmp_path)[0]
+    assert second.path == path  # errors and labels still name the source
+    _same(first, direct)
+    _same(second, direct)
+
+
+def test_cached_encoder_and_head_compute_what_the_source_does(sources, tmp_path):
+    images = torch.randn(2, 3, synth.TINY.image_size, synth.TINY.image_size)
+    for container in PICKLED:
+        direct = ImageEncoder.load(sources["encoder", container], cache_dir=False)
+        for _ in range(2):  # the miss and the hit
+            cached = ImageEncoder.load(sources["encoder", container], cache_dir=tmp_path)
+            assert cached.arch == direct.arch
+            assert torch.equal(cached(images), direct(images))
+        head = ClassificationHead.load(sources["head", container], cache_dir=tmp_path)
+        head_direct = ClassificationHead.load(sources["head", container], cache_dir=False)
+        assert head.normalize is head_direct.normalize is False  # the pickled flag survives the cache
+        features = direct(images)
+        assert torch.equal(head(features), head_direct(features))
+
+
+def test_cached_tensors_are_mapped_from_the_entry(sources, tmp_path):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    ckpt = read_checkpoint(path, cache_dir=tmp_path)
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    assert str(ckpt.cache_entry) in maps.read_text()
+
+
+def test_mmap_false_and_dtype_still_apply(sources, tmp_path):
+    path = sources["encoder", "legacy"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    ckpt = read_checkpoint(path, cache_dir=tmp_path, mmap=False)
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
+    encoder = ImageEncoder.load(path, cache_dir=tmp_path, dtype="bf16")
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("container", ["safetensors"])
+def test_safetensors_sources_are_not_copied(sources, tmp_path, container):
+    ckpt = read_checkpoint(sources["encoder", container], cache_dir=tmp_path)
+    assert ckpt.cache_entry is None
+    assert _entries(tmp_path) == []
+
+
+def test_transformers_folders_are_not_copied(tmp_path):
+    from pool.hf import write_hf_folder
+
+    encoder = ImageEncoder.from_state_dict(synth.make_original_encoder(seed=1).state_dict())
+    folder = write_hf_folder(encoder, tmp_path / "hf")
+    ckpt = read_checkpoint(folder, cache_dir=tmp_path / "cache")
+    assert ckpt.cache_entry is None and _entries(tmp_path / "cache") == []
+
+
+def test_reads_the_cache_cannot_serve_bypass_it(sources, tmp_path):
+    path = sources["encoder", "zip"]
+    read_checkpoint(path, cache_dir=tmp_path, refuse_unsafe=False)  # inspect's read: globals listed as read
+    read_checkpoint(path, cache_dir=tmp_path, map_location={"cpu": "cpu"})  # saved locations are not kept
+    assert _entries(tmp_path) == []
+
+
+# -- opt-in: environment, keyword, pool key ------------------------------------------------------------
+def test_environment_variable_turns_it_on_and_false_turns_it_off(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert resolve_cache_dir() == tmp_path / "env"
+    ImageEncoder.load(sources["encoder", "zip"], cache_dir=False)
+    assert _entries(tmp_path / "env") == []
+    ImageEncoder.load(sources["encoder", "zip"])
+    assert len(_entries(tmp_path / "env")) == 1
+    ImageEncoder.load(sources["encoder", "zip"], cache_dir=tmp_path / "kw")  # the keyword wins
+    assert len(_entries(tmp_path / "kw")) == 1
+    monkeypatch.delenv(CACHE_ENV)
+    assert resolve_cache_dir() is None
+
+
+def test_no_cache_without_opting_in(sources, tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert read_checkpoint(sources["encoder", "pickle"]).cache_entry is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pool_cache_dir_key(sources, tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    config = {"cache_dir": str(tmp_path / "c"), "models": {"a": str(sources["encoder", "legacy"])},
+              "classification_heads": {"a": str(sources["head", "pickle"])}}
+    pool = OpenCLIPVisionModelPool.from_config(config)
+    pool.load_model("a")
+    pool.load_classification_head("a")
+    assert len(_entries(tmp_path / "c")) == 2
+    assert pool.read_entry(pool.entry("a")).cache_entry is not None
+    pool.to_yaml(tmp_path / "pool.yaml")
+    assert OpenCLIPVisionModelPool.from_yaml(tmp_path / "pool.yaml").cache_dir == str(tmp_path / "c")
+    off = OpenCLIPVisionModelPool.from_config({**config, "cache_dir": False})
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert off.read_entry(off.entry("a")).cache_entry is None  # false wins over the environment
+    assert _entries(tmp_path / "env") == []
+
+
+@pytest.mark.parametrize("bad", [3, ["a"], {"b": 1}])
+def test_bad_cache_dir_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="cache_dir"):
+        OpenCLIPVisionModelPool(models={}, cache_dir=bad)
+
+
+def test_near_miss_of_cache_dir_is_refused():
+    with pytest.raises(ConfigError, match="cache_dir"):
+        OpenCLIPVisionModelPool.from_config({"models": {}, "cache_dirs": "/tmp/x"})
+
+
+# -- never stale -----------------------------------------------------------------------------------------
+def _rewrite(path: Path, seed: int, at: float = 0.5) -> None:
+    """Change 64 bytes of tensor data in place (same size, same inode), then put the mtime back."""
+    before = path.stat()
+    offset = int(before.st_size * at)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(64)
+        f.seek(offset)
+        f.write(bytes(b ^ (0x5A + seed) for b in data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("container", PICKLED)
+def test_in_place_rewrite_with_the_same_mtime_is_not_served(sources, tmp_path, container):
+    path = _copy(sources["encoder", container], tmp_path / f"model.{container}.pt")
+    read_checkpoint(path, cache_dir=tmp_path / "c")
+    size = path.stat().st_size
+    before = path.stat()
+    _rewrite(path, seed=1)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (size, before.st_mtime_ns, before.st_ino)
+    direct = read_checkpoint(path, cache_dir=False)
+    assert any(not torch.equal(direct.state_dict[k], v) for k, v in read_checkpoint(
+        sources["encoder", container], cache_dir=False).state_dict.items())  # the weights did change
+    _same(read_checkpoint(path, cache_dir=tmp_path / "c"), direct)
+    assert len(_entries(tmp_path / "c")) == 1  # the old entry was replaced, not kept beside
+
+
+def test_sampled_content_catches_a_change_the_identity_misses(sources, tmp_path, monkeypatch):
+    """Where ctime cannot be trusted (it is all the identity has left here), the sampled blocks are
+    the second line: a change inside a sampled block is not served."""
+    from pool import cache as cache_module
+
+    path = _copy(sources["encoder", "legacy"], tmp_path / "model.pt")
+    read_checkpoint(path, cache_dir=tmp_path / "c")
+    identity = cache_module._identity
+    monkeypatch.setattr(cache_module, "_identity", lambda info: {**identity(info), "ctime_ns": 0})
+    read_checkpoint(path, cache_dir=tmp_path / "c")  # re-indexed with ctime ignored
+    last = path.stat().st_size - 4096
+    _rewrite(path, seed=2, at=(last * 7 // 15) / path.stat().st_size)  # inside the 8th sampled block
+    _same(read_checkpoint(path, cache_dir=tmp_path / "c"), read_checkpoint(path, cache_dir=False))
+
+
+def test_replaced_file_is_not_served(sources, tmp_path):
+    path = _copy(sources["encoder", "zip"], tmp_path / "model.pt")
+    read_checkpoint(path, cache_dir=tmp_path / "c")
+    _copy(sources["encoder", "legacy"], tmp_path / "other.pt").replace(path)  # new inode, other container
+    ckpt = read_checkpoint(path, cache_dir=tmp_path / "c")
+    assert ckpt.container == "legacy"
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
+
+
+def test_symlinks_share_the_entry_of_their_target(sources, tmp_path):
+    target = _copy(sources["encoder", "pickle"], tmp_path / "model.pt")
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    read_checkpoint(target, cache_dir=tmp_path / "c")
+    assert read_checkpoint(link, cache_dir=tmp_path / "c").cache_entry is not None
+    assert len(_entries(tmp_path / "c")) == 1
+
+
+@given(steps=st.lists(st.sampled_from(["read", "rewrite", "replace", "touch", "append"]), min_size=1, max_size=6),
+       seeds=st.lists(st.integers(0, 3), min_size=6, max_size=6))
+@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_property_cached_read_always_equals_a_direct_read(tmp_path_factory, steps, seeds):
+    """Whatever happens to the source between reads, a cached read equals a direct read."""
+    root = tmp_path_factory.mktemp("prop")
+    path = root / "model.pt"
+    synth.save_module(synth.make_original_encoder(seed=0), path, "legacy")
+    for step, seed in zip(steps, seeds, strict=False):
+        if step == "rewrite":
+            _rewrite(path, seed, at=0.3 + seed / 10)
+        elif step == "replace":
+            synth.save_module(synth.make_original_encoder(seed=seed), root / "tmp.pt", "pickle")
+            (root / "tmp.pt").replace(path)
+        elif step == "touch":
+            os.utime(path)
+        elif step == "append":  # a file that grew: a trailing byte our reader ignores or refuses alike
+            with open(path, "ab") as f:
+                f.write(b"\0")
+        try:
+            direct = read_checkpoint(path, cache_dir=False)
+        except CorruptCheckpointError:
+            with pytest.raises(CorruptCheckpointError):
+                read_checkpoint(path, cache_dir=root / "c")
+            continue
+        _same(read_checkpoint(path, cache_dir=root / "c"), direct)
+
+
+# -- damaged entries are rebuilt --------------------------------------------------------------------------
+def _index(cache_dir: Path) -> Path:
+    (index,) = (cache_dir / "v1").glob("*.json")
+    return index
+
+
+def _damage_truncate(cache_dir: Path) -> None:
+    entry = _entries(cache_dir)[0]
+    with open(entry, "r+b") as f:
+        f.truncate(entry.stat().st_size // 2)
+
+
+def _damage_header(cache_dir: Path) -> None:
+    entry = _entries(cache_dir)[0]
+    with open(entry, "r+b") as f:
+        f.seek(8)
+        f.write(b"garbage!")
+
+
+def _damage_delete(cache_dir: Path) -> None:
+    _entries(cache_dir)[0].unlink()
+
+
+def _damage_index(cache_dir: Path) -> None:
+    _index(cache_dir).write_text("{not json", encoding="utf-8")
+
+
+def _damage_index_escape(cache_dir: Path) -> None:
+    index = _index(cache_dir)
+    data = json.loads(index.read_text(encoding="utf-8"))
+    data["entry"] = "../../outside.safetensors"
+    index.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _damage_swap(cache_dir: Path) -> None:
+    """Another valid safetensors file (other weights) in the entry's place."""
+    entry = _entries(cache_dir)[0]
+    other = entry.with_name("other")
+    synth.save_state_dict(synth.make_original_encoder(seed=77).state_dict(), other, "safetensors")
+    other.replace(entry)
+
+
+DAMAGE = [_damage_truncate, _damage_header, _damage_delete, _damage_index, _damage_index_escape, _damage_swap]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__.removeprefix("_damage_") for d in DAMAGE])
+def test_damaged_entry_is_detected_and_rebuilt(sources, tmp_path, damage, caplog):
+    path = sources["encoder", "pickle"]
+    cache_dir = tmp_path / "c"
+    read_checkpoint(path, cache_dir=cache_dir)
+    damage(cache_dir)
+    assert any(e.status in ("damaged", "orphan") for e in CheckpointCache(cache_dir).entries())
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        ckpt = read_checkpoint(path, cache_dir=cache_dir)
+    assert "damaged" in caplog.text or "missing" in caplog.text
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
+    assert ckpt.cache_entry is not None  # rebuilt and served from the new entry
+    assert [e.status for e in CheckpointCache(cache_dir).entries()] == ["fresh"]
+    assert not (tmp_path / "outside.safetensors").exists()
+
+
+# -- what the cache holds -----------------------------------------------------------------------------------
+def test_cache_holds_only_tensors_and_metadata(sources, tmp_path):
+    for kind in ("encoder", "head"):
+        for container in PICKLED:
+            read_checkpoint(sources[kind, container], cache_dir=tmp_path)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files
+    for file in files:
+        data = file.read_bytes()
+        if file.suffix == ".safetensors":
+            header = int.from_bytes(data[:8], "little")
+            assert data[8:9] == b"{"
+            json.loads(data[8:8 + header])  # safetensors: a JSON header, then raw tensor bytes
+            assert read_checkpoint(file, cache_dir=False).container == "safetensors"
+        elif file.suffix == ".json":
+            values = json.loads(data)
+            assert all(isinstance(v, (str, int, float, dict)) for v in values.values())
+        else:
+            assert file.name == "CACHEDIR.TAG" or file.suffix == ".lock"
+            assert not data.startswith((b"\x80", b"PK"))
+    assert len(_entries(tmp_path)) == 6
+
+
+def test_refused_and_corrupt_sources_are_not_cached(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    unsafe = tmp_path / "unsafe.pt"
+    unsafe.write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(UnsafeCheckpointError):
+        read_checkpoint(unsafe, cache_dir=tmp_path / "c")
+    truncated = tmp_path / "truncated.pt"
+    good = tmp_path / "good.pt"
+    synth.save_module(synth.make_original_encoder(seed=1), good, "legacy")
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CorruptCheckpointError):
+        read_checkpoint(truncated, cache_dir=tmp_path / "c")
+    assert _entries(tmp_path / "c") == []
+
+
+def test_an_unwritable_cache_is_bypassed(sources, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        ckpt = read_checkpoint(sources["encoder", "zip"], cache_dir=blocker / "cache")
+    assert ckpt.cache_entry is None
+    assert "cannot use it" in caplog.text
+    _same(ckpt, read_checkpoint(sources["encoder", "zip"], cache_dir=False))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+def test_a_cache_owned_by_another_user_is_not_used(sources, tmp_path, caplog):
+    (tmp_path / "c" / "v1").mkdir(parents=True)
+    os.chown(tmp_path / "c" / "v1", 12345, 12345)
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        ckpt = read_checkpoint(sources["encoder", "zip"], cache_dir=tmp_path / "c")
+    assert ckpt.cache_entry is None and "another user" in caplog.text
+    assert _entries(tmp_path / "c") == []
+
+
+def test_concurrent_first_reads_fill_one_entry(sources, tmp_path):
+    path = sources["encoder", "legacy"]
+    direct = read_checkpoint(path, cache_dir=False)
+    results, errors = [], []
+
+    def load() -> None:
+        try:
+            results.append(read_checkpoint(path, cache_dir=tmp_path))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for ckpt in results:
+        _same(ckpt, direct)
+    assert [e.status for e in CheckpointCache(tmp_path).entries()] == ["fresh"]
+
+
+# -- python -m pool cache info | clear -------------------------------------------------------------------
+def test_cli_info_and_clear(sources, tmp_path, capsys, monkeypatch):
+    cache_dir = tmp_path / "c"
+    moved = _copy(sources["encoder", "zip"], tmp_path / "moved.pt")
+    changed = _copy(sources["encoder", "legacy"], tmp_path / "changed.pt")
+    fresh = sources["encoder", "pickle"]
+    for path in (moved, changed, fresh):
+        read_checkpoint(path, cache_dir=cache_dir)
+    moved.unlink()
+    os.utime(changed, ns=(0, 0))
+    assert main(["cache", "info", "--cache-dir", str(cache_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    status = {Path(e["source"]).name: e["status"] for e in report["entries"]}
+    assert status == {"moved.pt": "missing", "changed.pt": "stale", fresh.name: "fresh"}
+    assert report["bytes"] == sum(e["bytes"] for e in report["entries"]) > 0
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir))
+    assert main(["cache", "info"]) == 0
+    text = capsys.readouterr().out
+    assert "3 entries" in text and "1 fresh" in text and "1 stale" in text and "1 missing" in text
+    assert "cache clear --unusable" in text
+    assert main(["cache", "clear", "--unusable"]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert [e.status for e in CheckpointCache(cache_dir).entries()] == ["fresh"]
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert list(CheckpointCache(cache_dir).entries()) == []
+    assert _entries(cache_dir) == []
+
+
+def test_cli_without_a_cache_dir_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert main(["cache", "info"]) == 2
+    err = capsys.readouterr().err
+    assert CACHE_ENV in err and "--cache-dir" in err
+
+
+def test_cli_info_on_an_empty_or_absent_cache(tmp_path, capsys):
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "none")]) == 0
+    assert "0 entries" in capsys.readouterr().out
+    assert not (tmp_path / "none").exists()  # info creates nothing
