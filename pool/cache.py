@@ -132,7 +132,12 @@ def _tuples(value: Any) -> Any:
 
 
 def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
-    modules = {path: [info.type, info.attributes] for path, info in ckpt.modules.items()}
+    kinds: dict[str, int] = {}  # the distinct (class, attributes): a ViT's blocks repeat a few of them
+    paths = {}
+    for path, info in ckpt.modules.items():
+        kind = json.dumps([info.type, info.attributes], separators=(",", ":"))
+        paths[path] = kinds.setdefault(kind, len(kinds))
+    modules = {"kinds": [json.loads(kind) for kind in kinds], "paths": paths}
     return {
         **{f"{_META}source.{k}": v for k, v in ckpt.metadata.items()},
         f"{_META}container": ckpt.container,
@@ -146,12 +151,13 @@ def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
 
 def _checkpoint_from(entry: Checkpoint, source: Path) -> Checkpoint:
     meta = entry.metadata
+    table = json.loads(meta[f"{_META}modules"])
+    kinds = [(kind, {name: _tuples(value) for name, value in attributes.items()})
+             for kind, attributes in table["kinds"]]
     modules = {}
-    for path, (kind, attributes) in json.loads(meta[f"{_META}modules"]).items():
-        for name, value in attributes.items():
-            if type(value) is list:
-                attributes[name] = _tuples(value)
-        modules[path] = ModuleInfo(kind, attributes)
+    for path, i in table["paths"].items():
+        kind, attributes = kinds[i]
+        modules[path] = ModuleInfo(kind, dict(attributes))
     found = [GlobalName(m, n, bool(u)) for m, n, u in json.loads(meta[f"{_META}globals"])]
     prefix = f"{_META}source."
     tensors = entry.state_dict
