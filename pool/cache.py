@@ -196,7 +196,12 @@ class CacheEntry:
     created: float
 
     def as_dict(self) -> dict[str, Any]:
-        """The entry as JSON-ready values (paths as strings)."""
+        """The entry as JSON-ready values, as ``cache info --json`` prints it.
+
+        Returns:
+            ``{"source", "container", "entry", "index", "bytes", "status", "created"}``, paths as
+            strings (None where unknown).
+        """
         return {"source": str(self.source) if self.source else None, "container": self.container,
                 "entry": str(self.entry) if self.entry else None, "index": str(self.index),
                 "bytes": self.nbytes, "status": self.status, "created": self.created}
@@ -413,7 +418,11 @@ class CheckpointCache:
 
     # -- listing and clearing ---------------------------------------------------------------------------
     def entries(self) -> Iterator[CacheEntry]:
-        """Every entry of the cache, with its status (see `CacheEntry`)."""
+        """Every entry of the cache, with its status; reads indexes and samples entries, writes nothing.
+
+        Returns:
+            An iterator of `CacheEntry`, indexes first (by name), then orphaned entry files.
+        """
         if not self.folder.is_dir():
             return
         named: set[str] = set()

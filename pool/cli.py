@@ -520,10 +520,10 @@ def _cmd_cache(args: argparse.Namespace, out: Style) -> int:
     cache = CheckpointCache(root)
     if args.action == "clear":
         removed, freed = cache.clear(only_unusable=args.unusable)
-        what = "unusable entries (stale, missing, damaged, orphan)" if args.unusable else "entries"
-        print(f"removed {removed} {what} ({human_size(freed)}) from {cache.folder}")
+        what = "unusable entries" if args.unusable else "entries"
+        print(f"removed {removed} {what}, {human_size(freed)}, from {cache.folder}")
         return EXIT_OK
-    entries = list(cache.entries())
+    entries = sorted(cache.entries(), key=lambda e: str(e.source or e.index))
     total = sum(e.nbytes for e in entries)
     if args.json:
         print(json.dumps({"cache_dir": str(root.absolute()), "entries": [e.as_dict() for e in entries],
