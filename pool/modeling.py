@@ -54,13 +54,31 @@ def resolve_dtype(dtype: DType) -> torch.dtype | None:
 
 def place_module(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
     """The module in ``dtype`` on ``device``. A dict ``map_location`` placed each tensor when the
-    file was read: the module is then not moved as a whole."""
+    file was read: the module is then not moved as a whole. A module already there (the tensors
+    were read onto the device in the right dtype) is left as it is, without ``Module.to``'s walk."""
     dt = resolve_dtype(dtype)
     if isinstance(device, Mapping):
         device = None
-    if device is not None or dt is not None:
+    if (device is not None or dt is not None) and not _placed(module, device, dt):
         module = module.to(device=device, dtype=dt)
     return module
+
+
+def _placed(module: nn.Module, device: Any, dtype: torch.dtype | None) -> bool:
+    """Whether every parameter and buffer is on ``device`` already and, if floating point, of
+    ``dtype`` (what ``Module.to(device, dtype)`` would leave unchanged)."""
+    try:
+        target = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        return False  # Module.to reports it
+    if target is not None and target.index is None and target.type == "cuda":
+        target = torch.device("cuda", torch.cuda.current_device())
+    for tensor in (*module.parameters(), *module.buffers()):
+        if target is not None and tensor.device != target:
+            return False
+        if dtype is not None and (tensor.is_floating_point() or tensor.is_complex()) and tensor.dtype != dtype:
+            return False
+    return True
 
 
 class ImageEncoder(nn.Module):
@@ -308,29 +326,69 @@ def image_transforms(arch: VisionArch) -> tuple[Any, Any]:
 
 def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Assign checkpoint tensors into a meta-device CLIP; drop text-side parts the file lacks."""
+    modules, want = _walk(model)
     for key in TEXT_SIDE_KEYS:
-        if key in sd or key not in model.state_dict():
+        if key in sd or key not in want:
             continue
         owner, _, leaf = key.rpartition(".")
         if owner and not any(k.startswith(owner + ".") for k in sd):
             delattr(model, owner)  # e.g. no ln_final.* at all: drop the whole module
         else:
             del (model.get_submodule(owner) if owner else model)._parameters[leaf]
+        modules, want = _walk(model)  # (rare: a file without some of the text side)
     not_float = [k for k, t in sd.items() if not t.is_floating_point()]
     if not_float:
         raise ArchitectureMismatchError(
             f"{source}: the weights are not all floating point ({printable(not_float[0])} is "
             f"{sd[not_float[0]].dtype}); an image encoder's are. The file is damaged or holds something else.")
-    problem = key_mismatch(sd, model.state_dict(), "the architecture")
+    plain = not any(_loads_its_own_way(m) for m in modules.values())
+    if not plain:  # a module with state-dict hooks of its own: its state_dict() is what counts
+        want = model.state_dict(keep_vars=True)
+    problem = key_mismatch(sd, want, "the architecture")
     if problem:
         raise ArchitectureMismatchError(
             f"{source}: the weights do not fit the architecture: {problem}. Is this an open_clip ViT "
             "image encoder, and is model_name right?")
-    model.load_state_dict(sd, strict=True, assign=True)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if not plain:
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:  # what load_state_dict(assign=True) does for plain modules, without its walks
+        for key, tensor in sd.items():
+            owner, _, leaf = key.rpartition(".")
+            module = modules[owner]
+            if leaf in module._parameters:
+                module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=want[key].requires_grad))
+            else:
+                setattr(module, leaf, tensor)  # a persistent buffer (key_mismatch matched the keys)
+    leftover = [f"{path}.{name}".lstrip(".") for path, m in modules.items()
+                for name, t in (*m._parameters.items(), *m._buffers.items()) if t is not None and t.is_meta]
     if leftover:
         raise ArchitectureMismatchError(f"{source}: no weights for {leftover[:5]}")
     return model
+
+
+def _loads_its_own_way(module: nn.Module) -> bool:
+    """Whether state_dict() or load_state_dict() would run code of the module's own (hooks, or an
+    overridden ``_load_from_state_dict``); open_clip's ViT modules have none."""
+    return bool(type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
+                or type(module)._save_to_state_dict is not nn.Module._save_to_state_dict
+                or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
+                or module._state_dict_hooks or getattr(module, "_state_dict_pre_hooks", None))
+
+
+def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    """The modules by path, and the tensors ``state_dict()`` would name (parameters and persistent
+    buffers; for modules without state-dict hooks, which `_assign` checks before relying on it)."""
+    modules = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in modules.items():
+        prefix = path + "." if path else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                tensors[prefix + name] = param
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors[prefix + name] = buffer
+    return modules, tensors
 
 
 class ClassificationHead(nn.Linear):
