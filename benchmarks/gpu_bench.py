@@ -6,11 +6,9 @@
 Sections (each one's results are written to the JSON as soon as it finishes):
 
 1. checkpoint to GPU, ViT-B-32 (random weights, synthesized here): ``ImageEncoder.load(path,
-   device="cuda")`` and ``load_state_dict(path, map_location="cuda")`` from the zip pickle (the
-   bulk read beside the pickle parse, the default, and after it) and from safetensors, vs
-   ``safetensors.torch.load_file(device="cuda")``, ``torch.load(map_location="cuda")`` and a
-   host-to-device copy of the same bytes (pinned and pageable); median of 5 after a warm-up (warm
-   page cache); issue 15's ratios to the pinned copy (`gpu_load_strategies.py` sweeps the knobs).
+   device="cuda")`` from the zip pickle and from safetensors, vs ``safetensors.torch.load_file(
+   device="cuda")``, ``torch.load(map_location="cuda")`` and a host-to-device copy of the same
+   bytes (pinned and pageable); median of 5 after a warm-up (warm page cache).
 2. encoder throughput (images/s) of ViT-B-32 (batch 1024), ViT-B-16 (512), ViT-L-14 (256) at fp32,
    tf32, bf16 autocast and bf16 weights, with TFLOP/s from ``torch.utils.flop_counter``: our
    ImageEncoder beside open_clip's own ``create_model("<arch>-quickgelu", pretrained=None)`` model
@@ -109,7 +107,6 @@ def load_to_gpu(run: Run) -> None:
     import safetensors.torch
 
     from pool.checkpoint import load_state_dict
-    from pool.containers import torchzip
     from pool.modeling import ImageEncoder
 
     files = benchlib.ensure_checkpoints("ViT-B-32", finetuned=0, log=run.note)
@@ -118,26 +115,10 @@ def load_to_gpu(run: Run) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     res: dict[str, Any] = {"arch": "ViT-B-32", "tensor_bytes": nbytes,
                            "file_bytes": {k: files[k].stat().st_size for k in ("zip", "safetensors", "state_dict")}}
-
-    def sequential(fn: Callable[[], Any]) -> Callable[[], Any]:
-        """``fn`` with the zip's bulk read after the pickle parse instead of beside it."""
-        def call() -> Any:
-            torchzip.OVERLAP = False
-            try:
-                return fn()
-            finally:
-                torchzip.OVERLAP = True
-        return call
-
-    zip_encoder = lambda: ImageEncoder.load(files["zip"], device=dev, cache_dir=False)  # noqa: E731
-    zip_state = lambda: load_state_dict(files["zip"], map_location=dev, cache_dir=False)  # noqa: E731
     cases: dict[str, Callable[[], Any]] = {
-        "ours: ImageEncoder.load(zip pickle, device)": zip_encoder,
-        "ours: ImageEncoder.load(zip pickle, device), read after the parse": sequential(zip_encoder),
-        "ours: ImageEncoder.load(safetensors, device)": lambda: ImageEncoder.load(files["safetensors"], device=dev,
-                                                                                  cache_dir=False),
-        "ours: load_state_dict(zip pickle, map_location)": zip_state,
-        "ours: load_state_dict(zip pickle, map_location), read after the parse": sequential(zip_state),
+        "ours: ImageEncoder.load(zip pickle, device)": lambda: ImageEncoder.load(files["zip"], device=dev),
+        "ours: ImageEncoder.load(safetensors, device)": lambda: ImageEncoder.load(files["safetensors"], device=dev),
+        "ours: load_state_dict(zip pickle, map_location)": lambda: load_state_dict(files["zip"], map_location=dev),
         "safetensors.torch.load_file(device)": lambda: safetensors.torch.load_file(str(files["safetensors"]), device=dev),
         "torch.load(state_dict, map_location)": lambda: torch.load(files["state_dict"], map_location=dev, weights_only=True),
         "torch.load(state_dict, mmap) + .to(device) per tensor": lambda: {
@@ -163,19 +144,13 @@ def load_to_gpu(run: Run) -> None:
         return timings[a]["median_s"] / timings[b]["median_s"] if a in timings and b in timings else None
 
     pinned_key = "host-to-device copy, pinned"
-    res["ratios"] = {  # issue 15's targets
-        "ours load_state_dict zip / pinned copy (target <= 2)": ratio(
-            "ours: load_state_dict(zip pickle, map_location)", pinned_key),
-        "ours ImageEncoder.load zip / pinned copy (target <= 3)": ratio(
-            "ours: ImageEncoder.load(zip pickle, device)", pinned_key),
-        "ours ImageEncoder.load safetensors / pinned copy": ratio("ours: ImageEncoder.load(safetensors, device)", pinned_key),
+    res["ratios"] = {
+        "ours zip / pinned copy (target <= 2)": ratio("ours: ImageEncoder.load(zip pickle, device)", pinned_key),
+        "ours safetensors / pinned copy (target <= 2)": ratio("ours: ImageEncoder.load(safetensors, device)", pinned_key),
         "ours zip / safetensors.load_file (target < 1)": ratio("ours: ImageEncoder.load(zip pickle, device)",
                                                                "safetensors.torch.load_file(device)"),
         "ours safetensors / safetensors.load_file (target < 1)": ratio(
             "ours: ImageEncoder.load(safetensors, device)", "safetensors.torch.load_file(device)"),
-        "overlapped / sequential, load_state_dict zip": ratio(
-            "ours: load_state_dict(zip pickle, map_location)",
-            "ours: load_state_dict(zip pickle, map_location), read after the parse"),
     }
     if dev == "cuda":
         res["pinned_copy_gb_per_s"] = nbytes / timings[pinned_key]["median_s"] / 1e9

@@ -4,34 +4,20 @@ An archive ``<name>/``: ``data.pkl`` (the pickle, storages as persistent ids), `
 member per storage, raw little-endian bytes), ``byteorder``, ``version``. Read with our own zip
 parser (`pool.containers.zipfmt`) and our own unpickler; TorchScript archives (``constants.pkl``,
 ``code/``) are refused, never run. Tensors are memory-mapped from the file by default.
-
-Onto CUDA (or with ``mmap=False``) the storages are read in bulk (`pool.transfer`), and that read
-starts as soon as the zip's central directory has been checked: every ``data/<key>`` member's
-bytes travel to the device while the pickle is scanned and unpickled. Those bytes are only copied
-meanwhile, never interpreted: tensors are made from them once the pickle has been read and
-checked, and from the members the state dict uses alone. A file refused meanwhile cancels the read:
-before the error propagates no worker runs any more and nothing references the buffer (the
-finished frames of the error's traceback are cleared too). Members the state dict does not use (a
-training checkpoint's optimizer state) cost device memory until the read is done, at most the
-file's size; chunks of theirs not read by then are skipped, and if they fill more than an eighth
-of the buffer, the used ones are copied into a buffer of their own. Where that buffer cannot be
-had (out of device memory), the used members are read after the parse, as with ``OVERLAP`` off.
 """
 
 from __future__ import annotations
 
-import logging
-import traceback
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from ..records import Walked, storage_from_pid, walk
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..records import storage_from_pid, walk
 from ..tensors import materialize
-from ..transfer import PendingRead, Span, read_spans, start_read
+from ..transfer import Span, read_spans
 from ..unpickler import Reader
 from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
 from .legacy import BlobReader
@@ -39,22 +25,7 @@ from .zipfmt import ZipArchive, parse_zip
 
 __all__ = ["TorchZip", "TorchArchive", "open_archive"]
 
-log = logging.getLogger(__name__)
-
 _CHUNK = 1 << 20
-#: start the bulk read of the data members before the pickle is parsed (see the module docstring);
-#: False reads the used members after it (benchmarks compare the two)
-OVERLAP = True
-
-
-def _start(path: Path, archive: TorchArchive, device: torch.device) -> PendingRead | None:
-    """Start reading every data member onto ``device``; None where the buffer cannot be had (the
-    read after the parse then reports what is wrong, as it would have without the overlap)."""
-    try:
-        return start_read(path, [Span(m.offset, m.size) for m in archive.records.values()], device)
-    except (RuntimeError, OSError, CheckpointError) as exc:  # out of device memory, say: no speculative read
-        log.debug("%s: no overlapped read (%s)", path, exc)
-        return None
 
 
 def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
@@ -197,8 +168,8 @@ class TorchZip:
         Args:
             path: the file.
             options: where the tensors go; on the CPU they are views of the mapped file unless
-                ``mmap`` is False, onto CUDA (or with ``mmap`` False) the data members are read
-                in bulk while the pickle is parsed, and the state dict keeps the ones it uses.
+                ``mmap`` is False, onto CUDA (or with ``mmap`` False) the storages the state dict
+                uses are read in bulk.
 
         Returns:
             The `Checkpoint`.
@@ -213,54 +184,34 @@ class TorchZip:
         buffer = map_file(path)
         source = str(path)
         reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
-        device = options.device if options.device is not None else torch.device("cpu")
-        bulk = device.type == "cuda" or (device.type == "cpu" and options.mmap is False)
         with listing_globals(reader):
             archive = open_archive(buffer, source)
             archive.check_byteorder(buffer)
-            keys = list(archive.records)
-            pending = _start(path, archive, device) if bulk and OVERLAP and keys else None
-            try:
-                tensors, walked = self._tensors(path, buffer, archive, reader, options, device, bulk, keys, pending)
-            except BaseException as exc:
-                if pending is not None:
-                    pending.cancel()  # no read still runs and its buffer is dropped...
-                if bulk:  # ...nor do the finished frames of the traceback keep storages alive
-                    traceback.clear_frames(exc.__traceback__)
-                raise
+            blobs = BlobReader(reader, len(buffer))
+            unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
+                                        persistent=lambda pid: storage_from_pid(pid, source))
+            blobs.preload(unpickled.root)
+            walked = walk(unpickled.root, source, blob=blobs.read)
+            used = {spec.storage.key for spec in walked.tensors.values()}
+            missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{source}: the pickle refers to storage {missing[0]!r} but the archive has no "
+                    f"data/{missing[0]} record; the file is damaged: download it again.")
+            device = options.device if options.device is not None else torch.device("cpu")
+            keys = [k for k in archive.records if k in used]
+            if device.type == "cuda" or (device.type == "cpu" and options.mmap is False):
+                # one bulk read of just the records the state dict uses (pool.transfer)
+                spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
+                storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
+            else:  # mapped from the file
+                whole = file_storage(buffer)
+                storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
+                            for k in keys}
+            storages.update(blobs.storages)
+            # what is not on the device yet (blob storages, other devices than cpu/cuda): moved once each
+            tensors = options.place(materialize(walked.tensors, storages, source, len(buffer)), walked.tensors)
         return result(path, self.name, walked, tensors, reader)
-
-    def _tensors(self, path: Path, buffer: memoryview, archive: TorchArchive, reader: Reader, options: ReadOptions,
-                 device: torch.device, bulk: bool, keys: list[str],
-                 pending: PendingRead | None) -> tuple[dict[str, torch.Tensor], Walked]:
-        """Unpickle and check ``data.pkl``, then make the state dict's tensors over the storages
-        (taken from ``pending``, read in bulk now, or mapped from the file)."""
-        source = str(path)
-        blobs = BlobReader(reader, len(buffer))
-        unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
-                                    persistent=lambda pid: storage_from_pid(pid, source))
-        blobs.preload(unpickled.root)
-        walked = walk(unpickled.root, source, blob=blobs.read)
-        used = {spec.storage.key for spec in walked.tensors.values()}
-        missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
-        if missing:
-            raise CorruptCheckpointError(
-                f"{source}: the pickle refers to storage {missing[0]!r} but the archive has no "
-                f"data/{missing[0]} record; the file is damaged: download it again.")
-        wanted = [i for i, k in enumerate(keys) if k in used]
-        if pending is not None:  # the read started before the pickle was parsed: keep the used members
-            storages = dict(zip([keys[i] for i in wanted], pending.result(wanted), strict=True))
-        elif bulk:  # one bulk read of just the records the state dict uses (pool.transfer)
-            spans = [Span(archive.records[keys[i]].offset, archive.records[keys[i]].size) for i in wanted]
-            storages = dict(zip([keys[i] for i in wanted], read_spans(path, spans, device), strict=True))
-        else:  # mapped from the file
-            whole = file_storage(buffer)
-            storages = {keys[i]: whole[archive.records[keys[i]].offset:
-                                       archive.records[keys[i]].offset + archive.records[keys[i]].size]
-                        for i in wanted}
-        storages.update(blobs.storages)
-        # what is not on the device yet (blob storages, other devices than cpu/cuda): moved once each
-        return options.place(materialize(walked.tensors, storages, source, len(buffer)), walked.tensors), walked
 
     def integrity(self, path: Path) -> tuple[bool, str]:
         """Recompute every member's CRC32 over its bytes (torch's reader never checks them).
