@@ -1,27 +1,39 @@
 """An opt-in conversion cache: a pickled checkpoint is parsed once, then served as safetensors.
 
-The published forms (plain pickles, legacy files, zip pickles) are parsed on every load; merging
-runs load the same 8-20 files for every experiment. With a cache directory (the environment
-variable ``OPENCLIP_POOL_CACHE_DIR``, a pool's ``cache_dir:`` key, or ``cache_dir=`` of
-`pool.checkpoint.read_checkpoint`), the first read of a pickled file writes a safetensors copy of
-its tensors beside a small JSON index; later reads of the unchanged file memory-map that copy.
+Plain pickles and legacy files are parsed in full on every load; merging runs load the same 8-20
+files for every experiment. With a cache directory (the environment variable
+``OPENCLIP_POOL_CACHE_DIR``, a pool's ``cache_dir:`` key, or ``cache_dir=`` of
+`pool.checkpoint.read_checkpoint`), the first read of such a file writes a safetensors copy of its
+tensors beside a small JSON index; later reads of the unchanged file memory-map that copy.
 
-Layout of ``<cache_dir>/v1/``, one pair per source file (keyed by its resolved path):
+Layout of ``<cache_dir>/v1/`` (mode 0700, with a CACHEDIR.TAG), one set per source file, keyed by
+its resolved path:
 
 - ``<key>.json``: the index, the commit record. It names the source, the source's identity when it
   was read (device, inode, size, mtime and ctime in ns, and a digest of 16 sampled 4 KiB blocks)
-  and the entry file with its own identity and sampled digest.
+  and the entry file with its own identity and sampled digest; or, for a file that could not be
+  copied (a dtype safetensors lacks, a full disk), the reason, so that it is read directly until
+  it changes instead of failing to copy at every load.
 - ``<key>.<token>.safetensors``: the entry: the tensors, plus string metadata carrying what the
-  read of the source gave besides tensors (container, root type, module records, globals).
+  read of the source gave besides tensors (container, root type, key order, module records,
+  globals).
+- ``<key>.lock``: held (``flock``) while the entry is written.
 
-Nothing but tensors and string metadata is ever stored, and an entry is read by our own
-safetensors parser. A source whose identity or sampled content changed is never served from the
-cache: it is read again and its entry replaced. An index that is unreadable, or an entry that is
-missing, unreadable or changed since it was written (its identity; ``cache info`` also checks its
-sampled digest), is reported as damaged and rebuilt. Entries are written atomically (temporary
-file, read back bit for bit, fsync, rename) and never modified; the index is replaced in one
-rename. One process at a time fills a given file's entry (``flock`` on ``<key>.lock``): the others
-wait, then map what it wrote. A cache that cannot be written is logged and bypassed.
+Nothing but tensors and string metadata is ever stored, an entry is read by our own safetensors
+parser, and everything read from the cache is checked as untrusted input. Guarantees:
+
+- Never stale: an entry is served only while the source has the identity and sampled digest
+  recorded, and a file changed less than `RACY_SECONDS` before it was read is not cached yet (on
+  file systems with coarse timestamps a second write in the same tick keeps the identity).
+- Damage is rebuilt: an unreadable index, or an entry that is missing, unreadable, not what the
+  cache writes, or changed since it was written (its identity; ``cache info`` also checks its
+  sampled digest), is logged and rebuilt from the source.
+- Never in the way: the source is read first, so a file that cannot be read fails exactly as it
+  does without the cache and leaves nothing behind; a cache that cannot be used (not a directory,
+  owned by another user or writable by others, read-only, full) is logged and bypassed.
+- Shared safely: entries are written atomically (temporary file, read back bit for bit, fsync,
+  rename) and never modified; the index is replaced in one rename, under the file's lock, so
+  processes filling the same file write it once and never see half an entry.
 
 This module knows files, tensors and JSON; nothing of open_clip.
 """
@@ -32,6 +44,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -45,7 +58,7 @@ from typing import Any
 
 from .containers import by_name
 from .containers.base import Checkpoint, ReadOptions
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .records import ModuleInfo
 from .unpickler import GlobalName
 
@@ -54,25 +67,39 @@ try:
 except ImportError:  # pragma: no cover - Windows: no lock; atomic renames still keep entries whole
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CACHE_ENV", "CACHEABLE", "CacheEntry", "CheckpointCache", "resolve_cache_dir"]
+__all__ = ["CACHE_ENV", "CACHEABLE", "RACY_SECONDS", "CacheEntry", "CheckpointCache", "NotACacheError",
+           "resolve_cache_dir"]
 
 log = logging.getLogger(__name__)
 
 #: The environment variable that turns the cache on for every read that does not say otherwise.
 CACHE_ENV = "OPENCLIP_POOL_CACHE_DIR"
-#: Containers worth caching: the pickled ones (safetensors and transformers folders are read as fast).
-CACHEABLE = frozenset({"zip", "legacy", "pickle"})
+#: Containers worth caching: the pickles whose whole stream is parsed on every read. A zip pickle is
+#: memory-mapped and its pickle is short (ViT-B-32: 17 ms against 7 ms for a cache hit), so copying
+#: it would double its disk for little; safetensors files and transformers folders are read as fast.
+CACHEABLE = frozenset({"legacy", "pickle"})
+#: A file changed less than this many seconds before it is cached is not cached yet: on file systems
+#: with coarse timestamps a second write in the same tick would leave its identity unchanged.
+RACY_SECONDS = 2.0
 FORMAT = 1
 _LAYOUT = f"v{FORMAT}"
 _SAMPLES = 16
 _BLOCK = 4096
 _MAX_INDEX = 1 << 20
 _META = "pool.cache."
-_ENTRY_NAME = re.compile(r"^[0-9a-f]{32}\.[0-9a-f]{16}\.safetensors$")
-_INDEX_NAME = re.compile(r"^[0-9a-f]{32}\.json$")
-_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
-        "# This file is a cache directory tag created by pool (openclip-pool).\n"
+_META_KEYS = frozenset(f"{_META}{k}" for k in ("container", "root_type", "wrapper", "keys", "modules", "globals"))
+_OFF = frozenset({"", "0", "false", "off", "no", "none"})
+_INDEX_NAME = re.compile(r"^([0-9a-f]{32})\.json$")
+_ENTRY_NAME = re.compile(r"^([0-9a-f]{32})\.[0-9a-f]{16}\.safetensors$")
+_TMP_NAME = re.compile(r"^\.([0-9a-f]{32})\..*\.tmp$")
+_TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+_TAG = (f"{_TAG_SIGNATURE}\n"
+        "# This file is a cache directory tag created by pool (openclip-pool): its conversion cache.\n"
         "# For information about cache directory tags see https://bford.info/cachedir/\n")
+
+
+class NotACacheError(ConfigError):
+    """A folder that is no conversion cache of this user's (``cache clear`` refuses to touch it)."""
 
 
 def resolve_cache_dir(value: Any = None) -> Path | None:
@@ -80,7 +107,8 @@ def resolve_cache_dir(value: Any = None) -> Path | None:
 
     Args:
         value: a directory (str or path; ``~`` is expanded); None (the default) defers to the
-            environment variable; False or ``""`` turns the cache off whatever the environment says.
+            environment variable; False, or a string such as ``""``, ``"0"``, ``"false"``,
+            ``"off"``, ``"no"`` or ``"none"``, turns the cache off whatever the environment says.
 
     Returns:
         The directory, or None when no cache is used.
@@ -88,14 +116,15 @@ def resolve_cache_dir(value: Any = None) -> Path | None:
     Raises:
         ConfigError: ``value`` is neither a path, None nor False.
     """
+    where = "cache_dir"
     if value is None:
-        value = os.environ.get(CACHE_ENV) or None
+        value, where = os.environ.get(CACHE_ENV), f"${CACHE_ENV}"
         if value is None:
             return None
-    if value is False or value == "":
+    if value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"cache_dir {value!r} is not a directory path; give a path, or false to turn the "
+        raise ConfigError(f"{where} {value!r} is not a directory path; give a path, or false to turn the "
                           f"cache off (unset: ${CACHE_ENV} decides)")
     return Path(value).expanduser()
 
@@ -108,10 +137,13 @@ def _identity(info: os.stat_result) -> dict[str, int]:
 
 def _sampled_digest(path: Path, size: int) -> str:
     """blake2b of the size and 16 blocks of 4 KiB spread evenly over the file (first and last
-    included): a content check that costs 16 reads whatever the file's size."""
+    included): a content check that costs 16 reads whatever the file's size. Only a regular file
+    is read (opened without blocking, so a FIFO in its place cannot hang the caller)."""
     digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
         last = max(0, size - _BLOCK)
         for i in range(_SAMPLES):
             digest.update(os.pread(fd, _BLOCK, last * i // (_SAMPLES - 1)))
@@ -139,7 +171,6 @@ def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
         paths[path] = kinds.setdefault(kind, len(kinds))
     modules = {"kinds": [json.loads(kind) for kind in kinds], "paths": paths}
     return {
-        **{f"{_META}source.{k}": v for k, v in ckpt.metadata.items()},
         f"{_META}container": ckpt.container,
         f"{_META}root_type": ckpt.root_type,
         f"{_META}wrapper": ckpt.wrapper or "",
@@ -149,25 +180,29 @@ def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
     }
 
 
-def _checkpoint_from(entry: Checkpoint, source: Path) -> Checkpoint:
+def _checkpoint_from(entry: Checkpoint, path: Path) -> Checkpoint:
+    """The checkpoint an entry holds, labelled with the path the caller gave; ValueError (or any
+    other exception: the entry is untrusted input) when it is not what `_checkpoint_metadata` wrote."""
     meta = entry.metadata
+    if set(meta) != _META_KEYS or meta[f"{_META}container"] not in CACHEABLE:
+        raise ValueError(f"its metadata is not a cache entry's ({sorted(meta)[:8]})")
     table = json.loads(meta[f"{_META}modules"])
-    kinds = [(kind, {name: _tuples(value) for name, value in attributes.items()})
+    kinds = [(str(kind), {str(name): _tuples(value) for name, value in attributes.items()})
              for kind, attributes in table["kinds"]]
     modules = {}
-    for path, i in table["paths"].items():
+    for name, i in table["paths"].items():
         kind, attributes = kinds[i]
-        modules[path] = ModuleInfo(kind, dict(attributes))
-    found = [GlobalName(m, n, bool(u)) for m, n, u in json.loads(meta[f"{_META}globals"])]
-    prefix = f"{_META}source."
+        modules[str(name)] = ModuleInfo(kind, dict(attributes))
+    found = [GlobalName(str(m), str(n), bool(u)) for m, n, u in json.loads(meta[f"{_META}globals"])]
+    if any(g.unsafe for g in found):
+        raise ValueError("it lists an unsafe global")
     tensors = entry.state_dict
     order = json.loads(meta[f"{_META}keys"])
-    if sorted(order) != sorted(tensors):
+    if not isinstance(order, list) or len(order) != len(tensors) or set(order) != set(tensors):
         raise ValueError("its key list does not match its tensors")
-    return Checkpoint(source, meta[f"{_META}container"], {k: tensors[k] for k in order}, meta[f"{_META}root_type"],
-                      modules=modules, globals=found,
-                      metadata={k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)},
-                      wrapper=meta[f"{_META}wrapper"] or None, cache_entry=entry.path)
+    return Checkpoint(path, meta[f"{_META}container"], {k: tensors[k] for k in order}, meta[f"{_META}root_type"],
+                      modules=modules, globals=found, wrapper=meta[f"{_META}wrapper"] or None,
+                      cache_entry=entry.path)
 
 
 # -- the cache ----------------------------------------------------------------------------------------
@@ -176,15 +211,18 @@ class CacheEntry:
     """One cached file, as ``python -m pool cache info`` lists it.
 
     Attributes:
-        index: the entry's JSON index.
+        index: the entry's JSON index (for an orphan: the entry file itself).
         source: the checkpoint file it was made from (None when the index is unreadable).
-        container: the source's container (``zip``, ``legacy``, ``pickle``), "" when unknown.
+        container: the source's container (``legacy``, ``pickle``), "" when unknown.
         entry: the safetensors copy (None when the index names none).
         nbytes: bytes the pair takes on disk (index and entry).
         status: ``fresh`` (would be served), ``stale`` (the source changed), ``missing`` (the source
             is gone), ``damaged`` (the index or entry is unreadable or changed; rebuilt on the next
-            load) or ``orphan`` (an entry file no index names, left by an interrupted process).
+            load), ``uncacheable`` (the source could not be copied, ``reason`` says why; read
+            directly until it changes or the record is cleared) or ``orphan`` (an entry file no index names, left by an interrupted
+            process).
         created: when the entry was written (seconds since the epoch; 0 when unknown).
+        reason: why an ``uncacheable`` source was not copied ("" otherwise).
     """
 
     index: Path
@@ -194,29 +232,31 @@ class CacheEntry:
     nbytes: int
     status: str
     created: float
+    reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as JSON-ready values, as ``cache info --json`` prints it.
 
         Returns:
-            ``{"source", "container", "entry", "index", "bytes", "status", "created"}``, paths as
-            strings (None where unknown).
+            ``{"source", "container", "entry", "index", "bytes", "status", "created", "reason"}``,
+            paths as strings (None where unknown).
         """
-        return {"source": str(self.source) if self.source else None, "container": self.container,
+        return {"source": os.fsdecode(self.source) if self.source else None, "container": self.container,
                 "entry": str(self.entry) if self.entry else None, "index": str(self.index),
-                "bytes": self.nbytes, "status": self.status, "created": self.created}
+                "bytes": self.nbytes, "status": self.status, "created": self.created, "reason": self.reason}
 
 
 class CheckpointCache:
     """The conversion cache in one directory (see the module docstring for the layout).
 
     Args:
-        root: the cache directory; created (mode 0700) on the first write.
+        root: the cache directory; ``root/v1`` is created (mode 0700) on the first write.
 
     Example:
         >>> from pool.cache import CheckpointCache
-        >>> cache = CheckpointCache("~/.cache/openclip-pool")  # doctest: +SKIP
-        >>> ckpt = cache.read(Path("Cars/finetuned.pt"), ReadOptions(), read_source)  # doctest: +SKIP
+        >>> cache = CheckpointCache("~/.cache/openclip-pool")
+        >>> [entry.status for entry in cache.entries()]  # doctest: +SKIP
+        ['fresh', 'fresh', 'stale']
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -231,9 +271,10 @@ class CheckpointCache:
         """The checkpoint at ``path``: from its entry when fresh, else read and cached.
 
         A read that needs what the cache does not keep (``refuse_unsafe=False``, a dict
-        ``map_location``) and a container not worth caching go straight to ``read_source``. A
-        cache that cannot be written (permissions, a full disk) is logged and bypassed: a load
-        never fails because of the cache.
+        ``map_location``), a read onto the meta device and a container not worth caching go
+        straight to ``read_source``. A cache that cannot be used (another user's, not writable,
+        a full disk) is logged and bypassed: a load never fails because of the cache, and a
+        source that cannot be read fails exactly as it does without it, leaving nothing behind.
 
         Args:
             path: the checkpoint file (an existing regular file).
@@ -241,40 +282,63 @@ class CheckpointCache:
             read_source: reads a checkpoint file (the uncached read).
 
         Returns:
-            The `pool.checkpoint.Checkpoint`; ``path`` is the source and ``cache_entry`` the
+            The `pool.checkpoint.Checkpoint`, labelled with ``path``; ``cache_entry`` is the
             entry it came from (None when it came from the source itself).
 
         Raises:
             CheckpointError: the source cannot be read (as ``read_source`` raises).
         """
-        if not options.refuse_unsafe or options.locations is not None:
+        device = options.device
+        if not options.refuse_unsafe or options.locations is not None or (device is not None and device.type == "meta"):
             return read_source(path, options)
-        source = Path(os.path.realpath(path))
-        key = _key(source)
         try:
+            source = Path(os.path.realpath(path))
+            key = _key(source)
             info = source.stat()
-            hit = self._lookup(key, source, info)
-        except OSError as exc:
+            index = self._load_index(key) if self._usable() else None
+            found = self._lookup(index, source, info) if index is not None else None
+        except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (a NUL byte)
             log.warning("cache %s: cannot use it (%s); reading %s directly", self.root, exc, path)
             return read_source(path, options)
-        if hit is not None:
-            entry = self._read_entry(hit, options, source)
-            if entry is not None:
-                log.debug("cache hit: %s <- %s", path, hit)
-                return entry
+        if found == "uncacheable":
+            return read_source(path, options)
+        if found is not None:
+            served = self._read_entry(found, options, path, source)
+            if served is not None:
+                log.debug("cache hit: %s <- %s", path, found)
+                return served
         return self._fill(path, source, key, info, options, read_source)
 
-    def _lookup(self, key: str, source: Path, info: os.stat_result) -> Path | None:
-        """The entry of ``source`` when its index matches the file as it is now, else None."""
-        index = self._load_index(self.folder / f"{key}.json")
-        if index is None:
-            return None
-        if index["source"] != str(source) or index["source_identity"] != _identity(info):
+    def _usable(self) -> bool:
+        """Whether ``v1`` exists and only this user can write it (a hit is served from nothing else)."""
+        try:
+            info = self.folder.stat()
+        except FileNotFoundError:
+            return False
+        self._check_owner(info)
+        return True
+
+    def _check_owner(self, info: os.stat_result) -> None:
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(f"{self.folder} is not a directory")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise PermissionError(f"{self.folder} belongs to another user (uid {info.st_uid}); a cache is only "
+                                  "used by its owner")
+        if info.st_mode & 0o022:
+            raise PermissionError(f"{self.folder} can be written by other users (mode {stat.filemode(info.st_mode)}); "
+                                  f"a cache must be private to its owner: chmod 700 {self.folder}")
+
+    def _lookup(self, index: dict[str, Any], source: Path, info: os.stat_result) -> Path | str | None:
+        """The entry of ``source`` when its index matches the file as it is now; ``"uncacheable"``
+        when the index records that this very file could not be copied; else None."""
+        if index["source"] != os.fsdecode(source) or index["source_identity"] != _identity(info):
             log.info("cache: %s changed since it was cached; reading it again", source)
             return None
+        if index["entry"] is None:
+            return "uncacheable"
         entry = self.folder / index["entry"]
         try:
-            entry_info = entry.stat()
+            entry_info = entry.lstat()
         except FileNotFoundError:
             log.warning("cache: the entry of %s is missing (%s); rebuilding it", source, entry)
             return None
@@ -287,8 +351,9 @@ class CheckpointCache:
             return None
         return entry
 
-    def _load_index(self, index: Path) -> dict[str, Any] | None:
+    def _load_index(self, key: str, *, quiet: bool = False) -> dict[str, Any] | None:
         """The index's fields, checked; None when absent or damaged (a damaged one is logged)."""
+        index = self.folder / f"{key}.json"
         try:
             info = index.lstat()
         except FileNotFoundError:
@@ -299,122 +364,143 @@ class CheckpointCache:
             data = json.loads(index.read_bytes())
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}")
-            for field_name, kind in (("source", str), ("entry", str), ("source_sample", str),
-                                     ("entry_sample", str), ("source_identity", dict), ("entry_identity", dict)):
+            for field_name, kind in (("source", str), ("source_sample", str), ("source_identity", dict)):
                 if not isinstance(data.get(field_name), kind):
                     raise ValueError(f"{field_name} missing")
-            if not _ENTRY_NAME.match(data["entry"]):
-                raise ValueError(f"entry {data['entry'][:80]!r} is no entry name")
-        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            log.warning("cache: index %s is damaged (%s); rebuilding the entry", index, exc)
+            entry = data.get("entry")
+            if entry is None:
+                if not isinstance(data.get("reason"), str):
+                    raise ValueError("neither an entry nor a reason")
+            else:
+                match = _ENTRY_NAME.match(entry) if isinstance(entry, str) else None
+                if match is None or match.group(1) != key or not isinstance(data.get("entry_identity"), dict):
+                    raise ValueError(f"entry {str(entry)[:80]!r} is no entry of this index")
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            (log.debug if quiet else log.warning)("cache: index %s is damaged (%s)%s", index, exc,
+                                                  "" if quiet else "; rebuilding the entry")
             return None
         return data
 
-    def _read_entry(self, entry: Path, options: ReadOptions, source: Path) -> Checkpoint | None:
+    def _read_entry(self, entry: Path, options: ReadOptions, path: Path, source: Path) -> Checkpoint | None:
         try:
-            read = by_name("safetensors").read(entry, options)
-            return _checkpoint_from(read, source)
-        except (CheckpointError, KeyError, ValueError, TypeError) as exc:
-            log.warning("cache: the entry of %s is damaged (%s: %s); rebuilding it", source, entry, exc)
+            return _checkpoint_from(by_name("safetensors").read(entry, options), path)
+        except Exception as exc:  # noqa: BLE001 - an entry is untrusted input: anything wrong with it means rebuild
+            log.warning("cache: the entry of %s is damaged (%s: %s: %s); rebuilding it", source, entry,
+                        type(exc).__name__, exc)
             return None
 
     # -- writing --------------------------------------------------------------------------------------
     def _fill(self, path: Path, source: Path, key: str, info: os.stat_result, options: ReadOptions,
               read_source: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
-        """Read the source and cache it, one process at a time per file: a process that waited
-        for the lock finds the entry another one wrote and maps it."""
+        """Read the source (errors propagate, nothing is written), then cache what was read."""
         from .containers import sniff  # the container decides whether caching pays
 
         with open(source, "rb") as f:
             container = sniff(f.read(512), info.st_size)
         if container is None or container.name not in CACHEABLE:
             return read_source(path, options)
+        start = time.perf_counter()
+        ckpt = read_source(path, ReadOptions(refuse_unsafe=True))  # on the CPU: the entry is a file
+        entry = None
         try:
-            self._prepare()
-            lock = self._locked(key)
-        except OSError as exc:
-            log.warning("cache %s: cannot use it (%s); reading %s directly", self.root, exc, path)
-            return read_source(path, options)
-        with lock:
-            info = source.stat()
-            hit = self._lookup(key, source, info)
-            served = self._read_entry(hit, options, source) if hit is not None else None
-            if served is not None:
-                return served
-            start = time.perf_counter()
-            ckpt = read_source(path, ReadOptions(refuse_unsafe=True))  # on the CPU: the entry is a file
-            try:
+            if self._cacheable_now(path, source, info):
                 entry = self._store(key, source, info, ckpt)
-            except (OSError, CheckpointError, ValueError, TypeError) as exc:
-                log.warning("cache %s: could not cache %s (%s); it was read directly", self.root, path, exc)
-                entry = None
-            if entry is None:  # not cached: what was read serves when it is where the caller wants it
-                on_cpu = options.device is None or options.device.type == "cpu"
-                return ckpt if on_cpu and options.mmap is not False else read_source(path, options)
+        except Exception as exc:  # noqa: BLE001 - a load never fails because of the cache
+            log.warning("cache %s: could not cache %s (%s: %s); it was read directly", self.root, path,
+                        type(exc).__name__, exc)
+        if entry is not None:
             log.info("cache: %s (%s) cached as %s in %.2f s", path, ckpt.container, entry.name,
                      time.perf_counter() - start)
-            served = self._read_entry(entry, options, source)
-        return served if served is not None else read_source(path, options)
+            served = self._read_entry(entry, options, path, source)
+            if served is not None:
+                return served
+        on_cpu = options.device is None or options.device.type == "cpu"
+        return ckpt if on_cpu and options.mmap is not False else read_source(path, options)
+
+    def _cacheable_now(self, path: Path, source: Path, before: os.stat_result) -> bool:
+        """Whether what was just read is the source as identified before the read, settled."""
+        after = source.stat()
+        if os.path.realpath(path) != os.fspath(source) or _identity(after) != _identity(before):
+            log.info("cache: %s changed while it was read; not cached", path)
+            return False
+        if time.time() - max(after.st_mtime, after.st_ctime) < RACY_SECONDS:
+            log.info("cache: %s changed less than %g s ago; cached at a later load", path, RACY_SECONDS)
+            return False
+        return True
+
+    def _store(self, key: str, source: Path, info: os.stat_result, ckpt: Checkpoint) -> Path | None:
+        """Write the entry and then its index, holding the file's lock; the entry another process
+        wrote meanwhile when it is there. A tensor safetensors cannot hold is recorded as
+        ``uncacheable`` (the file is then read directly until it changes)."""
+        from .saving import contiguous_unshared, write_checked
+
+        self._prepare()
+        with self._locked(key):
+            index = self._load_index(key, quiet=True)
+            if index is not None and (found := self._lookup(index, source, info)) is not None:
+                return None if found == "uncacheable" else found  # type: ignore[return-value]
+            sample = _sampled_digest(source, info.st_size)
+            entry = self.folder / f"{key}.{secrets.token_hex(8)}.safetensors"
+            record = {"format": FORMAT, "source": os.fsdecode(source), "container": ckpt.container,
+                      "source_identity": _identity(info), "source_sample": sample, "created": time.time()}
+            try:
+                if ckpt.metadata:  # pickled containers carry none; an entry could not keep it
+                    raise ValueError(f"it carries metadata the cache does not keep ({sorted(ckpt.metadata)[:3]})")
+                write_checked(contiguous_unshared(ckpt.state_dict), _checkpoint_metadata(ckpt), entry)
+            except Exception as exc:  # a dtype safetensors lacks, a full disk: not retried until the file changes
+                self._commit(key, {**record, "entry": None, "reason": f"{type(exc).__name__}: {exc}"[:500]})
+                raise
+            entry_info = entry.stat()
+            self._commit(key, {**record, "entry": entry.name, "entry_identity": _identity(entry_info),
+                               "entry_sample": _sampled_digest(entry, entry_info.st_size)}, entry)
+        return entry
+
+    def _commit(self, key: str, record: dict[str, Any], entry: Path | None = None) -> None:
+        """Replace the index in one rename, then remove what it no longer names (we hold the lock)."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / f"{key}.json")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if entry is not None:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            raise
+        for other in self._files_of(key):
+            if other.suffix != ".json" and other.suffix != ".lock" and (entry is None or other.name != entry.name):
+                with contextlib.suppress(OSError):
+                    other.unlink()
+
+    def _files_of(self, key: str) -> list[Path]:
+        """Every file of the cache's own layout that belongs to ``key``."""
+        return [p for p in self.folder.glob(f"*{key}*")
+                if p.name in (f"{key}.json", f"{key}.lock")
+                or ((m := _ENTRY_NAME.match(p.name) or _TMP_NAME.match(p.name)) is not None and m.group(1) == key)]
+
+    def _prepare(self) -> None:
+        """Create ``v1`` (0700, with its CACHEDIR.TAG) and refuse one this user does not own alone."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._check_owner(self.folder.stat())
+        tag = self.folder / "CACHEDIR.TAG"
+        if not tag.exists():
+            with contextlib.suppress(OSError):
+                tag.write_text(_TAG, encoding="utf-8")
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:
         """An exclusive lock on ``key`` (``flock`` of ``<key>.lock``; none where fcntl is missing)."""
-        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
-
-    def _store(self, key: str, source: Path, before: os.stat_result, ckpt: Checkpoint) -> Path | None:
-        """Write the entry and then its index; None when the source changed while it was read."""
-        from .saving import contiguous_unshared, write_checked
-
-        after = source.stat()
-        if _identity(after) != _identity(before):
-            log.info("cache: %s changed while it was read; not cached", source)
-            return None
-        source_sample = _sampled_digest(source, after.st_size)
-        self._prepare()
-        entry = self.folder / f"{key}.{secrets.token_hex(8)}.safetensors"
-        write_checked(contiguous_unshared(ckpt.state_dict), _checkpoint_metadata(ckpt), entry)
-        entry_info = entry.stat()
-        index = {"format": FORMAT, "source": str(source), "container": ckpt.container,
-                 "source_identity": _identity(after), "source_sample": source_sample,
-                 "entry": entry.name, "entry_identity": _identity(entry_info),
-                 "entry_sample": _sampled_digest(entry, entry_info.st_size), "created": time.time()}
-        index_path = self.folder / f"{key}.json"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, index_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            with contextlib.suppress(OSError):
-                entry.unlink()
-            raise
-        for other in [*self.folder.glob(f"{key}.*.safetensors"), *self.folder.glob(f".{key}.*.tmp")]:
-            if other.name != entry.name:  # what this entry replaces, or an interrupted write (we hold the lock)
-                with contextlib.suppress(OSError):
-                    other.unlink()
-        return entry
-
-    def _prepare(self) -> None:
-        """Create the folder (0700, with a CACHEDIR.TAG) and refuse one another user owns."""
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tag = self.root / "CACHEDIR.TAG"
-        if not tag.exists():
-            with contextlib.suppress(OSError):
-                tag.write_text(_TAG, encoding="utf-8")
-        owner = self.folder.stat().st_uid
-        if hasattr(os, "getuid") and owner != os.getuid():
-            raise PermissionError(f"{self.folder} belongs to another user (uid {owner}); a cache is only "
-                                  "used by its owner")
 
     # -- listing and clearing ---------------------------------------------------------------------------
     def entries(self) -> Iterator[CacheEntry]:
@@ -427,30 +513,37 @@ class CheckpointCache:
             return
         named: set[str] = set()
         for index_path in sorted(self.folder.glob("*.json")):
-            if not _INDEX_NAME.match(index_path.name):
+            match = _INDEX_NAME.match(index_path.name)
+            if match is None:
                 continue
-            yield self._describe(index_path, named)
+            try:
+                yield self._describe(match.group(1), index_path, named)
+            except Exception as exc:  # noqa: BLE001 - an index is untrusted input: listed as damaged
+                log.debug("cache: %s: %s", index_path, exc)
+                yield CacheEntry(index_path, None, "", None, _size(index_path), "damaged", 0.0)
         for orphan in sorted(self.folder.glob("*.safetensors")):
             if orphan.name not in named and _ENTRY_NAME.match(orphan.name):
                 yield CacheEntry(orphan, None, "", orphan, _size(orphan), "orphan", 0.0)
 
-    def _describe(self, index_path: Path, named: set[str]) -> CacheEntry:
-        data = self._load_index(index_path)
+    def _describe(self, key: str, index_path: Path, named: set[str]) -> CacheEntry:
+        data = self._load_index(key, quiet=True)
         if data is None:
             return CacheEntry(index_path, None, "", None, _size(index_path), "damaged", 0.0)
-        named.add(data["entry"])
-        source, entry = Path(data["source"]), self.folder / data["entry"]
-        nbytes = _size(index_path) + _size(entry)
-        created = float(data.get("created") or 0.0)
-        container = str(data.get("container", ""))
+        source = Path(data["source"])
+        created = data.get("created")
+        created = float(created) if type(created) in (int, float) and math.isfinite(created) else 0.0
+        container = str(data.get("container", ""))[:20]
+        entry = self.folder / data["entry"] if data["entry"] is not None else None
+        if entry is not None:
+            named.add(entry.name)
+        nbytes = _size(index_path) + (_size(entry) if entry is not None else 0)
         try:
             info = source.stat()
-        except OSError:
+        except (OSError, ValueError):
             return CacheEntry(index_path, source, container, entry, nbytes, "missing", created)
         try:
-            entry_info = entry.stat()
-            damaged = (data["entry_identity"] != _identity(entry_info)
-                       or data["entry_sample"] != _sampled_digest(entry, entry_info.st_size))
+            damaged = entry is not None and (data["entry_identity"] != _identity(entry.lstat())
+                                             or data.get("entry_sample") != _sampled_digest(entry, entry.lstat().st_size))
         except OSError:
             damaged = True
         if damaged:
@@ -458,30 +551,47 @@ class CheckpointCache:
         elif data["source_identity"] != _identity(info) or data["source_sample"] != _sampled_digest(source, info.st_size):
             status = "stale"
         else:
-            status = "fresh"
-        return CacheEntry(index_path, source, container, entry, nbytes, status, created)
+            status = "fresh" if entry is not None else "uncacheable"
+        return CacheEntry(index_path, source, container, entry, nbytes, status, created,
+                          str(data.get("reason", ""))[:500] if entry is None else "")
 
     def clear(self, *, only_unusable: bool = False) -> tuple[int, int]:
-        """Remove entries: all of them, or (``only_unusable``) all but the fresh ones.
+        """Remove entries: all of them, or (``only_unusable``) all but the fresh ones. Only files of
+        the cache's own layout are removed, and only from a ``v1`` that holds pool's CACHEDIR.TAG
+        and belongs to this user alone.
 
         Args:
             only_unusable: keep the fresh entries.
 
         Returns:
             ``(entries removed, bytes freed)``.
+
+        Raises:
+            NotACacheError: the folder exists but is no conversion cache of this user's.
         """
+        if not self.folder.is_dir():
+            return 0, 0
+        tag = self.folder / "CACHEDIR.TAG"
+        try:
+            self._check_owner(self.folder.stat())
+            ours = tag.is_file() and tag.read_text(encoding="utf-8", errors="replace").startswith(_TAG_SIGNATURE)
+        except OSError as exc:
+            raise NotACacheError(f"{self.folder}: {exc}; nothing was removed") from None
+        if not ours:
+            raise NotACacheError(f"{self.folder} is not a pool conversion cache (no CACHEDIR.TAG written by pool); "
+                                 "nothing was removed")
         removed = freed = 0
         for item in list(self.entries()):
             if only_unusable and item.status == "fresh":
                 continue
-            for file in (item.index, item.entry):
-                if file is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        file.unlink()
+            key = (_INDEX_NAME.match(item.index.name) or _ENTRY_NAME.match(item.index.name)).group(1)  # type: ignore[union-attr]
+            for file in self._files_of(key):
+                with contextlib.suppress(FileNotFoundError):
+                    freed += _size(file)
+                    file.unlink()
             removed += 1
-            freed += item.nbytes
-        if self.folder.is_dir():
-            for leftover in [*self.folder.glob(".*.tmp"), *self.folder.glob("*.lock")]:  # interrupted writes, locks
+        for leftover in self.folder.iterdir():  # interrupted writes of keys that have no index
+            if _TMP_NAME.match(leftover.name):
                 with contextlib.suppress(OSError):
                     freed += _size(leftover)
                     leftover.unlink()
@@ -490,6 +600,6 @@ class CheckpointCache:
 
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return path.lstat().st_size
     except OSError:
         return 0

@@ -180,6 +180,8 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
 
     def run(config: Path, label: str, note: str | None) -> int:
         pool, models, heads = prepare_pool(config)
+        if note is not None:  # the embedded default: a temporary tree, nothing worth caching
+            pool.cache_dir = False
         place = world()
         if place is not None:  # under torchrun: this rank's share, then every rank's results merged
             rank, size = place
@@ -530,13 +532,15 @@ def _cmd_cache(args: argparse.Namespace, out: Style) -> int:
                           "bytes": total}, indent=2))
         return EXIT_OK
     counts = {status: sum(e.status == status for e in entries)
-              for status in ("fresh", "stale", "missing", "damaged", "orphan")}
+              for status in ("fresh", "stale", "missing", "damaged", "uncacheable", "orphan")}
     summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n) or "empty"
     lines = [out.bold(f"cache {root.absolute()}: {len(entries)} entries, {human_size(total)} ({summary})")]
     if entries:
-        styled = {"fresh": out.ok, "stale": out.warn, "missing": out.warn, "damaged": out.bad, "orphan": out.warn}
+        styled = {"fresh": out.ok, "stale": out.warn, "missing": out.warn, "damaged": out.bad,
+                  "uncacheable": out.warn, "orphan": out.warn}
         rows = [[styled[e.status](e.status), e.container or "-", human_size(e.nbytes),
-                 printable(str(e.source)) if e.source else printable(e.index.name)] for e in entries]
+                 (printable(str(e.source)) if e.source else printable(e.index.name))
+                 + (f" ({printable(e.reason[:120])})" if e.reason else "")] for e in entries]
         lines += ["", table(["status", "container", "size", "source"], rows, right=(2,))]
         if len(entries) > counts["fresh"]:
             lines += ["", f"remove the unusable ones with: {args.prog} cache clear --unusable"
@@ -627,13 +631,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        description="The opt-in conversion cache ($OPENCLIP_POOL_CACHE_DIR, or a pool config's "
                                    "cache_dir:) keeps a safetensors copy of each pickled checkpoint after its first "
                                    "load. info lists its entries: fresh (served), stale (the source changed), "
-                                   "missing (the source is gone), damaged (rebuilt on the next load) or orphan (left "
-                                   "by an interrupted process); clear removes them.")
+                                   "missing (the source is gone), damaged (rebuilt on the next load), uncacheable "
+                                   "(could not be copied; read directly) or orphan (left by an interrupted "
+                                   "process); clear removes them.")
     p.add_argument("action", choices=("info", "clear"))
     p.add_argument("--cache-dir", metavar="DIR", help="the cache directory (default: $OPENCLIP_POOL_CACHE_DIR)")
     p.add_argument("--json", action="store_true", help="info: print JSON instead of text")
     p.add_argument("--unusable", action="store_true",
-                   help="clear: remove only the unusable entries (stale, missing, damaged, orphan), keep the fresh ones")
+                   help="clear: remove all but the fresh entries")
     p.set_defaults(func=_cmd_cache)
     return parser
 

@@ -166,7 +166,7 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
             torch.save(tensors, tmp)
         else:
             safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        back = read_checkpoint(tmp, mmap=False, cache_dir=False)
+        back = read_checkpoint(tmp, cache_dir=False)  # mapped: no second copy of the tensors in memory
         compare_tensors(back.state_dict, tensors, str(destination))
         if not torch_format and back.metadata != metadata:
             raise CorruptCheckpointError(f"{destination}: metadata read back differs from what was written")

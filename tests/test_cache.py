@@ -26,6 +26,16 @@ from pool.modeling import ClassificationHead, ImageEncoder
 from pool.modelpool import OpenCLIPVisionModelPool
 
 PICKLED = synth.ENCODER_CONTAINERS  # zip, legacy, pickle
+CACHED = ("legacy", "pickle")  # the containers the cache copies (pool.cache.CACHEABLE)
+
+
+@pytest.fixture(autouse=True)
+def settled(monkeypatch):
+    """Files written by a test are seconds old at most: let the cache take them (the rule that it
+    does not is tested on its own, below)."""
+    from pool import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 # -- served from the cache, equal to the source -----------------------------------------------------
 @pytest.mark.parametrize("kind", ["encoder", "head"])
-@pytest.mark.parametrize("container", PICKLED)
+@pytest.mark.parametrize("container", CACHED)
 def test_second_read_comes_from_the_cache_and_equals_the_source(sources, tmp_path, kind, container):
     path = sources[kind, container]
     direct = read_checkpoint(path, cache_dir=False)
@@ -82,7 +92,7 @@ def test_second_read_comes_from_the_cache_and_equals_the_source(sources, tmp_pat
 
 def test_cached_encoder_and_head_compute_what_the_source_does(sources, tmp_path):
     images = torch.randn(2, 3, synth.TINY.image_size, synth.TINY.image_size)
-    for container in PICKLED:
+    for container in CACHED:
         direct = ImageEncoder.load(sources["encoder", container], cache_dir=False)
         for _ in range(2):  # the miss and the hit
             cached = ImageEncoder.load(sources["encoder", container], cache_dir=tmp_path)
@@ -114,8 +124,10 @@ def test_mmap_false_and_dtype_still_apply(sources, tmp_path):
     assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("container", ["safetensors"])
-def test_safetensors_sources_are_not_copied(sources, tmp_path, container):
+@pytest.mark.parametrize("container", ["safetensors", "zip"])
+def test_safetensors_and_zip_sources_are_not_copied(sources, tmp_path, container):
+    """safetensors is what the cache would write; a zip pickle is memory-mapped with a short pickle
+    already (a copy would double its disk for ~10 ms a load)."""
     ckpt = read_checkpoint(sources["encoder", container], cache_dir=tmp_path)
     assert ckpt.cache_entry is None
     assert _entries(tmp_path) == []
@@ -131,21 +143,22 @@ def test_transformers_folders_are_not_copied(tmp_path):
 
 
 def test_reads_the_cache_cannot_serve_bypass_it(sources, tmp_path):
-    path = sources["encoder", "zip"]
+    path = sources["encoder", "pickle"]
     read_checkpoint(path, cache_dir=tmp_path, refuse_unsafe=False)  # inspect's read: globals listed as read
     read_checkpoint(path, cache_dir=tmp_path, map_location={"cpu": "cpu"})  # saved locations are not kept
-    assert _entries(tmp_path) == []
+    read_checkpoint(path, cache_dir=tmp_path, map_location="meta")  # no data needed at all
+    assert not tmp_path.joinpath("v1").exists()
 
 
 # -- opt-in: environment, keyword, pool key ------------------------------------------------------------
 def test_environment_variable_turns_it_on_and_false_turns_it_off(sources, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
     assert resolve_cache_dir() == tmp_path / "env"
-    ImageEncoder.load(sources["encoder", "zip"], cache_dir=False)
+    ImageEncoder.load(sources["encoder", "legacy"], cache_dir=False)
     assert _entries(tmp_path / "env") == []
-    ImageEncoder.load(sources["encoder", "zip"])
+    ImageEncoder.load(sources["encoder", "legacy"])
     assert len(_entries(tmp_path / "env")) == 1
-    ImageEncoder.load(sources["encoder", "zip"], cache_dir=tmp_path / "kw")  # the keyword wins
+    ImageEncoder.load(sources["encoder", "legacy"], cache_dir=tmp_path / "kw")  # the keyword wins
     assert len(_entries(tmp_path / "kw")) == 1
     monkeypatch.delenv(CACHE_ENV)
     assert resolve_cache_dir() is None
@@ -199,7 +212,7 @@ def _rewrite(path: Path, seed: int, at: float = 0.5) -> None:
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-@pytest.mark.parametrize("container", PICKLED)
+@pytest.mark.parametrize("container", CACHED)
 def test_in_place_rewrite_with_the_same_mtime_is_not_served(sources, tmp_path, container):
     path = _copy(sources["encoder", container], tmp_path / f"model.{container}.pt")
     read_checkpoint(path, cache_dir=tmp_path / "c")
@@ -231,11 +244,11 @@ def test_sampled_content_catches_a_change_the_identity_misses(sources, tmp_path,
 
 
 def test_replaced_file_is_not_served(sources, tmp_path):
-    path = _copy(sources["encoder", "zip"], tmp_path / "model.pt")
+    path = _copy(sources["encoder", "pickle"], tmp_path / "model.pt")
     read_checkpoint(path, cache_dir=tmp_path / "c")
     _copy(sources["encoder", "legacy"], tmp_path / "other.pt").replace(path)  # new inode, other container
     ckpt = read_checkpoint(path, cache_dir=tmp_path / "c")
-    assert ckpt.container == "legacy"
+    assert ckpt.container == "legacy" and ckpt.cache_entry is not None
     _same(ckpt, read_checkpoint(path, cache_dir=False))
 
 
@@ -342,6 +355,7 @@ def test_cache_holds_only_tensors_and_metadata(sources, tmp_path):
     for kind in ("encoder", "head"):
         for container in PICKLED:
             read_checkpoint(sources[kind, container], cache_dir=tmp_path)
+            read_checkpoint(sources[kind, container], cache_dir=tmp_path)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files
     for file in files:
@@ -357,7 +371,8 @@ def test_cache_holds_only_tensors_and_metadata(sources, tmp_path):
         else:
             assert file.name == "CACHEDIR.TAG" or file.suffix == ".lock"
             assert not data.startswith((b"\x80", b"PK"))
-    assert len(_entries(tmp_path)) == 6
+    assert len(_entries(tmp_path)) == 4  # legacy and pickle, encoder and head
+    assert (tmp_path / "v1" / "CACHEDIR.TAG").is_file() and not (tmp_path / "CACHEDIR.TAG").exists()
 
 
 def test_refused_and_corrupt_sources_are_not_cached(tmp_path):
@@ -377,27 +392,30 @@ def test_refused_and_corrupt_sources_are_not_cached(tmp_path):
     truncated.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CorruptCheckpointError):
         read_checkpoint(truncated, cache_dir=tmp_path / "c")
-    assert _entries(tmp_path / "c") == []
+    assert not (tmp_path / "c").exists()  # nothing behind: not even the folder
 
 
 def test_an_unwritable_cache_is_bypassed(sources, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder", encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="pool.cache"):
-        ckpt = read_checkpoint(sources["encoder", "zip"], cache_dir=blocker / "cache")
+        ckpt = read_checkpoint(sources["encoder", "pickle"], cache_dir=blocker / "cache")
     assert ckpt.cache_entry is None
-    assert "cannot use it" in caplog.text
-    _same(ckpt, read_checkpoint(sources["encoder", "zip"], cache_dir=False))
+    assert "cannot use it" in caplog.text or "could not cache" in caplog.text
+    _same(ckpt, read_checkpoint(sources["encoder", "pickle"], cache_dir=False))
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
 def test_a_cache_owned_by_another_user_is_not_used(sources, tmp_path, caplog):
-    (tmp_path / "c" / "v1").mkdir(parents=True)
-    os.chown(tmp_path / "c" / "v1", 12345, 12345)
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path / "c")
+    assert read_checkpoint(path, cache_dir=tmp_path / "c").cache_entry is not None
+    for file in [tmp_path / "c" / "v1", *(tmp_path / "c" / "v1").iterdir()]:  # planted by someone else
+        os.chown(file, 12345, 12345)
     with caplog.at_level(logging.WARNING, logger="pool.cache"):
-        ckpt = read_checkpoint(sources["encoder", "zip"], cache_dir=tmp_path / "c")
+        ckpt = read_checkpoint(path, cache_dir=tmp_path / "c")  # a hit is not served from it either
     assert ckpt.cache_entry is None and "another user" in caplog.text
-    assert _entries(tmp_path / "c") == []
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
 
 
 def test_concurrent_first_reads_fill_one_entry(sources, tmp_path):
@@ -425,7 +443,7 @@ def test_concurrent_first_reads_fill_one_entry(sources, tmp_path):
 # -- python -m pool cache info | clear -------------------------------------------------------------------
 def test_cli_info_and_clear(sources, tmp_path, capsys, monkeypatch):
     cache_dir = tmp_path / "c"
-    moved = _copy(sources["encoder", "zip"], tmp_path / "moved.pt")
+    moved = _copy(sources["encoder", "pickle"], tmp_path / "moved.pt")
     changed = _copy(sources["encoder", "legacy"], tmp_path / "changed.pt")
     fresh = sources["encoder", "pickle"]
     for path in (moved, changed, fresh):
@@ -462,3 +480,192 @@ def test_cli_info_on_an_empty_or_absent_cache(tmp_path, capsys):
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "none")]) == 0
     assert "0 entries" in capsys.readouterr().out
     assert not (tmp_path / "none").exists()  # info creates nothing
+
+
+# -- the red team's findings (each failed before its fix) -------------------------------------------------
+def test_a_group_writable_cache_is_not_used(sources, tmp_path, caplog):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    os.chmod(tmp_path / "v1", 0o770)
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is None
+    assert "other users" in caplog.text
+
+
+@pytest.mark.parametrize("blocker", ["directory", "dangling symlink"])
+def test_an_unusable_lock_file_does_not_fail_the_load(sources, tmp_path, blocker, caplog):
+    from pool import cache as cache_module
+
+    path = sources["encoder", "pickle"]
+    (tmp_path / "v1").mkdir(mode=0o700)
+    lock = tmp_path / "v1" / f"{cache_module._key(Path(os.path.realpath(path)))}.lock"
+    if blocker == "directory":
+        lock.mkdir()
+    else:
+        lock.symlink_to(tmp_path / "nowhere")
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        ckpt = read_checkpoint(path, cache_dir=tmp_path)
+    assert "could not cache" in caplog.text
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
+
+
+def test_a_dtype_safetensors_lacks_is_read_directly_and_not_retried(tmp_path, caplog):
+    path = tmp_path / "complex.pt"
+    synth.save_object({"a": torch.arange(6, dtype=torch.float64).to(torch.complex128)}, path, "legacy")
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        first = read_checkpoint(path, cache_dir=tmp_path / "c")
+    assert "could not cache" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pool.cache"):
+        second = read_checkpoint(path, cache_dir=tmp_path / "c")
+    assert caplog.text == ""  # recorded as uncacheable: no second attempt
+    assert torch.equal(first.state_dict["a"], second.state_dict["a"])
+    (item,) = CheckpointCache(tmp_path / "c").entries()
+    assert item.status == "uncacheable" and "complex128" in item.reason
+
+
+def test_a_symlink_retargeted_while_read_is_not_cached_under_its_old_target(tmp_path):
+    from pool.checkpoint import _read_file
+    from pool.containers.base import ReadOptions
+
+    a = synth.save_module(synth.make_original_encoder(seed=1), tmp_path / "a.pt", "legacy")
+    b = synth.save_module(synth.make_original_encoder(seed=2), tmp_path / "b.pt", "legacy")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(a)
+
+    def flip_then_read(p, options):
+        (tmp_path / "new").symlink_to(b)
+        (tmp_path / "new").replace(link)  # a training job re-points latest.pt meanwhile
+        return _read_file(p, options)
+
+    CheckpointCache(tmp_path / "c").read(link, ReadOptions(), flip_then_read)
+    _same(read_checkpoint(a, cache_dir=tmp_path / "c"), read_checkpoint(a, cache_dir=False))
+
+
+def test_an_entry_removed_between_lookup_and_read_does_not_fail_the_load(sources, tmp_path, monkeypatch):
+    from pool import cache as cache_module
+
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    real = cache_module.CheckpointCache._lookup
+
+    def racing(self, *args):
+        found = real(self, *args)
+        CheckpointCache(tmp_path).clear()  # `cache clear` in another process
+        return found
+
+    monkeypatch.setattr(cache_module.CheckpointCache, "_lookup", racing)
+    _same(read_checkpoint(path, cache_dir=tmp_path), read_checkpoint(path, cache_dir=False))
+
+
+def test_a_file_changed_moments_ago_is_not_cached_yet(sources, tmp_path, monkeypatch):
+    from pool import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 3600.0)
+    path = _copy(sources["encoder", "pickle"], tmp_path / "fresh.pt")
+    assert read_checkpoint(path, cache_dir=tmp_path / "c").cache_entry is None
+    assert _entries(tmp_path / "c") == []
+    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
+    read_checkpoint(path, cache_dir=tmp_path / "c")
+    assert read_checkpoint(path, cache_dir=tmp_path / "c").cache_entry is not None
+
+
+def _plant(cache_dir: Path, change: dict[str, str]) -> None:
+    """Rewrite the entry with its metadata changed, and re-index it (a self-consistent forgery)."""
+    from pool import cache as cache_module
+
+    (index,) = (cache_dir / "v1").glob("*.json")
+    data = json.loads(index.read_text(encoding="utf-8"))
+    entry = cache_dir / "v1" / data["entry"]
+    ckpt = read_checkpoint(entry, cache_dir=False)
+    import safetensors.torch
+
+    safetensors.torch.save_file(dict(ckpt.state_dict), str(entry), metadata={**ckpt.metadata, **change})
+    info = entry.stat()
+    data["entry_identity"] = cache_module._identity(info)
+    data["entry_sample"] = cache_module._sampled_digest(entry, info.st_size)
+    index.write_text(json.dumps(data), encoding="utf-8")
+
+
+FORGED = {
+    "modules of another shape": {"pool.cache.modules": '{"kinds":[["x.Y",[]]],"paths":{"":0}}'},
+    "modules index out of range": {"pool.cache.modules": '{"kinds":[],"paths":{"":5}}'},
+    "deeply nested keys": {"pool.cache.keys": "[" * 100000 + "]" * 100000},
+    "a safetensors container": {"pool.cache.container": "safetensors"},
+    "an extra metadata key": {"pool.quick_gelu": "false"},
+    "an unsafe global": {"pool.cache.globals": '[["os","system",true]]'},
+}
+
+
+@pytest.mark.parametrize("change", list(FORGED.values()), ids=list(FORGED))
+def test_an_entry_that_is_not_what_the_cache_writes_is_rebuilt(sources, tmp_path, change, caplog):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    _plant(tmp_path, change)
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        ckpt = read_checkpoint(path, cache_dir=tmp_path)
+    assert "damaged" in caplog.text
+    _same(ckpt, read_checkpoint(path, cache_dir=False))
+
+
+def test_a_deeply_nested_index_is_rebuilt(sources, tmp_path):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    _index(tmp_path).write_text("[" * 50000 + "]" * 50000, encoding="utf-8")
+    assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is not None
+
+
+def test_checkpoint_path_is_the_path_given(sources, tmp_path, monkeypatch):
+    link = tmp_path / "Cars_finetuned.pt"
+    link.symlink_to(sources["encoder", "pickle"])
+    monkeypatch.chdir(tmp_path)
+    read_checkpoint("Cars_finetuned.pt", cache_dir=tmp_path / "c")
+    ckpt = read_checkpoint("Cars_finetuned.pt", cache_dir=tmp_path / "c")
+    assert ckpt.cache_entry is not None and ckpt.path == Path("Cars_finetuned.pt")
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "OFF", "no", "none"])
+def test_off_values_of_the_environment_variable(monkeypatch, value):
+    monkeypatch.setenv(CACHE_ENV, value)
+    assert resolve_cache_dir() is None
+
+
+def test_clear_refuses_a_folder_that_is_no_cache_and_removes_only_its_own_files(tmp_path, capsys):
+    v1 = tmp_path / "v1"
+    v1.mkdir(mode=0o700)
+    mine = ["d41d8cd98f00b204e9800998ecf8427e.json", "yarn.lock", ".session.tmp", "notes.txt"]
+    for name in mine:
+        (v1 / name).write_text("x", encoding="utf-8")
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 2
+    assert "not a pool conversion cache" in capsys.readouterr().err
+    assert sorted(os.listdir(v1)) == sorted(mine)
+    (v1 / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n", encoding="utf-8")
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
+    assert sorted(os.listdir(v1)) == sorted(["CACHEDIR.TAG", ".session.tmp", "notes.txt", "yarn.lock"])
+
+
+def test_info_survives_odd_indexes_and_a_fifo_entry(sources, tmp_path, capsys):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    index = _index(tmp_path)
+    data = json.loads(index.read_text(encoding="utf-8"))
+    entry = tmp_path / "v1" / data["entry"]
+    entry.unlink()
+    os.mkfifo(entry)
+    from pool import cache as cache_module
+
+    data["entry_identity"] = cache_module._identity(entry.lstat())
+    data["created"] = "yesterday"
+    index.write_text(json.dumps(data), encoding="utf-8")
+    assert main(["cache", "info", "--cache-dir", str(tmp_path), "--json"]) == 0  # returns: the FIFO is not read
+    (item,) = json.loads(capsys.readouterr().out)["entries"]
+    assert item["status"] == "damaged" and item["created"] == 0.0
+    assert main(["cache", "clear", "--unusable", "--cache-dir", str(tmp_path)]) == 0
+    assert not entry.exists()
+
+
+def test_verify_of_the_embedded_default_caches_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert main(["verify"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "c").exists()
