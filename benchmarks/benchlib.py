@@ -8,6 +8,7 @@ imports nothing beyond torch and ``pool``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -48,8 +49,138 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
     "state_dict / floor": ("state_dict", "floor", "", 0.0),
     "safetensors / floor": ("safetensors", "floor", "", 0.0),
     "zip / floor (no mmap)": ("zip", "floor_nommap", "", 0.0),
+    # issue 15: the conversion cache. A hit of a pickled file against loading a safetensors file
+    "cached pickle / safetensors": ("cached_pickle", "safetensors", "<=", 1.5),
+    "cached legacy / safetensors": ("cached_legacy", "safetensors", "<=", 1.5),
+    "read cached pickle / read safetensors": ("read_cached_pickle", "read_safetensors", "<=", 1.5),
+    "first cached load / pickle": ("cache_fill_pickle", "pickle", "", 0.0),  # the one-time cost (informative)
 }
 MEMORY_TARGETS: dict[str, float] = {"one encoder (zip)": 1.3, "named_models x8": 3.0}
+
+# Time to first features (issue 15): ``ImageEncoder.load`` + one forward, warm and cold page cache,
+# beside the usual user path (torch.load without mmap, open_clip.create_model, load_state_dict,
+# encode_image) of the same run. Figures are recorded as ``ttff_<cache>_<form>``.
+TTFF_CACHES = ("warm", "cold")
+#: "pickle_cache": the plain pickle served by the conversion cache (a hit), where pool.cache exists.
+TTFF_FORMS = (*(label for label, _, _ in FORMS), "pickle_cache")
+TTFF_BASELINE = "baseline"
+TTFF_TEXT = {
+    **{label: f"ImageEncoder.load({label}) + forward" for label, _, _ in FORMS},
+    "pickle_cache": "ImageEncoder.load(pickle, cache_dir=...) + forward (conversion cache hit)",
+    TTFF_BASELINE: ("torch.load(state_dict, weights_only=True) + open_clip.create_model + "
+                    "load_state_dict(strict=False) + encode_image"),
+}
+
+
+def ttff_label(form: str, cache: str) -> str:
+    """The figure label of a time-to-first-features result: ``ttff_<warm|cold>_<form>``."""
+    return f"ttff_{cache}_{form}"
+
+
+def ttff_table(figures: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (form, warm/cold) figure present: ours, the same run's baseline, the ratio."""
+    rows = []
+    for form in TTFF_FORMS:
+        for cache in TTFF_CACHES:
+            ours = figures.get(ttff_label(form, cache))
+            if ours is None:
+                continue
+            base = figures.get(ttff_label(TTFF_BASELINE, cache))
+            base_s = base["seconds"] if base else None
+            rows.append({"form": form, "page_cache": cache, "ours": TTFF_TEXT.get(form, form),
+                         "ours_s": ours["seconds"], "baseline": TTFF_TEXT[TTFF_BASELINE], "baseline_s": base_s,
+                         "ratio": ours["seconds"] / base_s if base_s else None,
+                         "rounds": ours.get("rounds"), "baseline_rounds": base.get("rounds") if base else None,
+                         "batch": ours.get("batch"), "cold_method": ours.get("cold_method"),
+                         "baseline_cold_method": base.get("cold_method") if base else None,
+                         "resident_before_max": ours.get("resident_before_max"),
+                         "others_cpu_cores": ours.get("others_cpu_cores"),
+                         "baseline_others_cpu_cores": base.get("others_cpu_cores") if base else None})
+    return rows
+
+
+# -- a cold page cache -----------------------------------------------------------------------------
+class ColdCacheUnavailable(RuntimeError):
+    """Neither ``/proc/sys/vm/drop_caches`` nor ``posix_fadvise(DONTNEED)`` could empty the cache."""
+
+
+_DROP_CACHES_ERROR: list[str] = []  # why drop_caches failed once (then it is not tried again)
+
+
+def drop_page_cache(files: list[Path]) -> str:
+    """Empty the page cache before a cold round; returns the method used.
+
+    ``sync; echo 3 > /proc/sys/vm/drop_caches`` (every clean page of the machine: libraries too,
+    so import everything first) where allowed (root), else ``posix_fadvise(POSIX_FADV_DONTNEED)``
+    on ``files`` alone. ``$POOL_BENCH_COLD`` = ``drop_caches`` or ``fadvise`` forces one. Neither
+    evicts pages a process still maps: drop every tensor of the previous round first (this runs a
+    ``gc.collect()``). Raises `ColdCacheUnavailable` when nothing worked.
+    """
+    gc.collect()
+    forced = os.environ.get("POOL_BENCH_COLD", "auto").strip().lower() or "auto"
+    if forced not in ("auto", "drop_caches", "fadvise"):
+        raise ColdCacheUnavailable(f"POOL_BENCH_COLD={forced!r}: use auto, drop_caches or fadvise")
+    errors: list[str] = []
+    if forced in ("auto", "drop_caches"):
+        if not _DROP_CACHES_ERROR:
+            try:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3\n")
+                return "drop_caches"
+            except OSError as exc:  # not root, or a container without a writable /proc/sys
+                _DROP_CACHES_ERROR.append(f"drop_caches: {exc}")
+        errors.extend(_DROP_CACHES_ERROR)
+    if forced in ("auto", "fadvise"):
+        try:
+            for path in files:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            return "fadvise"
+        except (OSError, AttributeError) as exc:  # AttributeError: no posix_fadvise on this OS
+            errors.append(f"posix_fadvise: {exc}")
+    raise ColdCacheUnavailable("cannot empty the page cache: " + "; ".join(errors))
+
+
+def resident_fraction(path: Path) -> float | None:
+    """The fraction of ``path``'s pages in the page cache now (``mincore``), None where unknown.
+
+    Maps the file without touching it, so it reads nothing in itself: the cold rounds record it
+    just before each timed region, as evidence that they really start cold.
+    """
+    import ctypes
+    import mmap
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return None
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return (pages - bytes(vec).count(0)) / pages
+        finally:
+            libc.munmap(addr, size)
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def cache_dir() -> Path:
@@ -145,13 +276,100 @@ def ratios(arch: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def time_it(benchmark: Any, fn: Callable[[], Any], *, rounds: int, warmup: int = 1) -> tuple[float, int]:
-    """Median seconds of ``fn``: through pytest-benchmark when enabled, once by hand when not."""
+class OthersCPU:
+    """CPU seconds the rest of the machine used while this was running (``/proc/stat`` busy time
+    minus this process's and its children's), summed over `start`/`stop` spans (or a ``with``
+    block): how much a shared machine disturbed a measurement. ``cores`` is that over the spans'
+    wall time (None off Linux).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.wall = 0.0
+        self.known = True
+        self._start: tuple[float | None, float, float] | None = None
+
+    def start(self) -> None:
+        self._start = (self._busy(), self._own(), time.perf_counter())
+
+    def stop(self) -> None:
+        if self._start is None:
+            return
+        busy0, own0, t0 = self._start
+        busy1, own1, t1 = self._busy(), self._own(), time.perf_counter()
+        self._start = None
+        if busy0 is None or busy1 is None:
+            self.known = False
+            return
+        self.seconds += max(0.0, (busy1 - busy0) - (own1 - own0))
+        self.wall += t1 - t0
+
+    @property
+    def cores(self) -> float | None:
+        return self.seconds / self.wall if self.known and self.wall > 0 else None
+
+    def __enter__(self) -> OthersCPU:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_quiet(max_cores: float, timeout: float, window: float = 1.0) -> tuple[float, bool]:
+    """Wait until the rest of the machine used at most ``max_cores`` over a ``window``; gives up
+    after ``timeout`` s. Returns (seconds waited, whether it was quiet). For shared machines."""
+    start = time.perf_counter()
+    while True:
+        with OthersCPU() as others:
+            time.sleep(window)
+        if others.cores is None or others.cores <= max_cores:
+            return time.perf_counter() - start, True
+        if time.perf_counter() - start >= timeout:
+            return time.perf_counter() - start, False
+
+
+def time_it(benchmark: Any, fn: Callable[[], Any], *, rounds: int, warmup: int = 1,
+            setup: Callable[[], None] | None = None,
+            teardown: Callable[[], None] | None = None) -> tuple[float, int]:
+    """Median seconds of ``fn``: through pytest-benchmark when enabled, once by hand when not.
+
+    ``setup`` and ``teardown`` run before and after every round (warm-up rounds too), outside
+    the timed region.
+    """
+    def before() -> None:  # pytest-benchmark takes what setup returns as fn's arguments
+        if setup is not None:
+            setup()
+
+    def after() -> None:
+        if teardown is not None:
+            teardown()
+
     if getattr(benchmark, "disabled", False):
+        before()
         start = time.perf_counter()
         benchmark.pedantic(fn, rounds=1, iterations=1)  # disabled: pytest-benchmark calls fn once
-        return time.perf_counter() - start, 1
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        seconds = time.perf_counter() - start
+        after()
+        return seconds, 1
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1,
+                       setup=before if setup is not None else None,
+                       teardown=after if teardown is not None else None)
     stats = benchmark.stats.stats
     return float(stats.median), int(stats.rounds)
 

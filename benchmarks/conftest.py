@@ -18,6 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
+# The conversion cache (pool.cache) is opt-in through this variable: a benchmark that means to time
+# a cache hit passes cache_dir= itself, so none (nor any child process) uses one by accident.
+os.environ.pop("OPENCLIP_POOL_CACHE_DIR", None)
+
 
 def _disabled(config: pytest.Config) -> bool:
     try:
@@ -45,9 +49,11 @@ def checkpoints(arch: str) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def rounds(bench_disabled: bool) -> dict[str, int]:
-    """Rounds per kind of benchmark (``$POOL_BENCH_ROUNDS`` scales the slow ones)."""
+    """Rounds per kind of benchmark (``$POOL_BENCH_ROUNDS`` scales the slow ones,
+    ``$POOL_BENCH_COLD_ROUNDS`` the cold-page-cache ones, default 3)."""
     slow = int(os.environ.get("POOL_BENCH_ROUNDS", "5"))
-    return {"fast": 20, "slow": slow, "manual": max(1, min(slow, 3))}
+    cold = int(os.environ.get("POOL_BENCH_COLD_ROUNDS", "3"))
+    return {"fast": 20, "slow": slow, "manual": max(1, min(slow, 3)), "cold": max(1, cold)}
 
 
 def _versions() -> dict[str, str]:
@@ -90,7 +96,8 @@ def summary() -> dict[str, Any]:
     out: dict[str, Any] = {"versions": _versions(), "host": _host(), "archs": {}}
     for arch in sorted(set(benchlib.RESULTS) | set(benchlib.MEMORY)):
         out["archs"][arch] = {"figures": benchlib.RESULTS.get(arch, {}), "ratios": benchlib.ratios(arch),
-                              "memory": benchlib.MEMORY.get(arch, {})}
+                              "memory": benchlib.MEMORY.get(arch, {}),
+                              "ttff": benchlib.ttff_table(benchlib.RESULTS.get(arch, {}))}
     return out
 
 
@@ -106,14 +113,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.write_sep("=", f"pool benchmarks: ratios in this run ({mode})")
     for arch in sorted(set(benchlib.RESULTS) | set(benchlib.MEMORY)):
         figures = benchlib.RESULTS.get(arch, {})
-        if figures:
+        loads = {k: v for k, v in figures.items() if not k.startswith("ttff_")}
+        if loads:
             tr.write_line(f"{arch}: load times (s)")
-            tr.write_line("  " + "  ".join(f"{k}={v['seconds']:.4g}" for k, v in figures.items()))
+            tr.write_line("  " + "  ".join(f"{k}={v['seconds']:.4g}" for k, v in loads.items()))
             tr.write_line(f"  {'ratio':<30} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
             for name, r in benchlib.ratios(arch).items():
                 met = {True: "yes", False: "NO", None: "-"}[r["met"]]
                 tr.write_line(f"  {name:<30} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
                               f"{r['denominator_s']:>12.4f}  {r['target']:>7}  {met}")
+        _write_ttff(tr, arch, benchlib.ttff_table(figures))
         memory = benchlib.MEMORY.get(arch, {})
         if memory:
             tr.write_line(f"{arch}: peak RSS over the import-only baseline, vs one checkpoint's size")
@@ -123,3 +132,20 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                 tr.write_line(f"  {name:<30} {m['ratio']:>8.2f}  peak +{m['peak_delta_mb']:.0f} MB "
                               f"(anon {m.get('anon_delta_mb', 0):.0f} MB, file-backed {m.get('file_mb', 0):.0f} MB) "
                               f"/ {m['checkpoint_mb']:.0f} MB  target <= {target if target else '-'}  {met}")
+
+
+def _write_ttff(tr: Any, arch: str, rows: list[dict[str, Any]]) -> None:
+    """The time-to-first-features table: load + one forward, ours beside the same run's baseline."""
+    if not rows:
+        return
+    batch = next((r["batch"] for r in rows if r.get("batch")), "?")
+    tr.write_line(f"{arch}: time to first features (s), load + one forward of {batch} images; baseline: "
+                  "torch.load(state_dict) + create_model + load_state_dict + encode_image")
+    tr.write_line(f"  {'form':<14} {'cache':<5} {'ours (s)':>9}  {'baseline (s)':>12}  {'ratio':>6}  rounds  "
+                  "cold method  other load (cores, ours/baseline)")
+    for r in rows:
+        base = f"{r['baseline_s']:>12.4f}" if r["baseline_s"] is not None else f"{'-':>12}"
+        ratio = f"{r['ratio']:>6.2f}" if r["ratio"] is not None else f"{'-':>6}"
+        load = "/".join("-" if v is None else f"{v:.2f}" for v in (r["others_cpu_cores"], r["baseline_others_cpu_cores"]))
+        tr.write_line(f"  {r['form']:<14} {r['page_cache']:<5} {r['ours_s']:>9.4f}  {base}  {ratio}  "
+                      f"{r['rounds'] or '-':>6}  {r['cold_method'] or '-':<11}  {load}")

@@ -6,8 +6,10 @@
 ``RUN.json`` is pytest-benchmark's ``--benchmark-json`` output of ``pytest benchmarks`` (several
 runs, e.g. one per architecture, merge); ``gpu_bench.json`` is what ``gpu_bench.py --out`` wrote.
 The JSON holds the machine, the versions, every figure beside its baseline and each ratio against
-its target. The PNG (written when matplotlib is importable) shows load time per form against the
-baselines of the same run: CPU figures when there are any, else the GPU checkpoint-to-device ones.
+its target, and, for ``test_ttff.py`` runs, a ``ttff`` table per architecture (form x warm/cold
+page cache: ours, the same run's baseline, the ratio, rounds, the cold method). The PNG (written
+when matplotlib is importable) shows load time per form against the baselines of the same run:
+CPU figures when there are any, else the GPU checkpoint-to-device ones, else time to first features.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def _from_benchmarks(run: dict[str, Any]) -> dict[str, Any]:
             name = info["label"].removeprefix("memory: ")
             archs.setdefault(arch, {}).setdefault("memory", {})[name] = {
                 k: v for k, v in info.items() if k not in ("arch", "label", "role")}
+        elif str(info.get("label", "")).startswith("ttff_"):  # time to first features: keep the method etc.
+            benchlib.record(arch, info["label"], info["median_s"], **{
+                k: v for k, v in info.items() if k not in ("arch", "label", "median_s", "file_bytes")})
         elif "median_s" in info:
             benchlib.record(arch, info["label"], info["median_s"], rounds=info.get("rounds"), role=info.get("role"))
     for arch in benchlib.RESULTS:
@@ -88,6 +93,9 @@ def collect_cpu(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
             m["target"] = f"<= {target:g}" if target else ""
             m["met"] = (m["ratio"] <= target) if target else None
         data["figures"] = figures
+        ttff = benchlib.ttff_table(figures)  # time to first features: form x warm/cold beside the baseline
+        if ttff:
+            data["ttff"] = ttff
     return machine, archs
 
 
@@ -100,11 +108,11 @@ def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no PNG written (pip install matplotlib)")
         return False
-    names = [a for a in archs if archs[a].get("figures")]
-    if not names:
-        return False
     order_ours = [label for label, _, _ in benchlib.FORMS]
     order_base = ["floor", "floor_nommap", "read_legacy", "read_pickle", "manual"]
+    names = [a for a in archs if any(k in archs[a].get("figures", {}) for k in order_ours + order_base)]
+    if not names:
+        return False
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 0.5 + 4.2 * len(names)), squeeze=False)
     for ax, arch in zip(axes[:, 0], names, strict=True):
         figures = archs[arch]["figures"]
@@ -128,6 +136,45 @@ def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
         ax.grid(axis="x", which="both", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color="#1f77b4"), plt.Rectangle((0, 0), 1, 1, color="#b0b0b0")]
     axes[0, 0].legend(handles, ["pool (ours)", "baseline, same run"], loc="upper right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def chart_ttff(archs: dict[str, Any], path: Path, title: str) -> bool:
+    """Time to first features per form, warm and cold page cache, beside the same run's baseline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [a for a in archs if archs[a].get("ttff")]
+    if not names:
+        return False
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 0.8 + 3.6 * len(names)), squeeze=False)
+    for ax, arch in zip(axes[:, 0], names, strict=True):
+        rows = archs[arch]["ttff"]
+        forms = list(dict.fromkeys(r["form"] for r in rows))
+        bars: list[tuple[str, float, str]] = []
+        for cache, color in (("warm", "#1f77b4"), ("cold", "#0b3d66")):
+            base = next((r["baseline_s"] for r in rows if r["page_cache"] == cache and r["baseline_s"]), None)
+            if base:
+                bars.append((f"baseline, {cache}", base, "#b0b0b0" if cache == "warm" else "#707070"))
+            bars += [(f"{r['form']}, {cache}", r["ours_s"], color) for f in forms for r in rows
+                     if r["form"] == f and r["page_cache"] == cache]
+        bars.reverse()
+        drawn = ax.barh(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.set_xlabel("seconds to the first features: load + one forward (median)")
+        ax.set_title(f"{arch}, batch {rows[0].get('batch')}", fontsize=9)
+        for bar, (_, value, _) in zip(drawn, bars, strict=True):
+            ax.text(value * 1.01, bar.get_y() + bar.get_height() / 2, f"{value:.3g} s", va="center", fontsize=7)
+        ax.set_xlim(0, max(b[1] for b in bars) * 1.15)
+        ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=120)
@@ -189,6 +236,12 @@ def main() -> None:
                                           "memory": {k: f"<= {v:g}" for k, v in benchlib.MEMORY_TARGETS.items()},
                                           "gpu": {"ours zip / pinned copy": "<= 2", "ours / safetensors.load_file": "< 1",
                                                   "ours / open_clip throughput": "~1 (no slowdown)"}}}
+    if any(a.get("ttff") for a in archs.values()):
+        result["ttff_note"] = (
+            "time to first features (issue 15): ImageEncoder.load + eval() + one forward of a random batch under "
+            "torch.no_grad(), beside the same run's baseline (" + benchlib.TTFF_TEXT[benchlib.TTFF_BASELINE] +
+            "); warm and cold page cache (cold: emptied before each round, outside the timing, by cold_method); "
+            "in process: imports and first-call caches warm in both; ratio = ours / baseline; no targets")
     out_json = args.out_dir / f"{stem}.json"
     out_json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out_json}")
@@ -197,6 +250,8 @@ def main() -> None:
              f"(torch {versions.get('torch', '?')}, open_clip {versions.get('open_clip', '?')})")
     png = args.out_dir / f"{stem}.png"
     if archs and chart_cpu(archs, png, title) or (not archs and gpu and chart_gpu(gpu, png, title)):
+        print(f"wrote {png}")
+    elif archs and chart_ttff(archs, png, title.replace("load time", "time to first features")):
         print(f"wrote {png}")
 
 
