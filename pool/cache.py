@@ -51,6 +51,7 @@ import secrets
 import stat
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,20 +137,19 @@ def _identity(info: os.stat_result) -> dict[str, int]:
 
 
 def _sampled_digest(path: Path, size: int) -> str:
-    """blake2b of the size and 16 blocks of 4 KiB spread evenly over the file (first and last
-    included): a content check that costs 16 reads whatever the file's size. Only a regular file
-    is read (opened without blocking, so a FIFO in its place cannot hang the caller)."""
-    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+    """CRC-32 of each of 16 blocks of 4 KiB spread evenly over the file (first and last included),
+    with the size: a content check that costs 16 reads whatever the file's size. It detects change,
+    not forgery (only its owner can write the cache). Only a regular file is read (opened without
+    blocking, so a FIFO in its place cannot hang the caller)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
         last = max(0, size - _BLOCK)
-        for i in range(_SAMPLES):
-            digest.update(os.pread(fd, _BLOCK, last * i // (_SAMPLES - 1)))
+        crcs = [zlib.crc32(os.pread(fd, _BLOCK, last * i // (_SAMPLES - 1))) for i in range(_SAMPLES)]
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return f"{size:x}:" + "".join(f"{crc:08x}" for crc in crcs)
 
 
 def _key(source: Path) -> str:
@@ -163,6 +163,12 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if type(value) is list else value
 
 
+def _order(keys: list[str]) -> list[int]:
+    """The key order as positions in the sorted keys (an entry stores its tensors sorted)."""
+    rank = {key: i for i, key in enumerate(sorted(keys))}
+    return [rank[key] for key in keys]
+
+
 def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
     kinds: dict[str, int] = {}  # the distinct (class, attributes): a ViT's blocks repeat a few of them
     paths = {}
@@ -174,7 +180,7 @@ def _checkpoint_metadata(ckpt: Checkpoint) -> dict[str, str]:
         f"{_META}container": ckpt.container,
         f"{_META}root_type": ckpt.root_type,
         f"{_META}wrapper": ckpt.wrapper or "",
-        f"{_META}keys": json.dumps(list(ckpt.state_dict), separators=(",", ":")),  # safetensors sorts them
+        f"{_META}keys": json.dumps(_order(list(ckpt.state_dict)), separators=(",", ":")),  # safetensors sorts them
         f"{_META}modules": json.dumps(modules, separators=(",", ":")),
         f"{_META}globals": json.dumps([[g.module, g.name, g.unsafe] for g in ckpt.globals], separators=(",", ":")),
     }
@@ -197,10 +203,12 @@ def _checkpoint_from(entry: Checkpoint, path: Path) -> Checkpoint:
     if any(g.unsafe for g in found):
         raise ValueError("it lists an unsafe global")
     tensors = entry.state_dict
+    ranks = sorted(tensors)
     order = json.loads(meta[f"{_META}keys"])
-    if not isinstance(order, list) or len(order) != len(tensors) or set(order) != set(tensors):
-        raise ValueError("its key list does not match its tensors")
-    return Checkpoint(path, meta[f"{_META}container"], {k: tensors[k] for k in order}, meta[f"{_META}root_type"],
+    if not isinstance(order, list) or sorted(order) != list(range(len(ranks))):
+        raise ValueError("its key order does not match its tensors")
+    return Checkpoint(path, meta[f"{_META}container"], {ranks[i]: tensors[ranks[i]] for i in order},
+                      meta[f"{_META}root_type"],
                       modules=modules, globals=found, wrapper=meta[f"{_META}wrapper"] or None,
                       cache_entry=entry.path)
 

@@ -591,6 +591,7 @@ FORGED = {
     "modules of another shape": {"pool.cache.modules": '{"kinds":[["x.Y",[]]],"paths":{"":0}}'},
     "modules index out of range": {"pool.cache.modules": '{"kinds":[],"paths":{"":5}}'},
     "deeply nested keys": {"pool.cache.keys": "[" * 100000 + "]" * 100000},
+    "a key order of another length": {"pool.cache.keys": "[0,1]"},
     "a safetensors container": {"pool.cache.container": "safetensors"},
     "an extra metadata key": {"pool.quick_gelu": "false"},
     "an unsafe global": {"pool.cache.globals": '[["os","system",true]]'},
