@@ -57,9 +57,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .containers import by_name
 from .containers.base import Checkpoint, ReadOptions
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .records import ModuleInfo
 from .unpickler import GlobalName
 
@@ -315,7 +317,7 @@ class CheckpointCache:
             if served is not None:
                 log.debug("cache hit: %s <- %s", path, found)
                 return served
-        return self._fill(path, source, key, info, options, read_source)
+        return self._fill(path, source, key, info, options, read_source, rejected=found)
 
     def _usable(self) -> bool:
         """Whether ``v1`` exists and only this user can write it (a hit is served from nothing else)."""
@@ -389,18 +391,24 @@ class CheckpointCache:
             return None
         return data
 
-    def _read_entry(self, entry: Path, options: ReadOptions, path: Path, source: Path) -> Checkpoint | None:
+    def _read_entry(self, entry: Path, options: ReadOptions, path: Path, source: Path, *,
+                    quiet: bool = False) -> Checkpoint | None:
+        """The entry's checkpoint, or None when it is damaged (logged). An entry is untrusted input:
+        anything wrong with its file or contents means a rebuild; a failure to place its tensors
+        (out of device memory) is not the entry's and propagates, as it would without the cache."""
         try:
             return _checkpoint_from(by_name("safetensors").read(entry, options), path)
-        except Exception as exc:  # noqa: BLE001 - an entry is untrusted input: anything wrong with it means rebuild
-            log.warning("cache: the entry of %s is damaged (%s: %s: %s); rebuilding it", source, entry,
-                        type(exc).__name__, exc)
+        except (OSError, CheckpointError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                RecursionError) as exc:  # JSONDecodeError is a ValueError
+            (log.debug if quiet else log.warning)("cache: the entry of %s is damaged (%s: %s: %s)%s", source, entry,
+                                                  type(exc).__name__, exc, "" if quiet else "; rebuilding it")
             return None
 
     # -- writing --------------------------------------------------------------------------------------
     def _fill(self, path: Path, source: Path, key: str, info: os.stat_result, options: ReadOptions,
-              read_source: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
-        """Read the source (errors propagate, nothing is written), then cache what was read."""
+              read_source: Callable[[Path, ReadOptions], Checkpoint], rejected: Path | str | None = None) -> Checkpoint:
+        """Read the source (errors propagate, nothing is written), then cache what was read;
+        ``rejected`` is an entry that failed to read, which is replaced even if its index matches."""
         from .containers import sniff  # the container decides whether caching pays
 
         with open(source, "rb") as f:
@@ -412,13 +420,13 @@ class CheckpointCache:
         entry = None
         try:
             if self._cacheable_now(path, source, info):
-                entry = self._store(key, source, info, ckpt)
+                entry = self._store(key, source, info, ckpt, rejected)
         except Exception as exc:  # noqa: BLE001 - a load never fails because of the cache
             log.warning("cache %s: could not cache %s (%s: %s); it was read directly", self.root, path,
                         type(exc).__name__, exc)
         if entry is not None:
-            log.info("cache: %s (%s) cached as %s in %.2f s", path, ckpt.container, entry.name,
-                     time.perf_counter() - start)
+            log.debug("cache: %s (%s) read and its entry ready in %.2f s", path, ckpt.container,
+                      time.perf_counter() - start)
             served = self._read_entry(entry, options, path, source)
             if served is not None:
                 return served
@@ -436,16 +444,19 @@ class CheckpointCache:
             return False
         return True
 
-    def _store(self, key: str, source: Path, info: os.stat_result, ckpt: Checkpoint) -> Path | None:
+    def _store(self, key: str, source: Path, info: os.stat_result, ckpt: Checkpoint,
+               rejected: Path | str | None = None) -> Path | None:
         """Write the entry and then its index, holding the file's lock; the entry another process
-        wrote meanwhile when it is there. A tensor safetensors cannot hold is recorded as
-        ``uncacheable`` (the file is then read directly until it changes)."""
-        from .saving import contiguous_unshared, write_checked
+        wrote meanwhile when it is there (unless it is ``rejected``). What safetensors cannot hold
+        (a dtype, metadata) is recorded as ``uncacheable``, so the file is then read directly until
+        it changes; other failures (a full disk, a write interrupted) are retried at the next load."""
+        from .saving import contiguous_unshared, safetensors_layout, write_checked
 
         self._prepare()
         with self._locked(key):
             index = self._load_index(key, quiet=True)
-            if index is not None and (found := self._lookup(index, source, info)) is not None:
+            found = self._lookup(index, source, info) if index is not None else None
+            if found is not None and found != rejected:
                 return None if found == "uncacheable" else found  # type: ignore[return-value]
             sample = _sampled_digest(source, info.st_size)
             entry = self.folder / f"{key}.{secrets.token_hex(8)}.safetensors"
@@ -454,10 +465,13 @@ class CheckpointCache:
             try:
                 if ckpt.metadata:  # pickled containers carry none; an entry could not keep it
                     raise ValueError(f"it carries metadata the cache does not keep ({sorted(ckpt.metadata)[:3]})")
-                write_checked(contiguous_unshared(ckpt.state_dict), _checkpoint_metadata(ckpt), entry)
-            except Exception as exc:  # a dtype safetensors lacks, a full disk: not retried until the file changes
+                tensors, metadata = contiguous_unshared(ckpt.state_dict), _checkpoint_metadata(ckpt)
+                safetensors_layout(tensors, metadata)
+            except (KeyError, ValueError, TypeError) as exc:  # what the file holds: the same at every load
                 self._commit(key, {**record, "entry": None, "reason": f"{type(exc).__name__}: {exc}"[:500]})
                 raise
+            write_checked(tensors, metadata, entry)
+            log.info("cache: %s (%s) cached as %s", source, ckpt.container, entry.name)
             entry_info = entry.stat()
             self._commit(key, {**record, "entry": entry.name, "entry_identity": _identity(entry_info),
                                "entry_sample": _sampled_digest(entry, entry_info.st_size)}, entry)
@@ -500,13 +514,18 @@ class CheckpointCache:
                 tag.write_text(_TAG, encoding="utf-8")
 
     @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        """An exclusive lock on ``key`` (``flock`` of ``<key>.lock``; none where fcntl is missing)."""
+    def _locked(self, key: str, *, wait: bool = True) -> Iterator[bool]:
+        """An exclusive lock on ``key`` (``flock`` of ``<key>.lock``; none where fcntl is missing).
+        Yields whether it is held: with ``wait=False`` a lock another process holds is not waited for."""
         fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            yield True
         finally:
             os.close(fd)  # releases the lock
 
@@ -551,7 +570,9 @@ class CheckpointCache:
             return CacheEntry(index_path, source, container, entry, nbytes, "missing", created)
         try:
             damaged = entry is not None and (data["entry_identity"] != _identity(entry.lstat())
-                                             or data.get("entry_sample") != _sampled_digest(entry, entry.lstat().st_size))
+                                             or data.get("entry_sample") != _sampled_digest(entry, entry.lstat().st_size)
+                                             or self._read_entry(entry, ReadOptions(torch.device("meta")), source,
+                                                                 source, quiet=True) is None)
         except OSError:
             damaged = True
         if damaged:
@@ -592,18 +613,35 @@ class CheckpointCache:
         for item in list(self.entries()):
             if only_unusable and item.status == "fresh":
                 continue
-            key = (_INDEX_NAME.match(item.index.name) or _ENTRY_NAME.match(item.index.name)).group(1)  # type: ignore[union-attr]
-            for file in self._files_of(key):
-                with contextlib.suppress(FileNotFoundError):
-                    freed += _size(file)
-                    file.unlink()
+            if item.status == "orphan":  # an entry file no index names: that file alone
+                freed += _unlink(item.index)
+                removed += 1
+                continue
+            key = _INDEX_NAME.match(item.index.name).group(1)  # type: ignore[union-attr]
+            with self._locked(key, wait=False) as held:
+                if not held:  # being written by another process right now: left alone
+                    log.info("cache: %s is being written; not removed", item.source)
+                    continue
+                for file in self._files_of(key):
+                    freed += _unlink(file)
             removed += 1
         for leftover in self.folder.iterdir():  # interrupted writes of keys that have no index
-            if _TMP_NAME.match(leftover.name):
-                with contextlib.suppress(OSError):
-                    freed += _size(leftover)
-                    leftover.unlink()
+            match = _TMP_NAME.match(leftover.name)
+            if match and not (self.folder / f"{match.group(1)}.json").exists():
+                with self._locked(match.group(1), wait=False) as held:
+                    if held:
+                        freed += _unlink(leftover)
         return removed, freed
+
+
+def _unlink(path: Path) -> int:
+    """Remove ``path`` if it is there; the bytes freed."""
+    size = _size(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _size(path: Path) -> int:

@@ -255,12 +255,12 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         ['model.ln_final.bias']
     """
     options = read_options(map_location, mmap, refuse_unsafe)
+    cache = resolve_cache_dir(cache_dir)  # a bad value is the caller's mistake whatever the path is
     folder = Path(path).expanduser()
     if is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
         with paused_gc():
             return read_hf_folder(folder, options, _read_file)
     p = _existing_file(path)
-    cache = resolve_cache_dir(cache_dir)
     with paused_gc():
         if cache is not None:
             return CheckpointCache(cache).read(p, options, _read_file)

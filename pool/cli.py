@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -178,9 +179,9 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
         if not parent.is_dir():
             raise UsageError(f"--json {json_target}: the folder {parent} does not exist.")
 
-    def run(config: Path, label: str, note: str | None) -> int:
+    def run(config: Path, label: str, note: str | None, *, cache: bool = True) -> int:
         pool, models, heads = prepare_pool(config)
-        if note is not None:  # the embedded default: a temporary tree, nothing worth caching
+        if not cache:  # the embedded default: a temporary tree, nothing worth caching
             pool.cache_dir = False
         place = world()
         if place is not None:  # under torchrun: this rank's share, then every rank's results merged
@@ -223,7 +224,7 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
             note = (f"embedded default: a tiny checkpoint tree in the task-arithmetic layout (every "
                     f"container and form, heads, {len(tree.tasks)} tasks), synthesized in {tmp} and "
                     "removed afterwards")
-            return run(tree.config, "embedded default", note)
+            return run(tree.config, "embedded default", note, cache=False)
     config = Path(args.config).expanduser()
     if config.is_dir():
         inside = [c.name for c in (config / "pool.yaml", config / "pool.safetensors.yaml") if c.is_file()]
@@ -544,7 +545,7 @@ def _cmd_cache(args: argparse.Namespace, out: Style) -> int:
         lines += ["", table(["status", "container", "size", "source"], rows, right=(2,))]
         if len(entries) > counts["fresh"]:
             lines += ["", f"remove the unusable ones with: {args.prog} cache clear --unusable"
-                          + (f" --cache-dir {root}" if args.cache_dir else "")]
+                          + (f" --cache-dir {shlex.quote(str(root))}" if args.cache_dir else "")]
     print("\n".join(lines))
     return EXIT_OK
 

@@ -378,7 +378,7 @@ def _loads_its_own_way(module: nn.Module) -> bool:
 def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
     """The modules by path, and the tensors ``state_dict()`` would name (parameters and persistent
     buffers; for modules without state-dict hooks, which `_assign` checks before relying on it)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a shared submodule under each of its paths
     tensors: dict[str, torch.Tensor] = {}
     for path, module in modules.items():
         prefix = path + "." if path else ""

@@ -22,7 +22,7 @@ from .arch import HEADS_METADATA, QUICK_GELU_METADATA, name_for_arch
 from .errors import ConfigError, CorruptCheckpointError
 
 __all__ = ["module_payload", "write_checked", "save_module_weights", "tensor_difference", "compare_tensors",
-           "TORCH_SUFFIXES"]
+           "safetensors_layout", "TORCH_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,34 @@ def contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     return out
+
+
+def safetensors_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse, before a byte is written, what a safetensors file cannot hold.
+
+    Args:
+        tensors: the tensors to write, by key.
+        metadata: the string metadata to write.
+
+    Raises:
+        ValueError: a key safetensors reserves (``__metadata__``) or cannot encode as UTF-8, or a
+            dtype it has no name for (complex128, ...).
+        TypeError: a key or metadata value that is no string.
+    """
+    from .containers.safetensors_file import SAFETENSORS_DTYPES
+
+    writable = set(SAFETENSORS_DTYPES.values())
+    for key, tensor in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor key {key!r} is not a string")
+        if key == "__metadata__":
+            raise ValueError("a tensor is named __metadata__, which safetensors reserves")
+        key.encode("utf-8")  # UnicodeEncodeError (a ValueError) for lone surrogates
+        if tensor.dtype not in writable:
+            raise ValueError(f"tensor {key[:200]!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+    for name, value in metadata.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"metadata {name!r} is not a string pair")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -200,10 +200,27 @@ def test_near_miss_of_cache_dir_is_refused():
 
 
 # -- never stale -----------------------------------------------------------------------------------------
-def _rewrite(path: Path, seed: int, at: float = 0.5) -> None:
-    """Change 64 bytes of tensor data in place (same size, same inode), then put the mtime back."""
+def _tensor_ranges(path: Path) -> list[tuple[int, int]]:
+    """Where the file's tensor bytes lie, found by their contents (storage keys, and so offsets,
+    differ from one run to the next); largest first. Changing bytes in there changes weights only."""
+    data = path.read_bytes()
+    ranges = []
+    for tensor in read_checkpoint(path, cache_dir=False).state_dict.values():
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        start = data.find(raw[:256]) if len(raw) >= 1024 else -1
+        if start >= 0 and data[start:start + len(raw)] == raw:
+            ranges.append((start, start + len(raw)))
+    return sorted(ranges, key=lambda r: r[0] - r[1])
+
+
+def _rewrite(path: Path, seed: int, offset: int | None = None) -> None:
+    """Change 64 bytes of tensor data in place (same size, same inode), then put the mtime back;
+    at ``offset``, else in the middle of one of the largest tensors (by ``seed``)."""
     before = path.stat()
-    offset = int(before.st_size * at)
+    if offset is None:
+        ranges = _tensor_ranges(path)[:4]
+        start, stop = ranges[seed % len(ranges)]
+        offset = (start + stop) // 2
     with open(path, "r+b") as f:
         f.seek(offset)
         data = f.read(64)
@@ -239,7 +256,9 @@ def test_sampled_content_catches_a_change_the_identity_misses(sources, tmp_path,
     monkeypatch.setattr(cache_module, "_identity", lambda info: {**identity(info), "ctime_ns": 0})
     read_checkpoint(path, cache_dir=tmp_path / "c")  # re-indexed with ctime ignored
     last = path.stat().st_size - 4096
-    _rewrite(path, seed=2, at=(last * 7 // 15) / path.stat().st_size)  # inside the 8th sampled block
+    blocks = [last * i // 15 for i in range(16)]  # where the sampled blocks start
+    inside = [b for b in blocks if any(start <= b and b + 64 <= stop for start, stop in _tensor_ranges(path))]
+    _rewrite(path, seed=2, offset=inside[len(inside) // 2])  # a sampled block within tensor data
     _same(read_checkpoint(path, cache_dir=tmp_path / "c"), read_checkpoint(path, cache_dir=False))
 
 
@@ -271,7 +290,7 @@ def test_property_cached_read_always_equals_a_direct_read(tmp_path_factory, step
     synth.save_module(synth.make_original_encoder(seed=0), path, "legacy")
     for step, seed in zip(steps, seeds, strict=False):
         if step == "rewrite":
-            _rewrite(path, seed, at=0.3 + seed / 10)
+            _rewrite(path, seed)
         elif step == "replace":
             synth.save_module(synth.make_original_encoder(seed=seed), root / "tmp.pt", "pickle")
             (root / "tmp.pt").replace(path)
@@ -603,10 +622,72 @@ def test_an_entry_that_is_not_what_the_cache_writes_is_rebuilt(sources, tmp_path
     path = sources["encoder", "pickle"]
     read_checkpoint(path, cache_dir=tmp_path)
     _plant(tmp_path, change)
+    assert [e.status for e in CheckpointCache(tmp_path).entries()] == ["damaged"]  # info reads the contents too
     with caplog.at_level(logging.WARNING, logger="pool.cache"):
         ckpt = read_checkpoint(path, cache_dir=tmp_path)
     assert "damaged" in caplog.text
     _same(ckpt, read_checkpoint(path, cache_dir=False))
+    assert ckpt.cache_entry is not None  # rebuilt, although the forged entry's file identity matched its index
+    assert [e.status for e in CheckpointCache(tmp_path).entries()] == ["fresh"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is not None
+    assert caplog.text == ""
+
+
+def test_a_write_that_fails_for_a_passing_reason_is_retried(sources, tmp_path, monkeypatch, caplog):
+    """A full disk, or a temporary file removed by a concurrent `cache clear`, is no property of the
+    file: the next load tries again (only what safetensors cannot hold is recorded as uncacheable)."""
+    from pool import saving
+
+    path = sources["encoder", "pickle"]
+    real = saving.write_checked
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving, "write_checked", full_disk)
+    with caplog.at_level(logging.WARNING, logger="pool.cache"):
+        assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is None
+    assert "No space left" in caplog.text
+    assert [e.status for e in CheckpointCache(tmp_path).entries()] == []
+    monkeypatch.setattr(saving, "write_checked", real)
+    read_checkpoint(path, cache_dir=tmp_path)
+    assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_fails_is_reported_as_without_the_cache(sources, tmp_path, caplog):
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    with pytest.raises(Exception) as direct:
+        read_checkpoint(path, cache_dir=False, map_location="cuda")
+    with caplog.at_level(logging.WARNING, logger="pool.cache"), pytest.raises(type(direct.value)):
+        read_checkpoint(path, cache_dir=tmp_path, map_location="cuda")
+    assert "damaged" not in caplog.text
+    assert [e.status for e in CheckpointCache(tmp_path).entries()] == ["fresh"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fcntl") is None, reason="needs fcntl")
+def test_clear_leaves_an_entry_being_written_and_an_orphan_takes_only_itself(sources, tmp_path):
+    import fcntl
+
+    from pool import cache as cache_module
+
+    path = sources["encoder", "pickle"]
+    read_checkpoint(path, cache_dir=tmp_path)
+    key = cache_module._key(Path(os.path.realpath(path)))
+    fresh = _entries(tmp_path)[0]
+    orphan = fresh.with_name(f"{key}.{'0' * 16}.safetensors")
+    shutil.copyfile(fresh, orphan)
+    assert sorted(e.status for e in CheckpointCache(tmp_path).entries()) == ["fresh", "orphan"]
+    CheckpointCache(tmp_path).clear(only_unusable=True)
+    assert _entries(tmp_path) == [fresh]  # the orphan went, the fresh entry of the same key stayed
+    with open(tmp_path / "v1" / f"{key}.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # another process is writing this key
+        assert CheckpointCache(tmp_path).clear() == (0, 0)
+    assert _entries(tmp_path) == [fresh]
+    assert CheckpointCache(tmp_path).clear()[0] == 1 and _entries(tmp_path) == []
 
 
 def test_a_deeply_nested_index_is_rebuilt(sources, tmp_path):
