@@ -281,13 +281,13 @@ class CheckpointCache:
         """The checkpoint at ``path``: from its entry when fresh, else read and cached.
 
         A read that needs what the cache does not keep (``refuse_unsafe=False``, a dict
-        ``map_location``), a read onto the meta device and a container not worth caching go
-        straight to ``read_source``. A cache that cannot be used (another user's, not writable,
+        ``map_location``) and a read onto the meta device go straight to ``read_source``. A cache that cannot be used (another user's, not writable,
         a full disk) is logged and bypassed: a load never fails because of the cache, and a
         source that cannot be read fails exactly as it does without it, leaving nothing behind.
 
         Args:
-            path: the checkpoint file (an existing regular file).
+            path: the checkpoint file: an existing regular file of a `CACHEABLE` container
+                (`pool.checkpoint.read_checkpoint` sniffs it before it asks the cache).
             options: where the tensors go, as for `pool.checkpoint.read_checkpoint`.
             read_source: reads a checkpoint file (the uncached read).
 
@@ -409,12 +409,6 @@ class CheckpointCache:
               read_source: Callable[[Path, ReadOptions], Checkpoint], rejected: Path | str | None = None) -> Checkpoint:
         """Read the source (errors propagate, nothing is written), then cache what was read;
         ``rejected`` is an entry that failed to read, which is replaced even if its index matches."""
-        from .containers import sniff  # the container decides whether caching pays
-
-        with open(source, "rb") as f:
-            container = sniff(f.read(512), info.st_size)
-        if container is None or container.name not in CACHEABLE:
-            return read_source(path, options)
         start = time.perf_counter()
         ckpt = read_source(path, ReadOptions(refuse_unsafe=True))  # on the CPU: the entry is a file
         entry = None

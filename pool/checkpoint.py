@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import torch
 
-from .cache import CheckpointCache, resolve_cache_dir
+from .cache import CACHEABLE, CheckpointCache, resolve_cache_dir
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
@@ -261,10 +261,11 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         with paused_gc():
             return read_hf_folder(folder, options, _read_file)
     p = _existing_file(path)
+    container = _container(sniff_container(p))
     with paused_gc():
-        if cache is not None:
-            return CheckpointCache(cache).read(p, options, _read_file)
-        return _read_file(p, options)
+        if cache is not None and container.name in CACHEABLE:
+            return CheckpointCache(cache).read(p, options, container.read)
+        return container.read(p, options)
 
 
 def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
