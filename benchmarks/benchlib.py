@@ -262,6 +262,14 @@ def record(arch: str, label: str, seconds: float, **extra: Any) -> None:
     RESULTS.setdefault(arch, {})[label] = {"seconds": seconds, **extra}
 
 
+def record_benchmark(benchmark: Any, arch: str, label: str, role: str, path: Path | None, seconds: float, n: int,
+                     **extra: Any) -> None:
+    """One timed figure: into the benchmark's ``extra_info`` (with the file's size) and the run's results."""
+    benchmark.extra_info.update({"arch": arch, "label": label, "role": role, "median_s": seconds, "rounds": n,
+                                 "file_bytes": path.stat().st_size if path else None, **extra})
+    record(arch, label, seconds, rounds=n, role=role, **extra)
+
+
 def ratios(arch: str) -> dict[str, dict[str, Any]]:
     """Every ratio of TARGETS computable from this run's figures for ``arch``."""
     figures = RESULTS.get(arch, {})

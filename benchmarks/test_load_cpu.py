@@ -23,12 +23,6 @@ HERE = Path(__file__).resolve().parent
 OURS = [label for label, _, _ in benchlib.FORMS]
 
 
-def _info(benchmark, arch: str, label: str, role: str, path: Path | None, seconds: float, n: int, **extra) -> None:
-    benchmark.extra_info.update({"arch": arch, "label": label, "role": role, "median_s": seconds, "rounds": n,
-                                 "file_bytes": path.stat().st_size if path else None, **extra})
-    benchlib.record(arch, label, seconds, rounds=n, role=role, **extra)
-
-
 # -- baselines -------------------------------------------------------------------------------------
 def test_floor_torch_load_mmap(benchmark, arch, checkpoints, rounds):
     """The floor: ``torch.load(state_dict_file, mmap=True, weights_only=True)`` of the same tensors."""
@@ -36,7 +30,7 @@ def test_floor_torch_load_mmap(benchmark, arch, checkpoints, rounds):
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, lambda: torch.load(path, mmap=True, weights_only=True),
                                   rounds=rounds["fast"])
-    _info(benchmark, arch, "floor", "baseline", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, "floor", "baseline", path, seconds, n)
 
 
 def test_floor_torch_load_no_mmap(benchmark, arch, checkpoints, rounds):
@@ -45,7 +39,7 @@ def test_floor_torch_load_no_mmap(benchmark, arch, checkpoints, rounds):
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, lambda: torch.load(path, weights_only=True),
                                   rounds=rounds["slow"])
-    _info(benchmark, arch, "floor_nommap", "baseline", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, "floor_nommap", "baseline", path, seconds, n)
 
 
 @pytest.mark.parametrize("form", ["legacy", "pickle"])
@@ -59,7 +53,7 @@ def test_read_bytes_once(benchmark, arch, checkpoints, rounds, form):
 
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, read, rounds=rounds["slow"])
-    _info(benchmark, arch, f"read_{form}", "baseline", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, f"read_{form}", "baseline", path, seconds, n)
 
 
 def test_manual_careful_path(benchmark, arch, checkpoints, rounds):
@@ -80,7 +74,7 @@ def test_manual_careful_path(benchmark, arch, checkpoints, rounds):
     benchmark.group = f"{arch} manual (subprocess wall)"
     benchlib.time_it(benchmark, run, rounds=1, warmup=0)
     seconds = benchlib.median(out["total_s"])
-    _info(benchmark, arch, "manual", "baseline", path, seconds, len(out["total_s"]),
+    benchlib.record_benchmark(benchmark, arch, "manual", "baseline", path, seconds, len(out["total_s"]),
           unpickle_s=benchlib.median(out["unpickle_s"]), create_and_load_s=benchlib.median(out["create_and_load_s"]),
           inner_total_s=out["total_s"])
 
@@ -103,7 +97,7 @@ def test_load_encoder(benchmark, arch, checkpoints, rounds, form):
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, lambda: ImageEncoder.load(path),
                                   rounds=rounds["slow"] if slow else rounds["fast"])
-    _info(benchmark, arch, form, "ours", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, form, "ours", path, seconds, n)
     ratios = {name: round(r["ratio"], 3) for name, r in benchlib.ratios(arch).items()
               if form == benchlib.TARGETS[name][0] or form == benchlib.TARGETS[name][1]}
     benchmark.extra_info["ratios"] = ratios
@@ -115,7 +109,7 @@ def test_read_state_dict_zip(benchmark, arch, checkpoints, rounds):
     path = checkpoints["zip"]
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, lambda: load_state_dict(path), rounds=rounds["fast"])
-    _info(benchmark, arch, "read_zip", "ours", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, "read_zip", "ours", path, seconds, n)
 
 
 # -- the conversion cache (issue 15) ---------------------------------------------------------------
@@ -124,7 +118,7 @@ def test_read_state_dict_safetensors(benchmark, arch, checkpoints, rounds):
     path = checkpoints["safetensors"]
     benchmark.group = f"{arch} load"
     seconds, n = benchlib.time_it(benchmark, lambda: load_state_dict(path, cache_dir=False), rounds=rounds["fast"])
-    _info(benchmark, arch, "read_safetensors", "baseline", path, seconds, n)
+    benchlib.record_benchmark(benchmark, arch, "read_safetensors", "baseline", path, seconds, n)
 
 
 @pytest.mark.parametrize("form", ["pickle", "legacy"])
@@ -148,7 +142,7 @@ def test_load_encoder_cached(benchmark, arch, checkpoints, rounds, form, tmp_pat
         del encoder
         benchmark.group = f"{arch} load"
         seconds, n = benchlib.time_it(benchmark, lambda: ImageEncoder.load(path, cache_dir=cache), rounds=rounds["fast"])
-        _info(benchmark, arch, f"cached_{form}", "ours", path, seconds, n, first_load_s=fill)
+        benchlib.record_benchmark(benchmark, arch, f"cached_{form}", "ours", path, seconds, n, first_load_s=fill)
         benchmark.extra_info["ratios"] = {name: round(r["ratio"], 3) for name, r in benchlib.ratios(arch).items()
                                           if benchlib.TARGETS[name][0] == f"cached_{form}"}
     finally:
@@ -167,6 +161,6 @@ def test_read_state_dict_cached(benchmark, arch, checkpoints, rounds, tmp_path_f
         assert any((cache / "v1").glob("*.safetensors"))
         benchmark.group = f"{arch} load"
         seconds, n = benchlib.time_it(benchmark, lambda: load_state_dict(path, cache_dir=cache), rounds=rounds["fast"])
-        _info(benchmark, arch, "read_cached_pickle", "ours", path, seconds, n)
+        benchlib.record_benchmark(benchmark, arch, "read_cached_pickle", "ours", path, seconds, n)
     finally:
         shutil.rmtree(cache, ignore_errors=True)

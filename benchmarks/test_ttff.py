@@ -15,8 +15,7 @@ where allowed, else ``posix_fadvise(DONTNEED)`` on the files read; skipped when 
 The method and the checkpoint's resident fraction just before each timed round (``mincore``) go
 into ``extra_info``. Everything is imported, and every path run once, before any timing.
 
-Where the conversion cache exists (``pool.cache``, ``ImageEncoder.load(..., cache_dir=)``), the
-plain pickle is also timed through it (a hit: the cache directory is filled once per architecture
+The plain pickle is also timed through the conversion cache (``pool.cache``) (a hit: the cache directory is filled once per architecture
 before timing; the cold variant empties the page cache, not the cache directory).
 
 No timing thresholds: a benchmark fails only when loading (or the features check) fails.
@@ -24,9 +23,6 @@ No timing thresholds: a benchmark fails only when loading (or the features check
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 import os
 import shutil
 from collections.abc import Callable
@@ -48,19 +44,6 @@ CACHE_FORM = "pickle_cache"
 TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
 #: the baseline's features, per architecture, to check ours against (same weights)
 REFERENCE: dict[str, torch.Tensor] = {}
-
-
-def _cache_unsupported() -> str | None:
-    """None where the conversion cache can be timed, else why not."""
-    if importlib.util.find_spec("pool.cache") is None:
-        return "pool.cache does not exist in this checkout: no conversion-cache row"
-    importlib.import_module("pool.cache")
-    if "cache_dir" not in inspect.signature(ImageEncoder.load).parameters:
-        return "ImageEncoder.load takes no cache_dir: no conversion-cache row"
-    return None
-
-
-CACHE_UNSUPPORTED = _cache_unsupported()
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -157,13 +140,6 @@ def _timed(benchmark: Any, fn: Callable[[], None], *, cache: str, files: Callabl
     return seconds, n, extra
 
 
-def _record(benchmark: Any, arch: str, label: str, role: str, path: Path, seconds: float, n: int,
-            **extra: Any) -> None:
-    benchmark.extra_info.update({"arch": arch, "label": label, "role": role, "median_s": seconds, "rounds": n,
-                                 "file_bytes": path.stat().st_size, **extra})
-    benchlib.record(arch, label, seconds, rounds=n, role=role, **extra)
-
-
 # -- the baseline: the usual user path -------------------------------------------------------------
 @pytest.mark.parametrize("cache", CACHES)
 def test_ttff_baseline(benchmark, arch, ttff_checkpoints, ttff_images, rounds, cache):
@@ -197,7 +173,7 @@ def test_ttff_baseline(benchmark, arch, ttff_checkpoints, ttff_images, rounds, c
     benchmark.group = f"{arch} time to first features ({cache} page cache)"
     seconds, n, extra = _timed(benchmark, run, cache=cache, files=lambda: [path], rounds=_rounds(rounds, arch, cache))
     missing = check()
-    _record(benchmark, arch, benchlib.ttff_label(benchlib.TTFF_BASELINE, cache), "baseline", path, seconds, n,
+    benchlib.record_benchmark(benchmark, arch, benchlib.ttff_label(benchlib.TTFF_BASELINE, cache), "baseline", path, seconds, n,
             form=benchlib.TTFF_BASELINE, page_cache=cache, batch=len(ttff_images), model=name,
             missing_text_keys=len(missing), **extra)
 
@@ -209,8 +185,6 @@ def test_ttff_ours(benchmark, request, arch, ttff_checkpoints, ttff_images, roun
     """``ImageEncoder.load(path)`` + ``eval()`` + one forward, for each form (and a conversion-cache hit)."""
     kwargs: dict[str, Any] = {}
     if form == CACHE_FORM:
-        if CACHE_UNSUPPORTED:
-            pytest.skip(CACHE_UNSUPPORTED)
         path = ttff_checkpoints["pickle"]
         root = request.getfixturevalue("conversion_cache")
         kwargs["cache_dir"] = str(root)
@@ -247,7 +221,7 @@ def test_ttff_ours(benchmark, request, arch, ttff_checkpoints, ttff_images, roun
     check()
     assert entries() == before, "the conversion cache rewrote its entry: a round was a miss, not a hit"
     label = benchlib.ttff_label(form, cache)
-    _record(benchmark, arch, label, "ours", path, seconds, n, form=form, page_cache=cache,
+    benchlib.record_benchmark(benchmark, arch, label, "ours", path, seconds, n, form=form, page_cache=cache,
             batch=len(ttff_images), **extra)
     base = benchlib.RESULTS.get(arch, {}).get(benchlib.ttff_label(benchlib.TTFF_BASELINE, cache))
     if base and base["seconds"] > 0:
