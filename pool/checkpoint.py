@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
+from .allowlist import parse_allow_globals
 from .cache import CACHEABLE, CheckpointCache, resolve_cache_dir
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
@@ -186,11 +187,13 @@ def _device(value: Any, what: str) -> torch.device:
                       "'cuda:0', a torch.device, or a dict of saved location -> device")
 
 
-def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsafe: bool = True) -> ReadOptions:
+def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsafe: bool = True,
+                 allow_globals: Any = None) -> ReadOptions:
     """How a read places tensors, from ``torch.load``'s ``map_location`` forms: None (the CPU), a
     device string or `torch.device` (every tensor there), or a dict mapping saved locations to
     devices (``{"cuda:0": "cpu"}``; a location it does not name stays on the CPU). A bad argument
     is the caller's mistake (ConfigError, a ValueError), never reported as a problem of the file."""
+    allowed = parse_allow_globals(allow_globals)
     if isinstance(map_location, Mapping):
         locations = {}
         for saved, target in map_location.items():
@@ -198,13 +201,14 @@ def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsa
                 raise ConfigError(f"map_location: the key {saved!r} is not a saved location string "
                                   "such as 'cpu' or 'cuda:0'")
             locations[saved] = _device(target, f"map_location[{saved!r}]")
-        return ReadOptions(None, mmap, refuse_unsafe, locations)
+        return ReadOptions(None, mmap, refuse_unsafe, locations, allowed)
     device = None if map_location is None else _device(map_location, "map_location")
-    return ReadOptions(device, mmap, refuse_unsafe)
+    return ReadOptions(device, mmap, refuse_unsafe, allow_globals=allowed)
 
 
 def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | None = None,
-                    refuse_unsafe: bool = True, cache_dir: Any = None) -> Checkpoint:
+                    refuse_unsafe: bool = True, cache_dir: Any = None,
+                    allow_globals: Iterable[str] | None = None) -> Checkpoint:
     """Read any supported checkpoint file without running code from it.
 
     ``mmap`` (default: on for zip and safetensors) maps the tensors from the file instead of
@@ -228,6 +232,9 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
             unchanged file map them; None (the default) uses ``$OPENCLIP_POOL_CACHE_DIR`` when
             set, False turns the cache off. Reads with ``refuse_unsafe=False`` or a dict
             ``map_location`` never use it.
+        allow_globals: exact ``module.name`` globals to accept besides `pool.allowlist.ALLOWLIST`
+            (they stay inert records here; other readers of the file would call them). Reads
+            with it do not use the cache.
 
     Returns:
         The `Checkpoint`: its state dict (exactly the keys a pickled module's own
@@ -236,8 +243,9 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
 
     Raises:
         CheckpointNotFoundError: the path does not exist.
-        UnsafeCheckpointError: the file names a global that could run code or touch the system
-            (unless ``refuse_unsafe=False``), or is a TorchScript archive (always).
+        UnsafeCheckpointError: the file names a global on no allowlist (unless
+            ``refuse_unsafe=False``), uses an allowed one in a way no writer does, or is a
+            TorchScript archive (always).
         CorruptCheckpointError: the file is truncated, damaged or crafted, is no known container,
             or is a pipe, a device or a directory that is no transformers model folder (or one
             with a sharded model or a bad ``config.json``).
@@ -254,7 +262,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         >>> sorted(ckpt.state_dict)[:1]  # doctest: +SKIP
         ['model.ln_final.bias']
     """
-    options = read_options(map_location, mmap, refuse_unsafe)
+    options = read_options(map_location, mmap, refuse_unsafe, allow_globals)
     cache = resolve_cache_dir(cache_dir)  # a bad value is the caller's mistake whatever the path is
     folder = Path(path).expanduser()
     if is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
@@ -263,7 +271,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     p = _existing_file(path)
     container = _container(sniff_container(p))
     with paused_gc():
-        if cache is not None and container.name in CACHEABLE:
+        if cache is not None and container.name in CACHEABLE and not options.allow_globals:
             return CheckpointCache(cache).read(p, options, container.read)
         return container.read(p, options)
 
@@ -274,7 +282,8 @@ def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,
-                    mmap: bool | None = None, cache_dir: Any = None) -> dict[str, torch.Tensor]:
+                    mmap: bool | None = None, cache_dir: Any = None,
+                    allow_globals: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Any supported checkpoint file -> ``{name: Tensor}``, without running code from it.
 
     `read_checkpoint` with unsafe files refused, keeping only the state dict.
@@ -285,6 +294,7 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
         map_location: where the tensors go, as for `read_checkpoint` (None: the CPU).
         mmap: map zip and safetensors tensors from the file, as for `read_checkpoint`.
         cache_dir: the conversion cache, as for `read_checkpoint` (None: ``$OPENCLIP_POOL_CACHE_DIR``).
+        allow_globals: globals to accept besides the allowlist, as for `read_checkpoint`.
 
     Returns:
         The tensors by key; for a pickled module, exactly what its own ``state_dict()`` returns.
@@ -302,4 +312,5 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
         >>> state_dict["model.visual.conv1.weight"].shape  # doctest: +SKIP
         torch.Size([768, 3, 32, 32])
     """
-    return read_checkpoint(path, map_location=map_location, mmap=mmap, cache_dir=cache_dir).state_dict
+    return read_checkpoint(path, map_location=map_location, mmap=mmap, cache_dir=cache_dir,
+                           allow_globals=allow_globals).state_dict

@@ -43,9 +43,11 @@ _TENSOR_REBUILDERS = frozenset({"torch._utils._rebuild_tensor", "torch._utils._r
 _PARAMETER_REBUILDERS = frozenset({"torch._utils._rebuild_parameter",
                                    "torch._utils._rebuild_parameter_with_state",
                                    "torch.nn.parameter.Parameter"})
-_FROM_TYPE = frozenset({"torch._tensor._rebuild_from_type_v2", "torch.tensor._rebuild_from_type_v2"})
+_FROM_TYPE = frozenset({"torch._tensor._rebuild_from_type_v2"})
+_TENSOR_TYPES = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
 _MAPPINGS = frozenset({"collections.OrderedDict", "builtins.dict"})
 _SETS = frozenset({"builtins.set", "builtins.frozenset"})
+_CALLED = _MAPPINGS | _SETS | {"torch.Size", "torch.storage._load_from_bytes", "_codecs.encode"}
 _STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")
 
 
@@ -189,21 +191,24 @@ class _Walker:
                                       or name in _FROM_TYPE):
             raise self.fail(f"{where}: a tensor whose state is set afterwards (BUILD); torch never "
                             "writes this")
+        tensor_record = name in _TENSOR_REBUILDERS or name in _PARAMETER_REBUILDERS or name in _FROM_TYPE
+        if tensor_record and (obj.kwargs or not (obj.called or name == "torch.nn.parameter.Parameter")):
+            raise self.fail(f"{where}: a tensor record made without a plain call (NEWOBJ or keyword "
+                            "arguments); torch never writes this and its reader would refuse it")
         if name in _TENSOR_REBUILDERS:
             return self.tensor(obj, name, where, depth)
         if name in _PARAMETER_REBUILDERS:
-            return self.value(obj.args[0] if obj.args else obj.kwargs.get("data"), where, depth + 1)
+            self.parameter(obj, name, where, depth)
+            return self.value(obj.args[0] if obj.args else None, where, depth + 1)
         if name in _FROM_TYPE:
-            if len(obj.args) < 3 or not isinstance(obj.args[2], tuple):
-                raise self.fail(f"{where}: a malformed tensor-subclass record")
-            inner = obj.args[0]
-            if not (isinstance(inner, type) and issubclass(inner, GlobalRecord)):
-                raise self.fail(f"{where}: a tensor-subclass record around {type_name(inner)}")
-            return self.value(inner(*obj.args[2]), where, depth + 1)
+            return self.from_type(obj, where, depth)
         if name == "torch.storage._load_from_bytes":
             if self.blob is None:
                 raise self.fail(f"{where}: a storage blob that cannot be read here")
             return self.blob(obj)
+        if not obj.called and obj.args and name in _CALLED:
+            raise self.fail(f"{where}: a {name} made with NEWOBJ from arguments (its reader would ignore "
+                            "them); no writer does this")
         if name == "torch.Size" and len(obj.args) == 1:
             return tuple(self.sequence(obj.args[0], where, depth))
         if name in _MAPPINGS:
@@ -222,6 +227,8 @@ class _Walker:
         return list(value)
 
     def mapping(self, obj: Record, where: str, depth: int) -> dict:
+        if obj.state is not None and not isinstance(obj.state, dict):
+            raise self.fail(f"{where}: a mapping given a state that is not a dict")
         cached = self.mappings.get(id(obj))
         if cached is not None:
             self.charge(len(cached), where)
@@ -248,10 +255,51 @@ class _Walker:
         self.mappings[id(obj)] = out
         return out
 
+    def empty(self, obj: Any, where: str, depth: int) -> bool:
+        """Whether a recorded value is empty: None, or a mapping or sequence with nothing in it."""
+        if obj is None:
+            return True
+        value = self.value(obj, where, depth + 1)
+        return isinstance(value, (dict, list, tuple)) and not value and not (
+            isinstance(obj, Record) and (obj.state is not None or obj.items))
+
+    def parameter(self, obj: Record, name: str, where: str, depth: int) -> None:
+        """Refuse a parameter record whose hooks or state torch would apply (other weights)."""
+        args = obj.args
+        if name == "torch.nn.parameter.Parameter":
+            if not args or len(args) > 2 or (len(args) == 2 and type(args[1]) is not bool):
+                raise self.fail(f"{where}: a Parameter record with {len(args)} arguments")
+            return
+        extra = args[2:]  # backward hooks, then (with_state) the state torch sets on the parameter
+        if len(args) != (4 if name.endswith("_with_state") else 3) or type(args[1]) is not bool \
+                or not all(self.empty(x, where, depth) for x in extra):
+            raise self.fail(f"{where}: a parameter record with hooks or a state that torch would apply to "
+                            "its tensor (it would load other weights than the record holds)")
+
+    def from_type(self, obj: Record, where: str, depth: int) -> TensorSpec:
+        """A tensor-subclass record: only torch.Tensor / Parameter, with no state to apply."""
+        args = obj.args
+        if len(args) != 4 or not isinstance(args[2], tuple):
+            raise self.fail(f"{where}: a malformed tensor-subclass record")
+        func, new_type = args[0], args[1]
+        if not (isinstance(func, type) and issubclass(func, GlobalRecord) and func.record_name in _TENSOR_REBUILDERS):
+            raise self.fail(f"{where}: a tensor-subclass record around {type_name(func)}")
+        if global_of(new_type) not in _TENSOR_TYPES or not self.empty(args[3], where, depth):
+            raise self.fail(f"{where}: a tensor of type {type_name(new_type)} with a state that torch would set "
+                            "on it (it could load other weights than the record holds)")
+        inner = func(*args[2])
+        inner.called = True
+        return self.value(inner, where, depth + 1)
+
     def tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
         args = obj.args
-        if len(args) < 4:
+        extra = {"torch._utils._rebuild_tensor": 4, "torch._utils._rebuild_tensor_v2": 6,
+                 "torch._utils._rebuild_tensor_v3": 7}[name]
+        if not extra <= len(args) <= extra + 1:
             raise self.fail(f"{where}: a tensor record with {len(args)} arguments")
+        if extra > 4 and (type(args[4]) is not bool or not all(self.empty(x, where, depth) for x in args[5:6] + args[extra:])):
+            raise self.fail(f"{where}: a tensor record with backward hooks or metadata that torch would apply "
+                            "(it could load other weights than the record holds)")
         storage = self.value(args[0], where, depth + 1)
         if not isinstance(storage, StorageRef):
             raise self.fail(f"{where}: a tensor over a {type_name(storage)}, not a torch storage")
@@ -260,12 +308,14 @@ class _Walker:
         stride = self.value(args[3], where, depth + 1)
         dtype = storage.dtype
         if name == "torch._utils._rebuild_tensor_v3":
-            dtype_name = global_of(args[6]) if len(args) > 6 else None
+            dtype_name = global_of(args[6])
             module, _, short = (dtype_name or "").rpartition(".")
             dtype = DTYPES.get(short) if module == "torch" else None
             if dtype is None:
-                raise self.fail(f"{where}: a tensor with dtype {dtype_name or type_name(args[6] if len(args) > 6 else None)}, "
+                raise self.fail(f"{where}: a tensor with dtype {dtype_name or type_name(args[6])}, "
                                 "which is not read here")
+        if extra > 4 and args[4] and not (dtype.is_floating_point or dtype.is_complex):
+            raise self.fail(f"{where}: an integer tensor that requires grad; torch refuses to build it")
         if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
             raise self.fail(f"{where}: a tensor with size {type_name(size)} and stride {type_name(stride)}")
         return TensorSpec(storage, dtype, offset, tuple(size), tuple(stride))
@@ -380,7 +430,7 @@ def record_bytes(obj: Any) -> bytes | InPlaceBytes | None:
         return obj
     if isinstance(obj, bytearray):
         return bytes(obj)
-    if _call_name(obj) == "_codecs.encode" and len(obj.args) == 2 and isinstance(obj.args[0], str) \
+    if _call_name(obj) == "_codecs.encode" and obj.called and not obj.kwargs and len(obj.args) == 2 and isinstance(obj.args[0], str) \
             and obj.args[1] in ("latin1", "latin-1"):
         try:
             return obj.args[0].encode("latin-1")

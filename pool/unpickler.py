@@ -21,76 +21,67 @@ import _compat_pickle
 import io
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .allowlist import lookup
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, amended, printable
 from .pickle_scan import scan_pickle
 
 __all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
            "Reader", "is_unsafe_global", "global_of"]
 
-# Modules whose globals can run code, spawn processes, touch files or the network, or load more
-# pickles. A file naming any of them is refused even though its record would stay inert.
-_UNSAFE_MODULE_ROOTS = frozenset(
-    {
-        "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "_posixsubprocess", "sys",
-        "importlib", "runpy", "shutil", "socket", "_socket", "ctypes", "_ctypes", "pickle",
-        "_pickle", "marshal", "pty", "code", "codeop", "multiprocessing", "signal", "webbrowser",
-        "tempfile", "pathlib", "io", "_io", "asyncio", "threading", "_thread", "urllib", "http",
-        "ftplib", "smtplib", "telnetlib", "requests", "dill", "cloudpickle", "joblib", "pip",
-        "setuptools", "distutils", "zipimport", "pkgutil", "platform", "inspect", "gc", "weakref",
-        "operator", "functools", "types", "commands", "pdb", "bdb", "timeit", "tarfile", "zipfile",
-        "trace", "cProfile", "profile", "sqlite3", "mmap", "fcntl", "resource", "glob", "numpy.lib",
-        "_operator", "_functools", "builtins_", "_imp", "_frozen_importlib", "_winapi", "msvcrt",
-        "nturl2path", "xmlrpc", "logging", "site", "sysconfig",
-    }
-)
-# torch entry points that read files, compile or execute code.
-_UNSAFE_TORCH_PREFIXES = (
-    "torch.load", "torch.save", "torch.hub", "torch.jit", "torch._C", "torch.ops",
-    "torch.utils.cpp_extension", "torch.package", "torch._dynamo", "torch.compile",
-    "torch.serialization", "torch.storage._load_from_file", "torch.from_file",
-    "torch.classes", "torch.library", "torch._ops", "torch.cuda", "torch.fx", "torch.export",
-    "torch._inductor", "torch.utils.data", "torch.multiprocessing", "torch.distributed",
-)
-# Plain builtins a state dict or module may legitimately name (each stays a record all the same);
-# every other builtin (eval, exec, getattr, __import__, open, ...) is refused.
-_PLAIN_BUILTINS = frozenset({
-    "set", "frozenset", "slice", "complex", "bytearray", "list", "dict", "tuple", "int", "float",
-    "bool", "str", "bytes", "range", "object",
-})
 # How many distinct globals one read may turn into record classes (a real encoder names ~30).
 MAX_RECORD_TYPES = 10_000
 
 
 @dataclass(frozen=True)
 class GlobalName:
-    """One ``module.name`` a file names, and whether it is on the unsafe list.
+    """One ``module.name`` a file names, and the allowlist's verdict on it (`pool.allowlist`).
 
     Attributes:
         module: the module part, as the file spells it (Python 2 names mapped to Python 3's).
         name: the name within the module.
-        unsafe: whether it could run code or touch the system if called (`is_unsafe_global`).
+        unsafe: True when it is on no allowlist: the file is refused for naming it.
+        role: how the allowlist lets a pickle use it (``rebuild``, ``class``, ...); ``any`` for
+            one the user allowed, None when refused.
+        writer: the writer that needs it (``"allowed by you"`` for a user-allowed one), or "".
+        tier: ``state`` (``torch.load(weights_only=True)`` accepts it too), ``model`` (only a
+            pickled model names it), ``user``, or "" when refused.
     """
 
     module: str
     name: str
     unsafe: bool = False
+    role: str | None = field(default=None, compare=False)
+    writer: str = field(default="", compare=False)
+    tier: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         """``module.name``, terminal-safe (control characters escaped)."""
         return printable(f"{self.module}.{self.name}")
 
+    @property
+    def verdict(self) -> str:
+        """``allowed``, ``allowed by you`` or ``refused``, for reports."""
+        return "refused" if self.unsafe else "allowed by you" if self.role == "any" else "allowed"
+
+    @classmethod
+    def judged(cls, module: str, name: str, user: frozenset[str] = frozenset()) -> GlobalName:
+        """The global with the allowlist's verdict for this read (``user``: the user-allowed names)."""
+        entry = lookup(f"{module}.{name}", user)
+        if entry is None:
+            return cls(module, name, True)
+        return cls(module, name, False, entry.role, entry.writer, entry.tier)
+
 
 def is_unsafe_global(module: str, name: str) -> bool:
-    """Whether a global could run code or touch the system if it were ever called.
+    """Whether a file naming this global is refused: it is on no allowlist (`pool.allowlist`).
 
-    Refused: builtins other than plain types (``eval``, ``getattr``, ``open``, ...), modules that
-    run code, spawn processes, touch files or the network or load more pickles (``os``,
-    ``subprocess``, ``pickle``, ...), and torch entry points that read files, compile or execute
-    code (``torch.load``, ``torch.jit``, ...). torch's tensor rebuild functions and storage
-    classes are not on the list: they stay records all the same.
+    An allowlist, not a deny-list: everything that real checkpoint writers do not use is
+    refused, however harmless it looks (``torch.load(weights_only=False)`` would import and call
+    it). torch's tensor rebuild functions and storage classes, open_clip and ``torch.nn`` module
+    classes are allowed: they stay records all the same.
 
     Args:
         module: the global's module (``os``, ``torch._utils``).
@@ -103,18 +94,7 @@ def is_unsafe_global(module: str, name: str) -> bool:
         >>> is_unsafe_global("os", "system"), is_unsafe_global("torch._utils", "_rebuild_tensor_v2")
         (True, False)
     """
-    if module in ("builtins", "__builtin__"):
-        return name not in _PLAIN_BUILTINS
-    root = module.split(".", 1)[0]
-    if root in _UNSAFE_MODULE_ROOTS or module in _UNSAFE_MODULE_ROOTS:
-        return True
-    dotted = f"{module}.{name}"
-    if module == "torch.cuda" and name.endswith("Storage") and name.isidentifier():
-        return False  # GPU-saved legacy files name torch.cuda.FloatStorage: a record, read as its CPU twin
-    if dotted == "torch.storage._load_from_bytes":
-        return False  # a record here; its blob is parsed by our own legacy reader (pool.records)
-    return any(dotted == p or dotted.startswith(p + ".") or module == p or module.startswith(p + ".")
-               for p in _UNSAFE_TORCH_PREFIXES)
+    return lookup(f"{module}.{name}") is None
 
 
 def python3_name(module: str, name: str) -> tuple[str, str]:
@@ -136,7 +116,7 @@ class Record:
         **kwargs: its keyword arguments, kept as ``kwargs``.
     """
 
-    __slots__ = ("args", "kwargs", "state", "items")
+    __slots__ = ("args", "kwargs", "state", "items", "called")
     record_global: GlobalName | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Record:
@@ -145,15 +125,24 @@ class Record:
         self.kwargs = kwargs
         self.state = None
         self.items = None
+        self.called = False
         return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Only a call (REDUCE, INST, OBJ) runs __init__ after __new__; NEWOBJ runs __new__ alone,
+        # which for most classes is another operation (OrderedDict.__new__ ignores its arguments).
+        self.called = True
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def _add_item(self, item: Any) -> None:
         if self.items is None:
             self.items = []
-        self.items.append((key, value))
+        self.items.append(item)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._add_item((key, value))
 
     def append(self, value: Any) -> None:
         """Record what the pickle's ``APPEND`` added (nothing is built).
@@ -161,9 +150,7 @@ class Record:
         Args:
             value: the item, kept in ``items``.
         """
-        if self.items is None:
-            self.items = []
-        self.items.append(value)
+        self._add_item(value)
 
     def extend(self, values: Any) -> None:
         """Record what the pickle's ``APPENDS`` added (nothing is built).
@@ -171,9 +158,8 @@ class Record:
         Args:
             values: the items, kept in ``items`` in order.
         """
-        if self.items is None:
-            self.items = []
-        self.items.extend(values)
+        for value in values:
+            self._add_item(value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
         """A pickle may call what an earlier call returned (``partial(...)()``): one more record."""
@@ -189,10 +175,57 @@ class Record:
 class GlobalRecord(Record):
     """Base of the per-global record classes; an instance is one call (or NEWOBJ) of the global.
     ``record_name`` is the global's ``module.name`` as the file spells it (compare with it; print
-    ``record_global``, which escapes it)."""
+    ``record_global``, which escapes it). ``record_role`` is its allowlist role when the read
+    enforces roles (`pool.allowlist`), else None: a pickle that uses a global against its role is
+    refused as it is unpickled."""
 
     __slots__ = ()
     record_name: str = "?"
+    record_role: str | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRecord:
+        role = cls.record_role
+        if role in _NEVER_MADE:
+            raise _Misuse(f"makes an object of '{cls.record_global}' ({role} {_NEVER_MADE[role]})", cls)
+        if role == "class" and (args or kwargs):
+            raise _Misuse(f"creates '{cls.record_global}' with arguments; writers create a model's classes "
+                          "empty and then set their state", cls)
+        if role == "enum" and (len(args) != 1 or kwargs or type(args[0]) not in (str, int)):
+            raise _Misuse(f"looks up the enum '{cls.record_global}' with {len(args)} arguments", cls)
+        return Record.__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if self.record_role == "class":
+            raise _Misuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
+                          "NEWOBJ (empty) and then set their state", self)
+        self.called = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
+        if self.record_role is not None and self.record_role != "any":
+            raise _Misuse(f"calls what '{self.record_global}' returned; no writer does this", self)
+        return Record.__call__(self, *args, **kwargs)
+
+    def _add_item(self, item: Any) -> None:
+        if self.record_role is not None and self.record_name not in _ITEM_TARGETS and self.record_role != "any":
+            raise _Misuse(f"adds items to '{self.record_global}' (APPEND/SETITEM); a reader that builds it "
+                          "would change it, no writer does this", self)
+        Record._add_item(self, item)
+
+
+#: Roles whose globals a pickle may name but never instantiate, and what they are for.
+_NEVER_MADE = {"storage": "types are named only inside torch's storage references",
+               "dtype": "values are only named", "reference": "is only named, never called"}
+#: Records that may receive items (SETITEMS of a mapping).
+_ITEM_TARGETS = frozenset({"collections.OrderedDict", "collections.Counter"})
+
+
+class _Misuse(BaseException):
+    """A global used against its allowlist role, raised out of the C unpickler (see `Reader.unpickle`)."""
+
+    def __init__(self, why: str, record: Any) -> None:
+        super().__init__(why)
+        self.why = why
+        self.name = str(record.record_global)
 
 
 class CallRecord(Record):
@@ -270,7 +303,7 @@ class _RecordTypes:
     def __init__(self) -> None:
         self.types: dict[tuple[str, str], type] = {}
 
-    def get(self, module: str, name: str, source: str) -> type:
+    def get(self, module: str, name: str, source: str, role: str | None = None) -> type:
         key = (module, name)
         cls = self.types.get(key)
         if cls is None:
@@ -279,7 +312,8 @@ class _RecordTypes:
                                              "distinct globals; no checkpoint does.")
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
-                        "record_name": f"{module}.{name}", "__module__": "pool.unpickler.records"})
+                        "record_name": f"{module}.{name}", "record_role": role,
+                        "__module__": "pool.unpickler.records"})
             self.types[key] = cls
         return cls
 
@@ -289,48 +323,79 @@ class Reader:
 
     Args:
         source: how error messages name the file.
-        refuse_unsafe: raise `UnsafeCheckpointError` as soon as an unsafe global is named (the
-            default); False lists it and reads on (``inspect``).
+        refuse_unsafe: raise `UnsafeCheckpointError` as soon as a global on no allowlist is named
+            (the default); False lists it and reads on (``inspect``).
+        allow_globals: exact ``module.name`` globals the user allows for this read, besides
+            `pool.allowlist.ALLOWLIST`.
     """
 
-    def __init__(self, source: str, *, refuse_unsafe: bool = True) -> None:
+    def __init__(self, source: str, *, refuse_unsafe: bool = True,
+                 allow_globals: frozenset[str] = frozenset()) -> None:
         self.source = source
         self.refuse_unsafe = refuse_unsafe
+        self.allow_globals = allow_globals
         self.globals: dict[tuple[str, str], GlobalName] = {}
         self._types = _RecordTypes()
 
     @property
     def named_globals(self) -> list[GlobalName]:
-        """Every global this read has named so far, in order, unsafe ones flagged."""
+        """Every global this read has named so far, in order, with the allowlist's verdicts."""
         return list(self.globals.values())
 
     def note_globals(self, names: list[tuple[str, str]]) -> None:
-        """Record globals the scan found; refuse unsafe ones before anything is unpickled.
+        """Record globals the scan found; refuse those on no allowlist before anything is unpickled.
 
         Args:
             names: ``(module, name)`` pairs as the pickle spells them (Python 2 names are mapped).
 
         Raises:
-            UnsafeCheckpointError: one of them is unsafe and ``refuse_unsafe`` is set; the error
-                lists the unsafe ones and carries every global named so far.
+            UnsafeCheckpointError: one of them is on no allowlist and ``refuse_unsafe`` is set;
+                the error lists them and carries every global named so far.
         """
         unsafe = []
         for module, name in names:
             module, name = python3_name(module, name)
             g = self.globals.get((module, name))
             if g is None:
-                g = self.globals[(module, name)] = GlobalName(module, name, is_unsafe_global(module, name))
+                g = self.globals[(module, name)] = GlobalName.judged(module, name, self.allow_globals)
             if g.unsafe:
                 unsafe.append(str(g))
         if unsafe and self.refuse_unsafe:
-            error = UnsafeCheckpointError(
-                f"{self.source}: refused to load: the file names the global '{unsafe[0]}'"
-                + (f" (and {len(unsafe) - 1} more unsafe)" if len(unsafe) > 1 else "")
-                + ", which could run code or touch the system if called. Nothing from the file was "
-                "executed. This is no checkpoint to keep using: get the file from a trusted source, "
-                "or run `python -m pool inspect` on it to see every global it names.", unsafe,
+            raise self.refusal(unsafe)
+
+    def require_state_tier(self, what: str) -> None:
+        """Refuse model-only globals in a file whose root is a state dict (``what``: its reader).
+
+        A torch file holding a state dict is read elsewhere with ``torch.load(weights_only=True)``,
+        which refuses every global a pickled model needs: `pool` refuses them too, so that it never
+        passes a file its reference reader rejects.
+
+        Raises:
+            UnsafeCheckpointError: the file names a ``model``-tier global (`pool.allowlist`).
+        """
+        model = [str(g) for g in self.globals.values() if g.tier == "model"]
+        if model and self.refuse_unsafe:
+            raise self.refusal(model, f"holds a state dict, yet names '{model[0]}', which only a pickled model "
+                                      f"uses; {what} refuses such a file, so pool does too")
+
+    def refusal(self, unsafe: list[str], why: str = "") -> UnsafeCheckpointError:
+        """The error for a file naming globals that no checkpoint writer uses, or using an allowed
+        one against its role (``why``: what the pickle does with it)."""
+        if why:
+            return UnsafeCheckpointError(
+                f"{self.source}: refused: the pickle {why}. Nothing from the file was executed, but "
+                "torch.load(weights_only=False) or pickle.load would do it. No checkpoint writer produces "
+                "this: the file is crafted or damaged; get it again from a trusted source.", unsafe,
                 checkpoint_globals=self.named_globals)
-            raise error
+        more = f" (and {len(unsafe) - 1} more: {', '.join(unsafe[1:4])}{'...' if len(unsafe) > 4 else ''})" \
+            if len(unsafe) > 1 else ""
+        return UnsafeCheckpointError(
+            f"{self.source}: refused: the file names the global '{unsafe[0]}'{more}, which is on no allowlist "
+            "of what checkpoint writers use: torch.load(weights_only=False) and pickle.load would import and "
+            "call it. Nothing from the file was executed. Get the file from a trusted source, run `python -m "
+            "pool inspect` on it to see every global it names, or, if you trust it, allow the global "
+            f"explicitly (allow_globals=['{unsafe[0]}'], `allow_globals:` in a pool config, or "
+            f"--allow-global {unsafe[0]}).", unsafe, checkpoint_globals=self.named_globals)
 
     def find_class(self, module: str, name: str) -> type:
         """The record class standing for a global (the unpickler's ``find_class``); nothing is imported.
@@ -352,7 +417,8 @@ class Reader:
             # The scan spelled this name differently (an escape it decoded otherwise): the same
             # policy applies all the same, before anything is made of it.
             self.note_globals([(module, name)])
-        return self._types.get(*key, self.source)
+        judged = self.globals[key]
+        return self._types.get(*key, self.source, judged.role if self.refuse_unsafe else None)
 
     def unpickle(self, data: bytes | memoryview, *, what: str = "pickle",
                  persistent: Callable[[Any], Any] | None = None,
@@ -405,6 +471,8 @@ class Reader:
             root = unpickler.load()
         except _CallbackBug as bug:  # our own code failed inside the unpickler: not the file's fault
             raise bug.error from None
+        except _Misuse as misuse:
+            raise self.refusal([misuse.name], misuse.why) from None
         except (pickle.UnpicklingError, TypeError, AttributeError, ValueError, KeyError, IndexError,
                 EOFError, UnicodeDecodeError, OverflowError) as exc:
             # The scan proved the stream bounded; what is left is a pickle that does something no

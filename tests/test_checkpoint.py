@@ -273,7 +273,7 @@ def test_only_persistent_buffers(tmp_path, container):
     assert "scratch" not in expected and "child.cache" not in expected  # what torch itself does
     with as_src_modeling(_BufferNet, _BufferChild):
         path = save_object(net, tmp_path / "net.pt", container)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, allow_globals=["src.modeling.BufferNet", "src.modeling.BufferChild"])
     assert ckpt.root_type == "src.modeling.BufferNet"
     assert_same_state(ckpt.state_dict, expected)
     assert set(ckpt.state_dict) == {"lin.weight", "lin.bias", "running", "child.kept"}

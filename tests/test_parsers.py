@@ -222,7 +222,7 @@ def test_scan_lists_globals_without_importing_them():
 
 # -- records and tensors --------------------------------------------------------------------------
 def test_records_run_nothing_and_record_everything():
-    reader = Reader("t.pt")
+    reader = Reader("t.pt", allow_globals=frozenset({"mod.Cls"}))
     data = pickle.dumps(None, protocol=2)[:2] + b"cmod\nCls\n)\x81}X\x01\x00\x00\x00aK\x01sb."
     root = reader.unpickle(data).root
     assert isinstance(root, GlobalRecord) and root.state == {"a": 1} and root.args == ()

@@ -1794,7 +1794,7 @@ def test_module_attributes_are_charged_to_the_walk(sandbox):
     state = Op.dict((Op.data("training"), Op.data(False)),
                     (Op.data("_parameters"), Op.dict((Op.data("weight"), weight))),
                     (Op.data("_buffers"), Op.dict()), (Op.data("_modules"), Op.dict()), *extra)
-    body = Op.build(Op.call(Op.glob("src.modeling", "ClassificationHead")), state)
+    body = Op.build(Op.newobj(Op.glob("src.modeling", "ClassificationHead")), state)
     assert_refused(sandbox, p.write(sandbox.path("module-attributes.pt"), body), CorruptCheckpointError)
 
 

@@ -381,7 +381,7 @@ def test_inspect_mode_root_gadget_is_no_checkpoint(env, container):
     assert not env.marker.exists()
 
 
-# -- benign unknown classes stay inert, nothing is imported ----------------------------------------
+# -- benign unknown classes are refused by default; allowed by the user they stay inert, unimported ----------------------------------------
 @pytest.mark.parametrize("container", HOSTILE_CONTAINERS)
 def test_unknown_class_stays_inert_and_unimported(tmp_path, monkeypatch, container):
     marker = tmp_path / "mylib_imported"
@@ -405,10 +405,14 @@ def test_unknown_class_stays_inert_and_unimported(tmp_path, monkeypatch, contain
     monkeypatch.delitem(sys.modules, modname)
     monkeypatch.syspath_prepend(str(site))
 
-    ckpt = read_checkpoint(path)
+    with pytest.raises(UnsafeCheckpointError, match=f"{modname}.Thing") as refused:
+        read_checkpoint(path)  # on no allowlist: refused by default, however harmless it is
+    assert refused.value.globals == [f"{modname}.Thing"] and "allow_globals" in str(refused.value)
+    ckpt = read_checkpoint(path, allow_globals=[f"{modname}.Thing"])  # allowed by the user: a record
     assert modname not in sys.modules
     assert not marker.exists()
     assert GlobalName(modname, "Thing", False) in ckpt.globals
+    assert [g.verdict for g in ckpt.globals if g.module == modname] == ["allowed by you"]
     assert ckpt.unsafe_globals == []
     assert list(ckpt.state_dict) == ["w"]
     assert torch.equal(ckpt.state_dict["w"], weights["w"])

@@ -42,12 +42,18 @@ class ReadOptions:
         refuse_unsafe: refuse a file naming unsafe globals (``inspect`` lists them instead).
         locations: for a dict ``map_location``: saved location -> device; a location it does not
             name stays on the CPU. None otherwise.
+        allow_globals: exact ``module.name`` globals the user accepts besides the allowlist.
     """
 
     device: torch.device | None = None
     mmap: bool | None = None
     refuse_unsafe: bool = True
     locations: Mapping[str, torch.device] | None = None
+    allow_globals: frozenset[str] = frozenset()
+
+    def reader(self, source: str) -> Reader:
+        """The unpickling `pool.unpickler.Reader` of one read of ``source`` under these options."""
+        return Reader(source, refuse_unsafe=self.refuse_unsafe, allow_globals=self.allow_globals)
 
     def place(self, tensors: dict[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
         """The tensors where this read puts them (each storage moved once).

@@ -305,7 +305,7 @@ class Legacy:
             UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
             CheckpointError: the file changed while it was read.
         """
-        reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
+        reader = options.reader(str(path))
         with listing_globals(reader):
             buffer = map_file(path)
             size = len(buffer)
@@ -314,6 +314,8 @@ class Legacy:
                 root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
+            if not walked.modules:
+                reader.require_state_tier("torch.load(weights_only=True)")
             storages.update(blobs.storages)
             tensors = options.place(materialize(walked.tensors, storages, reader.source, size), walked.tensors)
         return result(path, self.name, walked, tensors, reader)

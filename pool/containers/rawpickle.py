@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..records import walk
 from ..tensors import materialize
-from ..unpickler import Reader
 from .base import Checkpoint, FileRanges, ReadOptions, listing_globals, map_file, result
 from .legacy import BlobReader, is_legacy
 
@@ -69,7 +68,7 @@ class PlainPickle:
             UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
             CheckpointError: the file changed while it was read.
         """
-        reader = Reader(str(path), refuse_unsafe=options.refuse_unsafe)
+        reader = options.reader(str(path))
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
         with listing_globals(reader), FileRanges(path) as ranges:

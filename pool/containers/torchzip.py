@@ -18,7 +18,6 @@ from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..records import storage_from_pid, walk
 from ..tensors import materialize
 from ..transfer import Span, read_spans
-from ..unpickler import Reader
 from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
 from .legacy import BlobReader
 from .zipfmt import ZipArchive, parse_zip
@@ -183,7 +182,7 @@ class TorchZip:
         """
         buffer = map_file(path)
         source = str(path)
-        reader = Reader(source, refuse_unsafe=options.refuse_unsafe)
+        reader = options.reader(source)
         with listing_globals(reader):
             archive = open_archive(buffer, source)
             archive.check_byteorder(buffer)
@@ -192,6 +191,8 @@ class TorchZip:
                                         persistent=lambda pid: storage_from_pid(pid, source))
             blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
+            if not walked.modules:
+                reader.require_state_tier("torch.load(weights_only=True)")
             used = {spec.storage.key for spec in walked.tensors.values()}
             missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
             if missing:
