@@ -85,6 +85,14 @@ def _build_tables() -> None:
 
 
 _build_tables()
+#: Opcodes torch's ``weights_only`` unpickler reads; it refuses a pickle using any other.
+_TORCH_READS = [False] * 256
+for _op in ("APPEND", "APPENDS", "BINFLOAT", "BINGET", "LONG_BINGET", "BININT", "BININT1", "BININT2",
+            "BINPERSID", "BINPUT", "LONG_BINPUT", "BINUNICODE", "BUILD", "EMPTY_DICT", "EMPTY_LIST",
+            "EMPTY_SET", "EMPTY_TUPLE", "GLOBAL", "LONG1", "MARK", "NEWFALSE", "NEWOBJ", "NEWTRUE", "NONE",
+            "PROTO", "REDUCE", "SETITEM", "SETITEMS", "SHORT_BINSTRING", "STOP", "TUPLE", "TUPLE1", "TUPLE2",
+            "TUPLE3"):
+    _TORCH_READS[_NAME.index(_op)] = True
 _LONG4, _BINSTRING = ord("\x8b"), ord("T")  # signed 4-byte lengths
 _LARGE_BYTES_OPS = (ord("B"), ord("\x8e"))  # BINBYTES, BINBYTES8
 _PY2_STRINGS = (ord("T"), ord("U"))  # BINSTRING, SHORT_BINSTRING
@@ -99,6 +107,8 @@ class ScanResult:
         end: where the pickle ends (one past ``STOP``).
         globals: the globals it names, in order, as ``(module, name)``, duplicates removed.
         persistent_ids: how many persistent ids it uses.
+        foreign: the names of opcodes ``torch.load(weights_only=True)`` does not read (protocol 4's
+            ``FRAME``, byte strings, ``NEWOBJ_EX``, ...): a torch state dict using them is refused.
         large: ``(opcode offset, payload start, payload end)`` of each byte string of at least
             ``large_bytes`` bytes (``BINBYTES`` / ``BINBYTES8``), when asked for.
     """
@@ -106,6 +116,8 @@ class ScanResult:
     end: int
     globals: list[tuple[str, str]] = field(default_factory=list)
     persistent_ids: int = 0
+    #: opcodes torch's ``weights_only`` reader does not read (it refuses a file using them)
+    foreign: set[str] = field(default_factory=set)
     #: ``(opcode offset, payload start, payload end)`` of each byte string of at least
     #: ``large_bytes`` bytes (``BINBYTES`` / ``BINBYTES8``), when asked for
     large: list[tuple[int, int, int]] = field(default_factory=list)
@@ -178,7 +190,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
     memo: list = []
     objects = 0
     from_bytes = int.from_bytes
-    arg_of, kind_of = _ARG, _KIND
+    arg_of, kind_of, torch_reads = _ARG, _KIND, _TORCH_READS
     at = i
 
     def pop_mark() -> list:
@@ -238,6 +250,8 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     continue
             at = i
             kind = kind_of[code]
+            if not torch_reads[code]:
+                result.foreign.add(_NAME[code])
             if big:
                 ops += 1
                 if ops > MAX_OPCODES:

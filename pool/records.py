@@ -15,6 +15,7 @@ bytes or of open_clip.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ _MAPPINGS = frozenset({"collections.OrderedDict", "builtins.dict"})
 _SETS = frozenset({"builtins.set", "builtins.frozenset"})
 _CALLED = _MAPPINGS | _SETS | {"torch.Size", "torch.storage._load_from_bytes", "_codecs.encode"}
 _STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")
+_LOCATION = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def storage_from_pid(pid: Any, source: str) -> StorageRef:
         CorruptCheckpointError: ``pid`` is no torch storage reference, names a storage class
             that is not read here, or has a key, size or view that is no bounded count.
     """
-    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
         raise CorruptCheckpointError(f"{source}: a persistent id that is no torch storage reference "
                                      f"({type(pid).__name__} of {len(pid) if isinstance(pid, tuple) else 1})"
                                      "; the file is damaged or not a torch checkpoint.")
@@ -146,7 +148,11 @@ def storage_from_pid(pid: Any, source: str) -> StorageRef:
                 and 0 <= view[1] < INT_LIMIT and 0 <= view[2] < INT_LIMIT):
             raise CorruptCheckpointError(f"{source}: a malformed storage view {brief(view)}; the file is damaged.")
         offset, root_numel, numel = view[1] * dtype.itemsize, numel, view[2]
-    location = pid[3] if isinstance(pid[3], str) and len(pid[3]) <= 64 else "?"
+    location = pid[3]
+    if not (isinstance(location, str) and _LOCATION.fullmatch(location)):
+        raise CorruptCheckpointError(f"{source}: a storage saved at location {brief(location)}; torch writes "
+                                     "'cpu' or 'cuda[:N]' and its reader refuses other tags (or, for 'meta', "
+                                     "returns no data). The file is damaged or crafted.")
     return StorageRef(str(key), dtype, numel, offset, root_numel, location)
 
 
@@ -270,6 +276,10 @@ class _Walker:
             if not args or len(args) > 2 or (len(args) == 2 and type(args[1]) is not bool):
                 raise self.fail(f"{where}: a Parameter record with {len(args)} arguments")
             return
+        data = self.value(args[0], where, depth + 1) if args else None
+        if isinstance(data, TensorSpec) and len(args) > 1 and args[1] is True and not (
+                data.dtype.is_floating_point or data.dtype.is_complex):
+            raise self.fail(f"{where}: an integer parameter that requires grad; torch refuses to build it")
         extra = args[2:]  # backward hooks, then (with_state) the state torch sets on the parameter
         if len(args) != (4 if name.endswith("_with_state") else 3) or type(args[1]) is not bool \
                 or not all(self.empty(x, where, depth) for x in extra):

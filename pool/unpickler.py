@@ -150,7 +150,7 @@ class Record:
         Args:
             value: the item, kept in ``items``.
         """
-        self._add_item(value)
+        Record._add_item(self, value)
 
     def extend(self, values: Any) -> None:
         """Record what the pickle's ``APPENDS`` added (nothing is built).
@@ -159,7 +159,7 @@ class Record:
             values: the items, kept in ``items`` in order.
         """
         for value in values:
-            self._add_item(value)
+            Record._add_item(self, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
         """A pickle may call what an earlier call returned (``partial(...)()``): one more record."""
@@ -204,6 +204,18 @@ class GlobalRecord(Record):
         if self.record_role is not None and self.record_role != "any":
             raise _Misuse(f"calls what '{self.record_global}' returned; no writer does this", self)
         return Record.__call__(self, *args, **kwargs)
+
+    def append(self, value: Any) -> None:
+        """``APPEND`` on a record: no writer appends to anything but a list (refused when roles apply)."""
+        if self.record_role is not None and self.record_role != "any":
+            raise _Misuse(f"appends to '{self.record_global}' (APPEND); only lists take appends", self)
+        Record.append(self, value)
+
+    def extend(self, values: Any) -> None:
+        """``APPENDS`` on a record: refused when roles apply, as for `append`."""
+        if self.record_role is not None and self.record_role != "any":
+            raise _Misuse(f"appends to '{self.record_global}' (APPENDS); only lists take appends", self)
+        Record.extend(self, values)
 
     def _add_item(self, item: Any) -> None:
         if self.record_role is not None and self.record_name not in _ITEM_TARGETS and self.record_role != "any":
@@ -335,6 +347,7 @@ class Reader:
         self.refuse_unsafe = refuse_unsafe
         self.allow_globals = allow_globals
         self.globals: dict[tuple[str, str], GlobalName] = {}
+        self.foreign_opcodes: set[str] = set()  # opcodes torch's weights_only reader refuses
         self._types = _RecordTypes()
 
     @property
@@ -373,10 +386,17 @@ class Reader:
         Raises:
             UnsafeCheckpointError: the file names a ``model``-tier global (`pool.allowlist`).
         """
+        if not self.refuse_unsafe:
+            return
         model = [str(g) for g in self.globals.values() if g.tier == "model"]
-        if model and self.refuse_unsafe:
+        if model:
             raise self.refusal(model, f"holds a state dict, yet names '{model[0]}', which only a pickled model "
                                       f"uses; {what} refuses such a file, so pool does too")
+        if self.foreign_opcodes:
+            raise CorruptCheckpointError(
+                f"{self.source}: a state dict whose pickle uses the opcode(s) {', '.join(sorted(self.foreign_opcodes))}, "
+                f"which {what} does not read (torch.save writes protocol 2 without them); the file was not written "
+                "by torch.save or was altered. Re-save it with torch.save(state_dict, path).")
 
     def refusal(self, unsafe: list[str], why: str = "") -> UnsafeCheckpointError:
         """The error for a file naming globals that no checkpoint writer uses, or using an allowed
@@ -451,6 +471,7 @@ class Reader:
             self.note_globals(exc.checkpoint_globals)
             raise amended(exc, checkpoint_globals=self.named_globals) from exc
         self.note_globals(scan.globals)
+        self.foreign_opcodes |= scan.foreign
         if scan.persistent_ids and persistent is None:
             raise CorruptCheckpointError(
                 f"{self.source}: the {what} refers to external data (persistent ids) but is not "

@@ -52,6 +52,7 @@ class _Stream:
         self.what = what
         self.pos = 0
         self.refs: dict[str, StorageRef] = {}
+        self.views: dict[str, tuple] = {}  # view key -> (root key, dtype, byte offset, size)
 
     def fail(self, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.reader.source}: {self.what}: {why}; the file is truncated or "
@@ -71,7 +72,11 @@ class _Stream:
             if not (isinstance(cls, type) and issubclass(cls, GlobalRecord)):
                 raise self.fail("a module reference that names no class")
             return cls
+        if not (isinstance(pid, tuple) and len(pid) == 6):  # torch unpacks exactly these six fields
+            raise self.fail(f"a storage reference of {brief(pid)} (torch writes ('storage', type, key, "
+                            "location, size, view))")
         ref = storage_from_pid(pid, self.reader.source)
+        self.check_view(ref, pid[5])
         numel = ref.root_numel if ref.root_numel >= 0 else ref.numel  # the root storage's size
         root = self.refs.get(ref.key)
         if root is None:
@@ -79,6 +84,22 @@ class _Stream:
         elif root.dtype != ref.dtype or root.numel != numel:
             raise self.fail(f"storage {brief(ref.key)} is named with two element types or sizes")
         return ref
+
+    def check_view(self, ref: StorageRef, view: Any) -> None:
+        """One meaning per key, as torch's legacy reader caches them: a view key names one view
+        (root, offset, size) and is never a root storage's key."""
+        if view is None:
+            if ref.key in self.views:
+                raise self.fail(f"storage key {brief(ref.key)} names both a view and a root storage (torch "
+                                "would read one for the other)")
+            return
+        key = str(view[0])
+        if not is_key(view[0]) or key == ref.key or key in self.refs:
+            raise self.fail(f"a storage view whose key {brief(view[0])} is also a root storage's key")
+        meaning = (ref.key, ref.dtype, ref.byte_offset, ref.numel)
+        if self.views.setdefault(key, meaning) != meaning:
+            raise self.fail(f"storage view {brief(key)} is named twice with different offsets or sizes (torch "
+                            "would reuse the first)")
 
     def parse(self) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The root object and, per storage key, the (start, stop) of its bytes in the buffer."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError, brief
 from ..records import storage_from_pid, walk
-from ..tensors import materialize
+from ..tensors import StorageRef, materialize
 from ..transfer import Span, read_spans
 from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
 from .legacy import BlobReader
@@ -25,6 +26,7 @@ from .zipfmt import ZipArchive, parse_zip
 __all__ = ["TorchZip", "TorchArchive", "open_archive"]
 
 _CHUNK = 1 << 20
+_MAX_FORMAT_VERSION = 10  # torch's kMaxSupportedFileFormatVersion
 
 
 def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
@@ -58,6 +60,11 @@ class TorchArchive:
                 f"{source}: a zip archive without data.pkl (holds {', '.join(names[:5]) or 'nothing'}); "
                 "not a torch checkpoint.")
         prefix = pickles[0][:-len("data.pkl")]
+        versions = [n for n in (prefix + ".data/version", prefix + "version") if n in archive.members]
+        if not versions:
+            raise CorruptCheckpointError(
+                f"{source}: a zip archive without {prefix}version; torch.save always writes it and "
+                "torch.load refuses an archive without it: the file is damaged or was not written by torch.")
         outside = [n for n in names if not n.startswith(prefix)]
         if outside:
             raise CorruptCheckpointError(
@@ -66,8 +73,10 @@ class TorchArchive:
         self.source = source
         self.archive = archive
         self.prefix = prefix
+        self.version = versions[0]  # torch reads .data/version when the archive has one
         self.records = {name[len(prefix) + 5:]: m for name, m in archive.members.items()
                         if name.startswith(prefix + "data/")}
+        self.refs: dict[str, StorageRef] = {}
 
     def pickle_bytes(self, buffer: memoryview) -> bytes:
         """The bytes of ``data.pkl``, their CRC32 checked.
@@ -85,6 +94,52 @@ class TorchArchive:
             return self.archive.read(buffer, self.prefix + "data.pkl")
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{self.source}: {exc}; the file is damaged: download it again.") from None
+
+    def check_version(self, buffer: memoryview) -> None:
+        """Refuse a format version torch's reader would not read (it reads ``.data/version``, else
+        ``version``: a decimal number from 1 to 10 with a newline).
+
+        Args:
+            buffer: the whole file's bytes.
+
+        Raises:
+            CorruptCheckpointError: the version member holds anything else.
+        """
+        text = self.archive.read(buffer, self.version).strip()
+        if not (text.isdigit() and len(text) <= 3 and 1 <= int(text) <= _MAX_FORMAT_VERSION):
+            raise CorruptCheckpointError(
+                f"{self.source}: {self.version} says {text[:20]!r}; torch reads zip formats 1 to "
+                f"{_MAX_FORMAT_VERSION}. The file is damaged or was not written by torch.save.")
+
+    def storage_ref(self, pid: Any) -> StorageRef:
+        """A persistent id as torch's zip reader resolves it: one dtype and size per storage key
+        (torch keeps the first it meets), the record exactly that many bytes, no legacy view.
+
+        Args:
+            pid: the persistent id the pickle gave.
+
+        Returns:
+            The `pool.tensors.StorageRef`.
+
+        Raises:
+            CorruptCheckpointError: a malformed id, a view, a key named with two dtypes or sizes,
+                or a record missing or of another size.
+        """
+        if not (isinstance(pid, tuple) and len(pid) == 5):  # torch unpacks exactly these five fields
+            raise CorruptCheckpointError(f"{self.source}: a storage reference of {brief(pid)}; torch.save writes "
+                                         "('storage', type, key, location, size): the file is damaged or crafted.")
+        ref = storage_from_pid(pid, self.source)
+        first = self.refs.setdefault(ref.key, ref)
+        record = self.records.get(ref.key)
+        if ref.root_numel >= 0 or (first.dtype, first.numel) != (ref.dtype, ref.numel) or record is None \
+                or record.size != ref.numel * ref.dtype.itemsize:
+            why = ("a storage view, which zip checkpoints never hold" if ref.root_numel >= 0 else
+                   "a key named with two element types or sizes (torch would take the first)"
+                   if first is not ref else f"no data/{ref.key} record" if record is None else
+                   f"data/{ref.key} holds {record.size} bytes, not the {ref.numel * ref.dtype.itemsize} it claims")
+            raise CorruptCheckpointError(f"{self.source}: storage {brief(ref.key)}: {why}; the file is damaged "
+                                         "or crafted so that readers load different weights.")
+        return ref
 
     def check_byteorder(self, buffer: memoryview) -> None:
         """Refuse a big-endian checkpoint (an archive without ``byteorder`` is little-endian).
@@ -186,9 +241,10 @@ class TorchZip:
         with listing_globals(reader):
             archive = open_archive(buffer, source)
             archive.check_byteorder(buffer)
+            archive.check_version(buffer)
             blobs = BlobReader(reader, len(buffer))
             unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
-                                        persistent=lambda pid: storage_from_pid(pid, source))
+                                        persistent=archive.storage_ref)
             blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
             if not walked.modules:

@@ -8,7 +8,8 @@ could see differently:
 * exactly one end-of-central-directory record, at the very end (no comment), and at most one
   ZIP64 end record and locator, consistent with it;
 * the central directory exactly where the end record says, its entries tiling it;
-* every member: stored (no compression), not encrypted, a name with no NUL, unique, and a local
+* every member: stored (no compression), not encrypted, a name with no NUL, ASCII or flagged
+  UTF-8, unique even ignoring ASCII case (torch's reader looks names up that way), and a local
   header that agrees with its central entry;
 * members laid out from byte 0 without overlaps or hidden gaps (a data descriptor's 24 bytes at
   most between them), ending where the central directory starts.
@@ -33,7 +34,7 @@ _Z64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # sig, size, made, needed, disk, cd d
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _MAX_GAP = 24  # a data descriptor with signature and ZIP64 sizes
-_MAX_MEMBERS = 1_000_000
+_MAX_MEMBERS = 100_000  # a real checkpoint has one member per storage: a few thousand at most
 _MAX_VERSION = 63  # the newest "version needed to extract" Python's zipfile reads
 
 
@@ -153,7 +154,7 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
         raise _Bad(f"the central directory is not where the end record says (offset {cd_offset} + size "
                    f"{cd_size} != {cd_end})")
     if entries > _MAX_MEMBERS:
-        raise _Bad(f"{entries} members")
+        raise _Bad(f"{entries} members, more than the {_MAX_MEMBERS} any checkpoint has")
     for signature in (b"PK\x05\x06", b"PK\x06\x06"):
         if bytes(buf[cd_offset:cd_end]).find(signature) >= 0:
             raise _Bad("a second end record inside the central directory")
@@ -188,9 +189,11 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
             raise _Bad(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
         if disk_start != 0:
             raise _Bad(f"member {name!r} is on another disk")
-        if name in members or raw_name in raw_names:
-            raise _Bad(f"two members are named {name!r}")
-        raw_names.add(raw_name)
+        folded = raw_name.lower()  # torch's zip reader (miniz) looks names up ignoring ASCII case
+        if name in members or folded in raw_names:
+            raise _Bad(f"two members are named {name!r} (names that differ only in case count as one: "
+                       "torch's reader would take either)")
+        raw_names.add(folded)
         data_at = _local_header(buf, local_at, raw_name, flags, crc, usize, name)
         if data_at + usize > cd_offset:
             raise _Bad(f"member {name!r} runs into the central directory")
@@ -211,10 +214,15 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
 
 
 def _name(raw: bytes, flags: int) -> str:
+    """A member's name as every reader sees it: ASCII, or UTF-8 flagged as such (a name of other
+    bytes without the flag is cp437 to Python's zipfile and raw bytes to torch's reader)."""
     if b"\x00" in raw:
         raise _Bad(f"a member name holds a NUL byte ({raw[:60]!r})")
+    if not flags & 0x800 and not raw.isascii():
+        raise _Bad(f"a member name of non-ASCII bytes without the UTF-8 flag ({raw[:60]!r}): zip readers "
+                   "decode it differently")
     try:
-        return raw.decode("utf-8" if flags & 0x800 else "cp437")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _Bad(f"a member name that is not valid UTF-8 ({raw[:60]!r})") from None
 
