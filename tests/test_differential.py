@@ -19,8 +19,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.differential import (
-    MUTATIONS, Call, Dct, Doc, G, Member, Tup, applicable, base_doc, base_files, disagreement, load_both,
-    mutate, pid_fields, tensor_call,
+    MUTATIONS,
+    Call,
+    Dct,
+    Doc,
+    G,
+    Member,
+    Tup,
+    applicable,
+    base_doc,
+    base_files,
+    disagreement,
+    load_both,
+    mutate,
+    pid_fields,
+    tensor_call,
 )
 from tests.helpers import examples
 
