@@ -1,8 +1,12 @@
 """safetensors: an 8-byte header length, a JSON header, then the tensor data. No pickle at all.
 
-The header is parsed once, here, within bounds (its size relative to the file, nesting depth,
-duplicate names, every tensor's byte range against its dtype and shape and the file), and the
-tensors are views of the memory-mapped file made from those same entries.
+The header is parsed once, here, within bounds (its size relative to the file and the library's
+100 MB, the number of JSON items and tensors, nesting depth), as strictly as the safetensors library
+reads it or more (duplicate names, unpaired surrogates, floats, unknown fields and dtypes refused;
+every tensor's byte count against its dtype and shape; byte ranges that tile the data section
+exactly, with no overlap, gap, hidden prefix or trailing bytes), so that whatever a read returns,
+``safetensors.torch.load_file`` returns too. The tensors are views of the memory-mapped file made
+from those same entries.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, brief
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
 from ..transfer import Span, open_regular, read_spans
 from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
-           "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS"]
+           "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS", "MAX_HEADER_BYTES", "MAX_TENSORS",
+           "MAX_HEADER_ITEMS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +47,18 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
                           "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64,
                           "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-_MAX_HEADER = 100 * 1024 * 1024
+#: the safetensors library's own header limit (``MAX_HEADER_SIZE``, 100,000,000 bytes)
+MAX_HEADER_BYTES = 100_000_000
+#: the most tensors one file may list. Real checkpoints list a few thousand; a header listing
+#: millions of empty tensors fits the library's 100 MB and would cost Python seconds and gigabytes.
+MAX_TENSORS = 100_000
+#: the most ``{``, ``[`` and ``,`` bytes a header may hold: every object member and array element
+#: follows one of them, so this bounds how many values parsing can build before anything else is
+#: checked (bytes inside strings count too; 20 per tensor leaves room for names and metadata).
+MAX_HEADER_ITEMS = 20 * MAX_TENSORS
 _MAX_DIMS = 64
+_U64_MAX = (1 << 64) - 1
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 @dataclass(frozen=True)
@@ -80,20 +96,153 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"the name {key!r} appears twice")
-        out[key] = value
-    return out
+Refusal = Callable[[str], CorruptCheckpointError]
+
+
+def _json_hooks(bad: Refusal) -> dict[str, Callable]:
+    """``json.loads`` hooks that refuse what the safetensors library (serde_json) reads otherwise.
+
+    At most `MAX_TENSORS` tensors' worth of objects are built. Duplicate names are refused outright (the library keeps the last tensor of a name and refuses
+    a repeated field), as are strings with an unpaired surrogate (serde_json refuses ``"\\ud800"``,
+    Python reads it), floats, ``NaN``/``Infinity`` and integers that are negative (``-0``
+    included) or beyond 64 bits: no field of a safetensors header holds any of them.
+    """
+    objects = 0
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal objects
+        objects += 1  # one per tensor, the metadata and the header itself: stop a count bomb early
+        if objects > MAX_TENSORS + 2:
+            raise bad(f"the header holds more than {MAX_TENSORS + 2:,} JSON objects: it lists more than the "
+                      f"{MAX_TENSORS:,} tensors this reader accepts (real checkpoints list a few thousand)")
+        out: dict[str, object] = {}
+        for key, value in items:
+            for text in (key, value):
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad(f"the string {brief(text)} holds an unpaired UTF-16 surrogate, which the "
+                                  "safetensors library refuses") from None
+            if key in out:
+                raise bad(f"the name {brief(key)} appears twice in one object")
+            out[key] = value
+        return out
+
+    def integer(text: str) -> int:
+        if text.startswith("-") or len(text) > 20 or int(text) > _U64_MAX:
+            raise bad(f"the integer {brief(text)} is negative or beyond 64 bits; sizes and offsets "
+                      "are unsigned 64-bit integers")
+        return int(text)
+
+    def no_float(text: str) -> float:
+        raise bad(f"the number {brief(text)} is not an integer; a safetensors header holds none")
+
+    return {"object_pairs_hook": pairs, "parse_int": integer, "parse_float": no_float,
+            "parse_constant": no_float}
+
+
+def _parse_header(raw: bytes, bad: Refusal) -> dict[str, object]:
+    """The header bytes as a JSON object, parsed within bounds (see `MAX_HEADER_ITEMS`)."""
+    items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+    if items > MAX_HEADER_ITEMS:
+        raise bad(f"the header holds {items:,} JSON items, more than the {MAX_HEADER_ITEMS:,} that "
+                  f"{MAX_TENSORS:,} tensors need")
+    try:
+        header = json.loads(raw.decode("utf-8"), **_json_hooks(bad))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"the header is not valid JSON ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise bad("the header nests deeper than any safetensors header") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    return header
+
+
+def _metadata(header: dict[str, object], bad: Refusal) -> dict[str, str]:
+    """Pop ``__metadata__`` off the header: absent or ``null`` (none), else strings to strings."""
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        return {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not a mapping of strings to strings")
+    return metadata
+
+
+def _element_count(shape: list[int]) -> int | None:
+    """The number of elements, or None where the library's running 64-bit product overflows.
+
+    The library multiplies the dimensions in order with overflow checks: ``[2**40, 2**40, 0]`` is
+    refused there, ``[0, 2**40, 2**40]`` is not, so the order matters.
+    """
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > _U64_MAX:
+            return None
+    return count
+
+
+def _entry(name: str, info: object, base: int, data_len: int, bad: Refusal) -> SafetensorsEntry:
+    """One header entry, checked: dtype, shape, offsets and byte count, as the library checks them.
+
+    Stricter than the library in two places: an entry must have exactly its three fields (the
+    library ignores others, up to its own nesting limit) and at most 64 dimensions.
+    """
+    if not isinstance(info, dict):
+        raise bad(f"entry {brief(name)} is not an object")
+    if info.keys() != _ENTRY_FIELDS:
+        raise bad(f"tensor {brief(name)} has the fields {brief(sorted(info))}, expected exactly "
+                  f"{sorted(_ENTRY_FIELDS)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
+        raise bad(f"tensor {brief(name)} has unknown dtype {brief(dtype, 40)}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(type(d) is int and 0 <= d < INT_LIMIT for d in shape)):
+        raise bad(f"tensor {brief(name)} has a malformed shape {brief(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"tensor {brief(name)} has malformed data_offsets {brief(offsets)}")
+    if offsets[1] > data_len:
+        raise bad(f"tensor {brief(name)} spans data bytes {offsets[0]}..{offsets[1]}, the data section "
+                  f"has {data_len}")
+    count = _element_count(shape)
+    bits = None if count is None else count * SAFETENSORS_DTYPE_BITS[dtype]
+    if bits is None or bits > _U64_MAX or bits % 8:
+        raise bad(f"tensor {brief(name)} ({dtype} {brief(shape)}) has a size that overflows 64 bits or "
+                  "is no whole number of bytes")
+    if offsets[1] - offsets[0] != bits // 8:
+        raise bad(f"tensor {brief(name)} ({dtype} {brief(shape)}) needs {bits // 8} bytes, its offsets "
+                  f"span {offsets[1] - offsets[0]}")
+    return SafetensorsEntry(name, dtype, tuple(shape), base + offsets[0], offsets[1] - offsets[0])
+
+
+def _check_tiling(entries: list[SafetensorsEntry], base: int, size: int, bad: Refusal) -> None:
+    """The byte ranges, sorted as the library sorts them, must tile ``base..size`` exactly.
+
+    No overlap (two names for the same bytes), no gap or hidden prefix (bytes no tensor owns) and
+    nothing after the last tensor: the safetensors library refuses each of these.
+    """
+    end = base
+    for entry in sorted(entries, key=lambda e: (e.offset, e.offset + e.nbytes)):
+        if entry.offset != end:
+            what = ("overlaps the tensor before it" if entry.offset < end else
+                    "leaves a gap before it" if end > base else "leaves a hidden prefix before it")
+            raise bad(f"tensor {brief(entry.name)} starts at byte {entry.offset}, expected {end}: it "
+                      f"{what} (the tensors must tile the data section)")
+        end = entry.offset + entry.nbytes
+    if end != size:
+        raise bad(f"the tensors end at byte {end} but the file has {size} bytes (trailing bytes)")
 
 
 def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[str, str]]:
     """Parse and check a safetensors header: entries (absolute offsets) and metadata.
 
-    The header's size is checked against the file's before it is read, and each entry's dtype,
-    shape and byte range against the file; duplicate names are refused.
+    Everything the safetensors library checks is checked here, or refused where this is stricter:
+    the header's size (against the file and the library's 100 MB), strict JSON (no duplicate names,
+    no unpaired surrogates, no floats), at most `MAX_TENSORS` tensors, each entry's dtype, shape
+    and byte count, and byte ranges that tile the data section exactly from its start to the end
+    of the file. What this returns is what ``safetensors.torch.load_file`` returns.
 
     Args:
         path: the safetensors file.
@@ -103,9 +252,10 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
         ``__metadata__`` strings (empty when there are none).
 
     Raises:
-        CorruptCheckpointError: the header is cut off, too large, not a JSON object, has a
-            malformed entry (unknown dtype, bad shape or offsets, a byte range past the file or
-            of the wrong size) or ``__metadata__`` that is not strings to strings.
+        CorruptCheckpointError: the header is cut off, too large, no strict JSON object, lists too
+            many tensors, has a malformed entry (unknown dtype or field, bad shape or offsets, a
+            byte range past the file or of the wrong size), ``__metadata__`` that is not strings
+            to strings, or byte ranges that overlap, leave a gap or stop before the file's end.
         CheckpointError: the path is not a regular file.
     """
     path = Path(path)
@@ -120,43 +270,18 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
         if len(head) < 8:
             raise bad(f"the file has only {size} bytes")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, _MAX_HEADER):
-            raise bad(f"the header claims {header_len} bytes, the file has {size}")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"the header claims {header_len} bytes, the file has {size} (at most "
+                      f"{MAX_HEADER_BYTES:,} are allowed)")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad(f"the header is not valid JSON ({str(exc)[:200]})") from None
-    except RecursionError:
-        raise bad("the header nests deeper than any safetensors header") from None
-    if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in metadata.items())):
-        raise bad("__metadata__ is not a mapping of strings to strings")
+    header = _parse_header(raw, bad)
+    metadata = _metadata(header, bad)
+    if len(header) > MAX_TENSORS:
+        raise bad(f"the header lists {len(header):,} tensors, more than the {MAX_TENSORS:,} tensors this "
+                  "reader accepts (real checkpoints list a few thousand)")
     base = 8 + header_len
-    entries = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise bad(f"entry {name[:200]!r} is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
-            raise bad(f"tensor {name[:200]!r} has unknown dtype {str(dtype)[:40]!r}")
-        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
-                and all(type(d) is int and 0 <= d < INT_LIMIT for d in shape)):
-            raise bad(f"tensor {name[:200]!r} has a malformed shape {str(shape)[:100]}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name[:200]!r} has malformed data_offsets {str(offsets)[:100]}")
-        if offsets[1] > size - base:
-            raise bad(f"tensor {name[:200]!r} spans data bytes {offsets[0]}..{offsets[1]}, the data "
-                      f"section has {size - base}")
-        expected = (math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype] + 7) // 8
-        if offsets[1] - offsets[0] != expected:
-            raise bad(f"tensor {name[:200]!r} ({dtype} {shape}) needs {expected} bytes, its offsets span "
-                      f"{offsets[1] - offsets[0]}")
-        entries.append(SafetensorsEntry(name, dtype, tuple(shape), base + offsets[0], offsets[1] - offsets[0]))
+    entries = [_entry(name, info, base, size - base, bad) for name, info in header.items()]
+    _check_tiling(entries, base, size, bad)
     return entries, metadata
 
 
@@ -222,8 +347,9 @@ class Safetensors:
             The `Checkpoint` (``root_type`` ``"safetensors"``, the header's metadata).
 
         Raises:
-            CorruptCheckpointError: the header is malformed, or a dtype is one this torch cannot
-                hold.
+            CorruptCheckpointError: the header fails any check of `safetensors_entries` (the
+                safetensors library's rules, strict JSON, byte ranges that tile the data section,
+                at most `MAX_TENSORS` tensors), or a dtype is one this torch cannot hold.
             CheckpointError: the file is not regular, or changed while it was read.
         """
         source = str(path)
@@ -252,7 +378,7 @@ class Safetensors:
         return Checkpoint(path, self.name, tensors, "safetensors", metadata=metadata)
 
     def integrity(self, path: Path) -> tuple[bool, str]:
-        """The header check, then the tensors' byte ranges must tile the data section exactly.
+        """The header check of `safetensors_entries`, which every read makes too.
 
         Args:
             path: the file.
@@ -265,18 +391,5 @@ class Safetensors:
                 bytes trail the last tensor.
         """
         entries, _ = safetensors_entries(path)
-        with open(path, "rb") as f:
-            data_start = end = 8 + int.from_bytes(f.read(8), "little")
-        for entry in sorted(entries, key=lambda e: e.offset):
-            if entry.offset != end:
-                raise CorruptCheckpointError(
-                    f"{path}: safetensors header check failed: tensor {entry.name[:200]!r} starts at byte "
-                    f"{entry.offset}, expected {end} (overlapping tensors or a gap). The file is damaged: "
-                    "download it again.")
-            end = entry.offset + entry.nbytes
-        size = path.stat().st_size
-        if end != size:
-            raise CorruptCheckpointError(
-                f"{path}: safetensors header check failed: the tensors end at byte {end} but the file has "
-                f"{size} bytes (trailing bytes). The file is damaged: download it again.")
-        return True, f"{len(entries)} tensors, header and offsets ok ({end - data_start:,} data bytes)"
+        data = sum(e.nbytes for e in entries)
+        return True, f"{len(entries)} tensors, header and offsets ok ({data:,} data bytes)"
