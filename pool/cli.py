@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import ConfigError, PoolError, printable
 from .report import Style, human_count, human_size, human_time, paragraph, table
+from .unpickler import GlobalName
 from .verify_report import EntryResult, HeadCheck, VerifyReport
 
 __all__ = ["main", "build_parser"]
@@ -343,7 +344,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
     # Missing files (the message lists what is near), pipes and devices (which could block the
     # hash below) are refused here, before the file is opened.
     sniff_container(path)
-    info = inspect_file(path, sha256_file(path))
+    info = inspect_file(path, sha256_file(path), allow_globals=args.allow_global)
     unsafe = info.unsafe
     if args.json:
         print(json.dumps(info.as_dict(), indent=2, default=str))
@@ -366,23 +367,32 @@ def _cmd_inspect(args: argparse.Namespace, out: Style) -> int:
         for key, value in sorted(info.metadata.items()):
             rows.append((printable(f"metadata {key}"), printable(value)))
         if info.container != "safetensors":
-            count = f"{len(info.globals)} named, " + (out.bad(f"{len(unsafe)} UNSAFE") if unsafe else "none unsafe")
+            count = f"{len(info.globals)} named, " + (out.bad(f"{len(unsafe)} REFUSED (on no allowlist)") if unsafe
+                                                      else "all allowed")
             rows.append(("globals", count))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         for g in sorted(info.globals, key=lambda g: (not g.unsafe, str(g))):
-            flag = "  " + out.bad("UNSAFE: could run code or touch the system; pool refuses to load this file") if g.unsafe else ""
-            lines.append(f"  {g}{flag}")
+            lines.append(f"  {g}  " + _verdict(g, out))
         print("\n".join(lines))
-    if unsafe:
-        _error(f"{printable(str(path))}: names {len(unsafe)} unsafe global(s): {', '.join(unsafe)}. They were listed, "
-               "not executed; pool refuses to load this file. Get the checkpoint from a trusted source.",
+    if unsafe or info.refusal:
+        _error(printable(info.refusal) if info.refusal else
+               f"{printable(str(path))}: names {len(unsafe)} global(s) on no allowlist: {', '.join(unsafe)}. They "
+               "were listed, not executed; pool refuses to load this file. Get the checkpoint from a trusted source.",
                "inspect", args.prog)
         return EXIT_FOUND
     if info.error is not None:
         _error(info.error, "inspect", args.prog)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _verdict(g: GlobalName, out: Style) -> str:
+    """One global's verdict for ``inspect``: allowed (and the writer that needs it) or refused."""
+    if g.unsafe:
+        return out.bad("REFUSED: on no allowlist; torch.load(weights_only=False) or pickle.load would import "
+                       "and call it")
+    return f"{g.verdict} ({printable(g.writer)})"
 
 
 # -- convert --------------------------------------------------------------------------------------
@@ -551,6 +561,13 @@ def _cmd_cache(args: argparse.Namespace, out: Style) -> int:
 
 
 # -- entry point ----------------------------------------------------------------------------------
+def _allow_global_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-global MODULE.NAME`` (repeatable): globals to accept besides pool's allowlist."""
+    parser.add_argument("--allow-global", metavar="MODULE.NAME", action="append", default=[],
+                        help="accept this exact global besides pool's allowlist (repeatable); it stays inert in "
+                             "pool, but other readers of the file (torch.load(weights_only=False)) would call it")
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line's parser: ``verify``, ``inspect``, ``convert``, ``synth`` and ``cache``.
 
@@ -597,11 +614,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("inspect", parents=[common], help="describe a checkpoint file without loading it",
-                       description="Container, every global the file names (unsafe ones flagged; nothing is "
-                                   "executed), root type, architecture, tensors, parameters, size, sha256. "
-                                   "Exit 1 when the file names unsafe globals.")
+                       description="Container, every global the file names with its verdict (allowed, and "
+                                   "the writer that needs it, or refused; nothing is executed), root type, "
+                                   "architecture, tensors, parameters, size, sha256. Exit 1 when a load would "
+                                   "refuse the file as unsafe.")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _allow_global_option(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("convert", parents=[common], help="convert checkpoints to safetensors",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from .checkpoint import read_checkpoint, sniff_container
 from .containers import REGISTRY
 from .containers.hf_folder import NAME as HF_FOLDER
-from .errors import ArchitectureMismatchError, CheckpointError
+from .errors import ArchitectureMismatchError, CheckpointError, UnsafeCheckpointError
 from .keys import checkpoint_kind, describe_layout, strip_ddp, to_clip_keys, to_clip_modules
 from .unpickler import GlobalName
 
@@ -71,6 +72,7 @@ class Inspection:
     metadata: dict[str, str] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why no state dict could be read (globals may still be listed)
+    refusal: str | None = None  # why a load refuses the file as unsafe (a global, or its misuse)
 
     @property
     def unsafe(self) -> list[str]:
@@ -81,8 +83,9 @@ class Inspection:
         """The JSON form ``python -m pool inspect --json`` prints.
 
         Returns:
-            Every field (``path`` as ``file``, globals as ``{"name", "unsafe"}`` objects) plus
-            ``unsafe_globals``; attributes other than booleans, numbers and strings are left out.
+            Every field (``path`` as ``file``, globals as ``{"name", "unsafe", "verdict", "role",
+            "writer"}`` objects) plus ``unsafe_globals`` and ``refusal`` (why a load refuses the
+            file, or None); attributes other than booleans, numbers and strings are left out.
         """
         return {
             "file": str(self.path), "size": self.size, "sha256": self.sha256,
@@ -90,24 +93,28 @@ class Inspection:
             "description": self.description, "architecture": self.architecture,
             "key_layout": self.key_layout, "tensors": self.tensors, "parameters": self.parameters,
             "dtypes": self.dtypes,
-            "globals": [{"name": str(g), "unsafe": g.unsafe} for g in self.globals],
-            "unsafe_globals": self.unsafe, "metadata": self.metadata,
+            "globals": [{"name": str(g), "unsafe": g.unsafe, "verdict": g.verdict, "role": g.role,
+                         "writer": g.writer} for g in self.globals],
+            "unsafe_globals": self.unsafe, "refusal": self.refusal, "metadata": self.metadata,
             "attributes": {k: v for k, v in self.attributes.items() if isinstance(v, (bool, int, float, str))},
             "error": self.error,
         }
 
 
-def inspect_file(path: str | Path, sha256: str) -> Inspection:
+def inspect_file(path: str | Path, sha256: str, allow_globals: Iterable[str] | None = None) -> Inspection:
     """Describe one checkpoint file, without running anything from it.
 
     Raises CheckpointError only when it is missing or no container at all; a file that cannot be
     read as a checkpoint comes back with ``error`` set (and the globals named before reading
-    stopped). The file is read with ``refuse_unsafe=False``: unsafe globals are listed, flagged.
+    stopped). The file is read with ``refuse_unsafe=False``: every global is listed with the
+    allowlist's verdict (`pool.allowlist`); ``refusal`` says why a load would refuse the file (a
+    global on no allowlist, or an allowed one used as no writer uses it).
     An encoder whose architecture cannot be read comes back as kind ``"unknown"``, saying why.
 
     Args:
         path: the file, or a transformers model folder (``~`` is expanded).
         sha256: its sha256 (`pool.convert.sha256_file`), reported as given.
+        allow_globals: globals the user accepts besides the allowlist (their verdict says so).
 
     Returns:
         The `Inspection`.
@@ -132,7 +139,13 @@ def inspect_file(path: str | Path, sha256: str) -> Inspection:
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
     info = Inspection(p, size, sha256, container)
     try:
-        ckpt = read_checkpoint(p, refuse_unsafe=False)
+        read_checkpoint(p, allow_globals=allow_globals, cache_dir=False)  # what a load decides
+    except UnsafeCheckpointError as exc:
+        info.refusal = str(exc)
+    except CheckpointError:
+        pass  # the listing read below says what is wrong
+    try:
+        ckpt = read_checkpoint(p, refuse_unsafe=False, allow_globals=allow_globals, cache_dir=False)
     except CheckpointError as exc:
         info.error = str(exc)
         info.globals = list(exc.checkpoint_globals)

@@ -8,7 +8,7 @@ assigned into it, so there is no download and no initialisation thrown away.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from os import PathLike
 from typing import Any
@@ -265,7 +265,8 @@ class ImageEncoder(nn.Module):
     @classmethod
     def load(cls, path: str | PathLike[str], *, model_name: str | None = None, quick_gelu: bool | None = None,
              device: Any = None, dtype: DType = None, mmap: bool | None = None,
-             map_location: Any = None, cache_dir: Any = None) -> ImageEncoder:
+             map_location: Any = None, cache_dir: Any = None,
+             allow_globals: Iterable[str] | None = None) -> ImageEncoder:
         """Read any supported encoder file (pickle, state dict, safetensors) and build it.
 
         ``map_location`` is an alias of ``device``, as in ``torch.load``. Nothing from the file
@@ -284,13 +285,15 @@ class ImageEncoder(nn.Module):
                 (a dict maps saved locations).
             cache_dir: the conversion cache (`pool.cache`): None (the default) uses
                 ``$OPENCLIP_POOL_CACHE_DIR`` when set, False turns it off.
+            allow_globals: exact ``module.name`` globals to accept besides the allowlist
+                (`pool.allowlist`), as for `pool.checkpoint.read_checkpoint`.
 
         Returns:
             The `ImageEncoder`.
 
         Raises:
             CheckpointNotFoundError: the file does not exist.
-            UnsafeCheckpointError: the file names a global that could run code.
+            UnsafeCheckpointError: the file names a global on no allowlist, or misuses one.
             CorruptCheckpointError: the file is damaged, truncated or no known container.
             CheckpointError: any other unusable file.
             ConfigError: ``model_name``, ``dtype`` or ``device`` is not supported.
@@ -303,7 +306,7 @@ class ImageEncoder(nn.Module):
             >>> encoder = ImageEncoder.load("cars.safetensors", device="cuda", dtype="bf16")  # doctest: +SKIP
         """
         device = device if device is not None else map_location
-        ckpt = read_checkpoint(path, map_location=device, mmap=mmap, cache_dir=cache_dir)
+        ckpt = read_checkpoint(path, map_location=device, mmap=mmap, cache_dir=cache_dir, allow_globals=allow_globals)
         return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
                                    dtype=dtype)
 
@@ -491,7 +494,8 @@ class ClassificationHead(nn.Linear):
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,
-             dtype: DType = None, map_location: Any = None, cache_dir: Any = None) -> ClassificationHead:
+             dtype: DType = None, map_location: Any = None, cache_dir: Any = None,
+             allow_globals: Iterable[str] | None = None) -> ClassificationHead:
         """Read a head file (pickled ClassificationHead, state dict or safetensors) and build it.
 
         Args:
@@ -503,13 +507,15 @@ class ClassificationHead(nn.Linear):
             map_location: used when ``device`` is None, in any form `read_checkpoint` takes.
             cache_dir: the conversion cache (`pool.cache`): None (the default) uses
                 ``$OPENCLIP_POOL_CACHE_DIR`` when set, False turns it off.
+            allow_globals: exact ``module.name`` globals to accept besides the allowlist
+                (`pool.allowlist`), as for `pool.checkpoint.read_checkpoint`.
 
         Returns:
             The `ClassificationHead`.
 
         Raises:
             CheckpointNotFoundError: the file does not exist.
-            UnsafeCheckpointError: the file names a global that could run code.
+            UnsafeCheckpointError: the file names a global on no allowlist, or misuses one.
             CorruptCheckpointError: the file is damaged, truncated or no known container.
             CheckpointError: any other unusable file, or one that holds no classification head.
             ArchitectureMismatchError: the head's tensors are empty, not floating point or
@@ -522,5 +528,5 @@ class ClassificationHead(nn.Linear):
             >>> logits = head(features)  # doctest: +SKIP
         """
         device = device if device is not None else map_location
-        return cls.from_checkpoint(read_checkpoint(path, map_location=device, cache_dir=cache_dir), normalize=normalize,
-                                   device=device, dtype=dtype)
+        ckpt = read_checkpoint(path, map_location=device, cache_dir=cache_dir, allow_globals=allow_globals)
+        return cls.from_checkpoint(ckpt, normalize=normalize, device=device, dtype=dtype)
