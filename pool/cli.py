@@ -181,7 +181,7 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
             raise UsageError(f"--json {json_target}: the folder {parent} does not exist.")
 
     def run(config: Path, label: str, note: str | None, *, cache: bool = True) -> int:
-        pool, models, heads = prepare_pool(config)
+        pool, models, heads = prepare_pool(config, instantiate=not args.no_instantiate)
         if not cache:  # the embedded default: a temporary tree, nothing worth caching
             pool.cache_dir = False
         place = world()
@@ -266,7 +266,8 @@ class _EntryLines:
 
 def _render_verify(report: VerifyReport, config: Path, out: Style) -> str:
     models, heads = report.models, report.heads
-    root = _common_root([e.file for e in report.entries if e.file])
+    # a file shown as its config text (${oc.env:NAME}/x.pt: see OpenCLIPVisionModelPool.redact) is no root
+    root = _common_root([e.file for e in report.entries if e.file and os.path.isabs(e.file)])
     lines = [out.bold("openclip-pool verify")]
     if report.note:
         lines.append(paragraph(report.note, prefix="  ", indent="  "))
@@ -609,6 +610,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="check zip CRC32s and safetensors headers before loading each file")
     p.add_argument("--device", metavar="D", help="device to load on and run the forward pass (default cpu; "
                                                  "under torchrun, cuda means each rank's own GPU)")
+    p.add_argument("--no-instantiate", action="store_true",
+                   help="data-only mode for a config from outside (a pull request's): refuse Hydra _target_ "
+                        "entries and resolvers such as ${oc.env:...} instead of running them; plain ${a.b} "
+                        "references still work")
     p.add_argument("--timeout", metavar="S", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 1800)")
     p.set_defaults(func=_cmd_verify)

@@ -20,6 +20,8 @@ from torch import nn
 from .arch import VisionArch, arch_for_name, infer_arch
 from .cache import resolve_cache_dir
 from .checkpoint import Checkpoint, read_checkpoint
+from .configsafety import (Redactor, check_data_only, env_secrets, load_yaml_config, raw_container,
+                           resolved_data)
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
@@ -104,13 +106,25 @@ class OpenCLIPVisionModelPool:
         _check_keys(list(extra), where="OpenCLIPVisionModelPool")
         self.extra = {k: v for k, v in extra.items() if not k.startswith("_")}
         self._processors: tuple[Any, Any] | None = None
+        self._redact = Redactor()  # from_config fills it with the config's environment values
+        self.instantiate = True  # from_config(instantiate=False) turns Hydra entries off
         if not self._models:
             log.warning("the pool has no models")
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Any, overrides: list[str] | None = None, **kwargs: Any) -> OpenCLIPVisionModelPool:
+    def from_config(cls, config: Any, overrides: list[str] | None = None, *, instantiate: bool = True,
+                    **kwargs: Any) -> OpenCLIPVisionModelPool:
         """Build from a YAML path, a DictConfig or a mapping (OmegaConf interpolation applies).
+
+        ``instantiate=True`` (the default) treats the config as trusted code, as Hydra does: a
+        ``_target_`` entry runs what it names and resolvers such as ``${oc.env:...}`` apply.
+        ``instantiate=False`` is the data-only mode for configs from outside (a pull request's):
+        Hydra's keys (``_target_``, ``_args_``, ``_partial_``, ...) anywhere and every resolver
+        call are refused before anything is resolved; plain ``${a.b}`` references still work
+        (`pool.configsafety.check_data_only`). In both modes a YAML file is read within bounds
+        (`pool.configsafety.load_yaml_config`), and values taken from the environment are kept
+        out of messages and reports (`redact`).
 
         ``overrides`` are ``key=value`` strings applied to the config first (``["device=cuda",
         "models.cars=cars.pt"]``), as in FusionBench's ``from_config(config_name, overrides)``; a
@@ -123,15 +137,17 @@ class OpenCLIPVisionModelPool:
                 ``_target_``) are left out.
             overrides: ``key=value`` strings applied to the config before its interpolations are
                 resolved; None applies none.
+            instantiate: False for the data-only mode (above); True (the default) trusts the config.
             **kwargs: values that replace top-level keys after resolution (``device="cuda"``).
 
         Returns:
             The pool.
 
         Raises:
-            ConfigError: the file does not exist or is no valid YAML, an override is no
-                ``key=value`` string or cannot be applied, a key is a near miss of a known one,
-                an interpolation cannot be resolved, or a section is not a mapping.
+            ConfigError: the file does not exist, is no valid YAML or is past the bounds, an
+                override is no ``key=value`` string or cannot be applied, a key is a near miss of a
+                known one, an interpolation cannot be resolved, or a section is not a mapping; in the
+                data-only mode also a Hydra key, a resolver call, or a Hydra config name.
 
         Example:
             >>> config = {"model_dir": "/ckpt", "models": {"_pretrained_": "${model_dir}/zeroshot.pt"}}
@@ -143,6 +159,10 @@ class OpenCLIPVisionModelPool:
         from omegaconf import DictConfig, OmegaConf
 
         config_name = "(mapping)"
+        if not instantiate and isinstance(config, (str, Path)) and not Path(config).expanduser().is_file():
+            raise ConfigError(f"pool config not found: {Path(config).expanduser().absolute()} (the data-only mode "
+                              "reads a YAML file or a mapping, never a Hydra config name, which Hydra composes "
+                              "and resolves first)")
         if (isinstance(config, (str, Path)) and not Path(config).suffix and not Path(config).expanduser().is_file()
                 and _hydra_ready()):  # a config *name* (no extension), as FusionBench's CLI passes
             from hydra import compose
@@ -163,10 +183,7 @@ class OpenCLIPVisionModelPool:
             config_name = str(path.absolute())
             if not path.is_file():
                 raise ConfigError(f"pool config not found: {path.absolute()}")
-            try:
-                config = OmegaConf.load(path)
-            except Exception as exc:  # YAML/OmegaConf errors: one clear message
-                raise ConfigError(f"{path.absolute()}: not a valid YAML pool config: {exc}") from exc
+            config = load_yaml_config(path)
         elif not isinstance(config, DictConfig):
             try:
                 config = OmegaConf.create(dict(config), flags={"allow_objects": True})
@@ -184,17 +201,32 @@ class OpenCLIPVisionModelPool:
                 config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
             except Exception as exc:  # a malformed override: one clear message
                 raise ConfigError(f"pool config {config_name}: cannot apply overrides {list(overrides)}: {exc}") from exc
+        if not instantiate:  # what is checked is what is resolved: the raw data, cut from any parent
+            raw = raw_container(config)
+            check_data_only(raw, f"pool config {config_name}")
+            config = OmegaConf.create(raw, flags={"allow_objects": True})
         _check_keys([str(k) for k in config.keys()], where=f"pool config {config_name}")
+        redact = Redactor(env_secrets(_root(config)))
         try:
-            OmegaConf.resolve(config)
+            if instantiate:
+                OmegaConf.resolve(config)
+            else:  # resolved once into plain data: a resolved "${...}" stays text, never resolved again
+                config = resolved_data(config, f"pool config {config_name}")
+        except PoolError:
+            raise
         except Exception as exc:  # interpolation errors
-            raise ConfigError(f"pool config: cannot resolve interpolations: {exc}") from exc
+            raise redact.error(ConfigError(f"pool config: cannot resolve interpolations: {exc}")) from exc
         values = {str(k): config[k] for k in config.keys() if not str(k).startswith("_")}
         values.update(kwargs)
-        return cls(**values)
+        try:
+            pool = cls(**values)
+        except PoolError as exc:
+            raise redact.error(exc) from exc
+        pool._redact, pool.instantiate = redact, instantiate
+        return pool
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> OpenCLIPVisionModelPool:
+    def from_yaml(cls, path: str | Path, *, instantiate: bool = True) -> OpenCLIPVisionModelPool:
         """Read a pool written by `to_yaml` (or any pool YAML; a top-level ``modelpool:`` key is entered).
 
         A top-level ``modelpool:`` key, as in FusionBench's files, is entered when the file has
@@ -202,6 +234,7 @@ class OpenCLIPVisionModelPool:
 
         Args:
             path: the YAML file (``~`` is expanded).
+            instantiate: False for `from_config`'s data-only mode (the whole file is checked).
 
         Returns:
             The pool, as `from_config` builds it.
@@ -214,18 +247,15 @@ class OpenCLIPVisionModelPool:
             >>> OpenCLIPVisionModelPool.from_yaml("pool.yaml").model_names  # doctest: +SKIP
             ['cars', 'dtd']
         """
-        from omegaconf import OmegaConf
-
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"pool config not found: {file.absolute()}")
-        try:
-            config = OmegaConf.load(file)
-        except Exception as exc:  # YAML/OmegaConf errors: one clear message, as from_config gives
-            raise ConfigError(f"{file.absolute()}: not a valid YAML pool config: {exc}") from exc
+        config = load_yaml_config(file)
+        if not instantiate:
+            check_data_only(config, f"pool config {file.absolute()}")
         if "modelpool" in config and "models" not in config:
             config = config.modelpool
-        return cls.from_config(config)
+        return cls.from_config(config, instantiate=instantiate)
 
     @property
     def config(self) -> Any:
@@ -925,10 +955,31 @@ class OpenCLIPVisionModelPool:
             self._processors = image_transforms(self.architecture())
         return self._processors
 
+    def redact(self, text: str) -> str:
+        """``text`` with every value the config took from the environment (``${oc.env:NAME}``)
+        shown as that interpolation instead, so that reports never print a secret.
+
+        Args:
+            text: a message, path or report line.
+
+        Returns:
+            The text, environment values replaced (unchanged for a pool built without a config).
+
+        Example:
+            >>> pool.redact("not found: /srv/private/x.pt")  # doctest: +SKIP
+            'not found: ${oc.env:ROOT}/x.pt'
+        """
+        return self._redact(text)
+
     # -- helpers -----------------------------------------------------------------------------------
     def _instantiate(self, entry: Entry) -> Any:
         from hydra.utils import instantiate
 
+        if not self.instantiate:
+            raise ConfigError(f"pool entry {entry.label}: a Hydra entry (_target_), but the pool was built in the "
+                              "data-only mode (instantiate=False), which runs nothing a config names. Give a "
+                              "checkpoint path instead, or build the pool with instantiate=True for a trusted "
+                              "config.")
         try:
             return instantiate(entry.config)
         except PoolError as exc:
@@ -950,6 +1001,12 @@ def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None
             f"pool entry {name!r}: the classification head takes {in_features}-dim features but the "
             f"encoder produces {embed}-dim features; the head belongs to another architecture. Pair "
             "it with an encoder of that size or fix the config.")
+
+
+def _root(config: Any) -> Any:
+    """The whole config a DictConfig belongs to (its interpolations may reach any of it)."""
+    get_root = getattr(config, "_get_root", None)
+    return get_root() if callable(get_root) else config
 
 
 def _hydra_ready() -> bool:

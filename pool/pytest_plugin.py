@@ -14,7 +14,9 @@ in a root conftest.py load the fixtures directly, without this module.)
 
 The second switch, ``pytest --openclip-pool-verify CONFIG`` (or the ``openclip_pool_verify`` ini
 value), registers `pool.pytest_verify`: one test item per entry of that pool config, checked as
-``python -m pool verify`` checks it (JUnit XML, ``-k``, ``-n N`` with pytest-xdist).
+``python -m pool verify`` checks it (JUnit XML, ``-k``, ``-n N`` with pytest-xdist). With
+``--openclip-pool-no-instantiate`` (or ``openclip_pool_no_instantiate = true``) the config is read
+in the data-only mode, as ``verify --no-instantiate`` reads it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ PLUGIN = "pool.testing"
 VERIFY_INI = "openclip_pool_verify"
 VERIFY_OPTION = "--openclip-pool-verify"
 VERIFY_PLUGIN = "pool.pytest_verify"
+NO_INSTANTIATE_INI = "openclip_pool_no_instantiate"
+NO_INSTANTIATE_OPTION = "--openclip-pool-no-instantiate"
 
 # pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
 # only if pytest rewrites the module's asserts, which must be arranged before it is imported:
@@ -49,6 +53,12 @@ def pytest_addoption(parser) -> None:
     group.addoption(VERIFY_OPTION, metavar="CONFIG", default=None, dest=VERIFY_INI,
                     help=f"one test item per entry of this pool config, checked as `python -m pool verify` "
                          f"does (same as the {VERIFY_INI} ini option)")
+    parser.addini(NO_INSTANTIATE_INI, type="bool", default=False,
+                  help="read the --openclip-pool-verify config in the data-only mode (no _target_, no resolvers)")
+    group.addoption(NO_INSTANTIATE_OPTION, action="store_true", default=False, dest=NO_INSTANTIATE_INI,
+                    help="data-only mode for a config from outside: refuse Hydra _target_ entries and resolvers "
+                         "such as ${oc.env:...} instead of running them, as `python -m pool verify "
+                         f"--no-instantiate` does (same as the {NO_INSTANTIATE_INI} ini option)")
 
 
 def enabled(config) -> bool:

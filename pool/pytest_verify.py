@@ -24,6 +24,7 @@ from .verify_report import EntryResult
 __all__ = ["PoolEntryItem", "EntryFailed"]
 
 OPTION_DEST = "openclip_pool_verify"
+NO_INSTANTIATE_DEST = "openclip_pool_no_instantiate"
 FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
 CONTAINERS = ("zip", "legacy", "pickle", "safetensors", "hf")
 MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
@@ -58,10 +59,15 @@ def config_path(config: pytest.Config) -> Path | None:
     return Path(base) / path
 
 
+def instantiate_allowed(config: pytest.Config) -> bool:
+    """False when ``--openclip-pool-no-instantiate`` (or its ini value) asks for the data-only mode."""
+    return not (config.getoption(NO_INSTANTIATE_DEST, default=False) or config.getini(NO_INSTANTIATE_DEST))
+
+
 @functools.cache
-def _checker(path: str) -> EntryChecker:
+def _checker(path: str, instantiate: bool = True) -> EntryChecker:
     """One checker per process (per xdist worker): ``_pretrained_`` is loaded once for task vectors."""
-    return EntryChecker(*prepare_pool(path))
+    return EntryChecker(*prepare_pool(path, instantiate=instantiate))
 
 
 def _marker(prefix: str, value: str | None) -> Any:
@@ -74,12 +80,13 @@ class PoolEntryItem(pytest.Item):
     Args:
         config_file: the pool config's absolute path.
         label: the entry (``models.<name>`` or ``classification_heads.<name>``).
+        instantiate: False when the config is read in the data-only mode.
         **kwargs: `pytest.Item`'s (``parent``, ``name``), as ``from_parent`` passes them.
     """
 
-    def __init__(self, *, config_file: str, label: str, **kwargs: Any) -> None:
+    def __init__(self, *, config_file: str, label: str, instantiate: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.config_file, self.label = config_file, label
+        self.config_file, self.label, self.instantiate = config_file, label, instantiate
 
     def runtest(self) -> None:
         """Check the entry; its report goes into ``user_properties`` (JUnit XML carries them).
@@ -87,7 +94,7 @@ class PoolEntryItem(pytest.Item):
         Raises:
             EntryFailed: the entry did not pass.
         """
-        result = _checker(self.config_file).check(self.label)
+        result = _checker(self.config_file, self.instantiate).check(self.label)
         self.user_properties.append(("pool_entry", result.as_dict()))
         if not result.ok:
             raise EntryFailed(result)
@@ -138,13 +145,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .checkpoint import sniff_container
     from .errors import PoolError
 
+    instantiate = instantiate_allowed(config)
     try:
-        checker = _checker(str(path))
+        checker = _checker(str(path), instantiate)
     except PoolError as exc:  # a config the user fixes: pytest's usage error, not an internal error
         raise pytest.UsageError(f"--openclip-pool-verify {path}: {exc}") from None
     for label in checker.labels:
         entry = checker.entry(label)
-        item = PoolEntryItem.from_parent(session, name=label, config_file=str(path), label=label)
+        item = PoolEntryItem.from_parent(session, name=label, config_file=str(path), label=label,
+                                         instantiate=instantiate)
         item.add_marker(pytest.mark.pool_models if label.startswith("models.") else pytest.mark.pool_heads)
         item.add_marker(_marker("pool_form_", entry.form))
         if entry.path is not None:

@@ -25,6 +25,7 @@ import torch
 
 from .arch import VisionArch, known_architectures, name_for_arch
 from .checkpoint import sniff_container
+from .configsafety import redact_strings
 from .entries import Entry
 from .errors import ConfigError, PoolError
 from .integrity import check_integrity
@@ -90,7 +91,8 @@ class _DropMessage(logging.Filter):
         return record.getMessage() != self.message
 
 
-def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entry], list[Entry]]:
+def prepare_pool(config: str | Path, *, instantiate: bool = True
+                 ) -> tuple[OpenCLIPVisionModelPool, list[Entry], list[Entry]]:
     """Read a pool config and resolve every entry, raising one ConfigError listing all problems.
 
     The problems are the ones the user fixes in the YAML: unknown keys, unknown model_name, no
@@ -98,6 +100,8 @@ def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entr
 
     Args:
         config: the pool YAML file (anything `OpenCLIPVisionModelPool.from_config` reads).
+        instantiate: False for the data-only mode (``verify --no-instantiate``): a config with
+            Hydra keys or resolver calls is refused before anything is resolved.
 
     Returns:
         ``(pool, models, heads)``: the pool and its model and head entries, ``_pretrained_``
@@ -105,7 +109,8 @@ def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entr
 
     Raises:
         ConfigError: the config cannot be read, has unknown or malformed entries or unknown
-            model names (all listed in one message), or has no models and no heads.
+            model names (all listed in one message), or has no models and no heads; in the
+            data-only mode, it has a Hydra key or a resolver call.
 
     Example:
         >>> from pool.verify import prepare_pool
@@ -119,7 +124,7 @@ def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entr
     quiet = _DropMessage("the pool has no models")  # verify reports emptiness itself, as an error
     modelpool_log.addFilter(quiet)
     try:
-        pool = OpenCLIPVisionModelPool.from_config(config)
+        pool = OpenCLIPVisionModelPool.from_config(config, instantiate=instantiate)
     finally:
         modelpool_log.removeFilter(quiet)
     problems: list[str] = []
@@ -136,7 +141,7 @@ def prepare_pool(config: str | Path) -> tuple[OpenCLIPVisionModelPool, list[Entr
             except ConfigError as exc:
                 problems.append(str(exc) if str(exc).startswith(section) else f"{section}.{name}: {exc}")
     if problems:
-        raise ConfigError(f"{config}: " + " ".join(problems))
+        raise ConfigError(pool.redact(f"{config}: " + " ".join(problems)))
     if not models and not heads:
         raise ConfigError(f"{config}: the config has no models and no classification_heads; "
                           "nothing to verify.")
@@ -255,6 +260,13 @@ class _Run:
         res = check_integrity(entry.path)
         result.integrity = Integrity(res.checked, res.detail)
 
+    def finish(self, result: EntryResult) -> EntryResult:
+        """The one place a result's text is made safe to report: every value the config took from
+        the environment is shown as its ``${oc.env:NAME}`` instead (text, stderr lines, JSON, JUnit
+        and pytest output all print results)."""
+        redact_strings(result, self.pool.redact)
+        return result
+
     def model(self, entry: Entry) -> tuple[EntryResult, torch.nn.Module | None, torch.Tensor | None]:
         res = EntryResult(entry.name, "models", entry.form)
         if entry.model_name:
@@ -282,7 +294,7 @@ class _Run:
             else:
                 res.task_vector = TaskVector(skipped=f"{PRETRAINED} did not pass its checks" if self.pool.has_pretrained
                                              else f"the pool has no {PRETRAINED}")
-        return res, (encoder if res.ok else None), features
+        return self.finish(res), (encoder if res.ok else None), features
 
     def base(self) -> dict[str, torch.Tensor] | None:
         """``_pretrained_``'s state dict for task vectors. When this process did not check it as an
@@ -330,7 +342,7 @@ class _Run:
         head = self.step(res, "load", lambda: self.pool.load_classification_head(entry.name, device=self.device),
                          "load_s")
         if head is None:
-            return res
+            return self.finish(res)
         res.params = sum(p.numel() for p in head.parameters())
         normalize = getattr(head, "normalize", None)
         info = res.head = HeadCheck(
@@ -354,7 +366,7 @@ class _Run:
                 raise PoolError("logits are not finite (NaN or inf): the head's weights are damaged")
 
         self.step(res, "logits", logits, "forward_s")
-        return res
+        return self.finish(res)
 
 
 def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[Entry], *,
