@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .allowlist import parse_allow_globals
 from .errors import ConfigError, PoolError, printable
 from .report import Style, human_count, human_size, human_time, paragraph, table
 from .unpickler import GlobalName
@@ -182,6 +183,7 @@ def _cmd_verify(args: argparse.Namespace, out: Style) -> int:
 
     def run(config: Path, label: str, note: str | None, *, cache: bool = True) -> int:
         pool, models, heads = prepare_pool(config, instantiate=not args.no_instantiate)
+        pool.allow_globals |= parse_allow_globals(args.allow_global)
         if not cache:  # the embedded default: a temporary tree, nothing worth caching
             pool.cache_dir = False
         place = world()
@@ -274,6 +276,9 @@ def _render_verify(report: VerifyReport, config: Path, out: Style) -> str:
     lines.append(f"  config     {config if report.config == 'embedded default' else report.config}")
     lines.append(f"  files      {root if root else '-'}")
     lines.append(f"  device     {report.device}")
+    if report.allowed_globals:
+        lines.append("  globals    " + out.warn("allowed besides pool's allowlist: " + ", ".join(report.allowed_globals))
+                     + " (torch.load(weights_only=False) would call them)")
     if report.integrity_checked:
         lines.append("  integrity  checked before loading: zip CRC32 of every member, safetensors headers "
                      "and offsets (legacy and pickle files carry no checksums)")
@@ -614,6 +619,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="data-only mode for a config from outside (a pull request's): refuse Hydra _target_ "
                         "entries and resolvers such as ${oc.env:...} instead of running them; plain ${a.b} "
                         "references still work")
+    _allow_global_option(p)
     p.add_argument("--timeout", metavar="S", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 1800)")
     p.set_defaults(func=_cmd_verify)

@@ -111,5 +111,6 @@ def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads
     order = verify_order(models, heads)
     entries = [by_label[label] for label in order if label in by_label]
     label = f"{'cuda' if cuda else str(report.device)} x {size} ranks"
-    merged = VerifyReport(config_label, label, integrity, entries, time.perf_counter() - start, versions=versions())
+    merged = VerifyReport(config_label, label, integrity, entries, time.perf_counter() - start, versions=versions(),
+                          allowed_globals=sorted(pool.allow_globals))
     return merged, rank

@@ -17,11 +17,18 @@ from typing import Any
 
 from torch import nn
 
+from .allowlist import parse_allow_globals
 from .arch import VisionArch, arch_for_name, infer_arch
 from .cache import resolve_cache_dir
 from .checkpoint import Checkpoint, read_checkpoint
-from .configsafety import (Redactor, check_data_only, env_secrets, load_yaml_config, raw_container,
-                           resolved_data)
+from .configsafety import (
+    Redactor,
+    check_data_only,
+    env_secrets,
+    load_yaml_config,
+    raw_container,
+    resolved_data,
+)
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
@@ -72,6 +79,9 @@ class OpenCLIPVisionModelPool:
         cache_dir: the conversion cache of every file load (`pool.cache`): pickled checkpoints
             are kept there as safetensors after their first read. None (the default) uses
             ``$OPENCLIP_POOL_CACHE_DIR`` when set; False turns the cache off.
+        allow_globals: exact ``module.name`` globals every file load accepts besides pool's
+            allowlist (`pool.allowlist`); each stays an inert record in pool, and the verify report
+            lists those a file named.
         **extra: other keys, kept in ``extra`` (a config's ``model_dir`` for its interpolations);
             keys starting with ``_`` are dropped.
 
@@ -91,7 +101,7 @@ class OpenCLIPVisionModelPool:
 
     def __init__(self, models: Any = None, classification_heads: Any = None, train_datasets: Any = None,
                  val_datasets: Any = None, test_datasets: Any = None, *, device: Any = None,
-                 dtype: DType = None, cache_dir: Any = None, **extra: Any) -> None:
+                 dtype: DType = None, cache_dir: Any = None, allow_globals: Any = None, **extra: Any) -> None:
         self._models = _as_mapping(models, "models")
         self._heads = _as_mapping(classification_heads, "classification_heads")
         self._datasets = {
@@ -103,6 +113,7 @@ class OpenCLIPVisionModelPool:
         self.dtype = dtype
         resolve_cache_dir(cache_dir)  # a bad value is a ConfigError now, not at the first load
         self.cache_dir = cache_dir
+        self.allow_globals = parse_allow_globals(allow_globals)
         _check_keys(list(extra), where="OpenCLIPVisionModelPool")
         self.extra = {k: v for k, v in extra.items() if not k.startswith("_")}
         self._processors: tuple[Any, Any] | None = None
@@ -276,6 +287,8 @@ class OpenCLIPVisionModelPool:
                 body[key] = str(value).removeprefix("torch.")
         if self.cache_dir is not None:
             body["cache_dir"] = self.cache_dir if isinstance(self.cache_dir, bool) else str(self.cache_dir)
+        if self.allow_globals:
+            body["allow_globals"] = sorted(self.allow_globals)
         body.update(self.extra)
         from omegaconf import UnsupportedValueType
 
@@ -411,7 +424,7 @@ class OpenCLIPVisionModelPool:
             raise ConfigError(f"pool entry {entry.label} is a {entry.form} entry, not a file")
         try:
             return read_checkpoint(entry.path, map_location=device, mmap=entry.options.get("mmap"),
-                                   cache_dir=self.cache_dir)
+                                   cache_dir=self.cache_dir, allow_globals=self.allow_globals)
         except PoolError as exc:
             raise _with_entry(exc, entry) from exc
 
@@ -1028,7 +1041,7 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir")
+_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
 
 
 def _check_keys(keys: list[str], *, where: str) -> None:

@@ -16,7 +16,9 @@ The second switch, ``pytest --openclip-pool-verify CONFIG`` (or the ``openclip_p
 value), registers `pool.pytest_verify`: one test item per entry of that pool config, checked as
 ``python -m pool verify`` checks it (JUnit XML, ``-k``, ``-n N`` with pytest-xdist). With
 ``--openclip-pool-no-instantiate`` (or ``openclip_pool_no_instantiate = true``) the config is read
-in the data-only mode, as ``verify --no-instantiate`` reads it.
+in the data-only mode, as ``verify --no-instantiate`` reads it; ``--openclip-pool-allow-global
+MODULE.NAME`` (or the ``openclip_pool_allow_globals`` ini lines) accepts a global besides pool's
+allowlist, as ``verify --allow-global`` does.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ VERIFY_OPTION = "--openclip-pool-verify"
 VERIFY_PLUGIN = "pool.pytest_verify"
 NO_INSTANTIATE_INI = "openclip_pool_no_instantiate"
 NO_INSTANTIATE_OPTION = "--openclip-pool-no-instantiate"
+ALLOW_GLOBALS_INI = "openclip_pool_allow_globals"
+ALLOW_GLOBAL_OPTION = "--openclip-pool-allow-global"
 
 # pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
 # only if pytest rewrites the module's asserts, which must be arranged before it is imported:
@@ -59,6 +63,13 @@ def pytest_addoption(parser) -> None:
                     help="data-only mode for a config from outside: refuse Hydra _target_ entries and resolvers "
                          "such as ${oc.env:...} instead of running them, as `python -m pool verify "
                          f"--no-instantiate` does (same as the {NO_INSTANTIATE_INI} ini option)")
+    parser.addini(ALLOW_GLOBALS_INI, type="linelist", default=[],
+                  help="globals (MODULE.NAME, one a line) the --openclip-pool-verify entries accept besides "
+                       "pool's allowlist")
+    group.addoption(ALLOW_GLOBAL_OPTION, metavar="MODULE.NAME", action="append", default=[],
+                    dest=ALLOW_GLOBALS_INI,
+                    help="accept this exact global besides pool's allowlist, as `python -m pool verify "
+                         f"--allow-global` does (repeatable; adds to the {ALLOW_GLOBALS_INI} ini option)")
 
 
 def enabled(config) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from .allowlist import parse_allow_globals
 from .verify import EntryChecker, prepare_pool
 from .verify_report import EntryResult
 
@@ -25,6 +26,7 @@ __all__ = ["PoolEntryItem", "EntryFailed"]
 
 OPTION_DEST = "openclip_pool_verify"
 NO_INSTANTIATE_DEST = "openclip_pool_no_instantiate"
+ALLOW_GLOBALS_DEST = "openclip_pool_allow_globals"
 FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
 CONTAINERS = ("zip", "legacy", "pickle", "safetensors", "hf")
 MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
@@ -64,10 +66,18 @@ def instantiate_allowed(config: pytest.Config) -> bool:
     return not (config.getoption(NO_INSTANTIATE_DEST, default=False) or config.getini(NO_INSTANTIATE_DEST))
 
 
+def allowed_globals(config: pytest.Config) -> tuple[str, ...]:
+    """The globals ``--openclip-pool-allow-global`` and the ini lines accept besides the allowlist."""
+    return tuple(sorted({*(config.getoption(ALLOW_GLOBALS_DEST, default=None) or []),
+                         *config.getini(ALLOW_GLOBALS_DEST)}))
+
+
 @functools.cache
-def _checker(path: str, instantiate: bool = True) -> EntryChecker:
+def _checker(path: str, instantiate: bool = True, allow: tuple[str, ...] = ()) -> EntryChecker:
     """One checker per process (per xdist worker): ``_pretrained_`` is loaded once for task vectors."""
-    return EntryChecker(*prepare_pool(path, instantiate=instantiate))
+    pool, models, heads = prepare_pool(path, instantiate=instantiate)
+    pool.allow_globals |= parse_allow_globals(allow)
+    return EntryChecker(pool, models, heads)
 
 
 def _marker(prefix: str, value: str | None) -> Any:
@@ -81,12 +91,14 @@ class PoolEntryItem(pytest.Item):
         config_file: the pool config's absolute path.
         label: the entry (``models.<name>`` or ``classification_heads.<name>``).
         instantiate: False when the config is read in the data-only mode.
+        allow: globals accepted besides pool's allowlist (``--openclip-pool-allow-global``).
         **kwargs: `pytest.Item`'s (``parent``, ``name``), as ``from_parent`` passes them.
     """
 
-    def __init__(self, *, config_file: str, label: str, instantiate: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, config_file: str, label: str, instantiate: bool = True, allow: tuple[str, ...] = (),
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.config_file, self.label, self.instantiate = config_file, label, instantiate
+        self.config_file, self.label, self.instantiate, self.allow = config_file, label, instantiate, allow
 
     def runtest(self) -> None:
         """Check the entry; its report goes into ``user_properties`` (JUnit XML carries them).
@@ -94,7 +106,7 @@ class PoolEntryItem(pytest.Item):
         Raises:
             EntryFailed: the entry did not pass.
         """
-        result = _checker(self.config_file, self.instantiate).check(self.label)
+        result = _checker(self.config_file, self.instantiate, self.allow).check(self.label)
         self.user_properties.append(("pool_entry", result.as_dict()))
         if not result.ok:
             raise EntryFailed(result)
@@ -145,15 +157,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     from .checkpoint import sniff_container
     from .errors import PoolError
 
-    instantiate = instantiate_allowed(config)
+    instantiate, allow = instantiate_allowed(config), allowed_globals(config)
     try:
-        checker = _checker(str(path), instantiate)
+        checker = _checker(str(path), instantiate, allow)
     except PoolError as exc:  # a config the user fixes: pytest's usage error, not an internal error
         raise pytest.UsageError(f"--openclip-pool-verify {path}: {exc}") from None
     for label in checker.labels:
         entry = checker.entry(label)
         item = PoolEntryItem.from_parent(session, name=label, config_file=str(path), label=label,
-                                         instantiate=instantiate)
+                                         instantiate=instantiate, allow=allow)
         item.add_marker(pytest.mark.pool_models if label.startswith("models.") else pytest.mark.pool_heads)
         item.add_marker(_marker("pool_form_", entry.form))
         if entry.path is not None:

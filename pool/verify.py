@@ -427,7 +427,7 @@ def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[
         tick(entry.label)
         done(run.head(entry, None, None, paired_ok=None))
     return VerifyReport(config_label, str(run.dev), integrity, results, time.perf_counter() - start,
-                        versions=versions())
+                        versions=versions(), allowed_globals=sorted(pool.allow_globals))
 
 
 def verify_order(models: list[Entry], heads: list[Entry]) -> list[str]:

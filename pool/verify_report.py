@@ -312,6 +312,8 @@ class VerifyReport:
         seconds: the run's duration.
         note: a remark on the run (what the embedded default is), or None.
         versions: the versions it ran with (`versions`); empty until filled in.
+        allowed_globals: the globals the run accepted besides pool's allowlist (``--allow-global``,
+            a config's ``allow_globals:``), which other readers of these files would call.
     """
 
     config: str
@@ -321,6 +323,7 @@ class VerifyReport:
     seconds: float = 0.0
     note: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    allowed_globals: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -360,6 +363,7 @@ class VerifyReport:
             "ok": self.ok,
             "device": self.device,
             "integrity_checked": self.integrity_checked,
+            "allowed_globals": list(self.allowed_globals),
             "seconds": round(self.seconds, 4),
             "summary": {
                 "models": len(models), "models_passed": sum(e.ok for e in models),
@@ -415,4 +419,5 @@ class VerifyReport:
                              f"pool reads ({SCHEMA_VERSION}); upgrade pool.")
         return cls(config=data["config"], device=data["device"], integrity_checked=data["integrity_checked"],
                    entries=[EntryResult.from_dict(e) for e in data["entries"]], seconds=data.get("seconds", 0.0),
-                   note=data.get("note"), versions=dict(data.get("versions") or {}))
+                   note=data.get("note"), versions=dict(data.get("versions") or {}),
+                   allowed_globals=list(data.get("allowed_globals") or []))

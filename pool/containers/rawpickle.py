@@ -8,6 +8,8 @@ parser (`pool.containers.legacy.BlobReader`). A plain pickle has no persistent i
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
 from pathlib import Path
 
 from ..records import walk
@@ -38,7 +40,7 @@ class PlainPickle:
         return "plain pickle (pickle.dump of the module)"
 
     def sniff(self, head: bytes, size: int) -> bool:
-        """Whether the bytes start with a pickle ``PROTO`` opcode and are no legacy torch stream.
+        """Whether the bytes start a pickle (any protocol) that is no legacy torch stream.
 
         Args:
             head: the file's first bytes.
@@ -46,10 +48,12 @@ class PlainPickle:
 
         Returns:
             True for ``PROTO`` with a protocol up to ``pickle.HIGHEST_PROTOCOL``, not followed by
-            torch's magic number.
+            torch's magic number; or for a protocol 0 or 1 pickle (no ``PROTO``), recognised by its
+            first opcodes (`_old_protocol`).
         """
-        return (len(head) > 1 and head[:1] == b"\x80" and head[1] <= pickle.HIGHEST_PROTOCOL
-                and not is_legacy(head))
+        if len(head) > 1 and head[:1] == b"\x80":
+            return head[1] <= pickle.HIGHEST_PROTOCOL and not is_legacy(head)
+        return _old_protocol(head)
 
     def read(self, path: Path, options: ReadOptions) -> Checkpoint:
         """Read a plain pickle's tensors without running anything from it.
@@ -104,3 +108,26 @@ class PlainPickle:
             ``(False, why)``.
         """
         return False, "a plain pickle stores no checksums: integrity not checkable"
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _old_protocol(head: bytes) -> bool:
+    """Whether ``head`` starts a protocol 0 or 1 pickle: at least three opcodes of those protocols
+    parse (or a complete pickle ends), and each global named is a dotted Python name, so that text
+    (YAML, JSON, an HTML error page) is not taken for one. Nothing is unpickled."""
+    count = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(head):
+            if opcode.proto > 1:
+                return False
+            if opcode.name in ("GLOBAL", "INST") and not (
+                    isinstance(arg, str) and len(arg.split(" ")) == 2 and all(map(_NAME.fullmatch, arg.split(" ")))):
+                return False
+            count += 1
+            if opcode.name == "STOP":
+                return count >= 2
+    except (ValueError, UnicodeDecodeError):  # the head ends inside an opcode, or no opcode at all
+        pass
+    return count >= 3

@@ -29,6 +29,12 @@ _CHUNK = 1 << 20
 _MAX_FORMAT_VERSION = 10  # torch's kMaxSupportedFileFormatVersion
 
 
+def _size_mismatch(claimed: int, held: int) -> str:
+    if claimed > held:
+        return f"it claims {claimed} bytes but only {held} are in its record"
+    return f"its record holds {held} bytes, more than the {claimed} it claims (torch refuses that)"
+
+
 def _refuse_torchscript(source: str) -> Callable[[list[str]], None]:
     def check(names: list[str]) -> None:
         inside = [n.split("/", 1)[1] for n in names if "/" in n]  # names below the archive's folder
@@ -136,7 +142,7 @@ class TorchArchive:
             why = ("a storage view, which zip checkpoints never hold" if ref.root_numel >= 0 else
                    "a key named with two element types or sizes (torch would take the first)"
                    if first is not ref else f"no data/{ref.key} record" if record is None else
-                   f"data/{ref.key} holds {record.size} bytes, not the {ref.numel * ref.dtype.itemsize} it claims")
+                   _size_mismatch(ref.numel * ref.dtype.itemsize, record.size))
             raise CorruptCheckpointError(f"{self.source}: storage {brief(ref.key)}: {why}; the file is damaged "
                                          "or crafted so that readers load different weights.")
         return ref
