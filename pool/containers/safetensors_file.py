@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
-from ..transfer import Span, open_regular, read_spans
-from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file
+from ..transfer import OpenFile, Span, read_spans
+from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file, opened
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
            "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS"]
@@ -89,14 +88,14 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[str, str]]:
+def safetensors_entries(path: str | Path | OpenFile) -> tuple[list[SafetensorsEntry], dict[str, str]]:
     """Parse and check a safetensors header: entries (absolute offsets) and metadata.
 
     The header's size is checked against the file's before it is read, and each entry's dtype,
     shape and byte range against the file; duplicate names are refused.
 
     Args:
-        path: the safetensors file.
+        path: the safetensors file, or an `pool.transfer.OpenFile` whose descriptor is read.
 
     Returns:
         ``(entries, metadata)``: one `SafetensorsEntry` per tensor, in header order, and the
@@ -108,21 +107,22 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
             of the wrong size) or ``__metadata__`` that is not strings to strings.
         CheckpointError: the path is not a regular file.
     """
-    path = Path(path)
+    given = path if isinstance(path, OpenFile) else None
+    path = given.path if given is not None else Path(path)  # type: ignore[arg-type]
 
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: safetensors header check failed: {why}. The file is "
                                       "truncated or damaged: download it again.")
 
-    with open(open_regular(path), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
+    with opened(path, given) as f:
+        size = f.size()
+        head = f.read_at(0, 8)
         if len(head) < 8:
             raise bad(f"the file has only {size} bytes")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, _MAX_HEADER):
             raise bad(f"the header claims {header_len} bytes, the file has {size}")
-        raw = f.read(header_len)
+        raw = f.read_at(8, header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -210,13 +210,14 @@ class Safetensors:
         return (f"looks like safetensors but its header claims {header_len} bytes and the file has {size}; "
                 "the file is truncated: download it again")
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read a safetensors file's tensors (no pickle is involved).
 
         Args:
             path: the file.
             options: where the tensors go; on the CPU they are views of the mapped file unless
                 ``mmap`` is False, onto CUDA (or with ``mmap`` False) they are read in bulk.
+            file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
             The `Checkpoint` (``root_type`` ``"safetensors"``, the header's metadata).
@@ -226,8 +227,13 @@ class Safetensors:
                 hold.
             CheckpointError: the file is not regular, or changed while it was read.
         """
+        with opened(path, file) as f:
+            return self._read(path, options, f)
+
+    def _read(self, path: Path, options: ReadOptions, f: OpenFile) -> Checkpoint:
+        """`read` from the open file ``f``."""
         source = str(path)
-        entries, metadata = safetensors_entries(path)
+        entries, metadata = safetensors_entries(f)
         for e in entries:
             if e.dtype not in SAFETENSORS_DTYPES:
                 raise CorruptCheckpointError(f"{source}: tensor {e.name[:200]!r} has dtype {e.dtype}, which "
@@ -236,16 +242,16 @@ class Safetensors:
         bulk = device.type == "cuda" or (device.type == "cpu" and options.mmap is False)
         if bulk:
             storages = dict(zip([e.name for e in entries],
-                                read_spans(path, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))
+                                read_spans(f, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))
         else:
-            whole = file_storage(map_file(path))
+            whole = file_storage(map_file(f))
             storages = {e.name: whole[e.offset:e.offset + e.nbytes] for e in entries}
         specs = {}
         for e in entries:
             dtype = SAFETENSORS_DTYPES[e.dtype]
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
                                        contiguous_strides(e.shape))
-        tensors = materialize(specs, storages, source, path.stat().st_size)
+        tensors = materialize(specs, storages, source, f.size())
         if not bulk:  # other devices (meta, mps, xpu, ...) or a dict map_location: moved once each
             tensors = options.place(tensors, specs)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))
