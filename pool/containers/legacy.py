@@ -20,18 +20,9 @@ import torch
 from ..errors import CorruptCheckpointError, brief
 from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize
+from ..transfer import OpenFile
 from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
-from .base import (
-    Checkpoint,
-    FileRanges,
-    OpenFile,
-    ReadOptions,
-    copy_bytes,
-    listing_globals,
-    map_file,
-    opened,
-    result,
-)
+from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, opened, result
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
