@@ -22,6 +22,22 @@ its resolved path:
 Nothing but tensors and string metadata is ever stored, an entry is read by our own safetensors
 parser, and everything read from the cache is checked as untrusted input. Guarantees:
 
+- Bound to the bytes read: the source is opened once (`pool.transfer.OpenFile`, by
+  `pool.checkpoint.read_checkpoint`) and its mapping, its reads, the identity the index records
+  (``fstat`` of that descriptor) and the sampled digest all come from that descriptor, never from
+  the path reopened; a path re-pointed between the open and the lookup (its resolved path no
+  longer names the inode opened) is read directly and not cached. An entry is opened once too,
+  without following a link, and served only when that descriptor has the identity its index
+  records.
+- Its own folder is never followed: ``v1`` is looked at with ``lstat`` and refused when it is a
+  symbolic link, is no directory, belongs to another user or can be written by other users (group
+  or world); every folder above it (as given and as resolved) must belong to this user or to root
+  and be writable by no other user unless it is sticky (``/tmp``), since whoever can write the
+  folder holding ``v1`` could swap it after it was checked. Files in ``v1`` (index, entry,
+  lock, tag) are opened with ``O_NOFOLLOW``; temporary files are created exclusively. A folder
+  that fails these checks is neither written nor served from: the reason is logged and the
+  checkpoint is read from its source.
+
 - Never stale: an entry is served only while the source has the identity and sampled digest
   recorded, and a file changed less than `RACY_SECONDS` before it was read is not cached yet (on
   file systems with coarse timestamps a second write in the same tick keeps the identity).
@@ -48,6 +64,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import stat
 import tempfile
 import time
@@ -63,6 +80,7 @@ from .containers import by_name
 from .containers.base import Checkpoint, ReadOptions
 from .errors import CheckpointError, ConfigError
 from .records import ModuleInfo
+from .transfer import OpenFile
 from .unpickler import GlobalName
 
 try:
@@ -138,20 +156,74 @@ def _identity(info: os.stat_result) -> dict[str, int]:
             "ctime_ns": info.st_ctime_ns}
 
 
-def _sampled_digest(path: Path, size: int) -> str:
+def _sampled_digest(fd: int, size: int) -> str:
     """CRC-32 of each of 16 blocks of 4 KiB spread evenly over the file (first and last included),
     with the size: a content check that costs 16 reads whatever the file's size. It detects change,
-    not forgery (only its owner can write the cache). Only a regular file is read (opened without
-    blocking, so a FIFO in its place cannot hang the caller)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        last = max(0, size - _BLOCK)
-        crcs = [zlib.crc32(os.pread(fd, _BLOCK, last * i // (_SAMPLES - 1))) for i in range(_SAMPLES)]
-    finally:
-        os.close(fd)
+    not forgery (only its owner can write the cache). Read from ``fd``, the descriptor the bytes
+    were (or are) read from, so that it describes those bytes and not whatever the path names now."""
+    last = max(0, size - _BLOCK)
+    crcs = [zlib.crc32(os.pread(fd, _BLOCK, last * i // (_SAMPLES - 1))) for i in range(_SAMPLES)]
     return f"{size:x}:" + "".join(f"{crc:08x}" for crc in crcs)
+
+
+def _probe(path: Path, *, nofollow: bool = False) -> tuple[dict[str, int], str]:
+    """Identity and sampled digest of a regular file, both from one descriptor (a link refused
+    with ``nofollow``)."""
+    with OpenFile(path, nofollow=nofollow) as file:
+        return _identity(file.info), _sampled_digest(file.fd, file.info.st_size)
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """A small regular file of the cache's own, opened without following a link; ValueError when
+    it is larger than ``limit``."""
+    with OpenFile(path, nofollow=True) as file:
+        if file.info.st_size > limit:
+            raise ValueError("not a small regular file")
+        return file.read_at(0, limit + 1)
+
+
+# -- the cache's own folder -----------------------------------------------------------------------------
+def _check_private(folder: Path, info: os.stat_result) -> None:
+    """``v1`` (its ``lstat``): a directory, not a link; this user's; writable by no one else."""
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{folder} is a symbolic link; the cache never follows links in its own folder: "
+                              f"remove the link (rm {shlex.quote(os.fspath(folder))}) or choose another cache_dir")
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(f"{folder} is not a directory")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user (uid {info.st_uid}); a cache is only "
+                              "used by its owner")
+    if info.st_mode & 0o022:
+        raise PermissionError(f"{folder} can be written by other users (mode {stat.filemode(info.st_mode)}); "
+                              f"a cache must be private to its owner: chmod 700 {shlex.quote(os.fspath(folder))}")
+
+
+def _check_above(folder: Path) -> None:
+    """Every folder above ``folder``, as given and as resolved: this user's or root's, and writable by
+    no other user unless sticky (whoever can write a folder on the way can swap what follows)."""
+    if not hasattr(os, "getuid"):  # pragma: no cover - no owners to check (Windows)
+        return
+    parent = Path(os.path.abspath(folder)).parent
+    seen: set[Path] = set()
+    for chain in (parent, Path(os.path.realpath(parent))):
+        for above in (chain, *chain.parents):
+            if above in seen:
+                continue
+            seen.add(above)
+            info = os.stat(above)
+            if info.st_uid not in (os.getuid(), 0):
+                raise PermissionError(f"{above}, a folder above the cache {folder}, belongs to another user "
+                                      f"(uid {info.st_uid}), who could swap the cache's folder; choose a "
+                                      "cache_dir in folders of your own")
+            if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+                raise PermissionError(f"{above}, a folder above the cache {folder}, can be written by other users "
+                                      f"(mode {stat.filemode(info.st_mode)}) and is not sticky, so they could swap "
+                                      f"the cache's folder: chmod go-w {shlex.quote(os.fspath(above))}, or choose "
+                                      "another cache_dir")
 
 
 def _key(source: Path) -> str:
@@ -277,70 +349,78 @@ class CheckpointCache:
         return f"CheckpointCache({str(self.root)!r})"
 
     # -- reading --------------------------------------------------------------------------------------
-    def read(self, path: Path, options: ReadOptions, read_source: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
-        """The checkpoint at ``path``: from its entry when fresh, else read and cached.
+    def read(self, file: OpenFile, options: ReadOptions,
+             read_source: Callable[[Path, ReadOptions, OpenFile], Checkpoint]) -> Checkpoint:
+        """The checkpoint in ``file``: from its entry when fresh, else read and cached.
 
         A read that needs what the cache does not keep (``refuse_unsafe=False``, a dict
-        ``map_location``) and a read onto the meta device go straight to ``read_source``. A cache that cannot be used (another user's, not writable,
-        a full disk) is logged and bypassed: a load never fails because of the cache, and a
-        source that cannot be read fails exactly as it does without it, leaving nothing behind.
+        ``map_location``) and a read onto the meta device go straight to ``read_source``. A cache
+        that cannot be used (another user's, a link, not writable, a full disk) is logged and
+        bypassed: a load never fails because of the cache, and a source that cannot be read fails
+        exactly as it does without it, leaving nothing behind.
 
         Args:
-            path: the checkpoint file: an existing regular file of a `CACHEABLE` container
-                (`pool.checkpoint.read_checkpoint` sniffs it before it asks the cache).
+            file: the checkpoint file, opened once (`pool.transfer.OpenFile`): a regular file of a
+                `CACHEABLE` container (`pool.checkpoint.read_checkpoint` opens and sniffs it before it
+                asks the cache). Its identity and sampled digest, and every byte cached, come from
+                this descriptor; ``file.path`` labels the checkpoint and keys the entry.
             options: where the tensors go, as for `pool.checkpoint.read_checkpoint`.
-            read_source: reads a checkpoint file (the uncached read).
+            read_source: reads ``(path, options, file)`` from ``file`` (the uncached read: a
+                container's ``read``); it must read nothing through ``path``.
 
         Returns:
-            The `pool.checkpoint.Checkpoint`, labelled with ``path``; ``cache_entry`` is the
+            The `pool.checkpoint.Checkpoint`, labelled with ``file.path``; ``cache_entry`` is the
             entry it came from (None when it came from the source itself).
 
         Raises:
             CheckpointError: the source cannot be read (as ``read_source`` raises).
         """
+        path = file.path
         device = options.device
         if not options.refuse_unsafe or options.locations is not None or (device is not None and device.type == "meta"):
-            return read_source(path, options)
+            return read_source(path, options, file)
         try:
             source = Path(os.path.realpath(path))
             key = _key(source)
-            info = source.stat()
-            index = self._load_index(key) if self._usable() else None
-            found = self._lookup(index, source, info) if index is not None else None
-        except (OSError, ValueError) as exc:  # ValueError: a path the OS refuses (a NUL byte)
+            bound = _same_inode(os.stat(source), file.info)
+            index = self._load_index(key) if bound and self._usable() else None
+            found = self._lookup(index, source, file) if index is not None else None
+        except (OSError, ValueError, CheckpointError) as exc:  # ValueError: a path the OS refuses (a NUL byte)
             log.warning("cache %s: cannot use it (%s); reading %s directly", self.root, exc, path)
-            return read_source(path, options)
+            return read_source(path, options, file)
+        if not bound:
+            log.info("cache: %s names another file than the one opened (re-pointed meanwhile); read directly",
+                     path)
+            return read_source(path, options, file)
         if found == "uncacheable":
-            return read_source(path, options)
+            return read_source(path, options, file)
         if found is not None:
-            served = self._read_entry(found, options, path, source)
+            served = self._read_entry(found, options, path, source, identity=index["entry_identity"])  # type: ignore[index]
             if served is not None:
                 log.debug("cache hit: %s <- %s", path, found)
                 return served
-        return self._fill(path, source, key, info, options, read_source, rejected=found)
+        return self._fill(file, source, key, options, read_source, rejected=found)
 
     def _usable(self) -> bool:
-        """Whether ``v1`` exists and only this user can write it (a hit is served from nothing else)."""
+        """Whether ``v1`` exists and is safe to serve from (see `_check_folder`)."""
+        return self._check_folder()
+
+    def _check_folder(self) -> bool:
+        """Whether ``v1`` exists; OSError (logged by the caller) when it exists but is a link, no
+        directory, not this user's alone, or sits in a folder others could swap it in."""
         try:
-            info = self.folder.stat()
+            info = os.lstat(self.folder)
         except FileNotFoundError:
             return False
-        self._check_owner(info)
+        _check_private(self.folder, info)
+        _check_above(self.folder)
         return True
 
-    def _check_owner(self, info: os.stat_result) -> None:
-        if not stat.S_ISDIR(info.st_mode):
-            raise NotADirectoryError(f"{self.folder} is not a directory")
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise PermissionError(f"{self.folder} belongs to another user (uid {info.st_uid}); a cache is only "
-                                  "used by its owner")
-        if info.st_mode & 0o022:
-            raise PermissionError(f"{self.folder} can be written by other users (mode {stat.filemode(info.st_mode)}); "
-                                  f"a cache must be private to its owner: chmod 700 {self.folder}")
-
-    def _lookup(self, index: dict[str, Any], source: Path, info: os.stat_result) -> Path | str | None:
-        """The entry of ``source`` when its index matches the file as it is now; ``"uncacheable"``
-        when the index records that this very file could not be copied; else None."""
+    def _lookup(self, index: dict[str, Any], source: Path, file: OpenFile) -> Path | str | None:
+        """The entry of ``source`` when its index matches the file opened (identity and sampled
+        digest of ``file``'s descriptor); ``"uncacheable"`` when the index records that this very
+        file could not be copied; else None."""
+        info = file.info
         if index["source"] != os.fsdecode(source) or index["source_identity"] != _identity(info):
             log.info("cache: %s changed since it was cached; reading it again", source)
             return None
@@ -356,7 +436,7 @@ class CheckpointCache:
             log.warning("cache: the entry of %s is damaged (%s changed after it was written); rebuilding it",
                         source, entry)
             return None
-        if index["source_sample"] != _sampled_digest(source, info.st_size):
+        if index["source_sample"] != _sampled_digest(file.fd, info.st_size):
             log.info("cache: %s has other content than when it was cached; reading it again", source)
             return None
         return entry
@@ -365,13 +445,7 @@ class CheckpointCache:
         """The index's fields, checked; None when absent or damaged (a damaged one is logged)."""
         index = self.folder / f"{key}.json"
         try:
-            info = index.lstat()
-        except FileNotFoundError:
-            return None
-        try:
-            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_INDEX:
-                raise ValueError("not a small regular file")
-            data = json.loads(index.read_bytes())
+            data = json.loads(_read_small(index, _MAX_INDEX))  # a link is not followed: damage, rebuilt
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}")
             for field_name, kind in (("source", str), ("source_sample", str), ("source_identity", dict)):
@@ -385,19 +459,26 @@ class CheckpointCache:
                 match = _ENTRY_NAME.match(entry) if isinstance(entry, str) else None
                 if match is None or match.group(1) != key or not isinstance(data.get("entry_identity"), dict):
                     raise ValueError(f"entry {str(entry)[:80]!r} is no entry of this index")
-        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError, CheckpointError) as exc:  # JSONDecodeError is a ValueError
             (log.debug if quiet else log.warning)("cache: index %s is damaged (%s)%s", index, exc,
                                                   "" if quiet else "; rebuilding the entry")
             return None
         return data
 
     def _read_entry(self, entry: Path, options: ReadOptions, path: Path, source: Path, *,
-                    quiet: bool = False) -> Checkpoint | None:
+                    identity: dict[str, Any] | None = None, quiet: bool = False) -> Checkpoint | None:
         """The entry's checkpoint, or None when it is damaged (logged). An entry is untrusted input:
         anything wrong with its file or contents means a rebuild; a failure to place its tensors
-        (out of device memory) is not the entry's and propagates, as it would without the cache."""
+        (out of device memory) is not the entry's and propagates, as it would without the cache.
+        It is opened once, without following a link, and read only when that descriptor has
+        ``identity`` (the one its index records; None: the entry was just written)."""
         try:
-            return _checkpoint_from(by_name("safetensors").read(entry, options), path)
+            with OpenFile(entry, nofollow=True) as file:
+                if identity is not None and _identity(file.info) != identity:
+                    raise ValueError("the file opened is not the one its index records")
+                return _checkpoint_from(by_name("safetensors").read(entry, options, file), path)
         except (OSError, CheckpointError, ValueError, KeyError, TypeError, IndexError, AttributeError,
                 RecursionError) as exc:  # JSONDecodeError is a ValueError
             (log.debug if quiet else log.warning)("cache: the entry of %s is damaged (%s: %s: %s)%s", source, entry,
@@ -405,16 +486,18 @@ class CheckpointCache:
             return None
 
     # -- writing --------------------------------------------------------------------------------------
-    def _fill(self, path: Path, source: Path, key: str, info: os.stat_result, options: ReadOptions,
-              read_source: Callable[[Path, ReadOptions], Checkpoint], rejected: Path | str | None = None) -> Checkpoint:
-        """Read the source (errors propagate, nothing is written), then cache what was read;
-        ``rejected`` is an entry that failed to read, which is replaced even if its index matches."""
+    def _fill(self, file: OpenFile, source: Path, key: str, options: ReadOptions,
+              read_source: Callable[[Path, ReadOptions, OpenFile], Checkpoint],
+              rejected: Path | str | None = None) -> Checkpoint:
+        """Read the source from ``file`` (errors propagate, nothing is written), then cache what was
+        read; ``rejected`` is an entry that failed to read, which is replaced even if its index matches."""
+        path = file.path
         start = time.perf_counter()
-        ckpt = read_source(path, ReadOptions(refuse_unsafe=True))  # on the CPU: the entry is a file
+        ckpt = read_source(path, ReadOptions(refuse_unsafe=True), file)  # on the CPU: the entry is a file
         entry = None
         try:
-            if self._cacheable_now(path, source, info):
-                entry = self._store(key, source, info, ckpt, rejected)
+            if self._cacheable_now(file):
+                entry = self._store(key, source, file, ckpt, rejected)
         except Exception as exc:  # noqa: BLE001 - a load never fails because of the cache
             log.warning("cache %s: could not cache %s (%s: %s); it was read directly", self.root, path,
                         type(exc).__name__, exc)
@@ -425,12 +508,12 @@ class CheckpointCache:
             if served is not None:
                 return served
         on_cpu = options.device is None or options.device.type == "cpu"
-        return ckpt if on_cpu and options.mmap is not False else read_source(path, options)
+        return ckpt if on_cpu and options.mmap is not False else read_source(path, options, file)
 
-    def _cacheable_now(self, path: Path, source: Path, before: os.stat_result) -> bool:
-        """Whether what was just read is the source as identified before the read, settled."""
-        after = source.stat()
-        if os.path.realpath(path) != os.fspath(source) or _identity(after) != _identity(before):
+    def _cacheable_now(self, file: OpenFile) -> bool:
+        """Whether the file just read (its descriptor) is as it was when opened, and settled."""
+        path, after = file.path, os.fstat(file.fd)
+        if _identity(after) != _identity(file.info):
             log.info("cache: %s changed while it was read; not cached", path)
             return False
         if time.time() - max(after.st_mtime, after.st_ctime) < RACY_SECONDS:
@@ -438,7 +521,7 @@ class CheckpointCache:
             return False
         return True
 
-    def _store(self, key: str, source: Path, info: os.stat_result, ckpt: Checkpoint,
+    def _store(self, key: str, source: Path, file: OpenFile, ckpt: Checkpoint,
                rejected: Path | str | None = None) -> Path | None:
         """Write the entry and then its index, holding the file's lock; the entry another process
         wrote meanwhile when it is there (unless it is ``rejected``). What safetensors cannot hold
@@ -446,13 +529,14 @@ class CheckpointCache:
         it changes; other failures (a full disk, a write interrupted) are retried at the next load."""
         from .saving import contiguous_unshared, safetensors_layout, write_checked
 
+        info = file.info
         self._prepare()
         with self._locked(key):
             index = self._load_index(key, quiet=True)
-            found = self._lookup(index, source, info) if index is not None else None
+            found = self._lookup(index, source, file) if index is not None else None
             if found is not None and found != rejected:
                 return None if found == "uncacheable" else found  # type: ignore[return-value]
-            sample = _sampled_digest(source, info.st_size)
+            sample = _sampled_digest(file.fd, info.st_size)  # of the descriptor the tensors came from
             entry = self.folder / f"{key}.{secrets.token_hex(8)}.safetensors"
             record = {"format": FORMAT, "source": os.fsdecode(source), "container": ckpt.container,
                       "source_identity": _identity(info), "source_sample": sample, "created": time.time()}
@@ -466,9 +550,9 @@ class CheckpointCache:
                 raise
             write_checked(tensors, metadata, entry)
             log.info("cache: %s (%s) cached as %s", source, ckpt.container, entry.name)
-            entry_info = entry.stat()
-            self._commit(key, {**record, "entry": entry.name, "entry_identity": _identity(entry_info),
-                               "entry_sample": _sampled_digest(entry, entry_info.st_size)}, entry)
+            entry_identity, entry_sample = _probe(entry, nofollow=True)
+            self._commit(key, {**record, "entry": entry.name, "entry_identity": entry_identity,
+                               "entry_sample": entry_sample}, entry)
         return entry
 
     def _commit(self, key: str, record: dict[str, Any], entry: Path | None = None) -> None:
@@ -499,13 +583,18 @@ class CheckpointCache:
                 or ((m := _ENTRY_NAME.match(p.name) or _TMP_NAME.match(p.name)) is not None and m.group(1) == key)]
 
     def _prepare(self) -> None:
-        """Create ``v1`` (0700, with its CACHEDIR.TAG) and refuse one this user does not own alone."""
+        """Create ``v1`` (0700, with its CACHEDIR.TAG) and refuse one that is a link, is not this
+        user's alone or sits where others could swap it (`_check_folder`)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._check_owner(self.folder.stat())
-        tag = self.folder / "CACHEDIR.TAG"
-        if not tag.exists():
-            with contextlib.suppress(OSError):
-                tag.write_text(_TAG, encoding="utf-8")
+        if not self._check_folder():
+            raise FileNotFoundError(f"{self.folder} vanished as it was created")
+        try:  # created exclusively, never through a link left in its place
+            fd = os.open(self.folder / "CACHEDIR.TAG", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_TAG)
 
     @contextlib.contextmanager
     def _locked(self, key: str, *, wait: bool = True) -> Iterator[bool]:
@@ -530,7 +619,11 @@ class CheckpointCache:
         Returns:
             An iterator of `CacheEntry`, indexes first (by name), then orphaned entry files.
         """
-        if not self.folder.is_dir():
+        try:
+            if not stat.S_ISDIR(os.lstat(self.folder).st_mode):  # a link, even to a folder, is not followed
+                log.warning("cache %s: %s is no folder (a symbolic link?); nothing listed", self.root, self.folder)
+                return
+        except OSError:
             return
         named: set[str] = set()
         for index_path in sorted(self.folder.glob("*.json")):
@@ -559,19 +652,19 @@ class CheckpointCache:
             named.add(entry.name)
         nbytes = _size(index_path) + (_size(entry) if entry is not None else 0)
         try:
-            info = source.stat()
-        except (OSError, ValueError):
+            now = _probe(source)
+        except (OSError, ValueError, CheckpointError):
             return CacheEntry(index_path, source, container, entry, nbytes, "missing", created)
         try:
-            damaged = entry is not None and (data["entry_identity"] != _identity(entry.lstat())
-                                             or data.get("entry_sample") != _sampled_digest(entry, entry.lstat().st_size)
-                                             or self._read_entry(entry, ReadOptions(torch.device("meta")), source,
-                                                                 source, quiet=True) is None)
-        except OSError:
+            damaged = entry is not None and (
+                (data["entry_identity"], data.get("entry_sample")) != _probe(entry, nofollow=True)
+                or self._read_entry(entry, ReadOptions(torch.device("meta")), source, source,
+                                    identity=data["entry_identity"], quiet=True) is None)
+        except (OSError, CheckpointError):
             damaged = True
         if damaged:
             status = "damaged"
-        elif data["source_identity"] != _identity(info) or data["source_sample"] != _sampled_digest(source, info.st_size):
+        elif (data["source_identity"], data["source_sample"]) != now:
             status = "stale"
         else:
             status = "fresh" if entry is not None else "uncacheable"
@@ -596,9 +689,11 @@ class CheckpointCache:
             return 0, 0
         tag = self.folder / "CACHEDIR.TAG"
         try:
-            self._check_owner(self.folder.stat())
-            ours = tag.is_file() and tag.read_text(encoding="utf-8", errors="replace").startswith(_TAG_SIGNATURE)
-        except OSError as exc:
+            self._check_folder()
+            ours = _read_small(tag, 4096).startswith(_TAG_SIGNATURE.encode())  # a link is no tag of ours
+        except FileNotFoundError:
+            ours = False
+        except (OSError, ValueError, CheckpointError) as exc:
             raise NotACacheError(f"{self.folder}: {exc}; nothing was removed") from None
         if not ours:
             raise NotACacheError(f"{self.folder} is not a pool conversion cache (no CACHEDIR.TAG written by pool); "
@@ -621,7 +716,7 @@ class CheckpointCache:
             removed += 1
         for leftover in self.folder.iterdir():  # interrupted writes of keys that have no index
             match = _TMP_NAME.match(leftover.name)
-            if match and not (self.folder / f"{match.group(1)}.json").exists():
+            if match and not os.path.lexists(self.folder / f"{match.group(1)}.json"):
                 with self._locked(match.group(1), wait=False) as held:
                     if held:
                         freed += _unlink(leftover)

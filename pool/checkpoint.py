@@ -28,10 +28,10 @@ from .cache import CACHEABLE, CheckpointCache, resolve_cache_dir
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
-from .containers.base import as_text
+from .containers.base import OpenFile, as_text
 from .containers.hf_folder import NAME as HF_FOLDER
 from .containers.hf_folder import is_hf_folder, read_hf_folder
-from .errors import CheckpointError, ConfigError, CorruptCheckpointError
+from .errors import CheckpointError, ConfigError, CorruptCheckpointError, UnreadableCheckpointError
 from .gcpause import paused_gc
 from .records import ModuleInfo
 
@@ -39,6 +39,7 @@ __all__ = [
     "Checkpoint",
     "ModuleInfo",
     "CheckpointNotFoundError",
+    "UnreadableCheckpointError",
     "read_checkpoint",
     "load_state_dict",
     "sniff_container",
@@ -91,6 +92,8 @@ def sniff_container(path: PathLike) -> str:
 
     Raises:
         CheckpointNotFoundError: the path does not exist (the message lists the nearest folder).
+        UnreadableCheckpointError: the path cannot be opened or looked at (a symbolic link loop,
+            no permission, a name too long).
         CorruptCheckpointError: the path is another directory, a pipe, socket or device, an empty
             file, or no known container.
         CheckpointError: a tar archive (torch's pre-1.0 format), which is not supported.
@@ -100,10 +103,16 @@ def sniff_container(path: PathLike) -> str:
         >>> sniff_container("finetuned.pt")  # doctest: +SKIP
         'zip'
     """
-    if is_hf_folder(Path(path).expanduser()):
+    if _is_hf_folder(Path(path).expanduser()):
         return HF_FOLDER
     p = _existing_file(path)
-    size, head = _head(p)
+    with _open(p) as file:
+        return _sniff_open(file)
+
+
+def _sniff_open(file: OpenFile) -> str:
+    """The container of an open regular file, from its first 512 bytes (see `sniff_container`)."""
+    p, size, head = file.path, file.info.st_size, file.read_at(0, 512)
     if size == 0:
         raise CorruptCheckpointError(f"{p}: the file is empty (0 bytes); download it again.")
     container = _sniff(head, size)
@@ -121,16 +130,22 @@ def sniff_container(path: PathLike) -> str:
     raise CorruptCheckpointError(f"{p}: {_describe_bytes(head)}.")
 
 
-def _head(p: Path) -> tuple[int, bytes]:
-    """Size and first 512 bytes of a regular file, opened so that nothing can block."""
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+def _open(p: Path) -> OpenFile:
+    """``p`` opened once for a whole read (sniffing, parsing, the cache's identity all use it); a
+    file gone since it was checked is `CheckpointNotFoundError`, a path that cannot be opened
+    (a symbolic link loop, no permission) `UnreadableCheckpointError`."""
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _not_regular(p, info.st_mode)
-        return info.st_size, os.pread(fd, 512, 0)
-    finally:
-        os.close(fd)
+        return OpenFile(p)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(2, _missing_message(p), str(p)) from None
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    """`is_hf_folder`, False for a path the system cannot even look at (`_existing_file` says why)."""
+    try:
+        return is_hf_folder(folder)
+    except OSError:
+        return False
 
 
 def _not_regular(p: Path, mode: int) -> CheckpointError:
@@ -143,6 +158,17 @@ def _not_regular(p: Path, mode: int) -> CheckpointError:
 
 def _existing_file(path: PathLike) -> Path:
     p = Path(path).expanduser()
+    try:
+        return _checked_file(p)
+    except CheckpointError:
+        raise
+    except OSError as exc:  # a symbolic link loop, no permission, a name too long: not a bare OSError
+        raise UnreadableCheckpointError.from_os_error(p, exc) from None
+
+
+def _checked_file(p: Path) -> Path:
+    """``p`` when it is a regular file; a typed error when it is missing, a folder or a special
+    file; the system's OSError when it cannot be looked at."""
     if p.is_dir():
         inside = sorted(x.name for x in p.iterdir())[:10]
         raise CorruptCheckpointError(
@@ -243,6 +269,8 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
 
     Raises:
         CheckpointNotFoundError: the path does not exist.
+        UnreadableCheckpointError: the path cannot be opened (a symbolic link loop, no permission,
+            a name too long).
         UnsafeCheckpointError: the file names a global on no allowlist (unless
             ``refuse_unsafe=False``), uses an allowed one in a way no writer does, or is a
             TorchScript archive (always).
@@ -265,20 +293,23 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     options = read_options(map_location, mmap, refuse_unsafe, allow_globals)
     cache = resolve_cache_dir(cache_dir)  # a bad value is the caller's mistake whatever the path is
     folder = Path(path).expanduser()
-    if is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
+    if _is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
         with paused_gc():
             return read_hf_folder(folder, options, _read_file)
     p = _existing_file(path)
-    container = _container(sniff_container(p))
-    with paused_gc():
-        if cache is not None and container.name in CACHEABLE and not options.allow_globals:
-            return CheckpointCache(cache).read(p, options, container.read)
-        return container.read(p, options)
+    with _open(p) as file:  # one descriptor: every byte of the read, and the cache's identity, from it
+        container = _container(_sniff_open(file))
+        with paused_gc():
+            if cache is not None and container.name in CACHEABLE and not options.allow_globals:
+                return CheckpointCache(cache).read(file, options, container.read)
+            return container.read(p, options, file)
 
 
 def _read_file(p: Path, options: ReadOptions) -> Checkpoint:
-    """Read one file; `sniff_container` checks that it exists and is a regular file."""
-    return _container(sniff_container(p)).read(p, options)
+    """Read one file, opened once; `_existing_file` checks that it exists and is a regular file."""
+    p = _existing_file(p)
+    with _open(p) as file:
+        return _container(_sniff_open(file)).read(p, options, file)
 
 
 def load_state_dict(path: PathLike, *, map_location: Any = None,
@@ -301,6 +332,7 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
 
     Raises:
         CheckpointNotFoundError: the path does not exist.
+        UnreadableCheckpointError: the path cannot be opened (a symbolic link loop, no permission).
         UnsafeCheckpointError: the file names a global that could run code, or is TorchScript.
         CorruptCheckpointError: the file is truncated, damaged, crafted or no known container.
         CheckpointError: any other unusable file (a tar archive, a file changed while read).

@@ -7,6 +7,9 @@ entry where there is one), what was expected, what was found and what to do abou
 from __future__ import annotations
 
 import copy
+import errno
+import os
+import shlex
 from typing import TypeVar
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "CorruptCheckpointError",
+    "UnreadableCheckpointError",
     "ArchitectureMismatchError",
     "ConfigError",
     "DatasetError",
@@ -81,6 +85,28 @@ def brief(value: object, limit: int = 120) -> str:
 
 
 E = TypeVar("E", bound=BaseException)
+
+_UNREADABLE_HINTS = {
+    errno.ELOOP: "the path is a symbolic link loop (a link that leads, directly or through other links, back "
+                 "to itself) or passes through too many links; point at the file itself, or fix the link "
+                 "(`ls -l {name}` shows where it leads)",
+    errno.EACCES: "permission denied; make the file (and every folder above it) readable by this user, or "
+                  "copy it somewhere readable",
+    errno.EPERM: "the operation is not permitted; make the file readable by this user, or copy it somewhere "
+                 "readable",
+    errno.ENAMETOOLONG: "the path, or one name in it, is too long for the file system; move or rename the "
+                        "file to a shorter path",
+    errno.ENOTDIR: "a part of the path that should be a folder is a file; check the path",
+    errno.EIO: "the disk reported an I/O error; check the disk, or copy the file from its source again",
+}
+
+
+def _os_path_text(path: object) -> str:
+    """A path given as str, bytes or os.PathLike, as text for a message."""
+    try:
+        return os.fsdecode(path)  # type: ignore[arg-type]
+    except TypeError:
+        return str(path)
 
 
 def amended(exc: E, *, prefix: str = "", **attributes: object) -> E:
@@ -168,6 +194,39 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """Truncated, wrong magic, unreadable container or inconsistent tensor data."""
+
+
+class UnreadableCheckpointError(CheckpointError, OSError):
+    """The checkpoint path cannot be opened or read: a symbolic link loop, no permission, a name
+    too long, an I/O error. Not a damaged download: the file may be fine, its path or access is not.
+
+    Also an `OSError` whose ``errno`` is the system's (``errno.ELOOP``, ...), so code that caught the
+    bare OSError still does. `from_os_error` builds it with a message naming the file and the fix
+    (its ``strerror``; ``str()`` adds ``[Errno N]`` in front, as for any OSError).
+    """
+
+    @classmethod
+    def from_os_error(cls, path: object, exc: OSError) -> UnreadableCheckpointError:
+        """The error for ``exc``, raised opening or examining ``path``.
+
+        Args:
+            path: the checkpoint path, as the caller gave it.
+            exc: the system's error.
+
+        Returns:
+            The error (not raised), its ``errno`` that of ``exc``.
+
+        Example:
+            >>> import errno, os
+            >>> error = UnreadableCheckpointError.from_os_error("x.pt", OSError(errno.ELOOP, os.strerror(errno.ELOOP)))
+            >>> error.errno == errno.ELOOP, "symbolic link loop" in str(error)
+            (True, True)
+        """
+        code = exc.errno
+        name = _os_path_text(path)
+        hint = _UNREADABLE_HINTS.get(code or 0, "check the path, its permissions and the disk, then read it again")
+        message = f"{name}: cannot be opened ({exc.strerror or exc}): {hint.format(name=shlex.quote(name))}."
+        return cls(code, message) if code is not None else cls(message)
 
 
 class ArchitectureMismatchError(CheckpointError):

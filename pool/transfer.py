@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, printable
+from .errors import CheckpointError, UnreadableCheckpointError, printable
 
-__all__ = ["Span", "read_spans", "open_regular", "pread_into", "FileChangedError"]
+__all__ = ["Span", "read_spans", "OpenFile", "open_regular", "pread_into", "FileChangedError"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class FileChangedError(CheckpointError):
     """The file ended early while being read: it was truncated or replaced meanwhile."""
 
 
-def open_regular(path: str | os.PathLike[str]) -> int:
+def open_regular(path: str | os.PathLike[str], *, nofollow: bool = False) -> int:
     """A read-only descriptor of a regular file; a pipe or device swapped in for it is refused.
 
     The file is opened with ``O_NONBLOCK`` (and ``O_NOCTTY``), so that a pipe or device swapped
@@ -85,19 +85,103 @@ def open_regular(path: str | os.PathLike[str]) -> int:
 
     Args:
         path: the file.
+        nofollow: refuse a path whose last name is a symbolic link (``O_NOFOLLOW``): for files in
+            the cache's own folder, which never follows links.
 
     Returns:
         The open file descriptor; the caller closes it.
 
     Raises:
+        FileNotFoundError: nothing is there (`pool.checkpoint` says where to look).
+        UnreadableCheckpointError: the path cannot be opened (a symbolic link loop, or a link
+            where ``nofollow`` refuses one; no permission; a name too long).
         CheckpointError: the path is not a regular file (any more).
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UnreadableCheckpointError.from_os_error(path, exc) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointError(f"{printable(os.fspath(path))}: is no longer a regular file; it changed while "
                               "being read.")
     return fd
+
+
+class OpenFile:
+    """One open regular file: the descriptor every byte of one read comes from.
+
+    A read that opens its path twice (once to map it, once to read ranges, once more to sample
+    it for the cache) can see two files when the path is re-pointed between the opens; here the
+    mapping, the preads, the identity (``info``, the ``fstat`` at open) and the cache's sampled
+    digest all come from this one descriptor. A context manager: leaving it closes the file
+    (mappings made from it stay valid).
+
+    Args:
+        path: the file; it names the file in messages (and labels the checkpoint read).
+        nofollow: refuse a symbolic link as the last name (see `open_regular`).
+
+    Attributes:
+        path: the path it was opened by.
+        fd: the descriptor.
+        info: ``os.fstat`` of the descriptor when it was opened.
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        UnreadableCheckpointError: the path cannot be opened.
+        CheckpointError: the path is no regular file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, nofollow: bool = False) -> None:
+        self.path = Path(path)
+        self.fd = open_regular(path, nofollow=nofollow)
+        self.info = os.fstat(self.fd)
+
+    def __repr__(self) -> str:
+        return f"OpenFile({os.fspath(self.path)!r}, fd={self.fd})"
+
+    def __enter__(self) -> OpenFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the descriptor (once)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def size(self) -> int:
+        """The file's size now (``fstat`` of the descriptor).
+
+        Returns:
+            The size in bytes.
+        """
+        return os.fstat(self.fd).st_size
+
+    def read_at(self, offset: int, nbytes: int) -> bytes:
+        """Up to ``nbytes`` bytes from ``offset`` (fewer only at the end of the file).
+
+        Args:
+            offset: where to start.
+            nbytes: how many bytes at most.
+
+        Returns:
+            The bytes read.
+        """
+        parts = []
+        while nbytes > 0:
+            part = os.pread(self.fd, min(nbytes, 1 << 30), offset)
+            if not part:
+                break
+            parts.append(part)
+            offset += len(part)
+            nbytes -= len(part)
+        return b"".join(parts)
 
 
 def pread_into(fd: int, buffer: memoryview, offset: int, path: str | os.PathLike[str] = "the file") -> None:
@@ -220,7 +304,7 @@ def _drain(in_flight: deque, ring: list, chunks: list, target: torch.Tensor, str
             following += 1
 
 
-def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
+def read_spans(path: str | os.PathLike[str] | OpenFile, spans: Sequence[Span],
                device: torch.device | str) -> list[torch.UntypedStorage]:
     """Read each span of ``path`` onto ``device``; returns one storage per span, in order.
 
@@ -229,7 +313,7 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
     the ranges are read straight into the buffer, in parallel.
 
     Args:
-        path: the file.
+        path: the file, or an `OpenFile` whose descriptor is read (and left open).
         spans: the byte ranges to read (they may overlap or leave gaps).
         device: where the bytes go (``"cpu"``, ``"cuda:0"``, a ``torch.device``).
 
@@ -245,7 +329,8 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
     regions = _regions(spans)
     total = sum(b - a for a, b in regions)
     buffer = torch.empty(total, dtype=torch.uint8, device=device)
-    fd = open_regular(Path(path))
+    owned = not isinstance(path, OpenFile)
+    fd = open_regular(Path(path)) if owned else path.fd  # type: ignore[arg-type,union-attr]
     try:
         if device.type == "cuda":
             with _device_lock(buffer.device):  # one staging ring per device: one reader at a time
@@ -257,7 +342,8 @@ def read_spans(path: str | os.PathLike[str], spans: Sequence[Span],
                 _parallel_read(fd, view[position:position + stop - start], start)
                 position += stop - start
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     base: dict[int, int] = {}
     position = 0
     for start, stop in regions:

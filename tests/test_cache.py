@@ -544,21 +544,24 @@ def test_a_dtype_safetensors_lacks_is_read_directly_and_not_retried(tmp_path, ca
 
 
 def test_a_symlink_retargeted_while_read_is_not_cached_under_its_old_target(tmp_path):
-    from pool.checkpoint import _read_file
-    from pool.containers.base import ReadOptions
+    from pool.containers import by_name
+    from pool.containers.base import OpenFile, ReadOptions
 
     a = synth.save_module(synth.make_original_encoder(seed=1), tmp_path / "a.pt", "legacy")
     b = synth.save_module(synth.make_original_encoder(seed=2), tmp_path / "b.pt", "legacy")
     link = tmp_path / "latest.pt"
     link.symlink_to(a)
 
-    def flip_then_read(p, options):
+    def flip_then_read(p, options, file):
         (tmp_path / "new").symlink_to(b)
         (tmp_path / "new").replace(link)  # a training job re-points latest.pt meanwhile
-        return _read_file(p, options)
+        return by_name("legacy").read(p, options, file)
 
-    CheckpointCache(tmp_path / "c").read(link, ReadOptions(), flip_then_read)
+    with OpenFile(link) as file:
+        _same(CheckpointCache(tmp_path / "c").read(file, ReadOptions(), flip_then_read),
+              read_checkpoint(a, cache_dir=False))  # the file opened is the file read
     _same(read_checkpoint(a, cache_dir=tmp_path / "c"), read_checkpoint(a, cache_dir=False))
+    _same(read_checkpoint(b, cache_dir=tmp_path / "c"), read_checkpoint(b, cache_dir=False))
 
 
 def test_an_entry_removed_between_lookup_and_read_does_not_fail_the_load(sources, tmp_path, monkeypatch):
@@ -600,9 +603,7 @@ def _plant(cache_dir: Path, change: dict[str, str]) -> None:
     import safetensors.torch
 
     safetensors.torch.save_file(dict(ckpt.state_dict), str(entry), metadata={**ckpt.metadata, **change})
-    info = entry.stat()
-    data["entry_identity"] = cache_module._identity(info)
-    data["entry_sample"] = cache_module._sampled_digest(entry, info.st_size)
+    data["entry_identity"], data["entry_sample"] = cache_module._probe(entry, nofollow=True)
     index.write_text(json.dumps(data), encoding="utf-8")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,13 @@ import torch
 from ..errors import CheckpointError, amended
 from ..records import ModuleInfo, Walked
 from ..tensors import TensorSpec, move, move_by_location
-from ..transfer import open_regular, pread_into
+from ..transfer import OpenFile, pread_into
 from ..unpickler import GlobalName, Reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "map_file", "copy_bytes", "file_storage",
-           "listing_globals", "result", "as_text"]
+__all__ = ["Container", "ReadOptions", "Checkpoint", "FileRanges", "OpenFile", "opened", "map_file", "copy_bytes",
+           "file_storage", "listing_globals", "result", "as_text"]
 
 
 @dataclass(frozen=True)
@@ -138,12 +137,15 @@ class Container(Protocol):
             True when the bytes are this format's.
         """
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read the file's tensors without running anything from it.
 
         Args:
-            path: the file, which `sniff` accepted.
+            path: the file, which `sniff` accepted (it labels the checkpoint and names the file in
+                messages).
             options: where the tensors go, whether to map them, whether unsafe globals are refused.
+            file: the file already open (`opened`): every byte is read from its descriptor, never
+                from ``path`` reopened; None opens ``path`` once for this read.
 
         Returns:
             The `Checkpoint`.
@@ -210,11 +212,35 @@ def as_text(head: bytes) -> str | None:
     return None
 
 
-def map_file(path: Path) -> memoryview:
+@contextlib.contextmanager
+def opened(path: Path, file: OpenFile | None = None) -> Iterator[OpenFile]:
+    """The one open file a read takes every byte from: ``file`` when the caller opened it (left
+    open), else ``path`` opened now (closed on leaving).
+
+    Args:
+        path: the file.
+        file: the caller's open file, or None.
+
+    Yields:
+        The `pool.transfer.OpenFile`.
+
+    Raises:
+        FileNotFoundError: nothing is at ``path``.
+        UnreadableCheckpointError: ``path`` cannot be opened (a symbolic link loop, no permission).
+        CheckpointError: ``path`` is no regular file.
+    """
+    if file is not None:
+        yield file
+        return
+    with OpenFile(path) as own:
+        yield own
+
+
+def map_file(path: Path | OpenFile) -> memoryview:
     """The file's bytes, memory-mapped copy-on-write (writes never reach the file).
 
     Args:
-        path: a regular file.
+        path: a regular file, or an `OpenFile` whose descriptor is mapped (and left open).
 
     Returns:
         A writable memoryview of the mapping (an empty one for an empty file).
@@ -222,38 +248,40 @@ def map_file(path: Path) -> memoryview:
     Raises:
         CheckpointError: the path is no longer a regular file.
     """
-    fd = open_regular(path)
-    try:
-        size = os.fstat(fd).st_size
+    given = path if isinstance(path, OpenFile) else None
+    with opened(given.path if given is not None else path, given) as file:  # type: ignore[arg-type]
+        size = file.size()
         if size == 0:
             return memoryview(b"")
-        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
-    finally:
-        os.close(fd)
+        return memoryview(mmap.mmap(file.fd, size, access=mmap.ACCESS_COPY))
 
 
 class FileRanges:
     """Reads byte ranges of one open file into fresh, aligned CPU storages.
 
     ``pread``: the bytes are copied once from the page cache, and no mapping of them stays
-    resident. A context manager: leaving it closes the file.
+    resident. A context manager: leaving it closes the file it opened (an `OpenFile` given is
+    left open for its owner).
 
     Args:
-        path: the file, opened at once (a regular file only).
+        path: the file, opened at once (a regular file only); or an `OpenFile` to read from.
 
     Raises:
         CheckpointError: the path is not a regular file.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = open_regular(path)
+    def __init__(self, path: Path | OpenFile) -> None:
+        self._own = None if isinstance(path, OpenFile) else OpenFile(path)
+        file = path if isinstance(path, OpenFile) else self._own
+        self.path = file.path  # type: ignore[union-attr]
+        self.fd = file.fd  # type: ignore[union-attr]
 
     def __enter__(self) -> FileRanges:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        if self._own is not None:
+            self._own.close()
 
     def storage(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         """``nbytes`` bytes of the file from ``offset``, in a new CPU storage.

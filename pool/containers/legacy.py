@@ -20,8 +20,9 @@ import torch
 from ..errors import CorruptCheckpointError, brief
 from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
 from ..tensors import StorageRef, materialize
+from ..transfer import OpenFile
 from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
-from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, result
+from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, opened, result
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
@@ -310,13 +311,14 @@ class Legacy:
         """
         return is_legacy(head)
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read a legacy file's tensors without running anything from it.
 
         Args:
             path: the file.
             options: where the tensors go and whether unsafe globals are refused (``mmap`` is
                 not used: the storages are read from the file, and copied).
+            file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
             The `Checkpoint`.
@@ -327,11 +329,11 @@ class Legacy:
             CheckpointError: the file changed while it was read.
         """
         reader = options.reader(str(path))
-        with listing_globals(reader):
-            buffer = map_file(path)
+        with listing_globals(reader), opened(path, file) as f:
+            buffer = map_file(f)
             size = len(buffer)
             blobs = BlobReader(reader, size)
-            with FileRanges(path) as ranges:
+            with FileRanges(f) as ranges:
                 root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)

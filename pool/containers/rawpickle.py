@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..records import walk
 from ..tensors import materialize
-from .base import Checkpoint, FileRanges, ReadOptions, listing_globals, map_file, result
+from .base import Checkpoint, FileRanges, OpenFile, ReadOptions, listing_globals, map_file, opened, result
 from .legacy import BlobReader, is_legacy
 
 __all__ = ["PlainPickle"]
@@ -55,13 +55,14 @@ class PlainPickle:
             return head[1] <= pickle.HIGHEST_PROTOCOL and not is_legacy(head)
         return _old_protocol(head)
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read a plain pickle's tensors without running anything from it.
 
         Args:
             path: the file.
             options: where the tensors go and whether unsafe globals are refused (``mmap`` is
                 not used: the pickle is mapped, the storages read from the file).
+            file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
             The `Checkpoint`.
@@ -75,8 +76,8 @@ class PlainPickle:
         reader = options.reader(str(path))
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
-        with listing_globals(reader), FileRanges(path) as ranges:
-            buffer = map_file(path)
+        with listing_globals(reader), opened(path, file) as f, FileRanges(f) as ranges:
+            buffer = map_file(f)
             size = len(buffer)
             blobs = BlobReader(reader, size, ranges)
             root = reader.unpickle(buffer, what="pickle", large_bytes=_LARGE).root

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ import torch
 
 from ..errors import CorruptCheckpointError, brief
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
-from ..transfer import Span, open_regular, read_spans
-from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file
+from ..transfer import OpenFile, Span, read_spans
+from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file, opened
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
            "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS", "MAX_HEADER_BYTES", "MAX_TENSORS",
@@ -235,7 +234,7 @@ def _check_tiling(entries: list[SafetensorsEntry], base: int, size: int, bad: Re
         raise bad(f"the tensors end at byte {end} but the file has {size} bytes (trailing bytes)")
 
 
-def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[str, str]]:
+def safetensors_entries(path: str | Path | OpenFile) -> tuple[list[SafetensorsEntry], dict[str, str]]:
     """Parse and check a safetensors header: entries (absolute offsets) and metadata.
 
     Everything the safetensors library checks is checked here, or refused where this is stricter:
@@ -245,7 +244,7 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
     of the file. What this returns is what ``safetensors.torch.load_file`` returns.
 
     Args:
-        path: the safetensors file.
+        path: the safetensors file, or an `pool.transfer.OpenFile` whose descriptor is read.
 
     Returns:
         ``(entries, metadata)``: one `SafetensorsEntry` per tensor, in header order, and the
@@ -258,22 +257,23 @@ def safetensors_entries(path: str | Path) -> tuple[list[SafetensorsEntry], dict[
             to strings, or byte ranges that overlap, leave a gap or stop before the file's end.
         CheckpointError: the path is not a regular file.
     """
-    path = Path(path)
+    given = path if isinstance(path, OpenFile) else None
+    path = given.path if given is not None else Path(path)  # type: ignore[arg-type]
 
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{path}: safetensors header check failed: {why}. The file is "
                                       "truncated or damaged: download it again.")
 
-    with open(open_regular(path), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
+    with opened(path, given) as f:
+        size = f.size()
+        head = f.read_at(0, 8)
         if len(head) < 8:
             raise bad(f"the file has only {size} bytes")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, MAX_HEADER_BYTES):
             raise bad(f"the header claims {header_len} bytes, the file has {size} (at most "
                       f"{MAX_HEADER_BYTES:,} are allowed)")
-        raw = f.read(header_len)
+        raw = f.read_at(8, header_len)
     header = _parse_header(raw, bad)
     metadata = _metadata(header, bad)
     if len(header) > MAX_TENSORS:
@@ -335,13 +335,14 @@ class Safetensors:
         return (f"looks like safetensors but its header claims {header_len} bytes and the file has {size}; "
                 "the file is truncated: download it again")
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read a safetensors file's tensors (no pickle is involved).
 
         Args:
             path: the file.
             options: where the tensors go; on the CPU they are views of the mapped file unless
                 ``mmap`` is False, onto CUDA (or with ``mmap`` False) they are read in bulk.
+            file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
             The `Checkpoint` (``root_type`` ``"safetensors"``, the header's metadata).
@@ -352,8 +353,13 @@ class Safetensors:
                 at most `MAX_TENSORS` tensors), or a dtype is one this torch cannot hold.
             CheckpointError: the file is not regular, or changed while it was read.
         """
+        with opened(path, file) as f:
+            return self._read(path, options, f)
+
+    def _read(self, path: Path, options: ReadOptions, f: OpenFile) -> Checkpoint:
+        """`read` from the open file ``f``."""
         source = str(path)
-        entries, metadata = safetensors_entries(path)
+        entries, metadata = safetensors_entries(f)
         for e in entries:
             if e.dtype not in SAFETENSORS_DTYPES:
                 raise CorruptCheckpointError(f"{source}: tensor {e.name[:200]!r} has dtype {e.dtype}, which "
@@ -362,16 +368,16 @@ class Safetensors:
         bulk = device.type == "cuda" or (device.type == "cpu" and options.mmap is False)
         if bulk:
             storages = dict(zip([e.name for e in entries],
-                                read_spans(path, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))
+                                read_spans(f, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))
         else:
-            whole = file_storage(map_file(path))
+            whole = file_storage(map_file(f))
             storages = {e.name: whole[e.offset:e.offset + e.nbytes] for e in entries}
         specs = {}
         for e in entries:
             dtype = SAFETENSORS_DTYPES[e.dtype]
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
                                        contiguous_strides(e.shape))
-        tensors = materialize(specs, storages, source, path.stat().st_size)
+        tensors = materialize(specs, storages, source, f.size())
         if not bulk:  # other devices (meta, mps, xpu, ...) or a dict map_location: moved once each
             tensors = options.place(tensors, specs)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))

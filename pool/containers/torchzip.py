@@ -19,7 +19,7 @@ from ..errors import CorruptCheckpointError, UnsafeCheckpointError, brief
 from ..records import storage_from_pid, walk
 from ..tensors import StorageRef, materialize
 from ..transfer import Span, read_spans
-from .base import Checkpoint, ReadOptions, file_storage, listing_globals, map_file, result
+from .base import Checkpoint, OpenFile, ReadOptions, file_storage, listing_globals, map_file, opened, result
 from .legacy import BlobReader
 from .zipfmt import ZipArchive, parse_zip
 
@@ -222,7 +222,7 @@ class TorchZip:
             return "an empty or split zip archive, not a torch checkpoint"
         return None
 
-    def read(self, path: Path, options: ReadOptions) -> Checkpoint:
+    def read(self, path: Path, options: ReadOptions, file: OpenFile | None = None) -> Checkpoint:
         """Read a torch zip's tensors without running anything from it.
 
         Args:
@@ -230,6 +230,7 @@ class TorchZip:
             options: where the tensors go; on the CPU they are views of the mapped file unless
                 ``mmap`` is False, onto CUDA (or with ``mmap`` False) the storages the state dict
                 uses are read in bulk.
+            file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
             The `Checkpoint`.
@@ -241,10 +242,10 @@ class TorchZip:
                 to storage the archive does not hold.
             CheckpointError: the file changed while it was read.
         """
-        buffer = map_file(path)
         source = str(path)
         reader = options.reader(source)
-        with listing_globals(reader):
+        with listing_globals(reader), opened(path, file) as f:
+            buffer = map_file(f)
             archive = open_archive(buffer, source)
             archive.check_byteorder(buffer)
             archive.check_version(buffer)
@@ -266,7 +267,7 @@ class TorchZip:
             if device.type == "cuda" or (device.type == "cpu" and options.mmap is False):
                 # one bulk read of just the records the state dict uses (pool.transfer)
                 spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
-                storages = dict(zip(keys, read_spans(path, spans, device), strict=True))
+                storages = dict(zip(keys, read_spans(f, spans, device), strict=True))
             else:  # mapped from the file
                 whole = file_storage(buffer)
                 storages = {k: whole[archive.records[k].offset:archive.records[k].offset + archive.records[k].size]
