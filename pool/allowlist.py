@@ -18,6 +18,10 @@ in the pickle (checked by `pool.records.check_roles`):
   legacy reader (a plain ``pickle.dump`` of a module).
 - ``reference``: named, never called (open_clip's ``_convert_to_rgb`` in a pickled ``Compose``).
 
+``copyreg._reconstructor`` (how protocols 0 and 1 pickle an object) is not listed: it calls the
+``__init__`` of a class the file names, no checkpoint writer of this field uses those protocols for
+a model, and a user who has such a file allows it explicitly.
+
 Tiers: ``state`` globals are what ``torch.load(weights_only=True)`` itself accepts; ``model``
 globals appear only in a pickled model, which that reader refuses, so a torch file whose root is
 a state dict may not name them (`pool.records.check_roles`). Everything else is refused with
@@ -135,8 +139,6 @@ def _table() -> dict[str, Allowed]:
     add(("torchvision.transforms.functional.InterpolationMode",), "enum", "model", _TORCHVISION)
     add(("torch.storage._load_from_bytes",), "blob", "model", _PICKLE + " of a module: storages as legacy byte blobs")
     add(("builtins.frozenset", "builtins.slice"), "call", "model", _PICKLE)
-    add(("copyreg._reconstructor",), "call", "model", _PICKLE + ", protocol 0 and 1")
-    add(("builtins.object",), "reference", "model", _PICKLE + ", protocol 0 and 1")
     return table
 
 
