@@ -337,7 +337,7 @@ class Legacy:
                 root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read)
-            if not walked.modules:
+            if "" not in walked.modules:  # the root is no pickled model: a state dict
                 reader.require_state_tier("torch.load(weights_only=True)")
             storages.update(blobs.storages)
             tensors = options.place(materialize(walked.tensors, storages, reader.source, size), walked.tensors)

@@ -254,7 +254,7 @@ class TorchZip:
                                         persistent=archive.storage_ref)
             blobs.preload(unpickled.root)
             walked = walk(unpickled.root, source, blob=blobs.read)
-            if not walked.modules:
+            if "" not in walked.modules:  # the root is no pickled model: a state dict
                 reader.require_state_tier("torch.load(weights_only=True)")
             used = {spec.storage.key for spec in walked.tensors.values()}
             missing = sorted(k for k in used if k not in archive.records and k not in blobs.storages)
