@@ -113,7 +113,8 @@ def _table() -> dict[str, Allowed]:
 
     def add(names: Iterable[str], role: str, tier: str, writer: str) -> None:
         for name in names:
-            table[name] = Allowed(role, tier, writer)
+            known = table.get(name)  # named by several writers (open_clip.model.CLIP): say each
+            table[name] = Allowed(role, tier, f"{known.writer}; {writer}" if known else writer)
 
     add(("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
          "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",

@@ -54,6 +54,8 @@ class Inspection:
         metadata: the file's metadata (safetensors).
         attributes: the root module's plain attributes (a head's ``normalize``).
         error: why no state dict could be read (globals may still be listed); None if it was.
+        refusal: why a load refuses the file as unsafe (a global on no allowlist, or an allowed
+            one used as no writer uses it); None if a load does not.
     """
 
     path: Path

@@ -68,7 +68,16 @@ class GlobalName:
 
     @classmethod
     def judged(cls, module: str, name: str, user: frozenset[str] = frozenset()) -> GlobalName:
-        """The global with the allowlist's verdict for this read (``user``: the user-allowed names)."""
+        """The global with the allowlist's verdict for this read.
+
+        Args:
+            module: the global's module, Python 3 spelling.
+            name: its name.
+            user: the globals the user allowed for this read.
+
+        Returns:
+            The `GlobalName`, ``unsafe`` set when it is on no allowlist.
+        """
         entry = lookup(f"{module}.{name}", user)
         if entry is None:
             return cls(module, name, True)
@@ -177,7 +186,12 @@ class GlobalRecord(Record):
     ``record_name`` is the global's ``module.name`` as the file spells it (compare with it; print
     ``record_global``, which escapes it). ``record_role`` is its allowlist role when the read
     enforces roles (`pool.allowlist`), else None: a pickle that uses a global against its role is
-    refused as it is unpickled."""
+    refused as it is unpickled (docs/design.md §4.2).
+
+    Args:
+        *args: the call's positional arguments, kept as ``args``.
+        **kwargs: its keyword arguments, kept as ``kwargs``.
+    """
 
     __slots__ = ()
     record_name: str = "?"
@@ -206,13 +220,21 @@ class GlobalRecord(Record):
         return Record.__call__(self, *args, **kwargs)
 
     def append(self, value: Any) -> None:
-        """``APPEND`` on a record: no writer appends to anything but a list (refused when roles apply)."""
+        """``APPEND`` on a record: no writer appends to anything but a list (refused when roles apply).
+
+        Args:
+            value: the item, kept in ``items`` when roles do not apply.
+        """
         if self.record_role is not None and self.record_role != "any":
             raise _Misuse(f"appends to '{self.record_global}' (APPEND); only lists take appends", self)
         Record.append(self, value)
 
     def extend(self, values: Any) -> None:
-        """``APPENDS`` on a record: refused when roles apply, as for `append`."""
+        """``APPENDS`` on a record: refused when roles apply, as for `append`.
+
+        Args:
+            values: the items, kept in ``items`` when roles do not apply.
+        """
         if self.record_role is not None and self.record_role != "any":
             raise _Misuse(f"appends to '{self.record_global}' (APPENDS); only lists take appends", self)
         Record.extend(self, values)
@@ -381,10 +403,14 @@ class Reader:
 
         A torch file holding a state dict is read elsewhere with ``torch.load(weights_only=True)``,
         which refuses every global a pickled model needs: `pool` refuses them too, so that it never
-        passes a file its reference reader rejects.
+        passes a file its reference reader rejects (docs/design.md §4.3).
+
+        Args:
+            what: the reference reader, as messages name it.
 
         Raises:
             UnsafeCheckpointError: the file names a ``model``-tier global (`pool.allowlist`).
+            CorruptCheckpointError: its pickles use opcodes that reader does not read.
         """
         if not self.refuse_unsafe:
             return
@@ -400,7 +426,16 @@ class Reader:
 
     def refusal(self, unsafe: list[str], why: str = "") -> UnsafeCheckpointError:
         """The error for a file naming globals that no checkpoint writer uses, or using an allowed
-        one against its role (``why``: what the pickle does with it)."""
+        one against its role.
+
+        Args:
+            unsafe: the offending globals, ``module.name``.
+            why: what the pickle does with an allowed global (a misuse); empty for globals on no
+                allowlist.
+
+        Returns:
+            The `UnsafeCheckpointError` (to raise), carrying every global named so far.
+        """
         if why:
             return UnsafeCheckpointError(
                 f"{self.source}: refused: the pickle {why}. Nothing from the file was executed, but "

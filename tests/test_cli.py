@@ -326,7 +326,7 @@ def test_inspect_encoder(capsys, synth_tree):
     assert fields["kind"].startswith("encoder: a custom ViT (patch 8, width 128, 2 layers, 32 px, embed 32, QuickGELU)")
     assert fields["tensors"].startswith("38 (float32 x38)")
     assert "MiB" in fields["size"]
-    assert "none unsafe" in fields["globals"]
+    assert "all allowed" in fields["globals"]
     assert "  src.modeling.ImageEncoder" in out and "  open_clip.transformer.QuickGELU" in out
 
 
@@ -349,9 +349,9 @@ def test_inspect_hostile_file_lists_unsafe_global_and_runs_nothing(capsys, tmp_p
         torch.save({"weight": torch.ones(2, 2), "payload": Evil(marker)}, path)
     code, out, err = run(capsys, "inspect", path)
     assert code == 1
-    assert "posix.system  UNSAFE" in out
-    assert "1 UNSAFE" in out
-    assert "names 1 unsafe global(s): posix.system" in " ".join(err.split())
+    assert "posix.system  REFUSED" in out
+    assert "1 REFUSED" in out
+    assert "names the global 'posix.system', which is on no allowlist" in " ".join(err.split())
     assert not marker.exists()
     no_traceback(err)
 

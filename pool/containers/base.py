@@ -51,7 +51,14 @@ class ReadOptions:
     allow_globals: frozenset[str] = frozenset()
 
     def reader(self, source: str) -> Reader:
-        """The unpickling `pool.unpickler.Reader` of one read of ``source`` under these options."""
+        """The unpickling `pool.unpickler.Reader` of one read under these options.
+
+        Args:
+            source: how error messages name the file.
+
+        Returns:
+            A new `pool.unpickler.Reader` (its refusal policy and user-allowed globals set).
+        """
         return Reader(source, refuse_unsafe=self.refuse_unsafe, allow_globals=self.allow_globals)
 
     def place(self, tensors: dict[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:

@@ -114,10 +114,17 @@ class PlainPickle:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+#: How a protocol 0 or 1 checkpoint starts: a mark, a global, an empty dict, list or tuple.
+_OLD_STARTS = frozenset(b"(c}])")
+
+
 def _old_protocol(head: bytes) -> bool:
-    """Whether ``head`` starts a protocol 0 or 1 pickle: at least three opcodes of those protocols
-    parse (or a complete pickle ends), and each global named is a dotted Python name, so that text
-    (YAML, JSON, an HTML error page) is not taken for one. Nothing is unpickled."""
+    """Whether ``head`` starts a protocol 0 or 1 pickle: it opens as a checkpoint's pickle does
+    (`_OLD_STARTS`), at least three opcodes of those protocols parse up to the end of ``head`` (or a
+    complete pickle ends), and each global named is a dotted Python name, so that text (YAML, JSON,
+    an HTML error page) is not taken for one. Nothing is unpickled."""
+    if not head or head[0] not in _OLD_STARTS:
+        return False
     count = 0
     try:
         for opcode, arg, _ in pickletools.genops(head):
@@ -129,6 +136,9 @@ def _old_protocol(head: bytes) -> bool:
             count += 1
             if opcode.name == "STOP":
                 return count >= 2
-    except (ValueError, UnicodeDecodeError):  # the head ends inside an opcode, or no opcode at all
+    except ValueError as exc:  # an unknown opcode is no pickle; an argument cut off by the head's end is
+        if "unknown" in str(exc):
+            return False
+    except UnicodeDecodeError:
         pass
     return count >= 3
