@@ -1,4 +1,4 @@
-"""Bad input (DESIGN section 6): each failure is a CheckpointError subclass (FileNotFoundError too
+"""Bad input (docs/design.md §5): each failure is a CheckpointError subclass (FileNotFoundError too
 for a missing path) whose message names the file and says what is wrong and what to do; never a
 bare torch RuntimeError, never a hang."""
 

@@ -1,4 +1,4 @@
-"""The conversion cache is bound to the bytes it read (DESIGN 5b.3): one descriptor per read gives
+"""The conversion cache is bound to the bytes it read (docs/design.md §4.5): one descriptor per read gives
 the mapping, the preads, the identity and the sampled digest, so a path re-pointed during a read
 cannot put one file's tensors under another's identity; the cache's own folder is checked without
 following links (``v1``, its index, entry and tag files), and a folder others could swap is not

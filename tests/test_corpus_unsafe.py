@@ -1,4 +1,4 @@
-"""DESIGN 5b.1: a file naming any global that no checkpoint writer uses is refused, whatever it hides
+"""docs/design.md §4.1: a file naming any global that no checkpoint writer uses is refused, whatever it hides
 beside the real weights (issue 20, item 7).
 
 The corpus (`corpus_unsafe`) splices code-running globals into real checkpoints: a small encoder's

@@ -1,4 +1,4 @@
-"""The gate's promise as a differential property (DESIGN.md 5b.2): whatever ``pool`` loads,
+"""The gate's promise as a differential property (docs/design.md §4.4): whatever ``pool`` loads,
 ``torch.load(path, weights_only=True)`` loads too, key for key and byte for byte; whatever torch
 refuses, pool refuses with a ``CheckpointError``. Pool refusing what torch loads is allowed.
 

@@ -1,4 +1,4 @@
-"""The parsers the reader owns (DESIGN section 5): zip, pickle scan, records, tensor validation.
+"""The parsers the reader owns (docs/design.md §3): zip, pickle scan, records, tensor validation.
 
 Differential properties: whatever our zip parser accepts, Python's zipfile reads the same members
 with the same bytes; whatever the scan accepts, CPython's unpickler reads to the same end. Unit

@@ -1,4 +1,4 @@
-"""Red team: hostile checkpoint files against the public API (DESIGN section 5).
+"""Red team: hostile checkpoint files against the public API (docs/design.md §3).
 
 Every hostile read runs in a forked child (`helpers.run_isolated`): a reader that hangs, segfaults or
 allocates gigabytes fails its test instead of taking the run down. Each read must end in a typed
@@ -385,7 +385,7 @@ def small_encoder():
 
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_reader_never_delegates_file_bytes(sandbox, small_encoder, container):
-    """DESIGN 5.1: nothing hands file bytes to torch.load, torch.jit, tarfile, pickle.load or torch's
+    """docs/design.md §3.1: nothing hands file bytes to torch.load, torch.jit, tarfile, pickle.load or torch's
     storage constructors. Checked on legit files (a pickled encoder): none of them is called."""
     path = synth.save_object(small_encoder, sandbox.path(f"encoder.{container}.pt"), container)
     report = sandbox.run(_read_with_tripwires, path)
@@ -1074,7 +1074,7 @@ def _read_under_address_limit(path: Path, mmap: bool | None) -> dict[str, Any]:
 @pytest.mark.parametrize("container,mmap", [("zip", None), ("zip", False), ("legacy", None), ("pickle", None),
                                             ("safetensors", None), ("safetensors", False)])
 def test_out_of_memory_is_not_reported_as_a_damaged_file(sandbox, container, mmap):
-    """DESIGN 5.5: MemoryError (and system errors) are never reported as a damaged download.
+    """docs/design.md §3.5: MemoryError (and system errors) are never reported as a damaged download.
     No monkeypatched hook (the reader's internals are being rewritten): the address space is
     really capped, so whatever the reader allocates or maps for a valid 32 MiB tensor fails."""
     tensors = {"w": torch.ones(8 << 20)}

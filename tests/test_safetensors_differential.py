@@ -1,4 +1,4 @@
-"""Differential property (DESIGN 5b.2): what `pool` returns for a safetensors file,
+"""Differential property (docs/design.md §4.4): what `pool` returns for a safetensors file,
 ``safetensors.torch.load_file`` returns too, key for key and byte for byte; where the library
 refuses a file, `pool` raises a `CheckpointError`.
 

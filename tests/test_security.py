@@ -1,4 +1,4 @@
-"""DESIGN section 5: nothing in a checkpoint ever runs.
+"""docs/design.md §3: nothing in a checkpoint ever runs.
 
 Hostile files in every container (torch zip, torch legacy, plain pickle protocols 2 and 4), with
 the gadget at the root, inside a module's ``__dict__``, and nested in ``torch.storage._load_from_bytes``
