@@ -204,8 +204,9 @@ class _Walker:
         if name in _TENSOR_REBUILDERS:
             return self.tensor(obj, name, where, depth)
         if name in _PARAMETER_REBUILDERS:
-            self.parameter(obj, name, where, depth)
-            return self.value(obj.args[0] if obj.args else None, where, depth + 1)
+            data = self.value(obj.args[0] if obj.args else None, where, depth + 1)
+            self.parameter(obj, name, data, where, depth)
+            return data
         if name in _FROM_TYPE:
             return self.from_type(obj, where, depth)
         if name == "torch.storage._load_from_bytes":
@@ -265,18 +266,21 @@ class _Walker:
         """Whether a recorded value is empty: None, or a mapping or sequence with nothing in it."""
         if obj is None:
             return True
+        if type(obj).__mro__[1] is GlobalRecord and obj.record_name == "collections.OrderedDict":
+            # torch's backward hooks: OrderedDict() called with nothing (the common case, quickly)
+            return obj.called and not obj.args and not obj.kwargs and obj.items is None and obj.state is None
         value = self.value(obj, where, depth + 1)
         return isinstance(value, (dict, list, tuple)) and not value and not (
             isinstance(obj, Record) and (obj.state is not None or obj.items))
 
-    def parameter(self, obj: Record, name: str, where: str, depth: int) -> None:
-        """Refuse a parameter record whose hooks or state torch would apply (other weights)."""
+    def parameter(self, obj: Record, name: str, data: Any, where: str, depth: int) -> None:
+        """Refuse a parameter record whose hooks or state torch would apply (other weights), or an
+        integer one that requires grad (torch refuses to build it); ``data`` is its tensor's value."""
         args = obj.args
         if name == "torch.nn.parameter.Parameter":
             if not args or len(args) > 2 or (len(args) == 2 and type(args[1]) is not bool):
                 raise self.fail(f"{where}: a Parameter record with {len(args)} arguments")
             return
-        data = self.value(args[0], where, depth + 1) if args else None
         if isinstance(data, TensorSpec) and len(args) > 1 and args[1] is True and not (
                 data.dtype.is_floating_point or data.dtype.is_complex):
             raise self.fail(f"{where}: an integer parameter that requires grad; torch refuses to build it")

@@ -206,7 +206,13 @@ class GlobalRecord(Record):
                           "empty and then set their state", cls)
         if role == "enum" and (len(args) != 1 or kwargs or type(args[0]) not in (str, int)):
             raise _Misuse(f"looks up the enum '{cls.record_global}' with {len(args)} arguments", cls)
-        return Record.__new__(cls, *args, **kwargs)
+        self = object.__new__(cls)  # Record.__new__, inlined: this runs once per record of a read
+        self.args = args
+        self.kwargs = kwargs
+        self.state = None
+        self.items = None
+        self.called = False
+        return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if self.record_role == "class":
@@ -238,6 +244,9 @@ class GlobalRecord(Record):
         if self.record_role is not None and self.record_role != "any":
             raise _Misuse(f"appends to '{self.record_global}' (APPENDS); only lists take appends", self)
         Record.extend(self, values)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._add_item((key, value))
 
     def _add_item(self, item: Any) -> None:
         if self.record_role is not None and self.record_name not in _ITEM_TARGETS and self.record_role != "any":
