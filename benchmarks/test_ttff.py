@@ -94,52 +94,6 @@ def _cache_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def _timed(benchmark: Any, fn: Callable[[], None], *, cache: str, files: Callable[[], list[Path]],
-           rounds: int) -> tuple[float, int, dict[str, Any]]:
-    """Time ``fn`` with a warm, or a cold (emptied before each round), page cache.
-
-    Before each round (outside the timing): the cold method, the files' resident share, and with
-    ``$POOL_BENCH_QUIET`` = N a wait (at most ``$POOL_BENCH_QUIET_WAIT`` s, default 300) until the
-    rest of the machine uses at most N cores. The other processes' CPU during the timed rounds
-    goes into extra_info as ``others_cpu_cores``. No warm-up rounds: `_prepare` ran ``fn`` once.
-    """
-    methods: set[str] = set()
-    resident: list[float] = []
-    others = benchlib.OthersCPU()
-    quiet = os.environ.get("POOL_BENCH_QUIET", "").strip()
-    quiet_wait = float(os.environ.get("POOL_BENCH_QUIET_WAIT", "300"))
-    waited: list[float] = []
-    noisy = [0]
-
-    def before() -> None:
-        if cache == "cold":
-            try:
-                methods.add(benchlib.drop_page_cache(files()))
-            except benchlib.ColdCacheUnavailable as exc:
-                pytest.skip(str(exc))
-        if quiet:
-            seconds, ok = benchlib.wait_quiet(float(quiet), quiet_wait)
-            waited.append(seconds)
-            noisy[0] += not ok
-        if cache == "cold":  # after the wait: nothing may have read the files back meanwhile
-            fractions = [f for f in map(benchlib.resident_fraction, files()) if f is not None]  # None: empty
-            if fractions:
-                resident.append(max(fractions))
-        others.start()
-
-    seconds, n = benchlib.time_it(benchmark, fn, rounds=rounds, warmup=0, setup=before, teardown=others.stop)
-    extra: dict[str, Any] = {}
-    if cache == "cold":
-        extra["cold_method"] = "+".join(sorted(methods))
-    if resident:  # the largest share of a file's pages still cached when a timed round began
-        extra["resident_before_max"] = round(max(resident), 4)
-    if others.cores is not None:  # how busy the rest of the machine was, cores on average: noise evidence
-        extra["others_cpu_cores"] = round(others.cores, 3)
-    if quiet:
-        extra.update(quiet_cores=float(quiet), quiet_wait_s=round(sum(waited), 1), rounds_not_quiet=noisy[0])
-    return seconds, n, extra
-
-
 # -- the baseline: the usual user path -------------------------------------------------------------
 @pytest.mark.parametrize("cache", CACHES)
 def test_ttff_baseline(benchmark, arch, ttff_checkpoints, ttff_images, rounds, cache):
@@ -171,7 +125,7 @@ def test_ttff_baseline(benchmark, arch, ttff_checkpoints, ttff_images, rounds, c
     if out:
         check()  # before spending rounds on it
     benchmark.group = f"{arch} time to first features ({cache} page cache)"
-    seconds, n, extra = _timed(benchmark, run, cache=cache, files=lambda: [path], rounds=_rounds(rounds, arch, cache))
+    seconds, n, extra = benchlib.time_with_page_cache(benchmark, run, cache=cache, files=lambda: [path], rounds=_rounds(rounds, arch, cache))
     missing = check()
     benchlib.record_benchmark(benchmark, arch, benchlib.ttff_label(benchlib.TTFF_BASELINE, cache), "baseline", path, seconds, n,
             form=benchlib.TTFF_BASELINE, page_cache=cache, batch=len(ttff_images), model=name,
@@ -217,7 +171,7 @@ def test_ttff_ours(benchmark, request, arch, ttff_checkpoints, ttff_images, roun
         check()
     before = entries()
     benchmark.group = f"{arch} time to first features ({cache} page cache)"
-    seconds, n, extra = _timed(benchmark, run, cache=cache, files=files, rounds=_rounds(rounds, arch, cache))
+    seconds, n, extra = benchlib.time_with_page_cache(benchmark, run, cache=cache, files=files, rounds=_rounds(rounds, arch, cache))
     check()
     assert entries() == before, "the conversion cache rewrote its entry: a round was a miss, not a hit"
     label = benchlib.ttff_label(form, cache)

@@ -70,7 +70,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -478,7 +478,10 @@ class CheckpointCache:
             with OpenFile(entry, nofollow=True) as file:
                 if identity is not None and _identity(file.info) != identity:
                     raise ValueError("the file opened is not the one its index records")
-                return _checkpoint_from(by_name("safetensors").read(entry, options, file), path)
+                # the cache's own entries are never rewritten in place (replaced by rename, removed by
+                # unlink, which leaves a mapping intact): mapped unless the caller asked for copies
+                mapped = options if options.mmap is not None else replace(options, mmap=True)
+                return _checkpoint_from(by_name("safetensors").read(entry, mapped, file), path)
         except (OSError, CheckpointError, ValueError, KeyError, TypeError, IndexError, AttributeError,
                 RecursionError) as exc:  # JSONDecodeError is a ValueError
             (log.debug if quiet else log.warning)("cache: the entry of %s is damaged (%s: %s: %s)%s", source, entry,

@@ -237,8 +237,11 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
                     allow_globals: Iterable[str] | None = None) -> Checkpoint:
     """Read any supported checkpoint file without running code from it.
 
-    ``mmap`` (default: on for zip and safetensors) maps the tensors from the file instead of
-    copying them. With ``refuse_unsafe=False`` a file naming unsafe globals is still read (they
+    The tensors are read into private memory: nothing the caller holds depends on the file staying
+    as it is (rewriting it in place, ``torch.save(state_dict, path)``, is safe). ``mmap=True`` maps
+    zip and safetensors tensors from the file instead, an explicit opt-in as in ``torch.load``:
+    those tensors then die with the file (truncating or rewriting it kills the process with
+    SIGBUS when they are touched). With ``refuse_unsafe=False`` a file naming unsafe globals is still read (they
     stay inert records) and they are listed in `Checkpoint.globals`; that is what ``inspect`` uses.
 
     Args:
@@ -248,9 +251,10 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         map_location: where the tensors go, as for ``torch.load``: None (the CPU), a device
             string or ``torch.device`` (every tensor there), or a dict mapping saved locations to
             devices (``{"cuda:0": "cpu"}``; a location it does not name stays on the CPU).
-        mmap: for zip and safetensors files read onto the CPU, map the tensors from the file
-            (None, the default, or True) or read them into memory (False). Tensors bound for a
-            CUDA device are read in bulk either way; legacy and plain-pickle files are copied.
+        mmap: True maps zip and safetensors tensors read onto the CPU from the file (fast, but
+            they depend on the file staying as it is); None (the default) or False reads them
+            into private memory. Tensors bound for a CUDA device are read in bulk either way;
+            legacy and plain-pickle files are always copied.
         refuse_unsafe: refuse a file naming a global that could run code (the default); False
             reads it all the same, for ``inspect``.
         cache_dir: the conversion cache (`pool.cache`): a directory where a pickled file's
@@ -323,7 +327,8 @@ def load_state_dict(path: PathLike, *, map_location: Any = None,
         path: the checkpoint file (``~`` is expanded): a pickled module, a state dict (torch zip
             or legacy) or safetensors; or a transformers model folder.
         map_location: where the tensors go, as for `read_checkpoint` (None: the CPU).
-        mmap: map zip and safetensors tensors from the file, as for `read_checkpoint`.
+        mmap: True maps zip and safetensors tensors from the file, as for `read_checkpoint`
+            (None, the default: private copies that do not depend on the file).
         cache_dir: the conversion cache, as for `read_checkpoint` (None: ``$OPENCLIP_POOL_CACHE_DIR``).
         allow_globals: globals to accept besides the allowlist, as for `read_checkpoint`.
 

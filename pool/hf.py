@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,10 @@ def _normalize_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]
 def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     """Write an `ImageEncoder` as a transformers ``CLIPVisionModelWithProjection`` folder:
     ``config.json``, ``model.safetensors`` (written and read back by `pool.saving.write_checked`) and
-    ``preprocessor_config.json``. The folder is created; files in it are replaced atomically.
+    ``preprocessor_config.json``. The files are written into a temporary folder beside it, then a
+    new (or empty) folder is renamed into place in one step; in an existing folder each file is
+    replaced atomically. An interrupted or failed write leaves no partial file and nothing of the
+    temporary folder (SIGTERM / SIGHUP included: `pool.saving.signals_as_exit`).
 
     Args:
         encoder: an `ImageEncoder` (its ``arch`` and ``val_preprocess`` are used).
@@ -249,21 +254,37 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
         CorruptCheckpointError: ``model.safetensors`` did not read back identical.
     """
     from .keys import to_clip_keys
-    from .saving import contiguous_unshared, write_checked
+    from .saving import contiguous_unshared, signals_as_exit, write_checked
 
     folder = Path(destination).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = contiguous_unshared(to_hf(to_clip_keys(encoder.state_dict())))
     from .arch import HEADS_METADATA, QUICK_GELU_METADATA
 
     # transformers reads only "format"; ours keep the weights file right when used on its own
     metadata = {"format": "pt", QUICK_GELU_METADATA: str(bool(encoder.arch.quick_gelu)).lower(),
                 HEADS_METADATA: str(encoder.arch.heads)}
-    write_checked(tensors, metadata, folder / "model.safetensors")
     mean, std = _normalize_of(encoder.val_preprocess)
-    for name, body in (("config.json", vision_config(encoder.arch)),
-                       ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
-        os.replace(tmp, folder / name)
+    with signals_as_exit():
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            write_checked(tensors, metadata, staging / "model.safetensors")
+            for name, body in (("config.json", vision_config(encoder.arch)),
+                               ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):
+                (staging / name).write_text(json.dumps(body, indent=2) + "\n")
+            _publish(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _publish(staging: Path, folder: Path) -> None:
+    """Move a written folder into place: renamed whole where ``folder`` is new or empty, else file by
+    file (each replace atomic)."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    for item in staging.iterdir():
+        os.replace(item, folder / item.name)

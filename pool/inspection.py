@@ -141,13 +141,13 @@ def inspect_file(path: str | Path, sha256: str, allow_globals: Iterable[str] | N
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
     info = Inspection(p, size, sha256, container)
     try:
-        read_checkpoint(p, allow_globals=allow_globals, cache_dir=False)  # what a load decides
+        read_checkpoint(p, allow_globals=allow_globals, cache_dir=False, mmap=True)  # what a load decides
     except UnsafeCheckpointError as exc:
         info.refusal = str(exc)
     except CheckpointError:
         pass  # the listing read below says what is wrong
     try:
-        ckpt = read_checkpoint(p, refuse_unsafe=False, allow_globals=allow_globals, cache_dir=False)
+        ckpt = read_checkpoint(p, refuse_unsafe=False, allow_globals=allow_globals, cache_dir=False, mmap=True)
     except CheckpointError as exc:
         info.error = str(exc)
         info.globals = list(exc.checkpoint_globals)

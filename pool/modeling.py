@@ -280,7 +280,8 @@ class ImageEncoder(nn.Module):
             quick_gelu: the activation; None: what the file says, else the name's default.
             device: where the tensors are read to and the encoder goes (None: the CPU).
             dtype: a ``torch.dtype`` or a name such as ``"bf16"``; None keeps the file's.
-            mmap: map zip and safetensors tensors from the file (None: the default, on).
+            mmap: True maps zip and safetensors tensors from the file (they then die with it);
+                None (the default) reads them into private memory.
             map_location: used when ``device`` is None, in any form `read_checkpoint` takes
                 (a dict maps saved locations).
             cache_dir: the conversion cache (`pool.cache`): None (the default) uses

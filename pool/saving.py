@@ -9,9 +9,13 @@ writes loads back through every form of the pool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +26,41 @@ from .arch import HEADS_METADATA, QUICK_GELU_METADATA, name_for_arch
 from .errors import ConfigError, CorruptCheckpointError
 
 __all__ = ["module_payload", "write_checked", "save_module_weights", "tensor_difference", "compare_tensors",
-           "safetensors_layout", "TORCH_SUFFIXES"]
+           "safetensors_layout", "TORCH_SUFFIXES", "signals_as_exit"]
 
 log = logging.getLogger(__name__)
+
+#: Signals whose default action ends the process without running ``finally`` blocks.
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signals_as_exit() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP end the process as ``SystemExit(128 + signal)`` rather
+    than at once, so that a write's cleanup runs (its temporary file is removed; nothing half-written
+    is left). Only signals still at their default action are taken over, only in the main thread,
+    and the previous handlers come back after the block. SIGINT already raises KeyboardInterrupt.
+
+    Yields:
+        None: the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in _ENDING_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, leave)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 
 #: Suffixes written as a torch zip state dict (``torch.save`` of a dict of tensors); others: safetensors.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -181,7 +217,17 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
 
     Raises:
         CorruptCheckpointError: the file read back differs from what was meant (nothing is replaced).
+        OSError: the write failed (a full disk, a read-only folder): the temporary file is removed
+            and ``destination`` is left as it was. SIGTERM / SIGHUP during the write end the process
+            after the same cleanup (`signals_as_exit`).
     """
+    with signals_as_exit():
+        return _write_checked(tensors, metadata, destination, torch_format)
+
+
+def _write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], destination: Path,
+                   torch_format: bool) -> int:
+    """`write_checked`, its signals already taken over."""
     import safetensors.torch
 
     from .checkpoint import read_checkpoint
@@ -194,7 +240,7 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
             torch.save(tensors, tmp)
         else:
             safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        back = read_checkpoint(tmp, cache_dir=False)  # mapped: no second copy of the tensors in memory
+        back = read_checkpoint(tmp, cache_dir=False, mmap=True)  # our own file: mapped, no second copy
         compare_tensors(back.state_dict, tensors, str(destination))
         if not torch_format and back.metadata != metadata:
             raise CorruptCheckpointError(f"{destination}: metadata read back differs from what was written")

@@ -36,8 +36,9 @@ class ReadOptions:
 
     Attributes:
         device: where every tensor goes; None: the CPU (or ``locations`` decides).
-        mmap: map tensors from the file (True) or read them into memory (False); None: the
-            container's default.
+        mmap: map tensors from the file (True: an explicit opt-in, the tensors then die with the
+            file) or read them into private memory (None, the default, or False), so that nothing
+            a caller holds depends on the file staying as it is (docs/design.md §3.6).
         refuse_unsafe: refuse a file naming unsafe globals (``inspect`` lists them instead).
         locations: for a dict ``map_location``: saved location -> device; a location it does not
             name stays on the CPU. None otherwise.

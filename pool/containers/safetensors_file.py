@@ -340,8 +340,8 @@ class Safetensors:
 
         Args:
             path: the file.
-            options: where the tensors go; on the CPU they are views of the mapped file unless
-                ``mmap`` is False, onto CUDA (or with ``mmap`` False) they are read in bulk.
+            options: where the tensors go; read in bulk into private memory (the CPU) or onto
+                the device, or, with ``mmap=True`` only, views of the mapped file.
             file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
@@ -365,7 +365,7 @@ class Safetensors:
                 raise CorruptCheckpointError(f"{source}: tensor {e.name[:200]!r} has dtype {e.dtype}, which "
                                              "this torch cannot hold; convert the file to F32/F16/BF16.")
         device = options.device if options.device is not None else torch.device("cpu")
-        bulk = device.type == "cuda" or (device.type == "cpu" and options.mmap is False)
+        bulk = device.type == "cuda" or (device.type == "cpu" and not options.mmap)
         if bulk:
             storages = dict(zip([e.name for e in entries],
                                 read_spans(f, [Span(e.offset, e.nbytes) for e in entries], device), strict=True))

@@ -227,9 +227,9 @@ class TorchZip:
 
         Args:
             path: the file.
-            options: where the tensors go; on the CPU they are views of the mapped file unless
-                ``mmap`` is False, onto CUDA (or with ``mmap`` False) the storages the state dict
-                uses are read in bulk.
+            options: where the tensors go; the storages the state dict uses are read in bulk into
+                private memory (the CPU) or onto the device, or, with ``mmap=True`` only, are views
+                of the mapped file.
             file: the file already open (every byte comes from it); None opens ``path`` once.
 
         Returns:
@@ -264,7 +264,7 @@ class TorchZip:
                     f"data/{missing[0]} record; the file is damaged: download it again.")
             device = options.device if options.device is not None else torch.device("cpu")
             keys = [k for k in archive.records if k in used]
-            if device.type == "cuda" or (device.type == "cpu" and options.mmap is False):
+            if device.type == "cuda" or (device.type == "cpu" and not options.mmap):
                 # one bulk read of just the records the state dict uses (pool.transfer)
                 spans = [Span(archive.records[k].offset, archive.records[k].size) for k in keys]
                 storages = dict(zip(keys, read_spans(f, spans, device), strict=True))
