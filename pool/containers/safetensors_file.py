@@ -378,8 +378,8 @@ class Safetensors:
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
                                        contiguous_strides(e.shape))
         tensors = materialize(specs, storages, source, f.size())
-        if not bulk:  # other devices (meta, mps, xpu, ...) or a dict map_location: moved once each
-            tensors = options.place(tensors, specs)
+        # where they are not yet (meta, mps, xpu, ..., or a dict map_location): moved once each
+        tensors = options.place(tensors, specs)
         log.debug("read %s (safetensors): %d tensors", source, len(tensors))
         return Checkpoint(path, self.name, tensors, "safetensors", metadata=metadata)
 
