@@ -12,7 +12,9 @@ This module knows file offsets and bytes, nothing of pickles, containers or mode
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20  # bytes per pinned staging buffer
 _RING = 8  # staging buffers: chunks being read or copied at once (64 MiB pinned per device)
-_PIECE = 2 << 20  # bytes per read call
+_PIECE = 32 << 20  # bytes per read call
+_STREAMS = 4  # concurrent sequential streams per region read onto the CPU
+_HUGE_BUFFER = 8 << 20  # host buffers at least this large ask for transparent huge pages
 _MERGE_GAP = 1 << 20  # read across gaps smaller than this rather than splitting the region
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -207,14 +211,47 @@ def pread_into(fd: int, buffer: memoryview, offset: int, path: str | os.PathLike
 
 
 
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """A fresh, private CPU buffer of ``nbytes`` bytes for a file's bytes (a uint8 tensor).
+
+    Large buffers are an anonymous mapping that asks for transparent huge pages: filling fresh
+    memory costs a page fault per page, and with 2 MiB pages instead of 4 KiB ones reading a
+    warm 454 MB file into it takes half the time (docs/design.md §3.6). The memory is the
+    process's own (never backed by the file): the tensors built on it outlive any change to the
+    file. Small buffers, and systems without ``madvise``, get ``torch.empty``.
+
+    Args:
+        nbytes: the size in bytes.
+
+    Returns:
+        A uint8 CPU tensor of ``nbytes`` elements, page-aligned when large.
+    """
+    if nbytes < _HUGE_BUFFER or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # transparent huge pages off: ordinary pages, same result
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
 def _parallel_read(fd: int, buffer: memoryview, offset: int) -> None:
-    """Fill ``buffer`` from file ``offset`` with concurrent reads of up to _PIECE bytes."""
-    pieces = [(start, min(len(buffer), start + _PIECE)) for start in range(0, len(buffer), _PIECE)]
-    if len(pieces) == 1:
-        pread_into(fd, buffer, offset)
+    """Fill ``buffer`` from file ``offset`` with a few concurrent streams, each reading its own
+    contiguous part front to back in `_PIECE` calls: sequential streams keep the kernel's readahead
+    working on a cold file, and several of them fill fresh memory faster on a warm one."""
+    streams = max(1, min(_STREAMS, os.cpu_count() or 1, len(buffer) // _PIECE))
+    if streams == 1:
+        _read_stream(fd, buffer, offset)
         return
-    futures = [_pool().submit(pread_into, fd, buffer[a:b], offset + a) for a, b in pieces]
-    _wait_all(futures)
+    share = -(-len(buffer) // streams)
+    share += -share % 4096  # streams start on page boundaries of the buffer
+    parts = [(a, min(len(buffer), a + share)) for a in range(0, len(buffer), share)]
+    _wait_all([_pool().submit(_read_stream, fd, buffer[a:b], offset + a) for a, b in parts])
+
+
+def _read_stream(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``offset``, front to back, `_PIECE` bytes a call."""
+    for start in range(0, len(buffer), _PIECE):
+        pread_into(fd, buffer[start:start + _PIECE], offset + start)
 
 
 def _wait_all(futures: Sequence[Future[None]]) -> None:
@@ -328,7 +365,7 @@ def read_spans(path: str | os.PathLike[str] | OpenFile, spans: Sequence[Span],
     device = torch.device(device)
     regions = _regions(spans)
     total = sum(b - a for a, b in regions)
-    buffer = torch.empty(total, dtype=torch.uint8, device=device)
+    buffer = torch.empty(total, dtype=torch.uint8, device=device) if device.type != "cpu" else host_buffer(total)
     owned = not isinstance(path, OpenFile)
     fd = open_regular(Path(path)) if owned else path.fd  # type: ignore[arg-type,union-attr]
     try:
