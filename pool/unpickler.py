@@ -231,8 +231,7 @@ class GlobalRecord(Record):
         Args:
             value: the item, kept in ``items`` when roles do not apply.
         """
-        if self.record_role is not None and self.record_role != "any":
-            raise _Misuse(f"appends to '{self.record_global}' (APPEND); only lists take appends", self)
+        self._no_appends("APPEND")
         Record.append(self, value)
 
     def extend(self, values: Any) -> None:
@@ -241,9 +240,12 @@ class GlobalRecord(Record):
         Args:
             values: the items, kept in ``items`` when roles do not apply.
         """
-        if self.record_role is not None and self.record_role != "any":
-            raise _Misuse(f"appends to '{self.record_global}' (APPENDS); only lists take appends", self)
+        self._no_appends("APPENDS")
         Record.extend(self, values)
+
+    def _no_appends(self, opcode: str) -> None:
+        if self.record_role is not None and self.record_role != "any":
+            raise _Misuse(f"appends to '{self.record_global}' ({opcode}); only lists take appends", self)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._add_item((key, value))

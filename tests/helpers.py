@@ -330,3 +330,12 @@ def examples(n: int) -> int:
 
     current = getattr(settings, "get_current_profile_name", lambda: settings._current_profile)()
     return n if current == "ci" else settings.default.max_examples
+
+
+def assert_same_tensors(a: Any, b: Any) -> None:
+    """Two checkpoints (`pool.checkpoint.Checkpoint`) hold the same tensors, in order, bit for bit."""
+    assert list(a.state_dict) == list(b.state_dict)
+    for key in a.state_dict:
+        x, y = a.state_dict[key], b.state_dict[key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import examples
+from helpers import assert_same_tensors, examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,11 +55,7 @@ def sources(tmp_path_factory):
 
 def _same(a, b) -> None:
     """Two checkpoints hold the same tensors (bit for bit) and the same records."""
-    assert list(a.state_dict) == list(b.state_dict)
-    for key in a.state_dict:
-        x, y = a.state_dict[key], b.state_dict[key]
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+    assert_same_tensors(a, b)
     assert (a.container, a.root_type, a.wrapper, a.metadata) == (b.container, b.root_type, b.wrapper, b.metadata)
     assert a.modules == b.modules
     assert a.globals == b.globals

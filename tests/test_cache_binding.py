@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors
 
 from pool import synth
 from pool.cache import CheckpointCache, NotACacheError
@@ -38,11 +39,7 @@ def settled(monkeypatch):
 
 def _same(a, b) -> None:
     """Two checkpoints hold the same tensors, bit for bit."""
-    assert list(a.state_dict) == list(b.state_dict)
-    for key in a.state_dict:
-        x, y = a.state_dict[key], b.state_dict[key]
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+    assert_same_tensors(a, b)
 
 
 def _differ(a, b) -> bool:
