@@ -72,9 +72,10 @@ _PICKLE = "pickle.dump (any protocol)"
 
 _STORAGE_TYPES = ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
                   "ComplexFloat", "ComplexDouble")
+# canonical names only: a dtype pickles as torch.<canonical name>, never as an alias (torch.float)
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-           "complex64", "complex128", "float", "double", "half", "long", "int", "short", "cfloat", "cdouble",
-           "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64")
+           "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+           "uint16", "uint32", "uint64")
 _NN_CLASSES = {
     "container": ("Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict"),
     "linear": ("Linear", "Identity", "Bilinear", "NonDynamicallyQuantizableLinear", "_LinearWithBias"),
@@ -121,7 +122,7 @@ def _table() -> dict[str, Allowed]:
          "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter"), "rebuild", "state", _TORCH)
     add((f"torch.{t}Storage" for t in _STORAGE_TYPES), "storage", "state", _TORCH)
     add((f"torch.cuda.{t}Storage" for t in _STORAGE_TYPES), "storage", "state", _TORCH + ", saved on a GPU")
-    add(("torch.UntypedStorage", "torch.storage.UntypedStorage"), "storage", "state", _TORCH + " (an untyped storage)")
+    add(("torch.storage.UntypedStorage",), "storage", "state", _TORCH + " (an untyped storage)")
     add((f"torch.{d}" for d in _DTYPES), "dtype", "state", _TORCH + " (torch >= 2.1: _rebuild_tensor_v3)")
     add(("torch.Tensor",), "reference", "state", _TORCH + " (a tensor subclass record names its type)")
     add(("collections.OrderedDict", "torch.Size", "torch.device", "_codecs.encode", "builtins.set",

@@ -331,6 +331,9 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if large_bytes is not None and code in _LARGE_BYTES_OPS and i - arg_at >= large_bytes:
                     result.large.append((at, arg_at, i))
             elif kind == _STRING:
+                if code in _PY2_STRINGS and not bytes(data[arg_at:i]).isascii():
+                    raise _Refused("a protocol-2 byte string (BINSTRING) of non-ASCII bytes, which readers "
+                                   "decode differently (torch.load as UTF-8, old pickles as latin-1)", at)
                 stack.append(_text(data, arg_at, i, code) if i - arg_at <= 256 else 0)
                 objects += 1
             elif kind == _TEXT_STRING:

@@ -49,6 +49,8 @@ _TENSOR_TYPES = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
 _MAPPINGS = frozenset({"collections.OrderedDict", "builtins.dict"})
 _SETS = frozenset({"builtins.set", "builtins.frozenset"})
 _CALLED = _MAPPINGS | _SETS | {"torch.Size", "torch.storage._load_from_bytes", "_codecs.encode"}
+_NOT_MODULES = _MAPPINGS | _SETS | {"collections.Counter"}
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks")
 _STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")
 _LOCATION = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 
@@ -205,6 +207,8 @@ class _Walker:
             return self.tensor(obj, name, where, depth)
         if name in _PARAMETER_REBUILDERS:
             data = self.value(obj.args[0] if obj.args else None, where, depth + 1)
+            if not isinstance(data, TensorSpec):  # Parameter(None) is an empty tensor to torch
+                raise self.fail(f"{where}: a parameter over a {type_name(data)}, not a tensor")
             self.parameter(obj, name, data, where, depth)
             return data
         if name in _FROM_TYPE:
@@ -219,6 +223,10 @@ class _Walker:
         if name == "torch.Size" and len(obj.args) == 1:
             return tuple(self.sequence(obj.args[0], where, depth))
         if name in _MAPPINGS:
+            return self.mapping(obj, where, depth)
+        if name == "collections.Counter":
+            if obj.args or obj.kwargs:
+                raise self.fail(f"{where}: a Counter built from arguments (it would count them, not map them)")
             return self.mapping(obj, where, depth)
         if name in _SETS:
             items = self.sequence(obj.args[0], where, depth) if obj.args else []
@@ -337,11 +345,11 @@ class _Walker:
     # -- structure -----------------------------------------------------------------------------
     def module_state(self, obj: Any) -> dict | None:
         """The recorded ``__dict__`` of a pickled nn.Module, or None if obj is no module."""
-        if not isinstance(obj, Record) or isinstance(obj, PersistentRecord):
-            return None
+        if not isinstance(obj, Record) or isinstance(obj, PersistentRecord) or _call_name(obj) in _NOT_MODULES:
+            return None  # a mapping's BUILD state sets attributes, never its items: no module
         state = obj.state
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = state[0]
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict) and "_parameters" in state[0]:
+            raise self.fail("a module whose state is a (dict, slots) pair; Module.__setstate__ refuses it")
         if isinstance(state, dict) and "_parameters" in state and "_modules" in state:
             return state
         return None
@@ -356,12 +364,13 @@ class _Walker:
         attrs = {k: v for k, v in state.items() if isinstance(k, str) and k not in _MODULE_INTERNALS
                  and self.plain(v, path)}
         self.modules[path] = ModuleInfo(type_name(obj), attrs)
-        skip = self.value(state.get("_non_persistent_buffers_set"), path, depth + 1) or set()
-        if not isinstance(skip, (set, frozenset)):
-            skip = set()
+        skip = self.non_persistent(state, path, depth)
+        for hooks in _STATE_DICT_HOOKS:  # state_dict() would call them: other keys, or code
+            if not self.empty(state.get(hooks), path, depth):
+                raise self.fail(f"module {path or '<root>'} has {hooks} that state_dict() would call")
         for group in ("_parameters", "_buffers"):
-            entries = self.value(state.get(group), path, depth + 1) or {}
-            if not isinstance(entries, Mapping):
+            entries = self.value(state.get(group), path, depth + 1)
+            if not isinstance(entries, Mapping):  # missing: state_dict() fails on the real module
                 raise self.fail(f"module {path or '<root>'} has a {group} of type {type_name(entries)}")
             for name, value in entries.items():
                 if value is None or (group == "_buffers" and name in skip):
@@ -378,6 +387,16 @@ class _Walker:
                 raise self.fail(f"submodule {prefix}{name} is a {type_name(child)}, not a module")
             self.module(child, child_state, f"{prefix}{name}.", depth + 1)
         self.active.discard(id(obj))
+
+    def non_persistent(self, state: dict, path: str, depth: int) -> set:
+        """The buffer names ``state_dict()`` leaves out: torch tests ``name in`` the attribute, so a
+        set, a list, a tuple or a dict's keys all count; missing means none (Module.__setstate__)."""
+        value = self.value(state.get("_non_persistent_buffers_set"), path, depth + 1)
+        if value is None:
+            return set()
+        if not isinstance(value, (set, frozenset, list, tuple, dict)):
+            raise self.fail(f"module {path or '<root>'} has a _non_persistent_buffers_set of type {type_name(value)}")
+        return set(value)
 
     def plain(self, value: Any, where: str, limit: int = 1000) -> bool:
         """Whether value is a plain attribute: None, bools, 64-bit ints, floats, strings, and tuples

@@ -219,6 +219,9 @@ class GlobalRecord(Record):
             raise _Misuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
                           "NEWOBJ (empty) and then set their state", self)
         self.called = True
+        if args and self.record_name in _COPIED_AT_CALL and isinstance(args[0], (dict, list)):
+            # the real call copies its argument now; the pickle may change the same object later
+            self.args = (dict(args[0]) if isinstance(args[0], dict) else list(args[0]), *args[1:])
 
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
         if self.record_role is not None and self.record_role != "any":
@@ -260,6 +263,9 @@ class GlobalRecord(Record):
 #: Roles whose globals a pickle may name but never instantiate, and what they are for.
 _NEVER_MADE = {"storage": "types are named only inside torch's storage references",
                "dtype": "values are only named", "reference": "is only named, never called"}
+#: Calls that copy their first argument when they run (a later change to it is not theirs).
+_COPIED_AT_CALL = frozenset({"collections.OrderedDict", "collections.Counter", "builtins.set",
+                             "builtins.frozenset", "torch.Size"})
 #: Records that may receive items (SETITEMS of a mapping).
 _ITEM_TARGETS = frozenset({"collections.OrderedDict", "collections.Counter"})
 

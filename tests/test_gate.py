@@ -133,10 +133,10 @@ def test_text_is_still_text(tmp_path, text):
 
 
 # -- roles: allowed globals used as no writer uses them -----------------------------------------------------
-STORAGE_64G = Op.glob("torch", "UntypedStorage") + Op.tuple(Op.data(64 << 30)) + Op.dict((Op.data("device"), Op.data("cuda"))) + b"\x92"
+STORAGE_64G = Op.glob("torch.storage", "UntypedStorage") + Op.tuple(Op.data(64 << 30)) + Op.dict((Op.data("device"), Op.data("cuda"))) + b"\x92"
 MISUSES = {
     # NEWOBJ_EX of a storage type beside real weights: torch.load(weights_only=False) allocates 64 GiB on cuda
-    "storage made": (STORAGE_64G, "torch.UntypedStorage"),
+    "storage made": (STORAGE_64G, "torch.storage.UntypedStorage"),
     "storage called": (Op.call(Op.glob("torch", "FloatStorage"), Op.data(10)), "torch.FloatStorage"),
     "dtype called": (Op.call(Op.glob("torch", "float32")), "torch.float32"),
     "class with arguments": (Op.newobj(Op.glob("torch.nn.modules.linear", "Linear"), Op.data(10 ** 6), Op.data(10 ** 6)),
@@ -263,3 +263,103 @@ def test_pytest_items_take_allow_global(tmp_path, encoder_state, head_state):
                              text=True, timeout=300)
     assert refused.returncode == 1 and CUSTOM in refused.stdout, refused.stdout[-2000:]
     assert allowed.returncode == 0 and "2 passed" in allowed.stdout, allowed.stdout[-2000:]
+
+
+# -- red-team findings on the gate (each refused, or read as the reference reads it) --------------------------
+def _setitems(*pairs: tuple[bytes, bytes]) -> bytes:
+    return b"(" + b"".join(k + v for k, v in pairs) + b"u"
+
+
+W4, F4 = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([6.0, 6.0, 6.0, 6.0])
+
+
+def _agrees_with_torch(path: Path) -> None:
+    from differential import disagreement, load_both
+
+    assert disagreement(load_both(path)) is None
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_a_mapping_given_a_module_like_state_keeps_its_items(tmp_path, container):
+    """BUILD on an OrderedDict updates its attributes, never its items: no module to walk."""
+    p = Pickled(container)
+    real, fake = p.tensor("0", W4), p.tensor("1", F4)
+    state = b"}" + _setitems((Op.str("_parameters"), Op.ordered_dict() + _setitems((Op.str("weight"), fake))),
+                             (Op.str("_modules"), Op.ordered_dict()))
+    path = p.write(tmp_path / "od.pt", Op.ordered_dict() + _setitems((Op.str("weight"), real)) + state + b"b")
+    assert torch.equal(load_state_dict(path)["weight"], W4)
+    _agrees_with_torch(path)
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_a_call_copies_its_argument_when_it_runs(tmp_path, container):
+    """OrderedDict(d) copies d; the pickle changing d afterwards (through the memo) changes nothing."""
+    p = Pickled(container)
+    p._next_memo = 1  # memo 0 is d
+    real, fake = p.tensor("0", W4), p.tensor("1", F4)
+    d = b"}" + Op.put(0) + _setitems((Op.str("w"), real))
+    later = Op.get(0) + Op.str("w") + fake + b"s"
+    body = b"}" + _setitems((Op.str("x"), Op.glob("collections", "OrderedDict") + b"(" + d + b"tR"),
+                            (Op.str("y"), later))
+    path = p.write(tmp_path / "later.pt", body)
+    state = load_state_dict(path)
+    assert torch.equal(state["x.w"], W4) and torch.equal(state["y.w"], F4)
+    _agrees_with_torch(path)
+
+
+def test_non_ascii_py2_strings_are_refused(tmp_path):
+    """torch.load decodes BINSTRING as UTF-8, old pickles as latin-1: two readers, two keys."""
+    p = Pickled("zip")
+    path = p.write(tmp_path / "key.pt", b"}" + _setitems((b"U\x09" + "é.weight".encode(), p.tensor("0", W4))))
+    with pytest.raises(CorruptCheckpointError, match="non-ASCII"):
+        load_state_dict(path)
+
+
+def test_counters_and_empty_parameters(tmp_path):
+    p = Pickled("zip")
+    a = p.tensor("0", W4)  # memo indices in the order the opcodes come
+    counter = Op.call(Op.glob("collections", "Counter")) + _setitems((Op.str("k"), p.tensor("1", F4)))
+    path = p.write(tmp_path / "counter.pt", b"}" + _setitems((Op.str("a"), a), (Op.str("c"), counter)))
+    assert torch.equal(load_state_dict(path)["c.k"], F4)
+    _agrees_with_torch(path)
+    q = Pickled("zip")
+    counted = Op.call(Op.glob("collections", "Counter"), Op.data(["k"]))
+    path = q.write(tmp_path / "counted.pt", b"}" + _setitems((Op.str("a"), q.tensor("0", W4)), (Op.str("c"), counted)))
+    with pytest.raises(CorruptCheckpointError, match="Counter built from arguments"):
+        load_state_dict(path)
+    r = Pickled("zip")
+    empty = Op.newobj(Op.glob("torch.nn.parameter", "Parameter"), Op.data(None))
+    path = r.write(tmp_path / "none.pt", b"}" + _setitems((Op.str("a"), r.tensor("0", W4)), (Op.str("p"), empty)))
+    with pytest.raises(CorruptCheckpointError, match="parameter over"):
+        load_state_dict(path)
+
+
+def _linear(extra: bytes = b"", *, buffers: bool = True, tuple_state: bool = False) -> tuple[Pickled, bytes]:
+    p = Pickled("zip")
+    items = [(Op.str("training"), b"\x88"),
+             (Op.str("_parameters"), Op.ordered_dict() + _setitems((Op.str("weight"), p.tensor("0", W4)))),
+             (Op.str("_modules"), Op.ordered_dict())]
+    if buffers:
+        items.append((Op.str("_buffers"), Op.ordered_dict() + _setitems((Op.str("b"), p.tensor("1", F4)))))
+    state = b"}" + _setitems(*items) + extra + (b"N\x86" if tuple_state else b"")
+    return p, Op.newobj(Op.glob("torch.nn.modules.linear", "Linear")) + state + b"b"
+
+
+@pytest.mark.parametrize("spelling", [b"](" + Op.str("b") + b"e", b"}" + Op.str("b") + b"Ns"])
+def test_non_persistent_buffers_named_in_a_list_or_dict_are_left_out(tmp_path, spelling):
+    """state_dict() tests ``name in module._non_persistent_buffers_set``: a list or dict works too."""
+    p, body = _linear(_setitems((Op.str("_non_persistent_buffers_set"), spelling)))
+    assert set(load_state_dict(p.write(tmp_path / "m.pt", body))) == {"weight"}
+
+
+@pytest.mark.parametrize("case", ["no _buffers", "tuple state", "state_dict hook"])
+def test_modules_whose_state_dict_fails_are_refused(tmp_path, case):
+    if case == "no _buffers":
+        p, body = _linear(buffers=False)
+    elif case == "tuple state":
+        p, body = _linear(tuple_state=True)
+    else:
+        hook = Op.ordered_dict() + _setitems((b"K\x00", Op.glob("builtins", "set")))
+        p, body = _linear(_setitems((Op.str("_state_dict_hooks"), hook)))
+    with pytest.raises(CorruptCheckpointError):
+        load_state_dict(p.write(tmp_path / "m.pt", body))

@@ -103,7 +103,8 @@ class TorchArchive:
 
     def check_version(self, buffer: memoryview) -> None:
         """Refuse a format version torch's reader would not read (it reads ``.data/version``, else
-        ``version``: a decimal number from 1 to 10 with a newline).
+        ``version``: a decimal number from 1 to 10 with a newline), or a ``.storage_alignment``
+        that ``torch.load`` cannot parse as a number.
 
         Args:
             buffer: the whole file's bytes.
@@ -116,6 +117,13 @@ class TorchArchive:
             raise CorruptCheckpointError(
                 f"{self.source}: {self.version} says {text[:20]!r}; torch reads zip formats 1 to "
                 f"{_MAX_FORMAT_VERSION}. The file is damaged or was not written by torch.save.")
+        alignment = self.prefix + ".storage_alignment"  # torch.load parses it with int()
+        if alignment in self.archive.members:
+            value = self.archive.read(buffer, alignment)
+            if not (value.isdigit() and len(value) <= 6):
+                raise CorruptCheckpointError(
+                    f"{self.source}: {alignment} says {value[:20]!r}, not a number of bytes; torch.load refuses "
+                    "it. The file is damaged or was not written by torch.save.")
 
     def storage_ref(self, pid: Any) -> StorageRef:
         """A persistent id as torch's zip reader resolves it: one dtype and size per storage key
