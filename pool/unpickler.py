@@ -223,6 +223,12 @@ class GlobalRecord(Record):
             # the real call copies its argument now; the pickle may change the same object later
             self.args = (dict(args[0]) if isinstance(args[0], dict) else list(args[0]), *args[1:])
 
+    def __setstate__(self, state: Any) -> None:
+        if self.record_role == "rebuild":  # torch would set_() the tensor from it: other weights
+            raise _Misuse(f"gives the tensor made by '{self.record_global}' a state (BUILD); torch never "
+                          "writes this and a reader would rebuild the tensor from the state", self)
+        self.state = state
+
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
         if self.record_role is not None and self.record_role != "any":
             raise _Misuse(f"calls what '{self.record_global}' returned; no writer does this", self)

@@ -632,7 +632,7 @@ def _swap_case(text: str, rnd: random.Random) -> str:
 def m_member_case(doc: Doc, rnd: random.Random) -> None:
     """Rename one member to a case variant of its name."""
     m = _pick(rnd, doc.members)
-    m.name = _swap_case(m.name.decode("utf-8"), rnd).encode("utf-8")
+    m.name = _swap_case(m.name.decode("utf-8", "surrogateescape"), rnd).encode("utf-8", "surrogateescape")
 
 
 @mutation("zip")

@@ -363,3 +363,34 @@ def test_modules_whose_state_dict_fails_are_refused(tmp_path, case):
         p, body = _linear(_setitems((Op.str("_state_dict_hooks"), hook)))
     with pytest.raises(CorruptCheckpointError):
         load_state_dict(p.write(tmp_path / "m.pt", body))
+
+
+def test_a_tensor_given_a_state_is_refused_wherever_it_sits(tmp_path):
+    """Found by the fuzz profile: BUILD on a tensor inside a list (which the walk never reads);
+    torch.load would set_() the tensor from the state, or fail."""
+    p = Pickled("zip")
+    w = p.tensor("0", W4)
+    hidden = p.tensor("1", F4) + Op.tuple(Op.data(None), Op.data({"x": 1})) + b"b"
+    path = p.write(tmp_path / "build.pt", b"}" + _setitems((Op.str("w"), w), (Op.str("l"), b"](" + hidden + b"e")))
+    with pytest.raises(UnsafeCheckpointError, match="a state"):
+        load_state_dict(path)
+
+
+def test_legacy_storage_keys_are_strings_as_torch_writes_them(tmp_path):
+    """Found by the fuzz profile: an integer key in a storage reference, the string in the key list:
+    torch looks the key up as written and fails; pool once compared them as strings."""
+    from redteam_files import Storage, legacy_file, rebuild_v2
+
+    pid = Op.tuple(Op.data("storage"), Op.glob("torch", "FloatStorage"), Op.data(7), Op.data("cpu"), Op.data(4),
+                   Op.data(None)) + b"Q"
+    body = b"}" + _setitems((Op.str("w"), rebuild_v2(pid, 0, (4,), (1,))))
+    path = tmp_path / "intkey.pt"
+    path.write_bytes(legacy_file(pickle_of_body(body), [Storage("7", torch.float32, W4.numpy().tobytes())], ["7"]))
+    with pytest.raises(CorruptCheckpointError):
+        load_state_dict(path)
+
+
+def pickle_of_body(body: bytes) -> bytes:
+    from redteam_files import pickle_of
+
+    return pickle_of(body, 2)

@@ -73,7 +73,7 @@ class _Stream:
             if not (isinstance(cls, type) and issubclass(cls, GlobalRecord)):
                 raise self.fail("a module reference that names no class")
             return cls
-        if not (isinstance(pid, tuple) and len(pid) == 6):  # torch unpacks exactly these six fields
+        if not (isinstance(pid, tuple) and len(pid) == 6 and type(pid[2]) is str):  # as torch unpacks them
             raise self.fail(f"a storage reference of {brief(pid)} (torch writes ('storage', type, key, "
                             "location, size, view))")
         ref = storage_from_pid(pid, self.reader.source)
@@ -113,7 +113,7 @@ class _Stream:
             raise self.fail("a big-endian file; only little-endian files are read")
         root = self.next_pickle("object", persistent=self.persistent)
         keys = self.next_pickle("storage keys")
-        if not (isinstance(keys, list) and all(map(is_key, keys))):
+        if not (isinstance(keys, list) and all(type(k) is str for k in keys)):  # torch looks them up as written
             raise self.fail("the storage-key list is malformed")
         spans: dict[str, tuple[int, int]] = {}
         for key in map(str, keys):
