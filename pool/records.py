@@ -167,6 +167,7 @@ class _Walker:
         self.steps = 0
         self.active: set[int] = set()
         self.mappings: dict[int, dict] = {}  # id(mapping record) -> its dict, built once
+        self.reached: set[int] = set()  # ids of the tensor records interpreted
 
     def fail(self, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.source}: {what}; the file is damaged or not a model "
@@ -200,6 +201,8 @@ class _Walker:
             raise self.fail(f"{where}: a tensor whose state is set afterwards (BUILD); torch never "
                             "writes this")
         tensor_record = name in _TENSOR_REBUILDERS or name in _PARAMETER_REBUILDERS or name in _FROM_TYPE
+        if tensor_record:
+            self.reached.add(id(obj))
         if tensor_record and (obj.kwargs or not (obj.called or name == "torch.nn.parameter.Parameter")):
             raise self.fail(f"{where}: a tensor record made without a plain call (NEWOBJ or keyword "
                             "arguments); torch never writes this and its reader would refuse it")
@@ -373,7 +376,10 @@ class _Walker:
             if not isinstance(entries, Mapping):  # missing: state_dict() fails on the real module
                 raise self.fail(f"module {path or '<root>'} has a {group} of type {type_name(entries)}")
             for name, value in entries.items():
-                if value is None or (group == "_buffers" and name in skip):
+                if value is None:
+                    continue
+                if group == "_buffers" and name in skip:  # not in state_dict(), yet built as a tensor
+                    self.value(value, f"{prefix}{name}", depth + 1)
                     continue
                 self.tensor_entry(value, f"{prefix}{name}", depth + 1)
         children = self.value(state.get("_modules"), path, depth + 1) or {}
@@ -531,7 +537,8 @@ def is_key(key: Any) -> bool:
     return isinstance(key, str) or (type(key) is int and -INT_LIMIT < key < INT_LIMIT)
 
 
-def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None = None) -> Walked:
+def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None = None,
+         made: list | None = None) -> Walked:
     """Interpret an unpickled checkpoint: tensor specs by key, module tree, root type, wrapper.
 
     ``blob`` reads a ``torch.storage._load_from_bytes`` record into a storage reference (the
@@ -542,6 +549,9 @@ def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None 
         root: the unpickled root object (`pool.unpickler.Unpickled.root`).
         source: how error messages name the file.
         blob: reads a storage blob record into a `StorageRef`; None refuses blobs.
+        made: every tensor record the pickle made (`pool.unpickler.Reader.made_tensors`); one the
+            walk does not read (in a list, a tuple, a plain attribute) is refused: a reader that
+            builds the objects would build it (and fail on a bad one), while pool would drop it.
 
     Returns:
         The `Walked` result: tensor specs, module tree, root type and wrapper key.
@@ -559,6 +569,11 @@ def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None 
         if isinstance(inner, Mapping) or walker.module_state(top["state_dict"]) is not None:
             root, wrapper = top["state_dict"], "state_dict"
     walker.any(root, "", 0)
+    unread = [r for r in made or () if id(r) not in walker.reached]
+    if unread:
+        raise walker.fail(f"a tensor ({type_name(unread[0])}) outside any mapping entry or module parameter (in "
+                          "a list, a tuple or a plain attribute): pool reads tensors only from those, and other "
+                          "readers would build this one too")
     if not walker.tensors:
         raise CorruptCheckpointError(
             f"{source}: holds a {type_name(root)} with no tensors; expected a model, a state dict or "

@@ -196,6 +196,7 @@ class GlobalRecord(Record):
     __slots__ = ()
     record_name: str = "?"
     record_role: str | None = None
+    record_made: list | None = None  # rebuild roles: every tensor record the read made, in order
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRecord:
         role = cls.record_role
@@ -219,6 +220,8 @@ class GlobalRecord(Record):
             raise _Misuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
                           "NEWOBJ (empty) and then set their state", self)
         self.called = True
+        if self.record_made is not None:
+            self.record_made.append(self)
         if args and self.record_name in _COPIED_AT_CALL and isinstance(args[0], (dict, list)):
             # the real call copies its argument now; the pickle may change the same object later
             self.args = (dict(args[0]) if isinstance(args[0], dict) else list(args[0]), *args[1:])
@@ -359,6 +362,7 @@ class _RecordTypes:
 
     def __init__(self) -> None:
         self.types: dict[tuple[str, str], type] = {}
+        self.tensors: list = []  # every call of a tensor-rebuild global, wherever the pickle puts it
 
     def get(self, module: str, name: str, source: str, role: str | None = None) -> type:
         key = (module, name)
@@ -370,6 +374,7 @@ class _RecordTypes:
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
                         "record_name": f"{module}.{name}", "record_role": role,
+                        "record_made": self.tensors if role == "rebuild" else None,
                         "__module__": "pool.unpickler.records"})
             self.types[key] = cls
         return cls
@@ -394,6 +399,13 @@ class Reader:
         self.globals: dict[tuple[str, str], GlobalName] = {}
         self.foreign_opcodes: set[str] = set()  # opcodes torch's weights_only reader refuses
         self._types = _RecordTypes()
+
+    @property
+    def made_tensors(self) -> list:
+        """Every tensor or parameter record this read's pickles made (when roles apply), wherever
+        they sit: what a reader that builds the objects would build (`pool.records.walk` checks
+        that it reads each one)."""
+        return self._types.tensors
 
     @property
     def named_globals(self) -> list[GlobalName]:

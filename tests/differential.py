@@ -661,7 +661,7 @@ def m_member_duplicate(doc: Doc, rnd: random.Random) -> None:
 @mutation("zip")
 def m_storage_case_pair(doc: Doc, rnd: random.Random) -> None:
     """Storage members data/a and data/A: two tensors over keys that differ in case only."""
-    calls = doc.tensor_calls()
+    calls = [c for c in doc.tensor_calls() if isinstance(c.args.items[0], Pid)]  # not a storage call
     if len(calls) < 2:
         return
     a, b = rnd.sample(calls, 2)

@@ -281,13 +281,15 @@ def _agrees_with_torch(path: Path) -> None:
 
 @pytest.mark.parametrize("container", ["zip", "legacy"])
 def test_a_mapping_given_a_module_like_state_keeps_its_items(tmp_path, container):
-    """BUILD on an OrderedDict updates its attributes, never its items: no module to walk."""
+    """BUILD on an OrderedDict updates its attributes, never its items: no module to walk (it once
+    read the fake weights of the state); the tensor in the attribute is refused, never returned."""
     p = Pickled(container)
     real, fake = p.tensor("0", W4), p.tensor("1", F4)
     state = b"}" + _setitems((Op.str("_parameters"), Op.ordered_dict() + _setitems((Op.str("weight"), fake))),
                              (Op.str("_modules"), Op.ordered_dict()))
     path = p.write(tmp_path / "od.pt", Op.ordered_dict() + _setitems((Op.str("weight"), real)) + state + b"b")
-    assert torch.equal(load_state_dict(path)["weight"], W4)
+    with pytest.raises(CorruptCheckpointError, match="outside any mapping entry"):  # the fake: an attribute
+        load_state_dict(path)
     _agrees_with_torch(path)
 
 
@@ -394,3 +396,17 @@ def pickle_of_body(body: bytes) -> bytes:
     from redteam_files import pickle_of
 
     return pickle_of(body, 2)
+
+
+def test_a_tensor_outside_the_state_dicts_entries_is_refused(tmp_path):
+    """Found by the fuzz profile: a tensor with an invalid offset inside a list; torch builds it (and
+    fails), pool's walk never read it."""
+    from redteam_files import rebuild_v2
+
+    p = Pickled("legacy")
+    w = p.tensor("0", W4)
+    bad = rebuild_v2(p.storage("1", torch.float32, F4.numpy().tobytes()), -1, (4,), (1,))
+    path = p.write(tmp_path / "list.pt", b"}" + _setitems((Op.str("w"), w), (Op.str("l"), b"](" + bad + b"e")))
+    with pytest.raises(CorruptCheckpointError, match="outside any mapping entry"):
+        load_state_dict(path)
+    _agrees_with_torch(path)

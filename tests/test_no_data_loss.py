@@ -199,10 +199,14 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch, write
 
 
 _KILLED_WRITE = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     from pathlib import Path
     import safetensors.torch
     from pool.convert import convert_file, convert_to_hf
+
+    # as in a terminal: a job started in the background (CI) inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     real = safetensors.torch.save_file
     def interrupted(tensors, filename, *args, **kwargs):
@@ -210,7 +214,7 @@ _KILLED_WRITE = textwrap.dedent("""
         with open(filename, "r+b") as f:  # half of it on disk, as a write cut short leaves it
             f.truncate(os.path.getsize(filename) // 2)
         os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-        signal.pause()
+        time.sleep(60)  # the signal arrives first; never a hang if it does not
     safetensors.torch.save_file = interrupted
     (convert_to_hf if sys.argv[4] == "hf" else convert_file)(sys.argv[2], sys.argv[3])
 """)
@@ -225,7 +229,7 @@ def test_a_write_killed_midway_leaves_nothing_half_written(tmp_path, writer, sig
     out.mkdir()
     target = out / ("model" if writer == "hf" else "enc.safetensors")
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITE, sig, str(source), str(target), writer],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert sha256_file(source) == before
     assert not target.exists() and _leftovers(out) == [], (sorted(os.listdir(out)), proc.stderr[-2000:])

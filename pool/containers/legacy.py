@@ -336,7 +336,7 @@ class Legacy:
             with FileRanges(f) as ranges:
                 root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
-            walked = walk(root, reader.source, blob=blobs.read)
+            walked = walk(root, reader.source, blob=blobs.read, made=reader.made_tensors)
             if "" not in walked.modules:  # the root is no pickled model: a state dict
                 reader.require_state_tier("torch.load(weights_only=True)")
             storages.update(blobs.storages)

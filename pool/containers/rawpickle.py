@@ -82,7 +82,7 @@ class PlainPickle:
             blobs = BlobReader(reader, size, ranges)
             root = reader.unpickle(buffer, what="pickle", large_bytes=_LARGE).root
             blobs.preload(root)
-            walked = walk(root, reader.source, blob=blobs.read)
+            walked = walk(root, reader.source, blob=blobs.read, made=reader.made_tensors)
             del root
             tensors = options.place(materialize(walked.tensors, blobs.storages, reader.source, size), walked.tensors)
         return result(path, self.name, walked, tensors, reader)

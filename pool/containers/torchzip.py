@@ -261,7 +261,7 @@ class TorchZip:
             unpickled = reader.unpickle(archive.pickle_bytes(buffer), what="data.pkl",
                                         persistent=archive.storage_ref)
             blobs.preload(unpickled.root)
-            walked = walk(unpickled.root, source, blob=blobs.read)
+            walked = walk(unpickled.root, source, blob=blobs.read, made=reader.made_tensors)
             if "" not in walked.modules:  # the root is no pickled model: a state dict
                 reader.require_state_tier("torch.load(weights_only=True)")
             used = {spec.storage.key for spec in walked.tensors.values()}
