@@ -569,6 +569,12 @@ def walk(root: Any, source: str, *, blob: Callable[[Record], StorageRef] | None 
         if isinstance(inner, Mapping) or walker.module_state(top["state_dict"]) is not None:
             root, wrapper = top["state_dict"], "state_dict"
     walker.any(root, "", 0)
+    if wrapper is not None and made:  # a training checkpoint's other entries (optimizer state): read
+        side = _Walker(source, blob)  # as every reader reads them, then left out of the state dict
+        for key, item in top.items():
+            if key != wrapper:
+                side.any(item, f"{key}.", 1)
+        walker.reached |= side.reached
     unread = [r for r in made or () if id(r) not in walker.reached]
     if unread:
         raise walker.fail(f"a tensor ({type_name(unread[0])}) outside any mapping entry or module parameter (in "

@@ -410,3 +410,13 @@ def test_a_tensor_outside_the_state_dicts_entries_is_refused(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="outside any mapping entry"):
         load_state_dict(path)
     _agrees_with_torch(path)
+
+
+def test_a_training_checkpoints_optimizer_state_is_read_but_not_returned(tmp_path):
+    """``{"state_dict": ..., "optimizer": {...tensors...}}``: the optimizer's tensors are checked as
+    every reader builds them, and only the state dict comes back."""
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": {"w": W4}, "optimizer": {"state": {0: {"exp_avg": F4, "step": torch.tensor(3.0)}},
+                                                        "param_groups": [{"params": [0], "lr": 0.1}]}}, path)
+    assert set(load_state_dict(path)) == {"w"}
+    assert torch.equal(load_state_dict(path)["w"], torch.load(path, weights_only=True)["state_dict"]["w"])
