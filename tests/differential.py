@@ -1102,8 +1102,8 @@ def flatten(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    t = t.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)  # flat, stride 1 (size-1 dims keep odd strides otherwise)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 @dataclass
