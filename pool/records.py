@@ -284,7 +284,7 @@ class _Walker:
         return isinstance(value, (dict, list, tuple)) and not value and not (
             isinstance(obj, Record) and (obj.state is not None or obj.items))
 
-    def parameter(self, obj: Record, name: str, data: Any, where: str, depth: int) -> None:
+    def parameter(self, obj: Record, name: str, data: TensorSpec, where: str, depth: int) -> None:
         """Refuse a parameter record whose hooks or state torch would apply (other weights), or an
         integer one that requires grad (torch refuses to build it); ``data`` is its tensor's value."""
         args = obj.args
@@ -292,7 +292,7 @@ class _Walker:
             if not args or len(args) > 2 or (len(args) == 2 and type(args[1]) is not bool):
                 raise self.fail(f"{where}: a Parameter record with {len(args)} arguments")
             return
-        if isinstance(data, TensorSpec) and len(args) > 1 and args[1] is True and not (
+        if len(args) > 1 and args[1] is True and not (
                 data.dtype.is_floating_point or data.dtype.is_complex):
             raise self.fail(f"{where}: an integer parameter that requires grad; torch refuses to build it")
         extra = args[2:]  # backward hooks, then (with_state) the state torch sets on the parameter
@@ -312,9 +312,7 @@ class _Walker:
         if global_of(new_type) not in _TENSOR_TYPES or not self.empty(args[3], where, depth):
             raise self.fail(f"{where}: a tensor of type {type_name(new_type)} with a state that torch would set "
                             "on it (it could load other weights than the record holds)")
-        inner = func(*args[2])
-        inner.called = True
-        return self.value(inner, where, depth + 1)
+        return self.value(func(*args[2]), where, depth + 1)  # a call of the record class: called
 
     def tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
         args = obj.args

@@ -196,7 +196,9 @@ class GlobalRecord(Record):
     __slots__ = ()
     record_name: str = "?"
     record_role: str | None = None
+    record_checked: bool = False  # roles apply: a role from the allowlist (not None, not the user's "any")
     record_made: list | None = None  # rebuild roles: every tensor record the read made, in order
+    record_copies: bool = False  # a call that copies its first argument when it runs (_COPIED_AT_CALL)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRecord:
         role = cls.record_role
@@ -222,7 +224,7 @@ class GlobalRecord(Record):
         self.called = True
         if self.record_made is not None:
             self.record_made.append(self)
-        if args and self.record_name in _COPIED_AT_CALL and isinstance(args[0], (dict, list)):
+        if self.record_copies and args and isinstance(args[0], (dict, list)):
             # the real call copies its argument now; the pickle may change the same object later
             self.args = (dict(args[0]) if isinstance(args[0], dict) else list(args[0]), *args[1:])
 
@@ -233,7 +235,7 @@ class GlobalRecord(Record):
         self.state = state
 
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
-        if self.record_role is not None and self.record_role != "any":
+        if self.record_checked:
             raise _Misuse(f"calls what '{self.record_global}' returned; no writer does this", self)
         return Record.__call__(self, *args, **kwargs)
 
@@ -256,14 +258,14 @@ class GlobalRecord(Record):
         Record.extend(self, values)
 
     def _no_appends(self, opcode: str) -> None:
-        if self.record_role is not None and self.record_role != "any":
+        if self.record_checked:
             raise _Misuse(f"appends to '{self.record_global}' ({opcode}); only lists take appends", self)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._add_item((key, value))
 
     def _add_item(self, item: Any) -> None:
-        if self.record_role is not None and self.record_name not in _ITEM_TARGETS and self.record_role != "any":
+        if self.record_checked and self.record_name not in _ITEM_TARGETS:
             raise _Misuse(f"adds items to '{self.record_global}' (APPEND/SETITEM); a reader that builds it "
                           "would change it, no writer does this", self)
         Record._add_item(self, item)
@@ -374,6 +376,8 @@ class _RecordTypes:
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
                         "record_name": f"{module}.{name}", "record_role": role,
+                        "record_checked": role not in (None, "any"),
+                        "record_copies": f"{module}.{name}" in _COPIED_AT_CALL,
                         "record_made": self.tensors if role == "rebuild" else None,
                         "__module__": "pool.unpickler.records"})
             self.types[key] = cls

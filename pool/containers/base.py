@@ -21,7 +21,7 @@ import torch
 from ..errors import CheckpointError, amended
 from ..records import ModuleInfo, Walked
 from ..tensors import TensorSpec, move, move_by_location
-from ..transfer import OpenFile, pread_into
+from ..transfer import OpenFile, host_buffer, pread_into
 from ..unpickler import GlobalName, Reader
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class FileRanges:
         Raises:
             FileChangedError: the file ends before ``offset + nbytes`` (it changed meanwhile).
         """
-        target = torch.empty(nbytes, dtype=torch.uint8)
+        target = host_buffer(nbytes)  # large storages: huge pages, as the zip reads get
         pread_into(self.fd, memoryview(target.numpy()), offset, self.path)
         return target.untyped_storage()
 
