@@ -78,7 +78,7 @@ import torch
 
 from .containers import by_name
 from .containers.base import Checkpoint, ReadOptions
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NotACacheError
 from .records import ModuleInfo
 from .transfer import OpenFile
 from .unpickler import GlobalName
@@ -117,10 +117,6 @@ _TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
 _TAG = (f"{_TAG_SIGNATURE}\n"
         "# This file is a cache directory tag created by pool (openclip-pool): its conversion cache.\n"
         "# For information about cache directory tags see https://bford.info/cachedir/\n")
-
-
-class NotACacheError(ConfigError):
-    """A folder that is no conversion cache of this user's (``cache clear`` refuses to touch it)."""
 
 
 def resolve_cache_dir(value: Any = None) -> Path | None:

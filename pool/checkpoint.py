@@ -31,7 +31,13 @@ from .containers import sniff as _sniff
 from .containers.base import OpenFile, as_text
 from .containers.hf_folder import NAME as HF_FOLDER
 from .containers.hf_folder import is_hf_folder, read_hf_folder
-from .errors import CheckpointError, ConfigError, CorruptCheckpointError, UnreadableCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    UnreadableCheckpointError,
+)
 from .gcpause import paused_gc
 from .records import ModuleInfo
 
@@ -49,10 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint path does not exist (both a CheckpointError and a FileNotFoundError)."""
 
 
 # -- sniffing -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .allowlist import parse_allow_globals
-from .errors import ConfigError, PoolError, printable
+from .errors import ConfigError, PoolError, UsageError, printable
 from .report import Style, human_count, human_size, human_time, paragraph, table
 from .unpickler import GlobalName
 from .verify_report import EntryResult, HeadCheck, VerifyReport
@@ -34,10 +34,6 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger(__name__)
 
 PROG = "openclip-pool"
-
-
-class UsageError(PoolError):
-    """The command cannot run as asked: exit status 2."""
 
 
 # -- exit status: the one policy ----------------------------------------------------------------------
@@ -403,8 +399,8 @@ def _verdict(g: GlobalName, out: Style) -> str:
 
 # -- convert --------------------------------------------------------------------------------------
 def _cmd_convert(args: argparse.Namespace, out: Style) -> int:
-    from .checkpoint import CheckpointNotFoundError
-    from .convert import DestinationExistsError, convert_file, convert_to_hf, convert_tree, plan_tree
+    from .convert import convert_file, convert_to_hf, convert_tree, plan_tree
+    from .errors import CheckpointNotFoundError, DestinationExistsError
 
     if args.tree:
         if args.source or args.destination:

@@ -33,7 +33,7 @@ import torch
 from .arch import default_quick_gelu, name_for_arch
 from .checkpoint import Checkpoint, read_checkpoint
 from .containers.hf_folder import CONFIG, is_hf_folder, weights_file
-from .errors import CheckpointError, PoolError
+from .errors import CheckpointError, DestinationExistsError, PoolError
 from .keys import checkpoint_kind as _kind_of
 from .modeling import ClassificationHead, ImageEncoder
 from .saving import compare_tensors, module_payload, tensor_difference, write_checked
@@ -45,15 +45,6 @@ log = logging.getLogger(__name__)
 
 TREE_CONFIG = "pool.safetensors.yaml"
 _CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
-
-
-class DestinationExistsError(PoolError, FileExistsError):
-    """The destination exists and ``force`` was not given.
-
-    Also raised when a destination cannot be written as asked: it is a directory, it is the
-    source itself, its folder does not exist, or (`plan_tree`) the tree's root is no folder.
-    Both a `PoolError` and a ``FileExistsError``.
-    """
 
 
 @dataclass

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 
 from .entries import Entry
-from .errors import PoolError
+from .errors import DistributedError
 from .modelpool import OpenCLIPVisionModelPool
 from .verify import shard_entries, verify_order, verify_pool
 from .verify_report import EntryResult, VerifyReport, versions
@@ -30,10 +30,6 @@ from .verify_report import EntryResult, VerifyReport, versions
 __all__ = ["world", "verify_distributed", "DistributedError"]
 
 log = logging.getLogger(__name__)
-
-
-class DistributedError(PoolError):
-    """The ranks could not start, or stopped talking to each other (a rank died or timed out)."""
 
 
 def world() -> tuple[int, int] | None:

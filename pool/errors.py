@@ -10,7 +10,10 @@ import copy
 import errno
 import os
 import shlex
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from .verify_report import EntryResult
 
 __all__ = [
     "printable",
@@ -24,6 +27,13 @@ __all__ = [
     "ArchitectureMismatchError",
     "ConfigError",
     "DatasetError",
+    "CheckpointNotFoundError",
+    "FileChangedError",
+    "NotACacheError",
+    "DestinationExistsError",
+    "TaskVectorError",
+    "DistributedError",
+    "UsageError",
 ]
 
 
@@ -239,3 +249,81 @@ class ConfigError(PoolError, ValueError):
 
 class DatasetError(PoolError):
     """A dataset entry cannot be loaded (unknown name, offline hub, unreadable directory)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist (both a CheckpointError and a FileNotFoundError)."""
+
+
+class FileChangedError(CheckpointError):
+    """The file ended early while being read: it was truncated or replaced meanwhile."""
+
+
+class NotACacheError(ConfigError):
+    """A folder that is no conversion cache of this user's (``cache clear`` refuses to touch it)."""
+
+
+class DestinationExistsError(PoolError, FileExistsError):
+    """The destination exists and ``force`` was not given.
+
+    Also raised when a destination cannot be written as asked: it is a directory, it is the
+    source itself, its folder does not exist, or (`plan_tree`) the tree's root is no folder.
+    Both a `PoolError` and a ``FileExistsError``.
+    """
+
+
+class TaskVectorError(PoolError):
+    """A fine-tuned model and _pretrained_ do not line up key for key."""
+
+
+class DistributedError(PoolError):
+    """The ranks could not start, or stopped talking to each other (a rank died or timed out)."""
+
+
+class UsageError(PoolError):
+    """The command cannot run as asked: exit status 2."""
+
+
+# -- internal control flow: never escape the module that raises them ---------------------------------
+class ScanRefusal(Exception):
+    """The pickle scanner's refusal at byte ``at`` (`pool.pickle_scan` turns it into a
+    CorruptCheckpointError naming the file)."""
+
+    def __init__(self, why: str, at: int) -> None:
+        super().__init__(why)
+        self.why, self.at = why, at
+
+
+class ZipRefusal(Exception):
+    """The zip parser's refusal (`pool.containers.zipfmt` turns it into a CorruptCheckpointError)."""
+
+
+class RoleMisuse(BaseException):
+    """A global used against its allowlist role, raised out of the C unpickler (see
+    `pool.unpickler.Reader.unpickle`, which turns it into an UnsafeCheckpointError)."""
+
+    def __init__(self, why: str, record: Any) -> None:
+        super().__init__(why)
+        self.why = why
+        self.name = str(record.record_global)
+
+
+class CallbackBug(BaseException):
+    """Carries an exception our own callbacks raised out of the C unpickler, past the handler
+    that turns the unpickler's decoding errors into CheckpointErrors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class EntryFailed(Exception):
+    """A pytest item's entry did not pass; carries its `EntryResult` (``error`` becomes the message).
+
+    Args:
+        result: the failed entry's result.
+    """
+
+    def __init__(self, result: EntryResult) -> None:
+        super().__init__(result.error)
+        self.result = result

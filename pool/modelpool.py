@@ -456,7 +456,7 @@ class OpenCLIPVisionModelPool:
         Raises:
             ConfigError: the name is unknown, the entry is malformed, its ``model_name``,
                 ``dtype`` or ``device`` is not supported, or Hydra cannot instantiate it.
-            CheckpointError: the file cannot be used: `pool.checkpoint.CheckpointNotFoundError`,
+            CheckpointError: the file cannot be used: `pool.errors.CheckpointNotFoundError`,
                 `UnsafeCheckpointError`, `CorruptCheckpointError`, ...
             ArchitectureMismatchError: the weights are no ViT image tower, or not the one the
                 entry's ``model_name`` names.

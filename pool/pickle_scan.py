@@ -26,7 +26,7 @@ import codecs
 import pickletools
 from dataclasses import dataclass, field
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, ScanRefusal
 
 __all__ = ["ScanResult", "scan_pickle", "MAX_TUPLE_DEPTH", "MAX_OBJECTS", "MAX_MARKS", "MAX_OPCODES"]
 
@@ -123,12 +123,6 @@ class ScanResult:
     large: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-class _Refused(Exception):
-    def __init__(self, why: str, at: int) -> None:
-        super().__init__(why)
-        self.why, self.at = why, at
-
-
 def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<bytes>",
                 what: str = "pickle", large_bytes: int | None = None) -> ScanResult:
     """Scan the pickle that starts at ``data[start]``; raise CorruptCheckpointError if it is not bounded.
@@ -161,7 +155,7 @@ def scan_pickle(data: bytes | memoryview, *, start: int = 0, source: str = "<byt
     seen: dict[tuple[str, str], None] = {}
     try:
         _scan(data, start, result, seen, large_bytes)
-    except _Refused as exc:
+    except ScanRefusal as exc:
         error = CorruptCheckpointError(
             f"{source}: the {what} is malformed at byte {exc.at}: {exc.why}. No checkpoint writer "
             "produces this: the file is truncated, damaged or crafted; nothing was unpickled. "
@@ -179,7 +173,7 @@ def _line(data: bytes | memoryview, i: int, n: int) -> int:
             return i + end + 1
         if i + width >= n:
             break
-    raise _Refused("a text argument has no end of line", i)
+    raise ScanRefusal("a text argument has no end of line", i)
 
 
 def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
@@ -196,7 +190,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
     def pop_mark() -> list:
         nonlocal stack
         if not marks:
-            raise _Refused("an opcode needs a MARK that was never set", at)
+            raise ScanRefusal("an opcode needs a MARK that was never set", at)
         items = stack
         stack = marks.pop()
         return items
@@ -204,17 +198,17 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
     def add_global(module: str, name: str) -> None:
         seen_globals.setdefault((module, name), None)
         if len(seen_globals) > MAX_GLOBALS:
-            raise _Refused(f"it names more than {MAX_GLOBALS} distinct globals", at)
+            raise ScanRefusal(f"it names more than {MAX_GLOBALS} distinct globals", at)
 
     def store(key: int) -> None:
         if key == len(memo):
             if key >= MAX_OBJECTS:
-                raise _Refused(f"more than {MAX_OBJECTS} memo entries", at)
+                raise ScanRefusal(f"more than {MAX_OBJECTS} memo entries", at)
             memo.append(stack[-1])
         elif key < len(memo):  # sequential picklers store 0, 1, 2, ...; a jump is a memory bomb
             memo[key] = stack[-1]
         else:
-            raise _Refused(f"memo index {key} skips ahead of the {len(memo)} stored so far", at)
+            raise ScanRefusal(f"memo index {key} skips ahead of the {len(memo)} stored so far", at)
 
     ops = 0
     # Each opcode takes at least one byte: a pickle shorter than the caps cannot exceed them, so
@@ -229,7 +223,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     key = data[i + 1]
                     if key >= len(memo):
                         at = i
-                        raise _Refused(f"memo index {key} is fetched but was never stored", at)
+                        raise ScanRefusal(f"memo index {key} is fetched but was never stored", at)
                     stack.append(memo[key])
                     i += 2
                     continue
@@ -255,7 +249,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             if big:
                 ops += 1
                 if ops > MAX_OPCODES:
-                    raise _Refused(f"more than {MAX_OPCODES} opcodes", at)
+                    raise ScanRefusal(f"more than {MAX_OPCODES} opcodes", at)
             # The most frequent opcodes first, their fixed-size arguments read inline.
             if kind == _BINGET or kind == _BINPUT:
                 if code == 104 or code == 113:  # BINGET, BINPUT: a 1-byte index
@@ -268,10 +262,10 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     store(key)
                     continue
                 if key >= len(memo):
-                    raise _Refused(f"memo index {key} is fetched but was never stored", at)
+                    raise ScanRefusal(f"memo index {key} is fetched but was never stored", at)
                 stack.append(memo[key])
                 if big and len(stack) > MAX_OBJECTS:
-                    raise _Refused(f"more than {MAX_OBJECTS} items on the stack", at)
+                    raise ScanRefusal(f"more than {MAX_OBJECTS} items on the stack", at)
                 continue
             if kind == _REDUCE or kind == _NEWOBJ or kind == _ATOM:
                 if kind == _ATOM:
@@ -284,25 +278,25 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if big:
                     objects += 1
                     if objects > MAX_OBJECTS:
-                        raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
+                        raise ScanRefusal(f"it creates more than {MAX_OBJECTS} objects", at)
                 continue
             if kind == _MARK:
                 marks.append(stack)
                 stack = []
                 if len(marks) > MAX_MARKS:
-                    raise _Refused(f"more than {MAX_MARKS} MARKs open at once", at)
+                    raise ScanRefusal(f"more than {MAX_MARKS} MARKs open at once", at)
                 i += 1
                 continue
             if kind == _TO_MARK_KEEP:  # APPENDS, SETITEMS, ADDITEMS: the container stays
                 pop_mark()
                 if not stack:
-                    raise _Refused(f"{_NAME[code]} with no container under its MARK", at)
+                    raise ScanRefusal(f"{_NAME[code]} with no container under its MARK", at)
                 i += 1
                 continue
             i += 1
             size = arg_of[code]
             if size is None:
-                raise _Refused(f"unknown opcode 0x{code:02x}", at)
+                raise ScanRefusal(f"unknown opcode 0x{code:02x}", at)
             # -- the argument: data[arg_at:i]
             arg_at = i
             if size > 0:
@@ -311,10 +305,10 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 if size >= -8:
                     width = -size
                     if i + width > n:
-                        raise _Refused(f"{_NAME[code]} runs past the end of the data", at)
+                        raise ScanRefusal(f"{_NAME[code]} runs past the end of the data", at)
                     length = from_bytes(data[i:i + width], "little", signed=code in (_LONG4, _BINSTRING))
                     if length < 0:
-                        raise _Refused(f"{_NAME[code]} has a negative length", at)
+                        raise ScanRefusal(f"{_NAME[code]} has a negative length", at)
                     arg_at = i + width
                     i = arg_at + length
                 else:
@@ -322,7 +316,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     if size == -102:
                         i = _line(data, i, n)
             if i > n:
-                raise _Refused(f"{_NAME[code]} claims {i - arg_at} bytes of argument; only "
+                raise ScanRefusal(f"{_NAME[code]} claims {i - arg_at} bytes of argument; only "
                                f"{n - arg_at} follow", at)
             # -- the stack
             if kind == _TEXT_ATOM or kind == _BYTES:
@@ -332,7 +326,7 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                     result.large.append((at, arg_at, i))
             elif kind == _STRING:
                 if code in _PY2_STRINGS and not bytes(data[arg_at:i]).isascii():
-                    raise _Refused("a protocol-2 byte string (BINSTRING) of non-ASCII bytes, which readers "
+                    raise ScanRefusal("a protocol-2 byte string (BINSTRING) of non-ASCII bytes, which readers "
                                    "decode differently (torch.load as UTF-8, old pickles as latin-1)", at)
                 stack.append(_text(data, arg_at, i, code) if i - arg_at <= 256 else 0)
                 objects += 1
@@ -341,16 +335,16 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 objects += 1
             elif kind == _BUILD or kind == _APPEND:
                 if len(stack) < 2:
-                    raise _Refused(f"{_NAME[code]} with fewer than two items on the stack", at)
+                    raise ScanRefusal(f"{_NAME[code]} with fewer than two items on the stack", at)
                 del stack[-1]
             elif kind == _SETITEM:
                 if len(stack) < 3:
-                    raise _Refused("SETITEM with fewer than three items on the stack", at)
+                    raise ScanRefusal("SETITEM with fewer than three items on the stack", at)
                 del stack[-2:]
             elif kind == _TUPLE1 or kind == _TUPLE2 or kind == _TUPLE3:
                 count = kind - _TUPLE1 + 1
                 if len(stack) < count:
-                    raise _Refused(f"{_NAME[code]} with fewer than {count} items on the stack", at)
+                    raise ScanRefusal(f"{_NAME[code]} with fewer than {count} items on the stack", at)
                 depth = 1 + max(d if d.__class__ is int else 0 for d in stack[-count:])
                 del stack[-count:]
                 stack.append(_depth(depth, at))
@@ -367,12 +361,12 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             elif kind == _GET or kind == _PUT:
                 text = bytes(data[arg_at:i]).strip()
                 if not text.isdigit() or len(text) > 12:
-                    raise _Refused(f"bad memo index {text[:20]!r}", at)
+                    raise ScanRefusal(f"bad memo index {text[:20]!r}", at)
                 key = int(text)
                 if kind == _PUT:
                     store(key)
                 elif key >= len(memo):
-                    raise _Refused(f"memo index {key} is fetched but was never stored", at)
+                    raise ScanRefusal(f"memo index {key} is fetched but was never stored", at)
                 else:
                     stack.append(memo[key])
             elif kind == _MEMOIZE:
@@ -387,14 +381,14 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
             elif kind == _STACK_GLOBAL:
                 module, name = stack[-2], stack[-1]
                 if module.__class__ is not str or name.__class__ is not str:
-                    raise _Refused("STACK_GLOBAL names a global with something other than two strings", at)
+                    raise ScanRefusal("STACK_GLOBAL names a global with something other than two strings", at)
                 add_global(module, name)
                 del stack[-1]
                 stack[-1] = 0
                 objects += 1
             elif kind == _OBJ:
                 if not pop_mark():
-                    raise _Refused("OBJ with no class under its MARK", at)
+                    raise ScanRefusal("OBJ with no class under its MARK", at)
                 stack.append(0)
                 objects += 1
             elif kind == _NEWOBJ_EX:
@@ -420,25 +414,25 @@ def _scan(data: bytes | memoryview, i: int, result: ScanResult,  # noqa: C901
                 objects += 1
             elif kind == _PROTO:
                 if data[arg_at] > 5:
-                    raise _Refused(f"unsupported pickle protocol {data[arg_at]}", at)
+                    raise ScanRefusal(f"unsupported pickle protocol {data[arg_at]}", at)
             elif kind == _FRAME:
                 pass
             elif kind == _STOP:
                 if len(stack) != 1 or marks:
-                    raise _Refused(f"STOP with {len(stack)} items on the stack and {len(marks)} open "
+                    raise ScanRefusal(f"STOP with {len(stack)} items on the stack and {len(marks)} open "
                                    "MARKs", at)
                 result.end = i
                 result.globals = list(seen_globals)
                 return
             else:
-                raise _Refused(f"opcode {_NAME[code]} is not read here (extension registry or "
+                raise ScanRefusal(f"opcode {_NAME[code]} is not read here (extension registry or "
                                "out-of-band buffers)", at)
             if objects > MAX_OBJECTS:
-                raise _Refused(f"it creates more than {MAX_OBJECTS} objects", at)
+                raise ScanRefusal(f"it creates more than {MAX_OBJECTS} objects", at)
     except IndexError:  # popped an empty stack, or an argument cut off by the end of the data
-        raise _Refused("an opcode needs more items than the stack holds, or its argument is cut off",
+        raise ScanRefusal("an opcode needs more items than the stack holds, or its argument is cut off",
                        at) from None
-    raise _Refused("the pickle ends without a STOP opcode (truncated)", n)
+    raise ScanRefusal("the pickle ends without a STOP opcode (truncated)", n)
 
 
 def _decode(raw: bytes, at: int) -> str:
@@ -446,7 +440,7 @@ def _decode(raw: bytes, at: int) -> str:
     try:
         return raw.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
-        raise _Refused("a name that is not UTF-8", at) from None
+        raise ScanRefusal("a name that is not UTF-8", at) from None
 
 
 def _text(data: bytes | memoryview, start: int, stop: int, code: int) -> str | int:
@@ -475,5 +469,5 @@ def _text_line(raw: bytes, code: int) -> str | int:
 
 def _depth(depth: int, at: int) -> int:
     if depth > MAX_TUPLE_DEPTH:
-        raise _Refused(f"tuples nest more than {MAX_TUPLE_DEPTH} deep", at)
+        raise ScanRefusal(f"tuples nest more than {MAX_TUPLE_DEPTH} deep", at)
     return depth

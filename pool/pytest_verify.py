@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from .allowlist import parse_allow_globals
+from .errors import EntryFailed
 from .verify import EntryChecker, prepare_pool
-from .verify_report import EntryResult
 
 __all__ = ["PoolEntryItem", "EntryFailed"]
 
@@ -33,18 +33,6 @@ MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
            "pool_heads: a pool classification-head entry (pytest --openclip-pool-verify)",
            *(f"pool_form_{form}: a pool entry of the {form} form" for form in FORMS),
            *(f"pool_container_{c}: a pool entry whose file is a {c} container" for c in CONTAINERS))
-
-
-class EntryFailed(Exception):
-    """An entry did not pass; carries its `EntryResult`.
-
-    Args:
-        result: the failed entry's result (``error`` becomes the message).
-    """
-
-    def __init__(self, result: EntryResult) -> None:
-        super().__init__(result.error)
-        self.result = result
 
 
 def config_path(config: pytest.Config) -> Path | None:

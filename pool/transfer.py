@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, UnreadableCheckpointError, printable
+from .errors import CheckpointError, FileChangedError, UnreadableCheckpointError, printable
 
 __all__ = ["Span", "read_spans", "OpenFile", "open_regular", "pread_into", "FileChangedError"]
 
@@ -75,10 +75,6 @@ def _pool() -> ThreadPoolExecutor:
             _executor = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4),
                                            thread_name_prefix="pool-read")
         return _executor
-
-
-class FileChangedError(CheckpointError):
-    """The file ended early while being read: it was truncated or replaced meanwhile."""
 
 
 def open_regular(path: str | os.PathLike[str], *, nofollow: bool = False) -> int:

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .allowlist import lookup
-from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, amended, printable
+from .errors import (
+    CallbackBug,
+    CheckpointError,
+    CorruptCheckpointError,
+    RoleMisuse,
+    UnsafeCheckpointError,
+    amended,
+    printable,
+)
 from .pickle_scan import scan_pickle
 
 __all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
@@ -203,12 +211,12 @@ class GlobalRecord(Record):
     def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRecord:
         role = cls.record_role
         if role in _NEVER_MADE:
-            raise _Misuse(f"makes an object of '{cls.record_global}' ({role} {_NEVER_MADE[role]})", cls)
+            raise RoleMisuse(f"makes an object of '{cls.record_global}' ({role} {_NEVER_MADE[role]})", cls)
         if role == "class" and (args or kwargs):
-            raise _Misuse(f"creates '{cls.record_global}' with arguments; writers create a model's classes "
+            raise RoleMisuse(f"creates '{cls.record_global}' with arguments; writers create a model's classes "
                           "empty and then set their state", cls)
         if role == "enum" and (len(args) != 1 or kwargs or type(args[0]) not in (str, int)):
-            raise _Misuse(f"looks up the enum '{cls.record_global}' with {len(args)} arguments", cls)
+            raise RoleMisuse(f"looks up the enum '{cls.record_global}' with {len(args)} arguments", cls)
         self = object.__new__(cls)  # Record.__new__, inlined: this runs once per record of a read
         self.args = args
         self.kwargs = kwargs
@@ -219,7 +227,7 @@ class GlobalRecord(Record):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if self.record_role == "class":
-            raise _Misuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
+            raise RoleMisuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
                           "NEWOBJ (empty) and then set their state", self)
         self.called = True
         if self.record_made is not None:
@@ -230,13 +238,13 @@ class GlobalRecord(Record):
 
     def __setstate__(self, state: Any) -> None:
         if self.record_role == "rebuild":  # torch would set_() the tensor from it: other weights
-            raise _Misuse(f"gives the tensor made by '{self.record_global}' a state (BUILD); torch never "
+            raise RoleMisuse(f"gives the tensor made by '{self.record_global}' a state (BUILD); torch never "
                           "writes this and a reader would rebuild the tensor from the state", self)
         self.state = state
 
     def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
         if self.record_checked:
-            raise _Misuse(f"calls what '{self.record_global}' returned; no writer does this", self)
+            raise RoleMisuse(f"calls what '{self.record_global}' returned; no writer does this", self)
         return Record.__call__(self, *args, **kwargs)
 
     def append(self, value: Any) -> None:
@@ -259,14 +267,14 @@ class GlobalRecord(Record):
 
     def _no_appends(self, opcode: str) -> None:
         if self.record_checked:
-            raise _Misuse(f"appends to '{self.record_global}' ({opcode}); only lists take appends", self)
+            raise RoleMisuse(f"appends to '{self.record_global}' ({opcode}); only lists take appends", self)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._add_item((key, value))
 
     def _add_item(self, item: Any) -> None:
         if self.record_checked and self.record_name not in _ITEM_TARGETS:
-            raise _Misuse(f"adds items to '{self.record_global}' (APPEND/SETITEM); a reader that builds it "
+            raise RoleMisuse(f"adds items to '{self.record_global}' (APPEND/SETITEM); a reader that builds it "
                           "would change it, no writer does this", self)
         Record._add_item(self, item)
 
@@ -279,15 +287,6 @@ _COPIED_AT_CALL = frozenset({"collections.OrderedDict", "collections.Counter", "
                              "builtins.frozenset", "torch.Size"})
 #: Records that may receive items (SETITEMS of a mapping).
 _ITEM_TARGETS = frozenset({"collections.OrderedDict", "collections.Counter"})
-
-
-class _Misuse(BaseException):
-    """A global used against its allowlist role, raised out of the C unpickler (see `Reader.unpickle`)."""
-
-    def __init__(self, why: str, record: Any) -> None:
-        super().__init__(why)
-        self.why = why
-        self.name = str(record.record_global)
 
 
 class CallRecord(Record):
@@ -564,9 +563,9 @@ class Reader:
         unpickler.persistent = persistent
         try:
             root = unpickler.load()
-        except _CallbackBug as bug:  # our own code failed inside the unpickler: not the file's fault
+        except CallbackBug as bug:  # our own code failed inside the unpickler: not the file's fault
             raise bug.error from None
-        except _Misuse as misuse:
+        except RoleMisuse as misuse:
             raise self.refusal([misuse.name], misuse.why) from None
         except (pickle.UnpicklingError, TypeError, AttributeError, ValueError, KeyError, IndexError,
                 EOFError, UnicodeDecodeError, OverflowError) as exc:
@@ -615,15 +614,6 @@ def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tu
     return b"".join(pieces), lookup
 
 
-class _CallbackBug(BaseException):
-    """Carries an exception our own callbacks raised out of the C unpickler, past the handler
-    that turns the unpickler's decoding errors into CheckpointErrors."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
-
-
 class _Unpickler(pickle.Unpickler):
     """CPython's C unpickler; globals become record classes, persistent ids go to the container."""
 
@@ -638,7 +628,7 @@ class _Unpickler(pickle.Unpickler):
         except CheckpointError:
             raise
         except Exception as exc:  # a bug of ours: surfaces as itself (see unpickle)
-            raise _CallbackBug(exc) from exc
+            raise CallbackBug(exc) from exc
 
     def persistent_load(self, pid: Any) -> Any:
         if self.persistent is None:
@@ -648,7 +638,7 @@ class _Unpickler(pickle.Unpickler):
         except CheckpointError:
             raise
         except Exception as exc:  # a bug of ours: surfaces as itself (see unpickle)
-            raise _CallbackBug(exc) from exc
+            raise CallbackBug(exc) from exc
         if isinstance(value, type) and issubclass(value, GlobalRecord):
             return value  # a legacy module class: a record class like any global
         return PersistentRecord(value)

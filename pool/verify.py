@@ -27,7 +27,7 @@ from .arch import VisionArch, known_architectures, name_for_arch
 from .checkpoint import sniff_container
 from .configsafety import redact_strings
 from .entries import Entry
-from .errors import ConfigError, PoolError
+from .errors import ConfigError, PoolError, TaskVectorError
 from .integrity import check_integrity
 from .keys import key_mismatch, task_vector_pair
 from .modelpool import PRETRAINED, OpenCLIPVisionModelPool, check_head_fits
@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 2
 PAGE = 4096
-
-
-class TaskVectorError(PoolError):
-    """A fine-tuned model and _pretrained_ do not line up key for key."""
 
 
 def arch_label(arch: VisionArch | None) -> str:

@@ -17,8 +17,14 @@ import torch
 from helpers import SMALL_ARCH, edit_data_pkl, qualname, run_isolated
 
 from pool import synth
-from pool.checkpoint import CheckpointNotFoundError, load_state_dict, read_checkpoint, sniff_container
-from pool.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
+from pool.checkpoint import load_state_dict, read_checkpoint, sniff_container
+from pool.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
 from pool.synth import save_object
 
 

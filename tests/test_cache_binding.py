@@ -19,11 +19,11 @@ import torch
 from helpers import assert_same_tensors
 
 from pool import synth
-from pool.cache import CheckpointCache, NotACacheError
+from pool.cache import CheckpointCache
 from pool.checkpoint import read_checkpoint, sniff_container
 from pool.containers import by_name
 from pool.containers.base import ReadOptions
-from pool.errors import CheckpointError, UnreadableCheckpointError
+from pool.errors import CheckpointError, NotACacheError, UnreadableCheckpointError
 
 CACHED = ("legacy", "pickle")  # the containers the cache copies (pool.cache.CACHEABLE)
 _MODULE = {"legacy": "pool.containers.legacy", "pickle": "pool.containers.rawpickle"}

@@ -7,14 +7,15 @@ import pytest
 
 import pool.modelpool as modelpool_module
 from pool import OpenCLIPVisionModelPool
-from pool.checkpoint import CheckpointNotFoundError
-from pool.cli import EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, exit_status
+from pool.cli import EXIT_FOUND, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_status
 from pool.errors import (
     ArchitectureMismatchError,
     CheckpointError,
+    CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
+    UsageError,
     amended,
 )
 

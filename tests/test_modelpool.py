@@ -17,7 +17,7 @@ from pool import (
     ImageEncoder,
     OpenCLIPVisionModelPool,
 )
-from pool.checkpoint import CheckpointNotFoundError
+from pool.errors import CheckpointNotFoundError
 from pool.synth import TINY, make_original_encoder, save_state_dict
 
 IMAGES = torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(0))

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, ZipRefusal
 
 __all__ = ["ZipMember", "ZipArchive", "parse_zip"]
 
@@ -86,10 +86,6 @@ class ZipArchive:
         return data
 
 
-class _Bad(Exception):
-    pass
-
-
 def parse_zip(buffer: memoryview | bytes, source: str,
               check_names: Callable[[list[str]], None] | None = None) -> ZipArchive:
     """Parse a zip archive strictly (see the module docstring); CorruptCheckpointError otherwise.
@@ -111,7 +107,7 @@ def parse_zip(buffer: memoryview | bytes, source: str,
     """
     try:
         return _parse(buffer, check_names)
-    except _Bad as exc:
+    except ZipRefusal as exc:
         raise CorruptCheckpointError(
             f"{source}: a zip archive this reader refuses: {exc}. torch.save never writes this; the "
             "file is damaged, or crafted so that different zip readers see different contents. "
@@ -124,56 +120,56 @@ def parse_zip(buffer: memoryview | bytes, source: str,
 def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | None) -> ZipArchive:  # noqa: C901
     n = len(buf)
     if n < _EOCD.size:
-        raise _Bad(f"the file has only {n} bytes")
+        raise ZipRefusal(f"the file has only {n} bytes")
     eocd_at = n - _EOCD.size
     sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(buf, eocd_at)
     if sig != b"PK\x05\x06":
-        raise _Bad("no end-of-central-directory record at the end of the file (a comment, trailing "
+        raise ZipRefusal("no end-of-central-directory record at the end of the file (a comment, trailing "
                    "bytes, or a truncated file)")
     if comment:
-        raise _Bad("the end record claims a comment")
+        raise ZipRefusal("the end record claims a comment")
     cd_end = eocd_at
     locator_at = eocd_at - _Z64_LOCATOR.size
     if locator_at >= 0 and bytes(buf[locator_at:locator_at + 4]) == b"PK\x06\x07":
         lsig, ldisk, z64_at, disks = _Z64_LOCATOR.unpack_from(buf, locator_at)
         if ldisk != 0 or disks != 1 or z64_at + _Z64_EOCD.size > locator_at:
-            raise _Bad("a ZIP64 locator that points outside the file or to another disk")
+            raise ZipRefusal("a ZIP64 locator that points outside the file or to another disk")
         (zsig, zsize, _, _, zdisk, zcd_disk, zhere, ztotal, zcd_size, zcd_offset) = \
             _Z64_EOCD.unpack_from(buf, z64_at)
         if zsig != b"PK\x06\x06" or z64_at + 12 + zsize != locator_at:
-            raise _Bad("the ZIP64 end record is not where its locator says")
+            raise ZipRefusal("the ZIP64 end record is not where its locator says")
         if zdisk or zcd_disk or zhere != ztotal:
-            raise _Bad("a multi-disk ZIP64 archive")
+            raise ZipRefusal("a multi-disk ZIP64 archive")
         for small, big in ((entries, ztotal), (cd_size, zcd_size), (cd_offset, zcd_offset)):
             if small not in (big, 0xFFFF, 0xFFFFFFFF):
-                raise _Bad("the ZIP64 end record and the end record disagree")
+                raise ZipRefusal("the ZIP64 end record and the end record disagree")
         entries, cd_size, cd_offset, cd_end = ztotal, zcd_size, zcd_offset, z64_at
     elif disk or cd_disk or here != entries:
-        raise _Bad("a multi-disk archive")
+        raise ZipRefusal("a multi-disk archive")
     if cd_offset + cd_size != cd_end:
-        raise _Bad(f"the central directory is not where the end record says (offset {cd_offset} + size "
+        raise ZipRefusal(f"the central directory is not where the end record says (offset {cd_offset} + size "
                    f"{cd_size} != {cd_end})")
     if entries > _MAX_MEMBERS:
-        raise _Bad(f"{entries} members, more than the {_MAX_MEMBERS} any checkpoint has")
+        raise ZipRefusal(f"{entries} members, more than the {_MAX_MEMBERS} any checkpoint has")
     for signature in (b"PK\x05\x06", b"PK\x06\x06"):
         if bytes(buf[cd_offset:cd_end]).find(signature) >= 0:
-            raise _Bad("a second end record inside the central directory")
+            raise ZipRefusal("a second end record inside the central directory")
     entries_read = []
     at = cd_offset
     for _ in range(entries):
         if at + _CENTRAL.size > cd_end:
-            raise _Bad("the central directory holds fewer entries than the end record says")
+            raise ZipRefusal("the central directory holds fewer entries than the end record says")
         (csig, _, needed, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
          disk_start, _, _, local_at) = _CENTRAL.unpack_from(buf, at)
         if csig != b"PK\x01\x02":
-            raise _Bad(f"a central directory entry without its signature at byte {at}")
+            raise ZipRefusal(f"a central directory entry without its signature at byte {at}")
         if needed > _MAX_VERSION:
-            raise _Bad(f"an entry needs zip version {needed / 10:.1f} to extract")
+            raise ZipRefusal(f"an entry needs zip version {needed / 10:.1f} to extract")
         raw_name = bytes(buf[at + _CENTRAL.size:at + _CENTRAL.size + name_len])
         extra = bytes(buf[at + _CENTRAL.size + name_len:at + _CENTRAL.size + name_len + extra_len])
         at += _CENTRAL.size + name_len + extra_len + comment_len
         if at > cd_end:
-            raise _Bad("a central directory entry runs past the directory")
+            raise ZipRefusal("a central directory entry runs past the directory")
         usize, csize, local_at, disk_start = _zip64_fields(extra, usize, csize, local_at, disk_start)
         entries_read.append((_name(raw_name, flags), raw_name, flags, method, crc, csize, usize,
                              disk_start, local_at))
@@ -184,32 +180,32 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
     spans: list[tuple[int, int, str, bool]] = []
     for name, raw_name, flags, method, crc, csize, usize, disk_start, local_at in entries_read:
         if flags & 0x41:
-            raise _Bad(f"member {name!r} is encrypted")
+            raise ZipRefusal(f"member {name!r} is encrypted")
         if method != 0 or csize != usize:
-            raise _Bad(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
+            raise ZipRefusal(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
         if disk_start != 0:
-            raise _Bad(f"member {name!r} is on another disk")
+            raise ZipRefusal(f"member {name!r} is on another disk")
         folded = raw_name.lower()  # torch's zip reader (miniz) looks names up ignoring ASCII case
         if name in members or folded in raw_names:
-            raise _Bad(f"two members are named {name!r} (names that differ only in case count as one: "
+            raise ZipRefusal(f"two members are named {name!r} (names that differ only in case count as one: "
                        "torch's reader would take either)")
         raw_names.add(folded)
         data_at = _local_header(buf, local_at, raw_name, flags, crc, usize, name)
         if data_at + usize > cd_offset:
-            raise _Bad(f"member {name!r} runs into the central directory")
+            raise ZipRefusal(f"member {name!r} runs into the central directory")
         members[name] = ZipMember(name, data_at, usize, crc)
         spans.append((local_at, data_at + usize, name, bool(flags & 0x8)))
     if at != cd_end:
-        raise _Bad("the central directory holds more than the entries the end record counts")
+        raise ZipRefusal("the central directory holds more than the entries the end record counts")
     end, descriptor = 0, False  # a data descriptor (flag bit 3) may follow a member's data
     for start, stop, name, has_descriptor in sorted(spans):
         if start < end:
-            raise _Bad(f"member {name!r} overlaps the member before it")
+            raise ZipRefusal(f"member {name!r} overlaps the member before it")
         if start - end > (_MAX_GAP if descriptor else 0) or (end == 0 and start != 0):
-            raise _Bad(f"{start - end} unaccounted bytes before member {name!r}")
+            raise ZipRefusal(f"{start - end} unaccounted bytes before member {name!r}")
         end, descriptor = stop, has_descriptor
     if cd_offset - end > (_MAX_GAP if descriptor else 0):
-        raise _Bad(f"{cd_offset - end} unaccounted bytes before the central directory")
+        raise ZipRefusal(f"{cd_offset - end} unaccounted bytes before the central directory")
     return ZipArchive(members)
 
 
@@ -217,28 +213,28 @@ def _name(raw: bytes, flags: int) -> str:
     """A member's name as every reader sees it: ASCII, or UTF-8 flagged as such (a name of other
     bytes without the flag is cp437 to Python's zipfile and raw bytes to torch's reader)."""
     if b"\x00" in raw:
-        raise _Bad(f"a member name holds a NUL byte ({raw[:60]!r})")
+        raise ZipRefusal(f"a member name holds a NUL byte ({raw[:60]!r})")
     if not flags & 0x800 and not raw.isascii():
-        raise _Bad(f"a member name of non-ASCII bytes without the UTF-8 flag ({raw[:60]!r}): zip readers "
+        raise ZipRefusal(f"a member name of non-ASCII bytes without the UTF-8 flag ({raw[:60]!r}): zip readers "
                    "decode it differently")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _Bad(f"a member name that is not valid UTF-8 ({raw[:60]!r})") from None
+        raise ZipRefusal(f"a member name that is not valid UTF-8 ({raw[:60]!r})") from None
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, offset: int, disk: int) -> tuple[int, int, int, int]:
     """Sizes, offset and disk from a ZIP64 extra field, for the fields set to their maximum."""
     bodies = [body for tag, body in _extra_fields(extra) if tag == 1]
     if len(bodies) > 1:
-        raise _Bad("two ZIP64 extra fields in one entry")
+        raise ZipRefusal("two ZIP64 extra fields in one entry")
     if not bodies:
         return usize, csize, offset, disk
     body, j, values = bodies[0], 0, []
     for value, width in ((usize, 8), (csize, 8), (offset, 8), (disk, 4)):
         if value == (0xFFFFFFFF if width == 8 else 0xFFFF):
             if j + width > len(body):
-                raise _Bad("a ZIP64 extra field too short for the sizes it stands for")
+                raise ZipRefusal("a ZIP64 extra field too short for the sizes it stands for")
             value = int.from_bytes(body[j:j + width], "little")
             j += width
         values.append(value)
@@ -251,7 +247,7 @@ def _extra_fields(extra: bytes) -> list[tuple[int, bytes]]:
     while i + 4 <= len(extra):
         tag, size = struct.unpack_from("<HH", extra, i)
         if i + 4 + size > len(extra):
-            raise _Bad("an extra field runs past its entry")
+            raise ZipRefusal("an extra field runs past its entry")
         fields.append((tag, extra[i + 4:i + 4 + size]))
         i += 4 + size
     return fields
@@ -261,21 +257,21 @@ def _local_header(buf: memoryview | bytes, at: int, raw_name: bytes, flags: int,
                   name: str) -> int:
     """Check a member's local header against its central entry; return where its data starts."""
     if at + _LOCAL.size > len(buf):
-        raise _Bad(f"member {name!r} has its local header past the end of the file")
+        raise ZipRefusal(f"member {name!r} has its local header past the end of the file")
     (sig, _, lflags, method, _, _, lcrc, lcsize, lusize, name_len, extra_len) = _LOCAL.unpack_from(buf, at)
     if sig != b"PK\x03\x04":
-        raise _Bad(f"member {name!r} has no local header where the central directory says")
+        raise ZipRefusal(f"member {name!r} has no local header where the central directory says")
     if bytes(buf[at + _LOCAL.size:at + _LOCAL.size + name_len]) != raw_name:
-        raise _Bad(f"member {name!r} has another name in its local header")
+        raise ZipRefusal(f"member {name!r} has another name in its local header")
     if method != 0 or (lflags & 0x41) != (flags & 0x41):
-        raise _Bad(f"member {name!r} has a local header that disagrees with its central entry")
+        raise ZipRefusal(f"member {name!r} has a local header that disagrees with its central entry")
     if not lflags & 0x8:
         if 0xFFFFFFFF in (lusize, lcsize):  # the local ZIP64 extra field holds both sizes
             extra = bytes(buf[at + _LOCAL.size + name_len:at + _LOCAL.size + name_len + extra_len])
             local64 = [body for tag, body in _extra_fields(extra) if tag == 1]
             if len(local64) != 1 or len(local64[0]) < 16:
-                raise _Bad(f"member {name!r} has a local ZIP64 record that is missing or malformed")
+                raise ZipRefusal(f"member {name!r} has a local ZIP64 record that is missing or malformed")
             lusize, lcsize = int.from_bytes(local64[0][:8], "little"), int.from_bytes(local64[0][8:16], "little")
         if lcrc != crc or lusize != usize or lcsize != usize:
-            raise _Bad(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
+            raise ZipRefusal(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
     return at + _LOCAL.size + name_len + extra_len
