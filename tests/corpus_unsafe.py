@@ -677,6 +677,96 @@ def _spellings(protocol: int) -> tuple[str, ...]:
     return ("global", "stack") if protocol >= 4 else ("global",)
 
 
+class _CorpusBuilder:
+    """Collects the hostile items and the control each one is read beside (see `build_corpus`)."""
+
+    def __init__(self) -> None:
+        self.bases = _Bases()
+        self.items: list[Item] = []
+        self.controls: dict[str, bytes] = {}
+        self.others = [c for c in CONTAINERS if c != ("zip", 2)]
+
+    def add(self, family: str, label: str, container: str, protocol: int, spelling: str, form: str,
+            placement: str, base: str, names: tuple, hostile: tuple, ops: bytes) -> None:
+        key = f"{base}/{placement}/{container}{protocol}"
+        if key not in self.controls:
+            self.controls[key] = self.bases.splice(base, placement, container, protocol, b"N")
+        item = Item(family, label, container, protocol, spelling, form, placement, base, names, hostile, key)
+        item.data = self.bases.splice(base, placement, container, protocol, ops)
+        self.items.append(item)
+
+    def gadget(self, family: str, g: Gadget, container: str, protocol: int, spelling: str, form: str,
+               placement: str = "entry", base: str = STATE_DICT) -> None:
+        self.add(family, g.dotted, container, protocol, "inst" if form == "inst" else spelling, form, placement,
+                 base, ((g.module, g.name),), (g.dotted,), invoke(form, spelling, g))
+
+    def other(self, n: int) -> tuple[str, int]:
+        return self.others[n % len(self.others)]
+
+    def catalogue(self) -> None:
+        """Every global called with REDUCE beside a state dict, in a torch zip (GLOBAL, protocol 2, as
+        torch.save writes) and in one more container, rotating (STACK_GLOBAL where the protocol has it)."""
+        for n, g in enumerate(CATALOGUE):
+            for container, protocol in (("zip", 2), self.other(n)):
+                self.gadget("catalogue", g, container, protocol, "stack" if protocol >= 4 else "global", "reduce")
+
+    def forms(self) -> None:
+        """Every form in every container and spelling, rotating through globals most of which the old
+        deny-list accepted."""
+        gadgets = [_find(d) for d in (
+            "pydoc.pipepager", "uuid._get_command_stdout", "imaplib.IMAP4_stream", "numpy.load",
+            "open_clip.load_checkpoint", "hydra.utils.instantiate", "torch._utils._import_dotted_name",
+            "doctest.debug_script", "os.system")]
+        cases = [(container, protocol, form, spelling) for container, protocol in CONTAINERS for form in FORMS
+                 for spelling in (("inst",) if form == "inst" else _spellings(protocol)) for _ in range(2)]
+        for n, (container, protocol, form, spelling) in enumerate(cases):
+            self.gadget("forms", gadgets[n % len(gadgets)], container, protocol, spelling, form)
+
+    def placements(self) -> None:
+        """Beside the weights, in a pickled module, at the start of the pickle, in a blob (a blob is a
+        protocol-2 legacy stream: GLOBAL only)."""
+        gadgets = [_find(d) for d in (
+            "pydoc.pipepager", "torch.utils.collect_env.run", "ensurepip._run_pip",
+            "open_clip.factory.create_model_and_transforms", "datasets.load_dataset", "builtins.eval")]
+        where = ((STATE_DICT, "entry"), (STATE_DICT, "start"), (MODULE, "module_attr"), (MODULE, "start"),
+                 (STATE_DICT, "blob"), (MODULE, "blob"))
+        cases = [(container, protocol, base, placement) for container, protocol in CONTAINERS
+                 for base, placement in where if placement != "blob" or container == "pickle" for _ in range(2)]
+        for n, (container, protocol, base, placement) in enumerate(cases):
+            spelling = "global" if placement == "blob" or protocol < 4 else "stack"
+            self.gadget("placements", gadgets[n % len(gadgets)], container, protocol, spelling, "reduce",
+                        placement, base)
+
+    def dotted(self) -> None:
+        """GLOBAL in protocol 2 and 4, STACK_GLOBAL, called and merely referenced."""
+        for n, g in enumerate(DOTTED):
+            self.gadget("dotted", g, "zip", 2, "global", "reduce")
+            self.gadget("dotted", g, "zip", 4, "global", "reduce")
+            container, protocol = self.other(n)
+            self.gadget("dotted", g, container, protocol, "stack" if protocol >= 4 else "global", "reference")
+            self.gadget("dotted", g, "pickle", 4, "stack", "reduce")
+
+    def odd_names(self) -> None:
+        """GLOBAL, STACK_GLOBAL, INST (INST names are ASCII to CPython)."""
+        for n, g in enumerate(ODD_NAMES):
+            self.gadget("odd_names", g, "zip", 2, "global", "reduce")
+            self.gadget("odd_names", g, "pickle", 4, "stack", "reduce")
+            container, protocol = self.other(n)
+            self.gadget("odd_names", g, container, protocol, "stack" if protocol >= 4 else "global", "reference")
+            if (g.module + g.name).isascii():
+                self.gadget("odd_names", g, "legacy", 2, "inst", "inst")
+
+    def disguised(self) -> None:
+        """Disguised chains, beside a state dict and at the start of a pickled module."""
+        for n, chain in enumerate(DISGUISED):
+            for container, protocol in (("zip", 2), self.other(n), self.other(n + 3)):
+                for spelling in _spellings(protocol):
+                    ops = _chain_ops(chain.label, functools.partial(spell, spelling))
+                    for placement, base in (("entry", STATE_DICT), ("start", MODULE)):
+                        self.add("disguised", chain.label, container, protocol, spelling, "chain", placement, base,
+                                 chain.names, chain.hostile, ops)
+
+
 def build_corpus() -> Corpus:
     """Every hostile file, its control, and the weights the controls must load.
 
@@ -684,94 +774,12 @@ def build_corpus() -> Corpus:
     the rest), each form and placement with every container (rotating through the globals), so
     the whole corpus reads in seconds.
     """
-    bases = _Bases()
-    items: list[Item] = []
-    controls: dict[str, bytes] = {}
-
-    def add(family: str, label: str, container: str, protocol: int, spelling: str, form: str, placement: str,
-            base: str, names: tuple, hostile: tuple, ops: bytes) -> None:
-        key = f"{base}/{placement}/{container}{protocol}"
-        if key not in controls:
-            controls[key] = bases.splice(base, placement, container, protocol, b"N")
-        item = Item(family, label, container, protocol, spelling, form, placement, base, names, hostile, key)
-        item.data = bases.splice(base, placement, container, protocol, ops)
-        items.append(item)
-
-    def gadget_item(family: str, g: Gadget, container: str, protocol: int, spelling: str, form: str,
-                    placement: str = "entry", base: str = STATE_DICT) -> None:
-        add(family, g.dotted, container, protocol, "inst" if form == "inst" else spelling, form, placement,
-            base, ((g.module, g.name),), (g.dotted,), invoke(form, spelling, g))
-
-    others = [c for c in CONTAINERS if c != ("zip", 2)]
-
-    # 1. catalogue: every global called with REDUCE beside a state dict, in a torch zip (GLOBAL,
-    #    protocol 2, as torch.save writes) and in one more container, rotating (STACK_GLOBAL where
-    #    the protocol has it)
-    for n, g in enumerate(CATALOGUE):
-        for container, protocol in (("zip", 2), others[n % len(others)]):
-            gadget_item("catalogue", g, container, protocol, "stack" if protocol >= 4 else "global", "reduce")
-
-    # 2. forms: every form in every container and spelling, rotating through globals most of which
-    #    the deny-list accepts
-    form_gadgets = [_find(d) for d in (
-        "pydoc.pipepager", "uuid._get_command_stdout", "imaplib.IMAP4_stream", "numpy.load",
-        "open_clip.load_checkpoint", "hydra.utils.instantiate", "torch._utils._import_dotted_name",
-        "doctest.debug_script", "os.system")]
-    n = 0
-    for container, protocol in CONTAINERS:
-        for form in FORMS:
-            for spelling in (("inst",) if form == "inst" else _spellings(protocol)):
-                for _ in range(2):
-                    gadget_item("forms", form_gadgets[n % len(form_gadgets)], container, protocol, spelling, form)
-                    n += 1
-
-    # 3. placements: beside the weights, in a pickled module, at the start of the pickle, in a blob
-    place_gadgets = [_find(d) for d in (
-        "pydoc.pipepager", "torch.utils.collect_env.run", "ensurepip._run_pip",
-        "open_clip.factory.create_model_and_transforms", "datasets.load_dataset", "builtins.eval")]
-    n = 0
-    for container, protocol in CONTAINERS:
-        spelling = "stack" if protocol >= 4 else "global"
-        for base, placement in ((STATE_DICT, "entry"), (STATE_DICT, "start"), (MODULE, "module_attr"),
-                                (MODULE, "start"), (STATE_DICT, "blob"), (MODULE, "blob")):
-            if placement == "blob" and container != "pickle":
-                continue
-            # a blob is a protocol-2 legacy stream: GLOBAL only
-            sp = "global" if placement == "blob" else spelling
-            for _ in range(2):
-                gadget_item("placements", place_gadgets[n % len(place_gadgets)], container, protocol, sp, "reduce",
-                            placement, base)
-                n += 1
-
-    # 4. dotted names: GLOBAL in protocol 2 and 4, STACK_GLOBAL, called and merely referenced
-    for n, g in enumerate(DOTTED):
-        gadget_item("dotted", g, "zip", 2, "global", "reduce")
-        gadget_item("dotted", g, "zip", 4, "global", "reduce")
-        gadget_item("dotted", g, *others[n % len(others)], "stack" if others[n % len(others)][1] >= 4 else "global",
-                    "reference")
-        gadget_item("dotted", g, "pickle", 4, "stack", "reduce")
-
-    # 5. odd spellings: GLOBAL, STACK_GLOBAL, INST (INST names are ASCII to CPython)
-    for n, g in enumerate(ODD_NAMES):
-        gadget_item("odd_names", g, "zip", 2, "global", "reduce")
-        gadget_item("odd_names", g, "pickle", 4, "stack", "reduce")
-        container, protocol = others[n % len(others)]
-        gadget_item("odd_names", g, container, protocol, "stack" if protocol >= 4 else "global", "reference")
-        if (g.module + g.name).isascii():
-            gadget_item("odd_names", g, "legacy", 2, "inst", "inst")
-
-    # 6. disguised chains, beside a state dict and at the start of a pickled module
-    for n, chain in enumerate(DISGUISED):
-        for container, protocol in (("zip", 2), others[n % len(others)], others[(n + 3) % len(others)]):
-            for spelling in _spellings(protocol):
-                ops = _chain_ops(chain.label, functools.partial(spell, spelling))
-                add("disguised", chain.label, container, protocol, spelling, "chain", "entry", STATE_DICT,
-                    chain.names, chain.hostile, ops)
-                add("disguised", chain.label, container, protocol, spelling, "chain", "start", MODULE,
-                    chain.names, chain.hostile, ops)
-
-    weights = {STATE_DICT: bases.state_dict, MODULE: bases.state_dict}
-    return Corpus(items, controls, weights)
+    builder = _CorpusBuilder()
+    for family in (builder.catalogue, builder.forms, builder.placements, builder.dotted, builder.odd_names,
+                   builder.disguised):
+        family()
+    weights = {STATE_DICT: builder.bases.state_dict, MODULE: builder.bases.state_dict}
+    return Corpus(builder.items, builder.controls, weights)
 
 
 def _find(dotted: str) -> Gadget:

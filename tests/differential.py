@@ -238,101 +238,95 @@ def _str_ops(text: str, protocol: int) -> bytes:
     return b"X" + struct.pack("<I", len(data)) + data
 
 
-def emit_pickle(root: Any, protocol: int = 2) -> bytes:  # noqa: C901 - one branch per node kind
-    """The pickle of a node graph; nodes reached twice are memoised (BINPUT / BINGET)."""
-    counts: dict[int, int] = {}
+class _PickleWriter:
+    """Writes a node graph as pickle opcodes; nodes reached twice are memoised (BINPUT / BINGET)."""
 
-    def count(obj: Any) -> None:
+    def __init__(self, root: Any, protocol: int) -> None:
+        self.protocol = protocol
+        self.counts: dict[int, int] = {}
+        self.memo: dict[int, int] = {}
+        self.out = bytearray()
+        self._count(root)
+
+    def _count(self, obj: Any) -> None:
         if isinstance(obj, (tuple, list)):
             for x in obj:
-                count(x)
-            return
-        if isinstance(obj, dict):
+                self._count(x)
+        elif isinstance(obj, dict):
             for k, v in obj.items():
-                count(k)
-                count(v)
-            return
-        if not isinstance(obj, Node):
-            return
-        counts[id(obj)] = counts.get(id(obj), 0) + 1
-        if counts[id(obj)] > 1:
-            return
-        for child in _children(obj):
-            count(child)
+                self._count(k)
+                self._count(v)
+        elif isinstance(obj, Node):
+            self.counts[id(obj)] = self.counts.get(id(obj), 0) + 1
+            if self.counts[id(obj)] == 1:
+                for child in _children(obj):
+                    self._count(child)
 
-    count(root)
-    memo: dict[int, int] = {}
-    out = bytearray()
+    def _put(self, obj: Node) -> None:
+        if self.counts.get(id(obj), 0) > 1:
+            index = len(self.memo)
+            self.memo[id(obj)] = index
+            self.out.extend(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
 
-    def put(obj: Node) -> None:
-        if counts.get(id(obj), 0) > 1:
-            index = len(memo)
-            memo[id(obj)] = index
-            out.extend(b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index))
+    def emit(self, obj: Any) -> None:
+        if isinstance(obj, Node) and id(obj) in self.memo:
+            index = self.memo[id(obj)]
+            self.out.extend(b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index))
+        elif isinstance(obj, (tuple, list, dict)):
+            self.emit(Tup(list(obj)) if isinstance(obj, tuple) else Lst(obj) if isinstance(obj, list)
+                      else Dct(list(obj.items())))
+        elif not isinstance(obj, Node):
+            self.out.extend(_str_ops(obj, self.protocol) if isinstance(obj, str) else _scalar_ops(obj, self.protocol))
+        else:
+            self._node(obj)
+            self._put(obj)
+            self._after(obj)
 
-    def emit(obj: Any) -> None:
-        if isinstance(obj, Node) and id(obj) in memo:
-            index = memo[id(obj)]
-            out.extend(b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index))
-            return
-        if isinstance(obj, tuple):
-            emit(Tup(list(obj)))
-            return
-        if isinstance(obj, list):
-            emit(Lst(obj))
-            return
-        if isinstance(obj, dict):
-            emit(Dct(list(obj.items())))
-            return
-        if not isinstance(obj, Node):
-            out.extend(_str_ops(obj, protocol) if isinstance(obj, str) else _scalar_ops(obj, protocol))
-            return
+    def _node(self, obj: Node) -> None:
+        """The opcodes that push ``obj`` itself."""
         if isinstance(obj, G):
-            if protocol >= 4:
-                out.extend(_str_ops(obj.module, 4) + _str_ops(obj.name, 4) + b"\x93")
+            if self.protocol >= 4:
+                self.out.extend(_str_ops(obj.module, 4) + _str_ops(obj.name, 4) + b"\x93")
             else:
-                out.extend(b"c" + obj.module.encode() + b"\n" + obj.name.encode() + b"\n")
+                self.out.extend(b"c" + obj.module.encode() + b"\n" + obj.name.encode() + b"\n")
         elif isinstance(obj, Tup):
-            if not obj.items:
-                out.extend(b")")
-            else:
-                out.extend(b"(")
-                for x in obj.items:
-                    emit(x)
-                out.extend(b"t")
-        elif isinstance(obj, Lst):
-            out.extend(b"]")
-        elif isinstance(obj, Dct):
-            out.extend(b"}")
+            self._marked(b"(", obj.items, b"t") if obj.items else self.out.extend(b")")
+        elif isinstance(obj, (Lst, Dct)):
+            self.out.extend(b"]" if isinstance(obj, Lst) else b"}")
         elif isinstance(obj, Call):
-            emit(obj.func)
-            emit(obj.args)
+            self.emit(obj.func)
+            self.emit(obj.args)
             if obj.kind == "newobj_ex":
-                emit(obj.kwargs if obj.kwargs is not None else {})
-            out.extend({"reduce": b"R", "newobj": b"\x81", "newobj_ex": b"\x92"}[obj.kind])
+                self.emit(obj.kwargs if obj.kwargs is not None else {})
+            self.out.extend({"reduce": b"R", "newobj": b"\x81", "newobj_ex": b"\x92"}[obj.kind])
         elif isinstance(obj, Pid):
-            emit(obj.pid)
-            out.extend(b"Q")
+            self.emit(obj.pid)
+            self.out.extend(b"Q")
         elif isinstance(obj, Raw):
-            out.extend(obj.ops)
-        put(obj)
-        if obj.appends:
-            out.extend(b"(")
-            for x in obj.appends:
-                emit(x)
-            out.extend(b"e")
-        if obj.setitems:
-            out.extend(b"(")
-            for k, v in obj.setitems:
-                emit(k)
-                emit(v)
-            out.extend(b"u")
-        for state in obj.builds:
-            emit(state)
-            out.extend(b"b")
+            self.out.extend(obj.ops)
 
-    emit(root)
-    return b"\x80" + bytes([protocol]) + bytes(out) + b"."
+    def _marked(self, start: bytes, items: list[Any], end: bytes) -> None:
+        self.out.extend(start)
+        for x in items:
+            self.emit(x)
+        self.out.extend(end)
+
+    def _after(self, obj: Node) -> None:
+        """The appends, set-items and BUILDs applied to ``obj`` once it is on the stack."""
+        if obj.appends:
+            self._marked(b"(", obj.appends, b"e")
+        if obj.setitems:
+            self._marked(b"(", [x for pair in obj.setitems for x in pair], b"u")
+        for state in obj.builds:
+            self.emit(state)
+            self.out.extend(b"b")
+
+
+def emit_pickle(root: Any, protocol: int = 2) -> bytes:
+    """The pickle of a node graph; nodes reached twice are memoised (BINPUT / BINGET)."""
+    writer = _PickleWriter(root, protocol)
+    writer.emit(root)
+    return b"\x80" + bytes([protocol]) + bytes(writer.out) + b"."
 
 
 def _children(obj: Node) -> list[Any]:

@@ -15,6 +15,7 @@ import json
 import math
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +120,27 @@ def names(header: dict[str, Any]) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-@st.composite
-def header_edit(draw, header: dict[str, Any], blob: bytes) -> tuple[dict[str, Any] | str, bytes]:
-    """One edit of (header, data): returns the new header (dict, or raw JSON text) and data."""
-    header = json.loads(json.dumps(header))
-    keys = names(header)
-    name = draw(st.sampled_from(keys))
-    other = draw(st.sampled_from(keys))
-    entry = header[name]
-    kind = draw(st.sampled_from(["shift", "swap", "overlap", "prefix", "gap", "trailing", "truncate",
-                                 "duplicate", "dtype", "shape", "empty", "metadata", "extra", "escape"]))
-    if kind == "shift":
-        which = draw(st.sampled_from([0, 1, None]))
-        delta = draw(st.sampled_from([-8, -4, -2, -1, 1, 2, 4, 8]))
-        entry["data_offsets"] = [o + delta if which in (None, i) else o for i, o in enumerate(entry["data_offsets"])]
-    elif kind == "swap":
-        entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], entry["data_offsets"]
-    elif kind == "overlap":  # `other` becomes a second name for `name`'s bytes
-        header[other] = dict(entry)
-    elif kind in ("prefix", "gap"):
+def _shift(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    which = draw(st.sampled_from([0, 1, None]))
+    delta = draw(st.sampled_from([-8, -4, -2, -1, 1, 2, 4, 8]))
+    entry["data_offsets"] = [o + delta if which in (None, i) else o for i, o in enumerate(entry["data_offsets"])]
+    return header, blob
+
+
+def _swap(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    entry["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], entry["data_offsets"]
+    return header, blob
+
+
+def _overlap(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    header[other] = dict(entry)  # `other` becomes a second name for `name`'s bytes
+    return header, blob
+
+
+def _inserted(kind: str) -> Callable:
+    """Bytes put in front of the data (``prefix``) or after `entry` (``gap``); the tensors behind move."""
+
+    def edit(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
         k = draw(st.integers(1, 16))
         at = 0 if kind == "prefix" else entry["data_offsets"][1]
         blob = blob[:at] + bytes(k) + blob[at:]
@@ -145,54 +148,98 @@ def header_edit(draw, header: dict[str, Any], blob: bytes) -> tuple[dict[str, An
             start, end = header[e]["data_offsets"]
             if start >= at and (kind == "prefix" or header[e] is not entry):
                 header[e]["data_offsets"] = [start + k, end + k]
-    elif kind == "trailing":
-        blob += draw(st.binary(min_size=1, max_size=16))
-    elif kind == "truncate":
-        blob = blob[:-draw(st.integers(1, min(16, len(blob))))]
-    elif kind == "duplicate":
-        text = json.dumps(header, separators=(",", ":"))
-        copy = draw(st.sampled_from([entry, header[other], {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}]))
-        field = draw(st.sampled_from(["", "dtype", "__metadata__", "format"]))
-        if field == "":
-            text = text[:-1] + "," + json.dumps(name) + ":" + json.dumps(copy, separators=(",", ":")) + "}"
-        elif field == "dtype":
-            text = text.replace('"dtype":', '"dtype":"U8","dtype":', 1)
-        elif field == "__metadata__":
-            text = text[:-1] + ',"__metadata__":{"format":"pt"}}'
-        else:
-            text = text.replace('"format":', '"format":"np","format":', 1)
-        return text, blob
-    elif kind == "dtype":
-        entry["dtype"] = draw(st.sampled_from(DTYPES))
-    elif kind == "shape":
-        shape = entry["shape"]
-        how = draw(st.sampled_from(["reverse", "flatten", "unsqueeze", "bump", "zero", "huge"]))
-        if how == "reverse":
-            shape.reverse()
-        elif how == "flatten":
-            entry["shape"] = [math.prod(shape)]
-        elif how == "unsqueeze":
-            shape.insert(draw(st.integers(0, len(shape))), 1)
-        elif shape:
-            i = draw(st.integers(0, len(shape) - 1))
-            shape[i] = {"bump": shape[i] + 1, "zero": 0, "huge": 2**63}[how]
-    elif kind == "empty":  # extra 0-byte tensors: fine at a boundary, an overlap inside a tensor
-        for i in range(draw(st.integers(1, 8))):
-            at = draw(st.integers(0, len(blob)))
-            header[f"extra.{i}"] = {"dtype": draw(st.sampled_from(["F32", "U8"])), "shape": [0],
-                                    "data_offsets": [at, at]}
-    elif kind == "metadata":
-        header["__metadata__"] = draw(st.sampled_from([None, [], "", 0, {}, {"a": 1}, {"a": None},
-                                                       {"a": ["x"]}, {"a": {"b": "c"}}, {"a": "b"}]))
-    elif kind == "extra":
-        entry[draw(st.sampled_from(["offsets", "Dtype", "x"]))] = draw(st.sampled_from([1, "x", [], None]))
-    else:  # escape: the same text spelt with JSON escapes, or a lone surrogate, or a float
-        text = json.dumps(header, separators=(",", ":"))
-        swap = draw(st.sampled_from([('"dtype"', '"dt\\u0079pe"'), (f'{json.dumps(name)}:', '"\\ud800":'),
-                                     ('"shape":[', '"shape":[1.0,'), ('"data_offsets":[0', '"data_offsets":[-0'),
-                                     ('"shape":[', '"shape":[ ')]))
-        return text.replace(*swap, 1), blob
+        return header, blob
+
+    return edit
+
+
+def _trailing(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    return header, blob + draw(st.binary(min_size=1, max_size=16))
+
+
+def _truncate(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    return header, blob[:-draw(st.integers(1, min(16, len(blob))))]
+
+
+def _duplicate(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    text = json.dumps(header, separators=(",", ":"))
+    copy = draw(st.sampled_from([entry, header[other], {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}]))
+    field = draw(st.sampled_from(["", "dtype", "__metadata__", "format"]))
+    if field == "":
+        text = text[:-1] + "," + json.dumps(name) + ":" + json.dumps(copy, separators=(",", ":")) + "}"
+    elif field == "dtype":
+        text = text.replace('"dtype":', '"dtype":"U8","dtype":', 1)
+    elif field == "__metadata__":
+        text = text[:-1] + ',"__metadata__":{"format":"pt"}}'
+    else:
+        text = text.replace('"format":', '"format":"np","format":', 1)
+    return text, blob
+
+
+def _dtype(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    entry["dtype"] = draw(st.sampled_from(DTYPES))
     return header, blob
+
+
+def _shape(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    shape = entry["shape"]
+    how = draw(st.sampled_from(["reverse", "flatten", "unsqueeze", "bump", "zero", "huge"]))
+    if how == "reverse":
+        shape.reverse()
+    elif how == "flatten":
+        entry["shape"] = [math.prod(shape)]
+    elif how == "unsqueeze":
+        shape.insert(draw(st.integers(0, len(shape))), 1)
+    elif shape:
+        i = draw(st.integers(0, len(shape) - 1))
+        shape[i] = {"bump": shape[i] + 1, "zero": 0, "huge": 2**63}[how]
+    return header, blob
+
+
+def _empty(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    """Extra 0-byte tensors: fine at a boundary, an overlap inside a tensor."""
+    for i in range(draw(st.integers(1, 8))):
+        at = draw(st.integers(0, len(blob)))
+        header[f"extra.{i}"] = {"dtype": draw(st.sampled_from(["F32", "U8"])), "shape": [0], "data_offsets": [at, at]}
+    return header, blob
+
+
+def _metadata(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    header["__metadata__"] = draw(st.sampled_from([None, [], "", 0, {}, {"a": 1}, {"a": None},
+                                                   {"a": ["x"]}, {"a": {"b": "c"}}, {"a": "b"}]))
+    return header, blob
+
+
+def _extra(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    entry[draw(st.sampled_from(["offsets", "Dtype", "x"]))] = draw(st.sampled_from([1, "x", [], None]))
+    return header, blob
+
+
+def _escape(draw, header: dict, blob: bytes, entry: dict, name: str, other: str) -> tuple:
+    """The same text spelt with JSON escapes, or a lone surrogate, or a float."""
+    text = json.dumps(header, separators=(",", ":"))
+    swap = draw(st.sampled_from([('"dtype"', '"dt\\u0079pe"'), (f'{json.dumps(name)}:', '"\\ud800":'),
+                                 ('"shape":[', '"shape":[1.0,'), ('"data_offsets":[0', '"data_offsets":[-0'),
+                                 ('"shape":[', '"shape":[ ')]))
+    return text.replace(*swap, 1), blob
+
+
+HEADER_EDITS: dict[str, Callable] = {
+    "shift": _shift, "swap": _swap, "overlap": _overlap, "prefix": _inserted("prefix"), "gap": _inserted("gap"),
+    "trailing": _trailing, "truncate": _truncate, "duplicate": _duplicate, "dtype": _dtype, "shape": _shape,
+    "empty": _empty, "metadata": _metadata, "extra": _extra, "escape": _escape,
+}
+
+
+@st.composite
+def header_edit(draw, header: dict[str, Any], blob: bytes) -> tuple[dict[str, Any] | str, bytes]:
+    """One edit of (header, data): returns the new header (dict, or raw JSON text) and data."""
+    header = json.loads(json.dumps(header))
+    keys = names(header)
+    name = draw(st.sampled_from(keys))
+    other = draw(st.sampled_from(keys))
+    kind = draw(st.sampled_from(list(HEADER_EDITS)))
+    return HEADER_EDITS[kind](draw, header, blob, header[name], name, other)
 
 
 @st.composite
