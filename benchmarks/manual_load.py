@@ -1,11 +1,11 @@
-"""BASELINE ONLY, never library code: the careful manual path of BASELINES.md, run in a subprocess.
+"""BASELINE ONLY, never library code: the careful manual path people use today, run in a subprocess.
 
 What a careful user does today to get a task-arithmetic encoder: ``torch.load(weights_only=False)``
 (which RUNS whatever code the file carries) with ``src.modeling`` shimmed and old open_clip class
 names aliased, then ``open_clip.create_model("<arch>-quickgelu", pretrained=None)`` (random init)
 and ``load_state_dict``. The benchmarks run this script in its own process so its unsafe imports
 and shims never touch the benchmark process. Prints one JSON line with per-round timings (import
-time excluded, like BASELINES.md's 3.6 s).
+time excluded, like the 3.6 s measured for it on the H200 machine the project started from).
 
     python benchmarks/manual_load.py --arch ViT-B-32 --rounds 3 PATH
 """
