@@ -4,7 +4,9 @@ that flows one way, one home for every exception."""
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
+import re
 import shutil
 import subprocess
 import sys
@@ -168,3 +170,23 @@ def test_public_exceptions_are_exported_from_pool_and_pool_errors() -> None:
     assert public <= set(pool.__all__)
     for name in public:
         assert getattr(pool, name) is getattr(pool.errors, name)
+
+
+def _readme_sections() -> tuple[str, str]:
+    """The README's public-API paragraph and its Errors section."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    start = text.index("**The public API**")
+    paragraph = text[start:text.index("\n\n", start)]
+    errors = text[text.index("\n## Errors") + 1:]
+    errors = errors[:errors.find("\n## ", 1)] if "\n## " in errors[1:] else errors
+    return paragraph, errors
+
+
+def test_the_public_api_is_what_the_readme_documents() -> None:
+    """``pool.__all__`` and the README's list agree both ways (docs/design.md §1: what is public)."""
+    paragraph, errors = _readme_sections()
+    named = set(re.findall(r"`([A-Za-z_][A-Za-z_0-9]*)`", paragraph + errors))
+    assert set(pool.__all__) - named == set(), "exported but not documented in the README"
+    builtin = {n for n in named if isinstance(getattr(builtins, n, None), type)}
+    classes = {n for n in named - builtin if n[0].isupper() and (n.endswith("Error") or n in paragraph)}
+    assert classes - set(pool.__all__) == set(), "documented in the README but not exported"
