@@ -251,6 +251,7 @@ def test_processors_without_loading_weights(synth_tree, monkeypatch):
         raise AssertionError("processors must not build an encoder")
 
     monkeypatch.setattr(ImageEncoder, "from_state_dict", refuse)
+    monkeypatch.setattr("pool.loading.build_clip", refuse)  # every encoder build goes through it
     train, test = pool.train_processor, pool.test_processor
     assert "RandomResizedCrop" in repr(train) and "CenterCrop" in repr(test)
     assert f"size=({TINY.image_size}, {TINY.image_size})" in repr(train)
