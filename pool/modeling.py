@@ -4,6 +4,7 @@ Both mirror the originals in ``src.modeling`` (attributes, forward, ``state_dict
 built from weights: the CLIP is constructed on the meta device and the checkpoint's tensors are
 assigned into it, so there is no download and no initialisation thrown away. The classes say what
 they are; how a file becomes one is `pool.loading`'s pipeline, which every constructor here runs.
+`check_head_fits` checks that a head takes what an encoder gives.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from .arch import VisionArch
 from .arch import image_transforms as image_transforms  # re-exported: callers of the old home
 from .checkpoint import Checkpoint
+from .errors import ArchitectureMismatchError
 from .loading import (
     encoder_from_checkpoint,
     encoder_from_state_dict,
@@ -28,7 +30,7 @@ from .loading import (
 from .placement import DType
 from .placement import place_module as place_module  # re-exported: callers of the old home
 
-__all__ = ["ImageEncoder", "ClassificationHead", "DType"]
+__all__ = ["ImageEncoder", "ClassificationHead", "DType", "check_head_fits"]
 
 
 class ImageEncoder(nn.Module):
@@ -334,3 +336,24 @@ class ClassificationHead(nn.Linear):
         return load_head(cls, path, normalize=normalize, device=device, dtype=dtype, map_location=map_location,
                          cache_dir=cache_dir, allow_globals=allow_globals)
 
+
+def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None:
+    """Raise ArchitectureMismatchError when a head's input size is not the encoder's output.
+
+    Modules without ``embed_dim`` (the encoder) or ``in_features`` (the head) are not checked.
+
+    Args:
+        encoder: the image encoder (its ``embed_dim``).
+        head: the classification head (its ``in_features``).
+        name: the pool entry both belong to, for the message.
+
+    Raises:
+        ArchitectureMismatchError: the sizes differ: the head belongs to another architecture.
+    """
+    embed = getattr(encoder, "embed_dim", None)
+    in_features = getattr(head, "in_features", None)
+    if embed is not None and in_features is not None and embed != in_features:
+        raise ArchitectureMismatchError(
+            f"pool entry {name!r}: the classification head takes {in_features}-dim features but the "
+            f"encoder produces {embed}-dim features; the head belongs to another architecture. Pair "
+            "it with an encoder of that size or fix the config.")
