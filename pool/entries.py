@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import ConfigError
@@ -81,10 +82,6 @@ class Entry:
 
 def plain_config(config: Any) -> Any:
     """DictConfig -> dict with interpolations resolved; other values unchanged."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return config
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)
     return config

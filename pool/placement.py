@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["DType", "resolve_dtype", "place_module"]
+__all__ = ["DType", "place_module"]
 
 #: A ``torch.dtype``, a name of one (``"bf16"``, ``"float16"``, ``"torch.float32"``) or None.
 DType = torch.dtype | str | None
@@ -23,7 +23,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "float64": torch.float64}
 
 
-def resolve_dtype(dtype: DType) -> torch.dtype | None:
+def _resolve_dtype(dtype: DType) -> torch.dtype | None:
     """``"bf16"``, ``"torch.bfloat16"`` or a torch.dtype -> torch.dtype (None stays None).
 
     Args:
@@ -53,7 +53,7 @@ def place_module(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
     Args:
         module: the module to place.
         device: where it goes; None, or a dict ``map_location``, leaves it where it is.
-        dtype: a ``torch.dtype`` or a name (`resolve_dtype`); None keeps the tensors' dtypes.
+        dtype: a ``torch.dtype`` or a name (``"bf16"``, ``"float16"``, ``"torch.float32"``); None keeps the tensors' dtypes.
 
     Returns:
         The module (the same object: ``Module.to`` moves in place).
@@ -61,7 +61,7 @@ def place_module(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
     Raises:
         ConfigError: ``dtype`` is not supported.
     """
-    dt = resolve_dtype(dtype)
+    dt = _resolve_dtype(dtype)
     if isinstance(device, Mapping):
         device = None
     if (device is not None or dt is not None) and not _placed(module, device, dt):
