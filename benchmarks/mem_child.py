@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(1)
     mode, paths = sys.argv[1], sys.argv[2:]
     # warm the lazy imports the load path uses, so they do not count as loading
-    from pool.arch import _registry
+    from pool.arch.names import _registry
 
     _registry()
     stages = {"imports": status()}

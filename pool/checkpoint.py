@@ -215,7 +215,7 @@ def _device(value: Any, what: str) -> torch.device:
                       "'cuda:0', a torch.device, or a dict of saved location -> device")
 
 
-def read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsafe: bool = True,
+def _read_options(map_location: Any = None, mmap: bool | None = None, refuse_unsafe: bool = True,
                  allow_globals: Any = None) -> ReadOptions:
     """How a read places tensors, from ``torch.load``'s ``map_location`` forms: None (the CPU), a
     device string or `torch.device` (every tensor there), or a dict mapping saved locations to
@@ -296,7 +296,7 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
         >>> sorted(ckpt.state_dict)[:1]  # doctest: +SKIP
         ['model.ln_final.bias']
     """
-    options = read_options(map_location, mmap, refuse_unsafe, allow_globals)
+    options = _read_options(map_location, mmap, refuse_unsafe, allow_globals)
     cache = resolve_cache_dir(cache_dir)  # a bad value is the caller's mistake whatever the path is
     folder = Path(path).expanduser()
     if _is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata

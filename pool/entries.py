@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import ConfigError
@@ -81,10 +82,6 @@ class Entry:
 
 def plain_config(config: Any) -> Any:
     """DictConfig -> dict with interpolations resolved; other values unchanged."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return config
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)
     return config
@@ -135,25 +132,32 @@ def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         if "_target_" in config:
             return Entry(name, section, "hydra", config=config)
-        plain = plain_config(config)
-        options = {k: v for k, v in plain.items() if k in _OPTION_KEYS and k != "model_name"}
-        for flag in ("quick_gelu", "normalize", "mmap"):
-            if options.get(flag) is not None:
-                options[flag] = _flag(options[flag], f"{section}.{name}.{flag}")
-        model_name = plain.get("model_name")
-        if model_name is not None and not isinstance(model_name, str):
-            raise ConfigError(f"{section}.{name}.model_name: {model_name!r} is not an open_clip model name "
-                              "(a string such as ViT-B-32)")
-        for form in ("pickle_path", "state_dict_path"):
-            if plain.get(form):
-                unknown = set(plain) - _OPTION_KEYS - {form}
-                if unknown:
-                    raise ConfigError(
-                        f"{section}.{name}: unknown keys {sorted(unknown)}; a {form} entry takes "
-                        f"{form} plus any of {sorted(_OPTION_KEYS)}.")
-                return Entry(name, section, form, path=Path(str(plain[form])).expanduser(),
-                             model_name=plain.get("model_name"), options=options)
+        entry = _file_entry(name, section, plain_config(config))
+        if entry is not None:
+            return entry
     raise ConfigError(
         f"{section}.{name}: cannot tell how to load {config!r}. Give a checkpoint path string, "
         "{model_name, pickle_path}, {model_name, state_dict_path}, a Hydra config with _target_, "
         "or an nn.Module instance.")
+
+
+def _file_entry(name: str, section: str, plain: Mapping[str, Any]) -> Entry | None:
+    """A ``{pickle_path | state_dict_path, options...}`` mapping's `Entry`; None when it names neither."""
+    options = {k: v for k, v in plain.items() if k in _OPTION_KEYS and k != "model_name"}
+    for flag in ("quick_gelu", "normalize", "mmap"):
+        if options.get(flag) is not None:
+            options[flag] = _flag(options[flag], f"{section}.{name}.{flag}")
+    model_name = plain.get("model_name")
+    if model_name is not None and not isinstance(model_name, str):
+        raise ConfigError(f"{section}.{name}.model_name: {model_name!r} is not an open_clip model name "
+                          "(a string such as ViT-B-32)")
+    for form in ("pickle_path", "state_dict_path"):
+        if plain.get(form):
+            unknown = set(plain) - _OPTION_KEYS - {form}
+            if unknown:
+                raise ConfigError(
+                    f"{section}.{name}: unknown keys {sorted(unknown)}; a {form} entry takes "
+                    f"{form} plus any of {sorted(_OPTION_KEYS)}.")
+            return Entry(name, section, form, path=Path(str(plain[form])).expanduser(),
+                         model_name=plain.get("model_name"), options=options)
+    return None

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .errors import ArchitectureMismatchError
+
 __all__ = ["is_hf_layout", "from_hf", "to_hf", "vision_config", "preprocessor_config", "write_hf_folder",
            "HF_ACTIVATIONS", "LAYER_NORM_EPS"]
 
@@ -99,8 +101,6 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint
     Raises:
         ArchitectureMismatchError: a key no open_clip ViT has, or q/k/v projections missing.
     """
-    from .errors import ArchitectureMismatchError
-
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():

@@ -39,14 +39,14 @@ TEXT_SIDE_KEYS = ("token_embedding.weight", "positional_embedding", "ln_final.we
                   "text_projection", "logit_scale", "logit_bias")
 _DROPPED_PREFIXES = ("transformer.",)
 _DROPPED_KEYS = ("attn_mask",)
-V = TypeVar("V")
+_V = TypeVar("_V")
 
 
 def _has_ddp_prefix(keys: list[str]) -> bool:
     return bool(keys) and all(k.startswith(DDP_PREFIX) for k in keys)
 
 
-def strip_ddp(state_dict: Mapping[str, V]) -> dict[str, V]:
+def strip_ddp(state_dict: Mapping[str, _V]) -> dict[str, _V]:
     """``state_dict`` without DistributedDataParallel's ``module.`` prefix, when every key has it.
 
     Args:

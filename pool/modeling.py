@@ -2,83 +2,35 @@
 
 Both mirror the originals in ``src.modeling`` (attributes, forward, ``state_dict()`` keys) but are
 built from weights: the CLIP is constructed on the meta device and the checkpoint's tensors are
-assigned into it, so there is no download and no initialisation thrown away.
+assigned into it, so there is no download and no initialisation thrown away. The classes say what
+they are; how a file becomes one is `pool.loading`'s pipeline, which every constructor here runs.
+`check_head_fits` checks that a head takes what an encoder gives.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from os import PathLike
 from typing import Any
 
 import torch
 from torch import nn
 
-from .arch import (
-    VisionArch,
-    arch_for_name,
-    build_clip,
-    check_arch,
-    default_quick_gelu,
-    infer_arch,
-    name_for_arch,
-    recorded_heads,
-    recorded_quick_gelu,
+from .arch import VisionArch
+from .arch import image_transforms as image_transforms  # re-exported: callers of the old home
+from .checkpoint import Checkpoint
+from .errors import ArchitectureMismatchError
+from .loading import (
+    encoder_from_checkpoint,
+    encoder_from_state_dict,
+    head_from_checkpoint,
+    load_encoder,
+    load_head,
 )
-from .checkpoint import Checkpoint, read_checkpoint
-from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, printable
-from .gcpause import paused_gc
-from .keys import TEXT_SIDE_KEYS, key_mismatch, strip_ddp, to_clip_keys, to_clip_modules
+from .placement import DType
+from .placement import place_module as place_module  # re-exported: callers of the old home
 
-__all__ = ["ImageEncoder", "ClassificationHead", "DType"]
-
-log = logging.getLogger(__name__)
-
-DType = torch.dtype | str | None
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64}
-
-
-def resolve_dtype(dtype: DType) -> torch.dtype | None:
-    """``"bf16"``, ``"torch.bfloat16"`` or a torch.dtype -> torch.dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def place_module(module: nn.Module, device: Any, dtype: DType) -> nn.Module:
-    """The module in ``dtype`` on ``device``. A dict ``map_location`` placed each tensor when the
-    file was read: the module is then not moved as a whole. A module already there (the tensors
-    were read onto the device in the right dtype) is left as it is, without ``Module.to``'s walk."""
-    dt = resolve_dtype(dtype)
-    if isinstance(device, Mapping):
-        device = None
-    if (device is not None or dt is not None) and not _placed(module, device, dt):
-        module = module.to(device=device, dtype=dt)
-    return module
-
-
-def _placed(module: nn.Module, device: Any, dtype: torch.dtype | None) -> bool:
-    """Whether every parameter and buffer is on ``device`` already and, if floating point, of
-    ``dtype`` (what ``Module.to(device, dtype)`` would leave unchanged)."""
-    try:
-        target = torch.device(device) if device is not None else None
-    except (RuntimeError, TypeError):
-        return False  # Module.to reports it
-    if target is not None and target.index is None and target.type == "cuda":
-        target = torch.device("cuda", torch.cuda.current_device())
-    for tensor in (*module.parameters(), *module.buffers()):
-        if target is not None and tensor.device != target:
-            return False
-        if dtype is not None and (tensor.is_floating_point() or tensor.is_complex()) and tensor.dtype != dtype:
-            return False
-    return True
+__all__ = ["ImageEncoder", "ClassificationHead", "DType", "check_head_fits"]
 
 
 class ImageEncoder(nn.Module):
@@ -189,33 +141,8 @@ class ImageEncoder(nn.Module):
             >>> encoder.arch.describe(), encoder.embed_dim
             ('patch 8, width 128, 2 layers, 32 px, embed 32, QuickGELU', 32)
         """
-        sd = to_clip_keys(state_dict, source=source)
-        weights = infer_arch(sd, to_clip_modules(modules), source=source)
-        named = None  # the open_clip name of these shapes, looked up once (the registry is scanned)
-        if model_name:
-            arch = arch_for_name(model_name)
-            check_arch(weights, arch, model_name, source)
-            arch = replace(arch, heads=weights.heads if modules else arch.heads,
-                           text_context_length=weights.text_context_length,
-                           text_vocab_size=weights.text_vocab_size, text_width=weights.text_width)
-            if weights.quick_gelu is not None:
-                arch = replace(arch, quick_gelu=weights.quick_gelu)
-        else:
-            named = name_for_arch(weights)
-            arch = weights if weights.quick_gelu is not None else replace(
-                weights, quick_gelu=default_quick_gelu(named))
-            if named and not modules:  # the weights cannot tell the heads: open_clip's config of these shapes does
-                arch = replace(arch, heads=arch_for_name(named).heads)
-        if quick_gelu is not None:
-            arch = replace(arch, quick_gelu=bool(quick_gelu))
-        if heads is not None:
-            if not (type(heads) is int and heads >= 1 and arch.width % heads == 0):
-                raise ArchitectureMismatchError(f"{source}: {heads!r} attention heads do not split the width {arch.width}")
-            arch = replace(arch, heads=heads)
-        with paused_gc():  # many small objects, no cycles to collect: see pool.gcpause
-            model = _assign(build_clip(arch, source=source), sd, source)
-            encoder = cls(model, *image_transforms(arch), arch=arch, model_name=model_name or named)
-        return place_module(encoder, device, dtype)
+        return encoder_from_state_dict(cls, state_dict, model_name=model_name, quick_gelu=quick_gelu,
+                                       device=device, dtype=dtype, modules=modules, source=source, heads=heads)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, **kwargs: Any) -> ImageEncoder:
@@ -249,18 +176,7 @@ class ImageEncoder(nn.Module):
             >>> encoder.arch.quick_gelu  # doctest: +SKIP
             True
         """
-        kwargs.setdefault("source", str(checkpoint.path))
-        meta = checkpoint.metadata
-        if kwargs.get("quick_gelu") is None and not checkpoint.modules:
-            kwargs["quick_gelu"] = recorded_quick_gelu(meta)  # written by pool.convert, or transformers' config
-        heads = recorded_heads(meta)
-        if heads is not None and kwargs.get("heads") is None and not checkpoint.modules:
-            kwargs["heads"] = _config_int(heads, "attention heads", kwargs["source"])
-        eps = meta.get("hf.layer_norm_eps")
-        if eps is not None and eps not in ("1e-05", "1e-5"):
-            raise ArchitectureMismatchError(f"{kwargs['source']}: the transformers config says layer_norm_eps={eps}; "
-                                            "open_clip's ViT uses 1e-05, so these weights would compute other features.")
-        return cls.from_state_dict(checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
+        return encoder_from_checkpoint(cls, checkpoint, **kwargs)
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, model_name: str | None = None, quick_gelu: bool | None = None,
@@ -306,93 +222,8 @@ class ImageEncoder(nn.Module):
             >>> encoder = ImageEncoder.load("zeroshot.pt")  # doctest: +SKIP
             >>> encoder = ImageEncoder.load("cars.safetensors", device="cuda", dtype="bf16")  # doctest: +SKIP
         """
-        device = device if device is not None else map_location
-        ckpt = read_checkpoint(path, map_location=device, mmap=mmap, cache_dir=cache_dir, allow_globals=allow_globals)
-        return cls.from_checkpoint(ckpt, model_name=model_name, quick_gelu=quick_gelu, device=device,
-                                   dtype=dtype)
-
-
-def _config_int(value: str, name: str, source: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ArchitectureMismatchError(f"{source}: the recorded {name} is {printable(value[:40])!r}, "
-                                        "not an integer") from None
-
-
-def image_transforms(arch: VisionArch) -> tuple[Any, Any]:
-    """open_clip's (train, eval) transforms for an architecture, as the original encoder had."""
-    import open_clip
-
-    return (open_clip.image_transform(arch.image_size, is_train=True),
-            open_clip.image_transform(arch.image_size, is_train=False))
-
-
-def _assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
-    """Assign checkpoint tensors into a meta-device CLIP; drop text-side parts the file lacks."""
-    modules, want = _walk(model)
-    for key in TEXT_SIDE_KEYS:
-        if key in sd or key not in want:
-            continue
-        owner, _, leaf = key.rpartition(".")
-        if owner and not any(k.startswith(owner + ".") for k in sd):
-            delattr(model, owner)  # e.g. no ln_final.* at all: drop the whole module
-        else:
-            del (model.get_submodule(owner) if owner else model)._parameters[leaf]
-        modules, want = _walk(model)  # (rare: a file without some of the text side)
-    not_float = [k for k, t in sd.items() if not t.is_floating_point()]
-    if not_float:
-        raise ArchitectureMismatchError(
-            f"{source}: the weights are not all floating point ({printable(not_float[0])} is "
-            f"{sd[not_float[0]].dtype}); an image encoder's are. The file is damaged or holds something else.")
-    plain = not any(_loads_its_own_way(m) for m in modules.values())
-    if not plain:  # a module with state-dict hooks of its own: its state_dict() is what counts
-        want = model.state_dict(keep_vars=True)
-    problem = key_mismatch(sd, want, "the architecture")
-    if problem:
-        raise ArchitectureMismatchError(
-            f"{source}: the weights do not fit the architecture: {problem}. Is this an open_clip ViT "
-            "image encoder, and is model_name right?")
-    if not plain:
-        model.load_state_dict(sd, strict=True, assign=True)
-    else:  # what load_state_dict(assign=True) does for plain modules, without its walks
-        for key, tensor in sd.items():
-            owner, _, leaf = key.rpartition(".")
-            module = modules[owner]
-            if leaf in module._parameters:
-                module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=want[key].requires_grad))
-            else:
-                setattr(module, leaf, tensor)  # a persistent buffer (key_mismatch matched the keys)
-    leftover = [f"{path}.{name}".lstrip(".") for path, m in modules.items()
-                for name, t in (*m._parameters.items(), *m._buffers.items()) if t is not None and t.is_meta]
-    if leftover:
-        raise ArchitectureMismatchError(f"{source}: no weights for {leftover[:5]}")
-    return model
-
-
-def _loads_its_own_way(module: nn.Module) -> bool:
-    """Whether state_dict() or load_state_dict() would run code of the module's own (hooks, or an
-    overridden ``_load_from_state_dict``); open_clip's ViT modules have none."""
-    return bool(type(module)._load_from_state_dict is not nn.Module._load_from_state_dict
-                or type(module)._save_to_state_dict is not nn.Module._save_to_state_dict
-                or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
-                or module._state_dict_hooks or getattr(module, "_state_dict_pre_hooks", None))
-
-
-def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
-    """The modules by path, and the tensors ``state_dict()`` would name (parameters and persistent
-    buffers; for modules without state-dict hooks, which `_assign` checks before relying on it)."""
-    modules = dict(model.named_modules(remove_duplicate=False))  # a shared submodule under each of its paths
-    tensors: dict[str, torch.Tensor] = {}
-    for path, module in modules.items():
-        prefix = path + "." if path else ""
-        for name, param in module._parameters.items():
-            if param is not None:
-                tensors[prefix + name] = param
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                tensors[prefix + name] = buffer
-    return modules, tensors
+        return load_encoder(cls, path, model_name=model_name, quick_gelu=quick_gelu, device=device, dtype=dtype,
+                            mmap=mmap, map_location=map_location, cache_dir=cache_dir, allow_globals=allow_globals)
 
 
 class ClassificationHead(nn.Linear):
@@ -465,33 +296,7 @@ class ClassificationHead(nn.Linear):
             >>> head.out_features, head.normalize  # doctest: +SKIP
             (196, True)
         """
-        sd = strip_ddp(checkpoint.state_dict)
-        weight, bias = sd.get("weight"), sd.get("bias")
-        if weight is None or weight.dim() != 2:
-            raise CheckpointError(
-                f"{checkpoint.path}: expected a classification head (a 'weight' of shape [classes, "
-                f"embed_dim]); found {printable(', '.join(list(sd)[:5]))}.")
-        classes, width = weight.shape
-        problem = None
-        if classes < 1 or width < 1:
-            problem = f"its weight has shape {list(weight.shape)}: no classes or no inputs"
-        elif not all(t.is_floating_point() for t in (weight, bias) if t is not None):
-            problem = "its weights are not floating point (" + ", ".join(
-                f"{n} {t.dtype}" for n, t in (("weight", weight), ("bias", bias)) if t is not None) + ")"
-        elif bias is not None and tuple(bias.shape) != (classes,):
-            problem = f"its bias has shape {list(bias.shape)}, its weight {list(weight.shape)} (expected [{classes}])"
-        if problem:
-            raise ArchitectureMismatchError(f"{checkpoint.path}: not a classification head this loader can "
-                                            f"build: {problem}. The file is damaged or holds something else.")
-        stored = checkpoint.attributes.get("normalize", checkpoint.metadata.get("normalize"))
-        if normalize is None:
-            normalize = stored if stored is not None else True
-            if stored is None:
-                log.info("%s: no normalize flag stored; using normalize=True as task_vectors did", checkpoint.path)
-        if isinstance(normalize, str):
-            normalize = normalize.lower() in ("1", "true", "yes")
-        head = cls(bool(normalize), weight, bias)
-        return place_module(head, device, dtype)
+        return head_from_checkpoint(cls, checkpoint, normalize=normalize, device=device, dtype=dtype)
 
     @classmethod
     def load(cls, path: str | PathLike[str], *, normalize: bool | None = None, device: Any = None,
@@ -528,6 +333,27 @@ class ClassificationHead(nn.Linear):
             >>> head = ClassificationHead.load("head_Cars.pt")  # doctest: +SKIP
             >>> logits = head(features)  # doctest: +SKIP
         """
-        device = device if device is not None else map_location
-        ckpt = read_checkpoint(path, map_location=device, cache_dir=cache_dir, allow_globals=allow_globals)
-        return cls.from_checkpoint(ckpt, normalize=normalize, device=device, dtype=dtype)
+        return load_head(cls, path, normalize=normalize, device=device, dtype=dtype, map_location=map_location,
+                         cache_dir=cache_dir, allow_globals=allow_globals)
+
+
+def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None:
+    """Raise ArchitectureMismatchError when a head's input size is not the encoder's output.
+
+    Modules without ``embed_dim`` (the encoder) or ``in_features`` (the head) are not checked.
+
+    Args:
+        encoder: the image encoder (its ``embed_dim``).
+        head: the classification head (its ``in_features``).
+        name: the pool entry both belong to, for the message.
+
+    Raises:
+        ArchitectureMismatchError: the sizes differ: the head belongs to another architecture.
+    """
+    embed = getattr(encoder, "embed_dim", None)
+    in_features = getattr(head, "in_features", None)
+    if embed is not None and in_features is not None and embed != in_features:
+        raise ArchitectureMismatchError(
+            f"pool entry {name!r}: the classification head takes {in_features}-dim features but the "
+            f"encoder produces {embed}-dim features; the head belongs to another architecture. Pair "
+            "it with an encoder of that size or fix the config.")

@@ -33,7 +33,7 @@ from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ArchitectureMismatchError, ConfigError, PoolError, amended
 from .keys import key_mismatch, task_vector_pair, to_clip_keys
-from .modeling import ClassificationHead, DType, ImageEncoder, image_transforms, place_module
+from .modeling import ClassificationHead, DType, ImageEncoder, check_head_fits, image_transforms, place_module
 from .sharding import check_shard, shard_units
 
 __all__ = ["OpenCLIPVisionModelPool"]
@@ -1003,17 +1003,6 @@ class OpenCLIPVisionModelPool:
                 raise _with_entry(cause, entry) from exc
             raise ConfigError(f"pool entry {entry.label}: Hydra could not instantiate "
                               f"{entry.config.get('_target_')!r}: {exc}") from exc
-
-
-def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None:
-    """Raise ArchitectureMismatchError when a head's input size is not the encoder's output."""
-    embed = getattr(encoder, "embed_dim", None)
-    in_features = getattr(head, "in_features", None)
-    if embed is not None and in_features is not None and embed != in_features:
-        raise ArchitectureMismatchError(
-            f"pool entry {name!r}: the classification head takes {in_features}-dim features but the "
-            f"encoder produces {embed}-dim features; the head belongs to another architecture. Pair "
-            "it with an encoder of that size or fix the config.")
 
 
 def _root(config: Any) -> Any:

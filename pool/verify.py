@@ -30,7 +30,8 @@ from .entries import Entry
 from .errors import ConfigError, PoolError, TaskVectorError
 from .integrity import check_integrity
 from .keys import key_mismatch, task_vector_pair
-from .modelpool import PRETRAINED, OpenCLIPVisionModelPool, check_head_fits
+from .modeling import check_head_fits
+from .modelpool import PRETRAINED, OpenCLIPVisionModelPool
 from .sharding import shard_units
 from .verify_report import (
     Architecture,

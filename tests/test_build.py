@@ -13,9 +13,9 @@ from pool.modeling import ImageEncoder, place_module
 
 
 def _force_torch_loading(monkeypatch) -> None:
-    from pool import modeling
+    from pool import assign
 
-    monkeypatch.setattr(modeling, "_loads_its_own_way", lambda module: True)
+    monkeypatch.setattr(assign, "_loads_its_own_way", lambda module: True)
 
 
 def test_fast_assignment_builds_what_load_state_dict_builds(write_encoder, monkeypatch):

@@ -251,6 +251,7 @@ def test_processors_without_loading_weights(synth_tree, monkeypatch):
         raise AssertionError("processors must not build an encoder")
 
     monkeypatch.setattr(ImageEncoder, "from_state_dict", refuse)
+    monkeypatch.setattr("pool.loading.build_clip", refuse)  # every encoder build goes through it
     train, test = pool.train_processor, pool.test_processor
     assert "RandomResizedCrop" in repr(train) and "CenterCrop" in repr(test)
     assert f"size=({TINY.image_size}, {TINY.image_size})" in repr(train)
@@ -370,18 +371,18 @@ def test_heads_come_from_the_open_clip_config_the_shapes_match(tmp_path, monkeyp
 
     import open_clip
 
-    from pool import arch as arch_module
     from pool import synth
+    from pool.arch import names as arch_names
 
     config = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "layers": 1, "width": 320, "head_width": 80, "patch_size": 16},
               "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 1, "layers": 1}}
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "tiny-h80", config)
-    arch_module._registry.cache_clear()
+    arch_names._registry.cache_clear()
     try:
         spec = replace(synth.TINY, width=320, heads=4, layers=1, patch_size=16, text_width=32)
         state = synth.make_original_encoder(spec, seed=0).state_dict()
         encoder = ImageEncoder.from_state_dict(state)
         assert encoder.model_name == "tiny-h80" and encoder.arch.heads == 4  # not 320 // 64 = 5
     finally:
-        arch_module._registry.cache_clear()
+        arch_names._registry.cache_clear()
