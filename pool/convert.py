@@ -36,7 +36,8 @@ from .containers.hf_folder import CONFIG, is_hf_folder, weights_file
 from .errors import CheckpointError, DestinationExistsError, PoolError
 from .keys import checkpoint_kind as _kind_of
 from .modeling import ClassificationHead, ImageEncoder
-from .saving import compare_tensors, module_payload, tensor_difference, write_checked
+from .saving import module_payload
+from .writer import compare_tensors, tensor_difference, write_checked
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
            "convert_tree", "sha256_file", "checkpoint_kind"]

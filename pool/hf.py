@@ -254,7 +254,7 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
         CorruptCheckpointError: ``model.safetensors`` did not read back identical.
     """
     from .keys import to_clip_keys
-    from .saving import contiguous_unshared, signals_as_exit, write_checked
+    from .writer import contiguous_unshared, signals_as_exit, write_checked
 
     folder = Path(destination).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)
