@@ -130,7 +130,7 @@ def test_safetensors_and_zip_sources_are_not_copied(sources, tmp_path, container
 
 
 def test_transformers_folders_are_not_copied(tmp_path):
-    from pool.hf import write_hf_folder
+    from pool.hf_export import write_hf_folder
 
     encoder = ImageEncoder.from_state_dict(synth.make_original_encoder(seed=1).state_dict())
     folder = write_hf_folder(encoder, tmp_path / "hf")
