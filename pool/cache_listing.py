@@ -65,7 +65,6 @@ class CacheEntry:
                 "bytes": self.nbytes, "status": self.status, "created": self.created, "reason": self.reason}
 
 
-
 class CacheListing(CacheIndex):
     """`CacheIndex` plus listing (`entries`) and clearing (`clear`)."""
 

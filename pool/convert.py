@@ -86,7 +86,6 @@ class TreePlan:
     unplaced: list[Path] = field(default_factory=list)
 
 
-
 def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
     """Find every ``.pt`` under root, where its safetensors goes and which config names it.
 
@@ -214,7 +213,6 @@ def _planned_difference(item: TreeItem) -> str | None:
     except PoolError:
         return "its source cannot be converted"  # convert_tree reports the source's own error
     return existing_difference(item.destination, tensors)
-
 
 
 def convert_tree(plan: TreePlan, *, force: bool = False,

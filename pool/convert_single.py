@@ -117,8 +117,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-
-
 def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
     encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
     arch = encoder.arch
@@ -133,8 +131,6 @@ def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, 
     res = ConvertResult(ckpt.path, ckpt.path, "head", normalize=head.normalize, classes=classes,
                         architecture=f"{classes} classes x {dim}")
     return *module_payload(head), res
-
-
 
 
 def conversion_payload(ckpt: Checkpoint, model_name: str | None = None
@@ -196,7 +192,6 @@ def stored_source_sha(path: Path) -> str | None:
             return (f.metadata() or {}).get("pool.source_sha256")
     except Exception:  # noqa: BLE001 - not ours / unreadable: treated as a foreign file
         return None
-
 
 
 def convert_file(source: str | Path, destination: str | Path, *, force: bool = False,
