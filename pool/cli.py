@@ -26,7 +26,7 @@ from .report import Style
 __all__ = ["main", "build_parser", "exit_status", "EXIT_OK", "EXIT_FOUND", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 #: A command's function: the parsed arguments and stdout's style in, the exit status out.
-Command = Callable[[argparse.Namespace, Style], int]
+_Command = Callable[[argparse.Namespace, Style], int]
 
 
 # -- exit status: the one policy (the codes: `pool.cli_common`) -------------------------------------
@@ -74,7 +74,7 @@ def _logging(debug: bool) -> Iterator[None]:
         logger.setLevel(old_level)
 
 
-def _command(name: str) -> Command:
+def _command(name: str) -> _Command:
     """The function that runs command ``name``: ``run`` of ``pool.cli_<name>``, imported when the
     command runs, so that ``--help``, ``--version`` and usage errors never import torch (seconds)."""
 

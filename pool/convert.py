@@ -50,7 +50,7 @@ __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file"
 
 log = logging.getLogger(__name__)
 
-TREE_CONFIG = "pool.safetensors.yaml"
+_TREE_CONFIG = "pool.safetensors.yaml"
 _CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
 
 
@@ -128,8 +128,8 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
     groups = _place_models(items, root)
     unplaced = _place_heads(items, groups)
     _refuse_duplicates(items)
-    configs = ({next(iter(groups)): root / TREE_CONFIG} if len(groups) == 1
-               else {g: g / TREE_CONFIG for g in sorted(groups)})
+    configs = ({next(iter(groups)): root / _TREE_CONFIG} if len(groups) == 1
+               else {g: g / _TREE_CONFIG for g in sorted(groups)})
     existing = _existing_destinations(items, force)
     existing += [str(config) for config in configs.values() if _config_in_the_way(config, force)]
     if existing:
