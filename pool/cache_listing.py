@@ -142,17 +142,7 @@ class CacheListing(CacheIndex):
         """
         if not self.folder.is_dir():
             return 0, 0
-        tag = self.folder / "CACHEDIR.TAG"
-        try:
-            self._check_folder()
-            ours = layout.read_small(tag, 4096).startswith(layout.TAG_SIGNATURE.encode())  # a link is no tag of ours
-        except FileNotFoundError:
-            ours = False
-        except (OSError, ValueError, CheckpointError) as exc:
-            raise NotACacheError(f"{self.folder}: {exc}; nothing was removed") from None
-        if not ours:
-            raise NotACacheError(f"{self.folder} is not a pool conversion cache (no CACHEDIR.TAG written by pool); "
-                                 "nothing was removed")
+        self._refuse_unless_ours()
         removed = freed = 0
         for item in list(self.entries()):
             if only_unusable and item.status == "fresh":
@@ -169,13 +159,33 @@ class CacheListing(CacheIndex):
                 for file in self._files_of(key):
                     freed += _unlink(file)
             removed += 1
-        for leftover in self.folder.iterdir():  # interrupted writes of keys that have no index
+        return removed, freed + self._clear_leftovers()
+
+    def _refuse_unless_ours(self) -> None:
+        """NotACacheError unless ``v1`` passes the folder checks and holds pool's CACHEDIR.TAG."""
+        tag = self.folder / "CACHEDIR.TAG"
+        try:
+            self._check_folder()
+            ours = layout.read_small(tag, 4096).startswith(layout.TAG_SIGNATURE.encode())  # a link is no tag of ours
+        except FileNotFoundError:
+            ours = False
+        except (OSError, ValueError, CheckpointError) as exc:
+            raise NotACacheError(f"{self.folder}: {exc}; nothing was removed") from None
+        if not ours:
+            raise NotACacheError(f"{self.folder} is not a pool conversion cache (no CACHEDIR.TAG written by pool); "
+                                 "nothing was removed")
+
+    def _clear_leftovers(self) -> int:
+        """Remove the temporary files of interrupted writes of keys that have no index (unless one
+        is being written now); the bytes freed."""
+        freed = 0
+        for leftover in self.folder.iterdir():
             match = layout.TMP_NAME.match(leftover.name)
             if match and not os.path.lexists(self.folder / f"{match.group(1)}.json"):
                 with self._locked(match.group(1), wait=False) as held:
                     if held:
                         freed += _unlink(leftover)
-        return removed, freed
+        return freed
 
 
 def _unlink(path: Path) -> int:
