@@ -19,10 +19,8 @@ This module converts whole trees (`plan_tree`, `convert_tree`) and is the conver
 face; one file is `pool.convert_single`, a transformers folder `pool.hf_export`.
 """
 
-
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -47,8 +45,6 @@ from .hf_export import convert_to_hf
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
            "convert_tree", "sha256_file"]
-
-log = logging.getLogger(__name__)
 
 _TREE_CONFIG = "pool.safetensors.yaml"
 _CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
