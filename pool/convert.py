@@ -14,301 +14,46 @@ What ``python -m pool convert`` runs. Every conversion:
 * refuses an existing destination unless ``force``. In a tree, a destination converted earlier
   from the same source bytes, or one that already holds exactly the tensors a conversion would
   write (say, a safetensors copy written by another tool), counts as up to date and is kept.
+
+This module converts whole trees (`plan_tree`, `convert_tree`) and is the conversions' public
+face; one file is `pool.convert_single`, a transformers folder `pool.hf_export`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from omegaconf import OmegaConf
 
-from .arch import default_quick_gelu, name_for_arch
-from .checkpoint import Checkpoint, read_checkpoint
-from .containers.hf_folder import CONFIG, is_hf_folder, weights_file
+from .arch import default_quick_gelu
+from .checkpoint import read_checkpoint
+from .convert_single import (
+    ConvertResult,
+    conversion_payload,
+    convert_file,
+    existing_difference,
+    sha256_file,
+    stored_source_sha,
+)
 from .errors import CheckpointError, DestinationExistsError, PoolError
-from .keys import checkpoint_kind as _kind_of
-from .modeling import ClassificationHead, ImageEncoder
-from .saving import compare_tensors, module_payload, tensor_difference, write_checked
+from .hf_export import convert_to_hf
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
-           "convert_tree", "sha256_file", "checkpoint_kind"]
+           "convert_tree", "sha256_file"]
 
-log = logging.getLogger(__name__)
-
-TREE_CONFIG = "pool.safetensors.yaml"
+_TREE_CONFIG = "pool.safetensors.yaml"
 _CONFIG_HEADER = "# written by `openclip-pool convert --tree`"
 
 
 @dataclass
-class ConvertResult:
-    """What one conversion did (``convert`` prints it; ``as_dict`` is its JSON form).
-
-    Attributes:
-        source: the checkpoint converted.
-        destination: the safetensors file.
-        kind: ``"encoder"`` or ``"head"`` (empty when the conversion failed before telling).
-        ok: whether the destination now holds the source's tensors.
-        status: ``"converted"``, ``"up to date"``, ``"same tensors"`` or ``"failed"``.
-        error: why it failed, or None.
-        model_name: an encoder's open_clip name (None for a custom ViT).
-        architecture: an encoder's description, or a head's ``<classes> classes x <dim>``.
-        quick_gelu: an encoder's activation, as recorded in the file's metadata.
-        normalize: a head's ``normalize`` flag.
-        classes: a head's classes.
-        tensors: the tensors written (or found).
-        bytes: the destination's size.
-        source_sha256: the source's sha256, recorded in the destination's metadata.
-        seconds: how long the conversion took.
-    """
-
-    source: Path
-    destination: Path
-    kind: str = ""
-    ok: bool = False
-    status: str = ""  # "converted", "up to date", "same tensors", "failed"
-    error: str | None = None
-    model_name: str | None = None
-    architecture: str | None = None
-    quick_gelu: bool | None = None
-    normalize: bool | None = None
-    classes: int | None = None
-    tensors: int = 0
-    bytes: int = 0
-    source_sha256: str = ""
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field, paths as strings.
-
-        Returns:
-            A new dict of the fields.
-        """
-        out = dict(self.__dict__)
-        out["source"], out["destination"] = str(self.source), str(self.destination)
-        return out
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file's bytes, read ``chunk`` bytes at a time (of a transformers model
-    folder: of its config.json then its weights file).
-
-    Args:
-        path: the file, or a transformers model folder.
-        chunk: bytes per read (default 1 MiB).
-
-    Returns:
-        The hex digest.
-
-    Raises:
-        OSError: the file cannot be read (``FileNotFoundError`` when it does not exist).
-        CorruptCheckpointError: a transformers folder holds only a sharded model.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.NamedTemporaryFile() as f:
-        ...     sha256_file(f.name)[:16]
-        'e3b0c44298fc1c14'
-    """
-    digest = hashlib.sha256()
-    folder = Path(path)
-    # a transformers folder: its config and its weights file, in that order
-    files = [folder / CONFIG, weights_file(folder)] if is_hf_folder(folder) else [folder]
-    for file in files:
-        with open(file, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_kind(ckpt: Checkpoint) -> str:
-    """``encoder``, ``head`` or ``unknown``: `pool.keys.checkpoint_kind` of the file's tensors.
-
-    Args:
-        ckpt: a checkpoint read with `pool.checkpoint.read_checkpoint`.
-
-    Returns:
-        ``"encoder"``, ``"head"`` or ``"unknown"``.
-
-    Example:
-        >>> from pool.checkpoint import read_checkpoint
-        >>> checkpoint_kind(read_checkpoint("head_Cars.pt"))  # doctest: +SKIP
-        'head'
-    """
-    return _kind_of(ckpt.state_dict)
-
-
-def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
-    encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
-    arch = encoder.arch
-    res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name_for_arch(arch),
-                        architecture=arch.describe(), quick_gelu=arch.quick_gelu)
-    return *module_payload(encoder), res
-
-
-def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
-    head = ClassificationHead.from_checkpoint(ckpt)  # validates shapes, resolves normalize
-    classes, dim = (int(x) for x in head.weight.shape)
-    res = ConvertResult(ckpt.path, ckpt.path, "head", normalize=head.normalize, classes=classes,
-                        architecture=f"{classes} classes x {dim}")
-    return *module_payload(head), res
-
-
-def convert_file(source: str | Path, destination: str | Path, *, force: bool = False,
-                 model_name: str | None = None, source_sha256: str | None = None,
-                 keep_current: bool = False) -> ConvertResult:
-    """Convert one checkpoint (encoder or head) to safetensors; see the module docstring.
-
-    ``keep_current``: an existing destination converted earlier from the same source bytes (its
-    ``pool.source_sha256``) is read back and compared instead of rewritten (status "up to date");
-    one that holds exactly the tensors this conversion would write is kept too ("same tensors");
-    any other raises DestinationExistsError.
-
-    Args:
-        source: the checkpoint to convert (any container; ``~`` is expanded). It is read with
-            the restricted reader and never written to.
-        destination: the safetensors file to write; its folder must exist.
-        force: replace an existing destination.
-        model_name: an open_clip name to check an encoder's weights against; None infers the
-            architecture from them.
-        source_sha256: the source's sha256 when already known (`plan_tree` computes it); None
-            computes it.
-        keep_current: keep an existing destination that already holds the source's tensors,
-            as described above.
-
-    Returns:
-        The `ConvertResult`, ``ok`` True and ``status`` ``"converted"``, ``"up to date"`` or
-        ``"same tensors"``.
-
-    Raises:
-        DestinationExistsError: the destination exists (without ``force``, or with
-            ``keep_current`` but other tensors), is a directory or the source itself, or its
-            folder does not exist.
-        CheckpointNotFoundError: the source does not exist.
-        UnsafeCheckpointError: the source names a global that could run code.
-        CorruptCheckpointError: the source is damaged, or the file written (or kept) does not
-            read back bit for bit as meant (nothing is replaced).
-        CheckpointError: the source is neither an image encoder nor a classification head, or
-            cannot be used otherwise.
-        ArchitectureMismatchError: an encoder's weights are no ViT image tower this loader
-            builds, or not the one ``model_name`` names; a head's tensors are inconsistent.
-        ConfigError: ``model_name`` is no open_clip ViT config this loader can build.
-
-    Example:
-        >>> from pool.convert import convert_file
-        >>> result = convert_file("ViT-B-32/Cars/finetuned.pt", "cars.safetensors")  # doctest: +SKIP
-        >>> result.status, result.kind, result.model_name  # doctest: +SKIP
-        ('converted', 'encoder', 'ViT-B-32')
-    """
-
-    from . import __version__
-
-    start = time.perf_counter()
-    src, dst = Path(source).expanduser(), Path(destination).expanduser()
-    if dst.is_dir():
-        raise DestinationExistsError(f"{dst} is a directory; give the destination file name.")
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise DestinationExistsError(f"{dst} is the source itself; the source is never overwritten.")
-    if dst.exists() and not force and not keep_current:
-        raise DestinationExistsError(
-            f"{dst} exists; refusing to overwrite it. Pass --force to replace it, or choose another "
-            "destination.")
-    if not dst.parent.is_dir():
-        raise DestinationExistsError(f"{dst.parent} is not an existing folder; create it first.")
-    ckpt = read_checkpoint(src, cache_dir=False)
-    digest = source_sha256 or sha256_file(src)
-    tensors, meta, res = _payload(ckpt, model_name)
-    meta.update({"format": "pt", "pool.source_sha256": digest, "pool.source_name": src.name,
-                 "pool.source_container": ckpt.container, "pool.writer": f"openclip-pool {__version__}"})
-    res.source, res.destination, res.source_sha256 = src, dst, digest
-    res.tensors = len(tensors)
-    if dst.exists() and not force:
-        if _stored_source_sha(dst) == digest:
-            compare_tensors(read_checkpoint(dst, mmap=False, cache_dir=False).state_dict, tensors,
-                            f"{dst} (converted earlier from {src}; pass --force to rewrite it)")
-            res.status = "up to date"
-        else:
-            difference = _existing_difference(dst, tensors)
-            if difference is not None:
-                raise DestinationExistsError(
-                    f"{dst} exists and does not hold {src}'s tensors ({difference}); refusing to "
-                    "overwrite it. Pass --force to replace it.")
-            res.status = "same tensors"
-        res.ok, res.bytes = True, dst.stat().st_size
-        res.seconds = time.perf_counter() - start
-        return res
-    res.bytes = write_checked(tensors, meta, dst)
-    res.ok, res.status = True, "converted"
-    res.seconds = time.perf_counter() - start
-    log.info("converted %s -> %s (%d tensors) in %.3f s", src, dst, res.tensors, res.seconds)
-    return res
-
-
-def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = False,
-                  model_name: str | None = None) -> ConvertResult:
-    """Write an encoder checkpoint (any form pool reads) as a transformers
-    ``CLIPVisionModelWithProjection`` folder (`pool.hf.write_hf_folder`): ``config.json`` with
-    the activation (``quick_gelu`` for OpenAI-derived weights), ``model.safetensors`` and
-    ``preprocessor_config.json``. The weights are read back from the folder by pool's own reader
-    and compared bit for bit with the encoder's; the source is never modified.
-
-    Args:
-        source: an encoder checkpoint (a head has no transformers counterpart).
-        destination: the folder to write (created; an existing non-empty folder needs ``force``).
-        force: write into an existing, non-empty folder.
-        model_name: an open_clip name to check the weights against.
-
-    Returns:
-        The `ConvertResult` (``kind="encoder"``, ``status="converted"``).
-
-    Raises:
-        DestinationExistsError: the destination is a file, or a non-empty folder without ``force``.
-        CheckpointError: the source is no encoder, or cannot be read.
-    """
-    from .hf import to_hf, write_hf_folder
-    from .keys import to_clip_keys
-
-    start = time.perf_counter()
-    src, dst = Path(source).expanduser(), Path(destination).expanduser()
-    a, b = src.resolve(), dst.resolve()
-    if a == b or a in b.parents or b in a.parents:
-        raise DestinationExistsError(f"{dst} is, holds or lies inside the source {src}; the source is never "
-                                     "overwritten. Choose another folder.")
-    if dst.exists() and not dst.is_dir():
-        raise DestinationExistsError(f"{dst} is a file; --to hf writes a folder (config.json, model.safetensors, "
-                                     "preprocessor_config.json). Give a folder name.")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise DestinationExistsError(f"{dst} exists and is not empty; refusing to write into it. Pass --force, "
-                                     "or choose a new folder.")
-    ckpt = read_checkpoint(src, cache_dir=False)
-    digest = sha256_file(src)
-    if checkpoint_kind(ckpt) != "encoder":
-        raise CheckpointError(f"{src}: not an image encoder; only encoders have a transformers counterpart "
-                              "(CLIPVisionModelWithProjection).")
-    encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
-    write_hf_folder(encoder, dst)
-    expected = to_hf(to_clip_keys(encoder.state_dict()))
-    compare_tensors(read_checkpoint(dst / "model.safetensors", mmap=False, cache_dir=False).state_dict,
-                    {k: v.detach().contiguous().cpu() for k, v in expected.items()}, str(dst / "model.safetensors"))
-    arch = encoder.arch
-    res = ConvertResult(src, dst, "encoder", ok=True, status="converted", model_name=name_for_arch(arch),
-                        architecture=arch.describe(), quick_gelu=arch.quick_gelu, tensors=len(expected),
-                        bytes=sum(p.stat().st_size for p in dst.iterdir() if p.is_file()),
-                        source_sha256=digest, seconds=time.perf_counter() - start)
-    log.info("converted %s -> %s (transformers folder) in %.3f s", src, dst, res.seconds)
-    return res
-
-
-# -- trees ----------------------------------------------------------------------------------------
-@dataclass
 class TreeItem:
+    """One ``.pt`` file of a tree: where its safetensors goes and what a config calls it."""
+
     source: Path
     destination: Path
     group: Path | None = None  # the architecture folder whose config lists it
@@ -335,41 +80,6 @@ class TreePlan:
     items: list[TreeItem]
     configs: dict[Path, Path] = field(default_factory=dict)  # group -> config path
     unplaced: list[Path] = field(default_factory=list)
-
-
-def _payload(ckpt: Checkpoint, model_name: str | None = None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
-    """The tensors (contiguous, unshared), metadata and result a conversion of ``ckpt`` writes."""
-    kind = checkpoint_kind(ckpt)
-    if kind == "encoder":
-        tensors, meta, res = _encoder_payload(ckpt, model_name)
-    elif kind == "head":
-        tensors, meta, res = _head_payload(ckpt)
-    else:
-        raise CheckpointError(
-            f"{ckpt.path}: neither an image encoder (no visual.conv1.weight) nor a classification head "
-            f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
-            "`python -m pool inspect` shows what it is.")
-    return tensors, meta, res
-
-
-def _existing_difference(destination: Path, tensors: dict[str, torch.Tensor]) -> str | None:
-    """None when ``destination`` already holds exactly ``tensors``, else how it differs."""
-    try:
-        held = read_checkpoint(destination, mmap=False, cache_dir=False).state_dict
-    except PoolError as exc:
-        return f"it cannot be read: {exc}"
-    return tensor_difference(held, tensors)
-
-
-def _stored_source_sha(path: Path) -> str | None:
-    try:
-        import safetensors
-
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("pool.source_sha256")
-    except Exception:  # noqa: BLE001 - not ours / unreadable: treated as a foreign file
-        return None
 
 
 def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
@@ -411,6 +121,22 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
     if not sources:
         raise CheckpointError(f"{root}: no .pt files under it; nothing to convert.")
     items = [TreeItem(p, p.with_suffix(".safetensors")) for p in sources]
+    groups = _place_models(items, root)
+    unplaced = _place_heads(items, groups)
+    _refuse_duplicates(items)
+    configs = ({next(iter(groups)): root / _TREE_CONFIG} if len(groups) == 1
+               else {g: g / _TREE_CONFIG for g in sorted(groups)})
+    existing = _existing_destinations(items, force)
+    existing += [str(config) for config in configs.values() if _config_in_the_way(config, force)]
+    if existing:
+        raise DestinationExistsError(
+            f"refusing to overwrite {len(existing)} existing file(s) that this tree's conversion "
+            f"would write: {', '.join(existing)}. Nothing was written. Pass --force to replace them.")
+    return TreePlan(root, items, configs, unplaced)
+
+
+def _place_models(items: list[TreeItem], root: Path) -> set[Path]:
+    """Give ``zeroshot.pt`` and ``<Task>/finetuned.pt`` their group, role and name; the groups found."""
     groups: set[Path] = set()
     for item in items:
         if item.source.name == "zeroshot.pt":
@@ -419,6 +145,12 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
             item.group, item.role, item.name = item.source.parent.parent, "model", item.source.parent.name.lower()
         if item.group is not None:
             groups.add(item.group)
+    return groups
+
+
+def _place_heads(items: list[TreeItem], groups: set[Path]) -> list[Path]:
+    """Give ``head_<Task>.pt`` its group (its folder's, or the single group below it), role and
+    name; the files left named in no config."""
     unplaced: list[Path] = []
     for item in items:
         stem = item.source.stem
@@ -431,6 +163,11 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
                 item.group, item.role, item.name = group, "head", stem[5:].lower()
         if item.role is None:
             unplaced.append(item.source)
+    return unplaced
+
+
+def _refuse_duplicates(items: list[TreeItem]) -> None:
+    """CheckpointError when two files would get the same role and name in one group."""
     seen: dict[tuple[Path, str, str], Path] = {}
     for item in items:
         if item.role is None:
@@ -440,13 +177,16 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
             raise CheckpointError(f"{item.source} and {seen[key]} would both be {item.role} {item.name!r} "
                                   f"of {item.group}; rename one of them.")
         seen[key] = item.source
-    configs = ({next(iter(groups)): root / TREE_CONFIG} if len(groups) == 1
-               else {g: g / TREE_CONFIG for g in sorted(groups)})
+
+
+def _existing_destinations(items: list[TreeItem], force: bool) -> list[str]:
+    """The destinations a conversion would replace, each with how it differs; those converted
+    earlier from the same source bytes, or holding the very tensors, are marked up to date instead."""
     existing: list[str] = []
     for item in items:
         if item.destination.exists():
             item.sha256 = sha256_file(item.source)
-            if _stored_source_sha(item.destination) == item.sha256:
+            if stored_source_sha(item.destination) == item.sha256:
                 item.up_to_date = True
             elif not force:
                 difference = _planned_difference(item)
@@ -454,22 +194,21 @@ def plan_tree(root: str | Path, *, force: bool = False) -> TreePlan:
                     item.up_to_date = True  # holds the very tensors: kept, reported "same tensors"
                 else:
                     existing.append(f"{item.destination} ({difference})")
-    for config in configs.values():
-        if config.exists() and not force and not config.read_text(errors="replace").startswith(_CONFIG_HEADER):
-            existing.append(str(config))
-    if existing:
-        raise DestinationExistsError(
-            f"refusing to overwrite {len(existing)} existing file(s) that this tree's conversion "
-            f"would write: {', '.join(existing)}. Nothing was written. Pass --force to replace them.")
-    return TreePlan(root, items, configs, unplaced)
+    return existing
+
+
+def _config_in_the_way(config: Path, force: bool) -> bool:
+    """Whether writing ``config`` would replace a file this command did not write."""
+    return config.exists() and not force and not config.read_text(errors="replace").startswith(_CONFIG_HEADER)
 
 
 def _planned_difference(item: TreeItem) -> str | None:
+    """How an existing destination differs from what converting its source would write."""
     try:
-        tensors, _, _ = _payload(read_checkpoint(item.source, cache_dir=False))
+        tensors, _, _ = conversion_payload(read_checkpoint(item.source, cache_dir=False))
     except PoolError:
         return "its source cannot be converted"  # convert_tree reports the source's own error
-    return _existing_difference(item.destination, tensors)
+    return existing_difference(item.destination, tensors)
 
 
 def convert_tree(plan: TreePlan, *, force: bool = False,
@@ -522,6 +261,7 @@ def convert_tree(plan: TreePlan, *, force: bool = False,
 
 
 def _model_entry(res: ConvertResult) -> dict[str, Any]:
+    """A model's entry in the tree's config."""
     entry: dict[str, Any] = {"state_dict_path": str(res.destination.absolute())}
     if res.model_name:
         entry["model_name"] = res.model_name
@@ -532,8 +272,7 @@ def _model_entry(res: ConvertResult) -> dict[str, Any]:
 
 
 def _write_config(config: Path, group: Path, members: Iterable[TreeItem], by_source: dict[Path, ConvertResult]) -> None:
-    from omegaconf import OmegaConf
-
+    """Write one group's pool config (atomically), checking each file holds what its name says."""
     members = list(members)
     models: dict[str, Any] = {}
     heads: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from .entries import Entry
 from .errors import DistributedError
@@ -65,8 +66,6 @@ def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads
     Raises:
         DistributedError: the process group could not start, or a rank did not answer in time.
     """
-    import torch.distributed as dist
-
     start = time.perf_counter()
     place = world()
     if place is None:

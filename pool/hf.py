@@ -11,29 +11,21 @@ transformers names a CLIP vision tower ``vision_model.*`` plus ``visual_projecti
 * everything else is a rename (``ln_pre`` is transformers' ``pre_layrnorm``, sic).
 
 `from_hf` gives open_clip CLIP keys (what `pool.keys.to_clip_keys` returns for any layout);
-`to_hf` gives a ``CLIPVisionModelWithProjection`` state dict; `vision_config` and
-`preprocessor_config` the JSON files `write_hf_folder` puts beside it. QuickGELU is
-``hidden_act: quick_gelu``, nn.GELU is ``gelu`` (both exact; transformers' tanh approximations are
-other functions and are refused).
+`to_hf` gives a ``CLIPVisionModelWithProjection`` state dict (`pool.hf_export` writes the folder
+around it). QuickGELU is ``hidden_act: quick_gelu``, nn.GELU is ``gelu`` (both exact; transformers'
+tanh approximations are other functions and are refused).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from .errors import ArchitectureMismatchError
 
-__all__ = ["is_hf_layout", "from_hf", "to_hf", "vision_config", "preprocessor_config", "write_hf_folder",
-           "HF_ACTIVATIONS", "LAYER_NORM_EPS"]
+__all__ = ["is_hf_layout", "from_hf", "to_hf", "HF_ACTIVATIONS", "LAYER_NORM_EPS"]
 
 #: transformers' ``hidden_act`` for each open_clip activation (QuickGELU or not).
 HF_ACTIVATIONS = {True: "quick_gelu", False: "gelu"}
@@ -165,126 +157,3 @@ def to_hf(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             elif name in _BLOCK:
                 out[f"{prefix}.{_BLOCK[name]}.{kind}"] = value
     return out
-
-
-def vision_config(arch: Any) -> dict[str, Any]:
-    """``config.json`` of a ``CLIPVisionModelWithProjection`` for a `pool.arch.VisionArch`.
-
-    Args:
-        arch: the encoder's architecture (its ``quick_gelu`` decides ``hidden_act``).
-
-    Returns:
-        The config as a dict, ready for ``json.dumps``.
-
-    Example:
-        >>> from pool.arch import arch_for_name
-        >>> config = vision_config(arch_for_name("ViT-B-32"))
-        >>> config["hidden_size"], config["num_attention_heads"], config["hidden_act"]
-        (768, 12, 'quick_gelu')
-    """
-    return {
-        "architectures": ["CLIPVisionModelWithProjection"],
-        "model_type": "clip_vision_model",
-        "hidden_size": arch.width,
-        "intermediate_size": int(round(arch.width * arch.mlp_ratio)),
-        "num_hidden_layers": arch.layers,
-        "num_attention_heads": arch.heads,
-        "image_size": arch.image_size,
-        "patch_size": arch.patch_size,
-        "projection_dim": arch.embed_dim,
-        "num_channels": 3,
-        "hidden_act": HF_ACTIVATIONS[bool(arch.quick_gelu)],
-        "layer_norm_eps": LAYER_NORM_EPS,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "initializer_factor": 1.0,
-        "torch_dtype": "float32",
-    }
-
-
-def preprocessor_config(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    """``preprocessor_config.json`` for ``CLIPImageProcessor``.
-
-    Resize the shortest side (bicubic), center-crop, scale to [0, 1], normalise with the encoder's
-    own mean and std.
-
-    Args:
-        image_size: the encoder's input resolution (the resize and the crop).
-        mean: the per-channel mean to subtract.
-        std: the per-channel standard deviation to divide by.
-
-    Returns:
-        The config as a dict, ready for ``json.dumps``.
-    """
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
-        "do_convert_rgb": True,
-    }
-
-
-def _normalize_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    for step in getattr(transform, "transforms", []):
-        if hasattr(step, "mean") and hasattr(step, "std"):
-            return tuple(float(x) for x in step.mean), tuple(float(x) for x in step.std)
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
-
-
-def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
-    """Write an `ImageEncoder` as a transformers ``CLIPVisionModelWithProjection`` folder:
-    ``config.json``, ``model.safetensors`` (written and read back by `pool.saving.write_checked`) and
-    ``preprocessor_config.json``. The files are written into a temporary folder beside it, then a
-    new (or empty) folder is renamed into place in one step; in an existing folder each file is
-    replaced atomically. An interrupted or failed write leaves no partial file and nothing of the
-    temporary folder (SIGTERM / SIGHUP included: `pool.saving.signals_as_exit`).
-
-    Args:
-        encoder: an `ImageEncoder` (its ``arch`` and ``val_preprocess`` are used).
-        destination: the folder (``~`` is expanded).
-
-    Returns:
-        The folder.
-
-    Raises:
-        CorruptCheckpointError: ``model.safetensors`` did not read back identical.
-    """
-    from .keys import to_clip_keys
-    from .saving import contiguous_unshared, signals_as_exit, write_checked
-
-    folder = Path(destination).expanduser()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tensors = contiguous_unshared(to_hf(to_clip_keys(encoder.state_dict())))
-    from .arch import HEADS_METADATA, QUICK_GELU_METADATA
-
-    # transformers reads only "format"; ours keep the weights file right when used on its own
-    metadata = {"format": "pt", QUICK_GELU_METADATA: str(bool(encoder.arch.quick_gelu)).lower(),
-                HEADS_METADATA: str(encoder.arch.heads)}
-    mean, std = _normalize_of(encoder.val_preprocess)
-    with signals_as_exit():
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
-            write_checked(tensors, metadata, staging / "model.safetensors")
-            for name, body in (("config.json", vision_config(encoder.arch)),
-                               ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):
-                (staging / name).write_text(json.dumps(body, indent=2) + "\n")
-            _publish(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def _publish(staging: Path, folder: Path) -> None:
-    """Move a written folder into place: renamed whole where ``folder`` is new or empty, else file by
-    file (each replace atomic)."""
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-    if not folder.exists():
-        os.rename(staging, folder)
-        return
-    for item in staging.iterdir():
-        os.replace(item, folder / item.name)

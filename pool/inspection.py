@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .arch import infer_arch, name_for_arch
 from .checkpoint import read_checkpoint, sniff_container
 from .containers import REGISTRY
 from .containers.hf_folder import NAME as HF_FOLDER
@@ -134,8 +135,6 @@ def inspect_file(path: str | Path, sha256: str, allow_globals: Iterable[str] | N
         >>> info.kind, info.container, info.unsafe  # doctest: +SKIP
         ('encoder', 'zip', [])
     """
-    from .arch import infer_arch, name_for_arch
-
     p = Path(path).expanduser()
     container = sniff_container(p)
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size

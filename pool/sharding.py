@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TypeVar
 
+from .errors import ConfigError
+
 __all__ = ["shard_units", "check_shard"]
 
 U = TypeVar("U", bound=Hashable)
@@ -27,8 +29,6 @@ def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     Raises:
         ConfigError: not two integers with ``0 <= rank < world_size``.
     """
-    from .errors import ConfigError
-
     try:
         rank, world_size = shard
     except (TypeError, ValueError):

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import safetensors.torch
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from .arch import VisionArch, arch_for_name, build_clip
@@ -127,7 +129,7 @@ def make_original_encoder(arch: VisionArch = TINY, seed: int = 0) -> nn.Module:
         >>> make_original_encoder(seed=1).model.visual.conv1.weight.shape
         torch.Size([128, 3, 8, 8])
     """
-    import open_clip
+    import open_clip  # lazy: importing open_clip takes seconds; `import pool.synth` stays light
 
     model = build_clip(arch, device="cpu")
     generator = torch.Generator().manual_seed(seed)
@@ -230,8 +232,6 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, fmt: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
     if fmt == "safetensors":
-        import safetensors.torch
-
         safetensors.torch.save_file(tensors, str(path))
     else:
         torch.save(tensors, path)
@@ -289,8 +289,6 @@ def write_tree(root: str | Path, *, arch: VisionArch | str = TINY, tasks: Sequen
         ...     sorted(tree.files)
         ['_pretrained_', 'cars', 'cars_safetensors', 'cars_state_dict', 'head_cars']
     """
-    from omegaconf import OmegaConf
-
     model_name = arch if isinstance(arch, str) else None
     spec = arch_for_name(arch) if isinstance(arch, str) else arch
     root = Path(root)

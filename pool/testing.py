@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from . import synth
 from .arch import VisionArch
@@ -124,9 +126,6 @@ def write_golden_tree(root: str | Path, *, seed: int = 0, batch: int = 2) -> Gol
     files alone. (`pool`'s own tests additionally pin the outputs open_clip 2.0.2 computes, with
     golden files written by 2.0.2 itself: tests/data/golden.)
     """
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
-
     tree = synth.write_tree(Path(root), seed=seed)
     spec, tasks = tree.arch, tree.tasks
     originals: dict[str, torch.nn.Module] = {"_pretrained_": synth.make_original_encoder(spec, seed=seed)}

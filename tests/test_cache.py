@@ -33,9 +33,9 @@ CACHED = ("legacy", "pickle")  # the containers the cache copies (pool.cache.CAC
 def settled(monkeypatch):
     """Files written by a test are seconds old at most: let the cache take them (the rule that it
     does not is tested on its own, below)."""
-    from pool import cache as cache_module
+    from pool import cache_layout
 
-    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(cache_layout, "RACY_SECONDS", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_safetensors_and_zip_sources_are_not_copied(sources, tmp_path, container
 
 
 def test_transformers_folders_are_not_copied(tmp_path):
-    from pool.hf import write_hf_folder
+    from pool.hf_export import write_hf_folder
 
     encoder = ImageEncoder.from_state_dict(synth.make_original_encoder(seed=1).state_dict())
     folder = write_hf_folder(encoder, tmp_path / "hf")
@@ -244,12 +244,12 @@ def test_in_place_rewrite_with_the_same_mtime_is_not_served(sources, tmp_path, c
 def test_sampled_content_catches_a_change_the_identity_misses(sources, tmp_path, monkeypatch):
     """Where ctime cannot be trusted (it is all the identity has left here), the sampled blocks are
     the second line: a change inside a sampled block is not served."""
-    from pool import cache as cache_module
+    from pool import cache_layout
 
     path = _copy(sources["encoder", "legacy"], tmp_path / "model.pt")
     read_checkpoint(path, cache_dir=tmp_path / "c")
-    identity = cache_module._identity
-    monkeypatch.setattr(cache_module, "_identity", lambda info: {**identity(info), "ctime_ns": 0})
+    identity = cache_layout.identity
+    monkeypatch.setattr(cache_layout, "identity", lambda info: {**identity(info), "ctime_ns": 0})
     read_checkpoint(path, cache_dir=tmp_path / "c")  # re-indexed with ctime ignored
     last = path.stat().st_size - 4096
     blocks = [last * i // 15 for i in range(16)]  # where the sampled blocks start
@@ -509,11 +509,11 @@ def test_a_group_writable_cache_is_not_used(sources, tmp_path, caplog):
 
 @pytest.mark.parametrize("blocker", ["directory", "dangling symlink"])
 def test_an_unusable_lock_file_does_not_fail_the_load(sources, tmp_path, blocker, caplog):
-    from pool import cache as cache_module
+    from pool import cache_layout
 
     path = sources["encoder", "pickle"]
     (tmp_path / "v1").mkdir(mode=0o700)
-    lock = tmp_path / "v1" / f"{cache_module._key(Path(os.path.realpath(path)))}.lock"
+    lock = tmp_path / "v1" / f"{cache_layout.key_of(Path(os.path.realpath(path)))}.lock"
     if blocker == "directory":
         lock.mkdir()
     else:
@@ -577,20 +577,20 @@ def test_an_entry_removed_between_lookup_and_read_does_not_fail_the_load(sources
 
 
 def test_a_file_changed_moments_ago_is_not_cached_yet(sources, tmp_path, monkeypatch):
-    from pool import cache as cache_module
+    from pool import cache_layout
 
-    monkeypatch.setattr(cache_module, "RACY_SECONDS", 3600.0)
+    monkeypatch.setattr(cache_layout, "RACY_SECONDS", 3600.0)
     path = _copy(sources["encoder", "pickle"], tmp_path / "fresh.pt")
     assert read_checkpoint(path, cache_dir=tmp_path / "c").cache_entry is None
     assert _entries(tmp_path / "c") == []
-    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(cache_layout, "RACY_SECONDS", 0.0)
     read_checkpoint(path, cache_dir=tmp_path / "c")
     assert read_checkpoint(path, cache_dir=tmp_path / "c").cache_entry is not None
 
 
 def _plant(cache_dir: Path, change: dict[str, str]) -> None:
     """Rewrite the entry with its metadata changed, and re-index it (a self-consistent forgery)."""
-    from pool import cache as cache_module
+    from pool import cache_layout
 
     (index,) = (cache_dir / "v1").glob("*.json")
     data = json.loads(index.read_text(encoding="utf-8"))
@@ -599,7 +599,7 @@ def _plant(cache_dir: Path, change: dict[str, str]) -> None:
     import safetensors.torch
 
     safetensors.torch.save_file(dict(ckpt.state_dict), str(entry), metadata={**ckpt.metadata, **change})
-    data["entry_identity"], data["entry_sample"] = cache_module._probe(entry, nofollow=True)
+    data["entry_identity"], data["entry_sample"] = cache_layout.probe(entry, nofollow=True)
     index.write_text(json.dumps(data), encoding="utf-8")
 
 
@@ -635,20 +635,20 @@ def test_an_entry_that_is_not_what_the_cache_writes_is_rebuilt(sources, tmp_path
 def test_a_write_that_fails_for_a_passing_reason_is_retried(sources, tmp_path, monkeypatch, caplog):
     """A full disk, or a temporary file removed by a concurrent `cache clear`, is no property of the
     file: the next load tries again (only what safetensors cannot hold is recorded as uncacheable)."""
-    from pool import saving
+    from pool import cache_store
 
     path = sources["encoder", "pickle"]
-    real = saving.write_checked
+    real = cache_store.write_checked
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(saving, "write_checked", full_disk)
+    monkeypatch.setattr(cache_store, "write_checked", full_disk)
     with caplog.at_level(logging.WARNING, logger="pool.cache"):
         assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is None
     assert "No space left" in caplog.text
     assert [e.status for e in CheckpointCache(tmp_path).entries()] == []
-    monkeypatch.setattr(saving, "write_checked", real)
+    monkeypatch.setattr(cache_store, "write_checked", real)
     read_checkpoint(path, cache_dir=tmp_path)
     assert read_checkpoint(path, cache_dir=tmp_path).cache_entry is not None
 
@@ -669,11 +669,11 @@ def test_a_device_that_fails_is_reported_as_without_the_cache(sources, tmp_path,
 def test_clear_leaves_an_entry_being_written_and_an_orphan_takes_only_itself(sources, tmp_path):
     import fcntl
 
-    from pool import cache as cache_module
+    from pool import cache_layout
 
     path = sources["encoder", "pickle"]
     read_checkpoint(path, cache_dir=tmp_path)
-    key = cache_module._key(Path(os.path.realpath(path)))
+    key = cache_layout.key_of(Path(os.path.realpath(path)))
     fresh = _entries(tmp_path)[0]
     orphan = fresh.with_name(f"{key}.{'0' * 16}.safetensors")
     shutil.copyfile(fresh, orphan)
@@ -731,9 +731,9 @@ def test_info_survives_odd_indexes_and_a_fifo_entry(sources, tmp_path, capsys):
     entry = tmp_path / "v1" / data["entry"]
     entry.unlink()
     os.mkfifo(entry)
-    from pool import cache as cache_module
+    from pool import cache_layout
 
-    data["entry_identity"] = cache_module._identity(entry.lstat())
+    data["entry_identity"] = cache_layout.identity(entry.lstat())
     data["created"] = "yesterday"
     index.write_text(json.dumps(data), encoding="utf-8")
     assert main(["cache", "info", "--cache-dir", str(tmp_path), "--json"]) == 0  # returns: the FIFO is not read

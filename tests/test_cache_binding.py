@@ -32,9 +32,9 @@ _MODULE = {"legacy": "pool.containers.legacy", "pickle": "pool.containers.rawpic
 @pytest.fixture(autouse=True)
 def settled(monkeypatch):
     """Files written by a test are seconds old at most: let the cache take them."""
-    from pool import cache as cache_module
+    from pool import cache_layout
 
-    monkeypatch.setattr(cache_module, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(cache_layout, "RACY_SECONDS", 0.0)
 
 
 def _same(a, b) -> None:

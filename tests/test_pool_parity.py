@@ -68,17 +68,17 @@ def test_save_model_keeps_the_activation_and_a_heads_flag(pool, tmp_path):
 
 
 def test_save_model_is_atomic_and_names_a_bad_destination(pool, tmp_path, monkeypatch):
-    import pool.saving as saving
+    from pool.errors import CorruptCheckpointError
 
     encoder = pool.load_model("cars")
     target = tmp_path / "merged.safetensors"
     target.write_bytes(b"the previous merge")
 
     def broken_read(*args, **kwargs):
-        raise saving.CorruptCheckpointError("read back failed")
+        raise CorruptCheckpointError("read back failed")
 
-    monkeypatch.setattr("pool.checkpoint.read_checkpoint", broken_read)
-    with pytest.raises(saving.CorruptCheckpointError):
+    monkeypatch.setattr("pool.writer._read_back", broken_read)  # the writer's read-back of its file
+    with pytest.raises(CorruptCheckpointError):
         pool.save_model(encoder, target)
     assert target.read_bytes() == b"the previous merge" and sorted(os.listdir(tmp_path)) == ["merged.safetensors"]
     monkeypatch.undo()
