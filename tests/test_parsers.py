@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from pool.checkpoint import read_checkpoint
 from pool.containers.zipfmt import parse_zip
 from pool.errors import CheckpointError, CorruptCheckpointError
+from pool.inert import GlobalRecord
 from pool.pickle_scan import MAX_TUPLE_DEPTH, scan_pickle
 from pool.tensors import StorageRef, TensorSpec, materialize
-from pool.unpickler import GlobalRecord, Reader
+from pool.unpickler import Reader
 
 
 def torch_zip(obj=None) -> bytes:

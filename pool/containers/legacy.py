@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, brief
-from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
+from ..inert import GlobalRecord, PersistentRecord, Record
+from ..record_values import is_key, record_bytes, storage_from_pid
+from ..records import find_calls, walk
 from ..tensors import StorageRef, materialize
 from ..transfer import OpenFile
-from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
+from ..unpickler import InPlaceBytes, Reader
 from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, opened, result
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]

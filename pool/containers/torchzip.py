@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, brief
-from ..records import storage_from_pid, walk
+from ..record_values import storage_from_pid
+from ..records import walk
 from ..tensors import StorageRef, materialize
 from ..transfer import Span, read_spans
 from .base import Checkpoint, OpenFile, ReadOptions, file_storage, listing_globals, map_file, opened, result
