@@ -18,13 +18,15 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, brief
+from ..fileio import FileRanges, copy_bytes, map_file, opened
 from ..inert import GlobalRecord, PersistentRecord, Record
 from ..record_values import is_key, record_bytes, storage_from_pid
 from ..records import find_calls, walk
 from ..tensors import StorageRef, materialize
 from ..transfer import OpenFile
 from ..unpickler import InPlaceBytes, Reader
-from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, opened, result
+from .base import Checkpoint, ReadOptions
+from .pickled import listing_globals, reader_for, result
 
 __all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
 
@@ -292,14 +294,8 @@ class Legacy:
     """
 
     name = "legacy"
+    description = "torch legacy (_use_new_zipfile_serialization=False)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"torch legacy (_use_new_zipfile_serialization=False)"``.
-        """
-        return "torch legacy (_use_new_zipfile_serialization=False)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a legacy stream (`is_legacy`).
@@ -330,7 +326,7 @@ class Legacy:
             UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
             CheckpointError: the file changed while it was read.
         """
-        reader = options.reader(str(path))
+        reader = reader_for(options, str(path))
         with listing_globals(reader), opened(path, file) as f:
             buffer = map_file(f)
             size = len(buffer)

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError, brief
+from ..fileio import file_storage, map_file, opened
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
 from ..transfer import OpenFile, Span, read_spans
-from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file, opened
+from .base import Checkpoint, ReadOptions
+from .sniffing import as_text
 
 __all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
            "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS", "MAX_HEADER_BYTES", "MAX_TENSORS",
@@ -293,14 +295,8 @@ class Safetensors:
     """
 
     name = "safetensors"
+    description = "safetensors (tensors and a JSON header; no pickle)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"safetensors (tensors and a JSON header; no pickle)"``.
-        """
-        return "safetensors (tensors and a JSON header; no pickle)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a safetensors file: a header length that fits, then ``{``.
