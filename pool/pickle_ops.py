@@ -66,7 +66,17 @@ UNICODE = ord("V")
 
 
 def string_constant(data: bytes | memoryview, start: int, stop: int, code: int) -> str | int:
-    """A short string constant, as STACK_GLOBAL would see it (0 for byte strings of protocol 2)."""
+    """A short string constant, as STACK_GLOBAL would see it.
+
+    Args:
+        data: the pickle's bytes.
+        start: where the string's bytes start.
+        stop: where they end.
+        code: the opcode byte that holds it.
+
+    Returns:
+        The text (a protocol-2 byte string decoded as latin-1), or 0 for bytes no reader decodes.
+    """
     raw = bytes(data[start:stop])
     if code in PY2_STRINGS:  # BINSTRING / SHORT_BINSTRING: decoded with the reader's latin-1
         return raw.decode("latin-1")
@@ -77,8 +87,16 @@ def string_constant(data: bytes | memoryview, start: int, stop: int, code: int) 
 
 
 def line_constant(raw: bytes, code: int) -> str | int:
-    """A protocol-0 string as CPython decodes it: STRING is a quoted, escaped literal (read as
-    latin-1 here, as the reader does), UNICODE is raw-unicode-escape (0: not a string)."""
+    """A protocol-0 string as CPython decodes it.
+
+    Args:
+        raw: the line, without its newline.
+        code: the opcode byte: STRING (a quoted, escaped literal, read as latin-1 here, as the
+            reader does) or UNICODE (raw-unicode-escape).
+
+    Returns:
+        The text, or 0 when it is not a string.
+    """
     try:
         if code == UNICODE:
             return raw.decode("raw_unicode_escape")

@@ -45,7 +45,14 @@ _LOCATION = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 
 
 def type_name(obj: Any) -> str:
-    """The class a record stands for (``module.Name``), or the Python type of plain data."""
+    """The class a record stands for (``module.Name``), or the Python type of plain data.
+
+    Args:
+        obj: plain data or a record.
+
+    Returns:
+        ``module.Name`` (``(...)`` added per call of a call), for messages.
+    """
     calls = 0
     while isinstance(obj, CallRecord) and calls < 3:  # a call of a call of ...: bounded
         obj, calls = obj.func, calls + 1
@@ -64,7 +71,14 @@ def type_name(obj: Any) -> str:
 
 
 def call_name(obj: Any) -> str | None:
-    """``module.name`` of the global a record instance is a call of."""
+    """``module.name`` of the global a record instance is a call of.
+
+    Args:
+        obj: anything the unpickler produced.
+
+    Returns:
+        The global's ``module.name``, or None when ``obj`` is no call of a global.
+    """
     return global_of(obj) if isinstance(obj, GlobalRecord) else None
 
 
@@ -132,24 +146,64 @@ class ValueReader:
         self.reached: set[int] = set()  # ids of the tensor records interpreted
 
     def fail(self, what: str) -> CorruptCheckpointError:
+        """The error for a checkpoint holding something no writer writes.
+
+        Args:
+            what: what was found, and where.
+
+        Returns:
+            The `CorruptCheckpointError` to raise.
+        """
         return CorruptCheckpointError(f"{self.source}: {what}; the file is damaged or not a model "
                                       "checkpoint: download it again from a trusted source.")
 
     def charge(self, steps: int, where: str) -> None:
-        """Count work against the walk's budget (entries visited, items looked at)."""
+        """Count work against the walk's budget (entries visited, items looked at).
+
+        Args:
+            steps: how much work.
+            where: the entry being read, for the message.
+
+        Raises:
+            CorruptCheckpointError: the walk went past `MAX_WALK_ENTRIES` steps.
+        """
         self.steps += steps
         if self.steps > MAX_WALK_ENTRIES:
             raise self.fail(f"the pickle expands to more than {MAX_WALK_ENTRIES} entries (shared "
                             "references nested over and over)")
 
     def enter(self, obj: Any, where: str, depth: int) -> None:
+        """Count one visit of ``obj``, and refuse a structure nested past `MAX_DEPTH`.
+
+        Args:
+            obj: what is visited.
+            where: its key or module path, for messages.
+            depth: how deep it sits.
+
+        Raises:
+            CorruptCheckpointError: past the walk's budget or depth.
+        """
         self.charge(1, where)
         if depth > MAX_DEPTH:
             raise self.fail(f"{where or 'the root'} nests more than {MAX_DEPTH} levels deep")
 
     # -- values --------------------------------------------------------------------------------
     def value(self, obj: Any, where: str, depth: int) -> Any:
-        """Interpret a record as the plain value it stands for, where one is defined."""
+        """Interpret a record as the plain value it stands for, where one is defined.
+
+        Args:
+            obj: plain data or a record.
+            where: its key or module path, for messages.
+            depth: how deep it sits.
+
+        Returns:
+            A `TensorSpec`, a storage reference, a dict, tuple or set, the plain data itself, or
+            the record itself when it stands for no value read here.
+
+        Raises:
+            CorruptCheckpointError: a record no writer writes (a tensor given a state, a mapping
+                made from arguments, ...).
+        """
         self.enter(obj, where, depth)
         if isinstance(obj, StorageRef | TensorSpec) or not isinstance(obj, Record):
             return obj
@@ -159,7 +213,7 @@ class ValueReader:
                 raise self.fail(f"{where}: a storage reference modified by the pickle (BUILD or items)")
             return obj.value
         if name in _TENSOR_RECORDS:
-            return self.tensor_record(obj, name, where, depth)
+            return self._tensor_record(obj, name, where, depth)
         if name == "torch.storage._load_from_bytes":
             if self.blob is None:
                 raise self.fail(f"{where}: a storage blob that cannot be read here")
@@ -167,9 +221,9 @@ class ValueReader:
         if not obj.called and obj.args and name in _CALLED:
             raise self.fail(f"{where}: a {name} made with NEWOBJ from arguments (its reader would ignore "
                             "them); no writer does this")
-        return self.container(obj, name, where, depth)
+        return self._container(obj, name, where, depth)
 
-    def tensor_record(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
+    def _tensor_record(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
         """A tensor, parameter or tensor-subclass record, made by a plain call and given no state."""
         if obj.state is not None:
             raise self.fail(f"{where}: a tensor whose state is set afterwards (BUILD); torch never "
@@ -179,31 +233,31 @@ class ValueReader:
             raise self.fail(f"{where}: a tensor record made without a plain call (NEWOBJ or keyword "
                             "arguments); torch never writes this and its reader would refuse it")
         if name in _TENSOR_REBUILDERS:
-            return self.tensor(obj, name, where, depth)
+            return self._tensor(obj, name, where, depth)
         if name in _PARAMETER_REBUILDERS:
             data = self.value(obj.args[0] if obj.args else None, where, depth + 1)
             if not isinstance(data, TensorSpec):  # Parameter(None) is an empty tensor to torch
                 raise self.fail(f"{where}: a parameter over a {type_name(data)}, not a tensor")
-            self.parameter(obj, name, data, where, depth)
+            self._parameter(obj, name, data, where, depth)
             return data
-        return self.from_type(obj, where, depth)
+        return self._from_type(obj, where, depth)
 
-    def container(self, obj: Record, name: str | None, where: str, depth: int) -> Any:
+    def _container(self, obj: Record, name: str | None, where: str, depth: int) -> Any:
         """A ``torch.Size``, mapping, ``Counter`` or set record as its value; any other record as it is."""
         if name == "torch.Size" and len(obj.args) == 1:
-            return tuple(self.sequence(obj.args[0], where, depth))
+            return tuple(self._sequence(obj.args[0], where, depth))
         if name in MAPPINGS:
-            return self.mapping(obj, where, depth)
+            return self._mapping(obj, where, depth)
         if name == "collections.Counter":
             if obj.args or obj.kwargs:
                 raise self.fail(f"{where}: a Counter built from arguments (it would count them, not map them)")
-            return self.mapping(obj, where, depth)
+            return self._mapping(obj, where, depth)
         if name in SETS:
-            items = self.sequence(obj.args[0], where, depth) if obj.args else []
+            items = self._sequence(obj.args[0], where, depth) if obj.args else []
             return {x for x in items if isinstance(x, str)}
         return obj
 
-    def sequence(self, obj: Any, where: str, depth: int) -> list:
+    def _sequence(self, obj: Any, where: str, depth: int) -> list:
         """A list, tuple or set the pickle built (never anything a record would compute)."""
         value = self.value(obj, where, depth + 1)
         if not isinstance(value, (list, tuple, set, frozenset)):
@@ -211,7 +265,7 @@ class ValueReader:
         self.charge(len(value), where)
         return list(value)
 
-    def mapping(self, obj: Record, where: str, depth: int) -> dict:
+    def _mapping(self, obj: Record, where: str, depth: int) -> dict:
         if obj.state is not None and not isinstance(obj.state, dict):
             raise self.fail(f"{where}: a mapping given a state that is not a dict")
         cached = self.mappings.get(id(obj))
@@ -241,7 +295,16 @@ class ValueReader:
         return out
 
     def empty(self, obj: Any, where: str, depth: int) -> bool:
-        """Whether a recorded value is empty: None, or a mapping or sequence with nothing in it."""
+        """Whether a recorded value is empty: None, or a mapping or sequence with nothing in it.
+
+        Args:
+            obj: plain data or a record.
+            where: its key or module path, for messages.
+            depth: how deep it sits.
+
+        Returns:
+            True when it is None or an empty mapping or sequence with no state or items added.
+        """
         if obj is None:
             return True
         if type(obj).__mro__[1] is GlobalRecord and obj.record_name == "collections.OrderedDict":
@@ -251,7 +314,7 @@ class ValueReader:
         return isinstance(value, (dict, list, tuple)) and not value and not (
             isinstance(obj, Record) and (obj.state is not None or obj.items))
 
-    def parameter(self, obj: Record, name: str, data: TensorSpec, where: str, depth: int) -> None:
+    def _parameter(self, obj: Record, name: str, data: TensorSpec, where: str, depth: int) -> None:
         """Refuse a parameter record whose hooks or state torch would apply (other weights), or an
         integer one that requires grad (torch refuses to build it); ``data`` is its tensor's value."""
         args = obj.args
@@ -268,7 +331,7 @@ class ValueReader:
             raise self.fail(f"{where}: a parameter record with hooks or a state that torch would apply to "
                             "its tensor (it would load other weights than the record holds)")
 
-    def from_type(self, obj: Record, where: str, depth: int) -> TensorSpec:
+    def _from_type(self, obj: Record, where: str, depth: int) -> TensorSpec:
         """A tensor-subclass record: only torch.Tensor / Parameter, with no state to apply."""
         args = obj.args
         if len(args) != 4 or not isinstance(args[2], tuple):
@@ -281,7 +344,7 @@ class ValueReader:
                             "on it (it could load other weights than the record holds)")
         return self.value(func(*args[2]), where, depth + 1)  # a call of the record class: called
 
-    def tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
+    def _tensor(self, obj: Record, name: str, where: str, depth: int) -> TensorSpec:
         args = obj.args
         extra = {"torch._utils._rebuild_tensor": 4, "torch._utils._rebuild_tensor_v2": 6,
                  "torch._utils._rebuild_tensor_v3": 7}[name]

@@ -149,7 +149,16 @@ def move_by_location(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Te
                      locations: Mapping[str, torch.device]) -> dict[str, torch.Tensor]:
     """``torch.load``'s dict ``map_location``: each tensor goes to the device ``locations`` gives
     its storage's saved location; a location the dict does not name stays on the CPU (pool never
-    puts a tensor on an accelerator it was not asked for). Each storage is moved once."""
+    puts a tensor on an accelerator it was not asked for). Each storage is moved once.
+
+    Args:
+        tensors: tensors by key.
+        specs: their specs, whose storages' saved locations are looked up.
+        locations: saved location (``"cuda:0"``) -> device.
+
+    Returns:
+        A new dict of the tensors, in the same order, on their devices.
+    """
     groups: dict[torch.device | None, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         spec = specs.get(name)

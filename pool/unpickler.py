@@ -115,7 +115,15 @@ def is_unsafe_global(module: str, name: str) -> bool:
 
 
 def python3_name(module: str, name: str) -> tuple[str, str]:
-    """Map Python 2 names (protocol-2 pickles write ``__builtin__.set``) as pickle itself does."""
+    """Map Python 2 names (protocol-2 pickles write ``__builtin__.set``) as pickle itself does.
+
+    Args:
+        module: the module, as the pickle spells it.
+        name: the name in it.
+
+    Returns:
+        ``(module, name)`` in Python 3's spelling.
+    """
     if (module, name) in _compat_pickle.NAME_MAPPING:
         return _compat_pickle.NAME_MAPPING[(module, name)]
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
