@@ -9,7 +9,7 @@ unpickler's stack with placeholders, and refuses (`CorruptCheckpointError`) any 
   unpickler grows an array to the largest index, a few bytes costing gigabytes), or fetches one
   never stored;
 * nests tuples deeper than `MAX_TUPLE_DEPTH` (hashing a deeply nested tuple as a dict key or set
-  element recurses in C and can crash the interpreter), or marks deeper than `MAX_MARKS`;
+  element recurses in C and can crash the interpreter), or marks deeper than `_MAX_MARKS`;
 * has more than `MAX_OPCODES` opcodes, creates (or memoizes) more than `MAX_OBJECTS` objects,
   or pops what it never pushed;
 * names a ``STACK_GLOBAL`` from anything but string constants.
@@ -18,6 +18,10 @@ It also lists every global the pickle names (``GLOBAL``, ``INST``, ``STACK_GLOBA
 without importing anything, so a refusal can still say what the file asked for. Only a pickle
 that passes is handed to the unpickler (`pool.unpickler`): the bytes it parses are exactly the
 bytes checked here. Knows nothing of torch.
+
+`_Scanner` holds the simulated state; each opcode family (constants, memo, marks, containers,
+globals and calls, framing) has one small handler, found by opcode byte in a table built from
+`pool.pickle_ops`, which knows each opcode's argument layout and family.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ from .pickle_ops import (
     string_constant,
 )
 
-__all__ = ["ScanResult", "scan_pickle", "MAX_TUPLE_DEPTH", "MAX_OBJECTS", "MAX_MARKS", "MAX_OPCODES"]
+__all__ = ["ScanResult", "scan_pickle", "MAX_TUPLE_DEPTH", "MAX_OBJECTS", "MAX_OPCODES"]
 
 MAX_TUPLE_DEPTH = 64  # real checkpoints nest tuples 3-4 deep (args tuples holding size tuples)
-MAX_MARKS = 1_000  # open MARKs at once: a real module pickle keeps a handful
+_MAX_MARKS = 1_000  # open MARKs at once: a real module pickle keeps a handful
 MAX_OBJECTS = 2_000_000  # objects one pickle may create (a ViT-L-14 module pickle: ~60,000)
-MAX_GLOBALS = 10_000  # distinct globals one pickle may name (a ViT encoder: ~30)
+_MAX_GLOBALS = 10_000  # distinct globals one pickle may name (a ViT encoder: ~30)
 MAX_OPCODES = 4_000_000  # opcodes in one pickle (a ViT-B-32 module pickle: ~20,000)
 
 
@@ -214,8 +218,8 @@ class _Scanner:
 
     def _add_global(self, module: str, name: str) -> None:
         self.seen.setdefault((module, name), None)
-        if len(self.seen) > MAX_GLOBALS:
-            raise ScanRefusal(f"it names more than {MAX_GLOBALS} distinct globals", self.at)
+        if len(self.seen) > _MAX_GLOBALS:
+            raise ScanRefusal(f"it names more than {_MAX_GLOBALS} distinct globals", self.at)
 
     def _store(self, key: int) -> None:
         memo = self.memo
@@ -315,8 +319,8 @@ class _Scanner:
     def _mark(self, code: int, i: int) -> int:
         self.marks.append(self.stack)
         self.stack = []
-        if len(self.marks) > MAX_MARKS:
-            raise ScanRefusal(f"more than {MAX_MARKS} MARKs open at once", self.at)
+        if len(self.marks) > _MAX_MARKS:
+            raise ScanRefusal(f"more than {_MAX_MARKS} MARKs open at once", self.at)
         return i + 1
 
     def _pop(self, code: int, i: int) -> int:

@@ -83,8 +83,8 @@ class TensorSpec:
 
 
 INT_LIMIT = 1 << 62  # sizes, strides, offsets and keys beyond this fit no file and overflow int64
-MAX_EXPANSION = 4  # tensors may take this many times the file's size once copied ...
-EXPANSION_SLACK = 64 << 20  # ... plus this (small files with legitimately shared views)
+_MAX_EXPANSION = 4  # tensors may take this many times the file's size once copied ...
+_EXPANSION_SLACK = 64 << 20  # ... plus this (small files with legitimately shared views)
 
 
 def _is_count(value: object) -> bool:
@@ -222,13 +222,13 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
     Raises:
         CorruptCheckpointError: a dtype off the allowlist, a malformed shape, a view reaching
             past its storage, a storage the file does not hold or that claims more bytes than are
-            there, or tensors that would take more than `MAX_EXPANSION` times the file's size
-            (plus `EXPANSION_SLACK`) once copied.
+            there, or tensors that would take more than `_MAX_EXPANSION` times the file's size
+            (plus `_EXPANSION_SLACK`) once copied.
     """
     for name, spec in specs.items():  # shapes first: bounded integers before any arithmetic on them
         _check_shape(spec, name, source)
     total = _logical_bytes(specs)
-    if total > MAX_EXPANSION * file_size + EXPANSION_SLACK:
+    if total > _MAX_EXPANSION * file_size + _EXPANSION_SLACK:
         raise CorruptCheckpointError(
             f"{source}: its tensors would take {total:,} bytes once copied, from a file of {file_size:,}: "
             "they are views of the same bytes over and over (broadcast or aliased). No checkpoint looks "

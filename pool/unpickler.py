@@ -40,7 +40,7 @@ from .pickle_scan import ScanResult, scan_pickle
 __all__ = ["GlobalName", "Unpickled", "InPlaceBytes", "Reader", "is_unsafe_global", "python3_name"]
 
 # How many distinct globals one read may turn into record classes (a real encoder names ~30).
-MAX_RECORD_TYPES = 10_000
+_MAX_RECORD_TYPES = 10_000
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,8 @@ class _RecordTypes:
         key = (module, name)
         cls = self.types.get(key)
         if cls is None:
-            if len(self.types) >= MAX_RECORD_TYPES:
-                raise CorruptCheckpointError(f"{source}: the file names more than {MAX_RECORD_TYPES} "
+            if len(self.types) >= _MAX_RECORD_TYPES:
+                raise CorruptCheckpointError(f"{source}: the file names more than {_MAX_RECORD_TYPES} "
                                              "distinct globals; no checkpoint does.")
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
@@ -287,7 +287,7 @@ class Reader:
         Raises:
             UnsafeCheckpointError: the global (not seen by the scan) is unsafe and
                 ``refuse_unsafe`` is set.
-            CorruptCheckpointError: the read names more than ``MAX_RECORD_TYPES`` globals.
+            CorruptCheckpointError: the read names more than ``_MAX_RECORD_TYPES`` globals.
         """
         key = python3_name(module, name)
         if key not in self.globals:
