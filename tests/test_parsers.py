@@ -216,6 +216,18 @@ def test_scan_refusals(data, why):
         scan_pickle(data, source="evil.pt")
 
 
+@pytest.mark.parametrize("data,at", [
+    (b"\x80\x02N\x85h", 4),  # BINGET cut off: its own offset, not the TUPLE1's before it
+    (b"\x80\x02R.", 2),  # REDUCE on an empty stack
+    (b"\x80\x02r\x00\x00\x00\x00.", 2),  # LONG_BINPUT with nothing to store
+])
+def test_a_refusal_names_the_offset_of_the_opcode_refused(data, at):
+    """Every opcode's refusal points at that opcode, in a short pickle as in a long one (the
+    scan's former inlined fast path named the opcode before it)."""
+    with pytest.raises(CorruptCheckpointError, match=f"malformed at byte {at}:"):
+        scan_pickle(data, source="evil.pt")
+
+
 def test_scan_lists_globals_without_importing_them():
     data = b"\x80\x02cnot_a_module_at_all\nthing\n)R\x8c\x0bother_thing\x8c\x01f\x93\x86."
     assert scan_pickle(data).globals == [("not_a_module_at_all", "thing"), ("other_thing", "f")]
