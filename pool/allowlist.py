@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["Allowed", "ALLOWLIST", "lookup", "parse_allow_globals", "USER_WRITER"]
+__all__ = ["Allowed", "ALLOWLIST", "lookup", "parse_allow_globals"]
 
 #: The ``writer`` of a global the user allowed.
-USER_WRITER = "allowed by you"
+_USER_WRITER = "allowed by you"
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def lookup(name: str, user: frozenset[str] = frozenset()) -> Allowed | None:
     """
     entry = ALLOWLIST.get(name)
     if entry is None and name in user:
-        return Allowed("any", "user", USER_WRITER)
+        return Allowed("any", "user", _USER_WRITER)
     return entry
 
 

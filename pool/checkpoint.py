@@ -28,9 +28,9 @@ from .cache import CACHEABLE, CheckpointCache, resolve_cache_dir
 from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
-from .containers.base import OpenFile, as_text
 from .containers.hf_folder import NAME as HF_FOLDER
 from .containers.hf_folder import is_hf_folder, read_hf_folder
+from .containers.sniffing import as_text
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -40,6 +40,7 @@ from .errors import (
 )
 from .gcpause import paused_gc
 from .records import ModuleInfo
+from .transfer import OpenFile
 
 __all__ = [
     "Checkpoint",

@@ -27,7 +27,7 @@ __all__ = ["Inspection", "inspect_file", "CONTAINER_NAMES"]
 
 log = logging.getLogger(__name__)
 
-CONTAINER_NAMES = {container.name: container.describe() for container in REGISTRY}
+CONTAINER_NAMES = {container.name: container.description for container in REGISTRY}
 CONTAINER_NAMES[HF_FOLDER] = "transformers model folder (config.json beside model.safetensors or pytorch_model.bin)"
 
 

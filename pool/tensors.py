@@ -19,8 +19,8 @@ import torch
 
 from .errors import CorruptCheckpointError, brief
 
-__all__ = ["StorageRef", "TensorSpec", "materialize", "move", "logical_bytes", "STORAGE_DTYPES", "DTYPES",
-           "aligned", "INT_LIMIT"]
+__all__ = ["StorageRef", "TensorSpec", "materialize", "move", "move_by_location", "STORAGE_DTYPES", "DTYPES",
+           "INT_LIMIT"]
 
 #: legacy storage class names (``torch.FloatStorage`` ...) -> element dtype
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -83,8 +83,8 @@ class TensorSpec:
 
 
 INT_LIMIT = 1 << 62  # sizes, strides, offsets and keys beyond this fit no file and overflow int64
-MAX_EXPANSION = 4  # tensors may take this many times the file's size once copied ...
-EXPANSION_SLACK = 64 << 20  # ... plus this (small files with legitimately shared views)
+_MAX_EXPANSION = 4  # tensors may take this many times the file's size once copied ...
+_EXPANSION_SLACK = 64 << 20  # ... plus this (small files with legitimately shared views)
 
 
 def _is_count(value: object) -> bool:
@@ -104,7 +104,7 @@ def _check_shape(spec: TensorSpec, name: str, source: str) -> None:
             f"{brief(stride)}, offset {brief(offset)}); the file is damaged: download it again.")
 
 
-def check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
+def _check_spec(spec: TensorSpec, nbytes: int, name: str, source: str) -> None:
     """Refuse a view that reaches past the ``nbytes`` of its storage (shape already checked)."""
     size, stride, offset = spec.size, spec.stride, spec.offset
     itemsize = spec.dtype.itemsize
@@ -149,7 +149,16 @@ def move_by_location(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Te
                      locations: Mapping[str, torch.device]) -> dict[str, torch.Tensor]:
     """``torch.load``'s dict ``map_location``: each tensor goes to the device ``locations`` gives
     its storage's saved location; a location the dict does not name stays on the CPU (pool never
-    puts a tensor on an accelerator it was not asked for). Each storage is moved once."""
+    puts a tensor on an accelerator it was not asked for). Each storage is moved once.
+
+    Args:
+        tensors: tensors by key.
+        specs: their specs, whose storages' saved locations are looked up.
+        locations: saved location (``"cuda:0"``) -> device.
+
+    Returns:
+        A new dict of the tensors, in the same order, on their devices.
+    """
     groups: dict[torch.device | None, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         spec = specs.get(name)
@@ -160,7 +169,7 @@ def move_by_location(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Te
     return {name: placed[name] for name in tensors}
 
 
-def aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:
+def _aligned(storage: torch.UntypedStorage, alignment: int = 64) -> torch.UntypedStorage:
     """``storage``, or a copy of it at an aligned address if it starts misaligned.
 
     Args:
@@ -181,7 +190,7 @@ def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def logical_bytes(specs: Mapping[str, TensorSpec]) -> int:
+def _logical_bytes(specs: Mapping[str, TensorSpec]) -> int:
     """The bytes the tensors would take if each were copied (views and broadcasts counted in full).
 
     Args:
@@ -213,13 +222,13 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
     Raises:
         CorruptCheckpointError: a dtype off the allowlist, a malformed shape, a view reaching
             past its storage, a storage the file does not hold or that claims more bytes than are
-            there, or tensors that would take more than `MAX_EXPANSION` times the file's size
-            (plus `EXPANSION_SLACK`) once copied.
+            there, or tensors that would take more than `_MAX_EXPANSION` times the file's size
+            (plus `_EXPANSION_SLACK`) once copied.
     """
     for name, spec in specs.items():  # shapes first: bounded integers before any arithmetic on them
         _check_shape(spec, name, source)
-    total = logical_bytes(specs)
-    if total > MAX_EXPANSION * file_size + EXPANSION_SLACK:
+    total = _logical_bytes(specs)
+    if total > _MAX_EXPANSION * file_size + _EXPANSION_SLACK:
         raise CorruptCheckpointError(
             f"{source}: its tensors would take {total:,} bytes once copied, from a file of {file_size:,}: "
             "they are views of the same bytes over and over (broadcast or aliased). No checkpoint looks "
@@ -227,32 +236,40 @@ def materialize(specs: Mapping[str, TensorSpec], storages: Mapping[str, torch.Un
     views: dict[tuple[str, int, int], torch.UntypedStorage] = {}
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
-        ref = spec.storage
-        root = storages.get(ref.key)
-        if root is None:
-            raise CorruptCheckpointError(
-                f"{source}: tensor {brief(name)} refers to storage {brief(ref.key)}, which the file does not "
-                "hold; the file is damaged: download it again.")
-        claimed = ref.numel * ref.dtype.itemsize
-        key = (ref.key, ref.byte_offset, claimed)
-        storage = views.get(key)
-        if storage is None:
-            if ref.byte_offset + claimed > root.nbytes():
-                raise CorruptCheckpointError(
-                    f"{source}: storage {ref.key!r} claims {claimed} bytes but only "
-                    f"{max(0, root.nbytes() - ref.byte_offset)} are there (from byte {ref.byte_offset}); "
-                    "the file is truncated or damaged: download it again.")
-            storage = root
-            if ref.byte_offset or claimed < root.nbytes():
-                storage = root[ref.byte_offset:ref.byte_offset + claimed]
-            views[key] = storage
-        check_spec(spec, storage.nbytes(), name, source)
-        if storage.data_ptr() % spec.dtype.itemsize:  # misaligned for this dtype: one aligned copy
-            key = (ref.key, ref.byte_offset, -claimed - 1)
-            copy = views.get(key)
-            if copy is None:
-                copy = views[key] = aligned(storage)
-            storage = copy
+        storage = _storage_for(spec, name, storages, views, source)
         out[name] = torch.empty(0, dtype=spec.dtype, device=storage.device).set_(
             storage, spec.offset, spec.size, spec.stride)
     return out
+
+
+def _storage_for(spec: TensorSpec, name: str, storages: Mapping[str, torch.UntypedStorage],
+                 views: dict[tuple[str, int, int], torch.UntypedStorage], source: str) -> torch.UntypedStorage:
+    """The bytes a spec's storage reference stands for (a slice of what the container read, made
+    once per reference in ``views``), checked to hold the spec's view; copied once if misaligned."""
+    ref = spec.storage
+    root = storages.get(ref.key)
+    if root is None:
+        raise CorruptCheckpointError(
+            f"{source}: tensor {brief(name)} refers to storage {brief(ref.key)}, which the file does not "
+            "hold; the file is damaged: download it again.")
+    claimed = ref.numel * ref.dtype.itemsize
+    key = (ref.key, ref.byte_offset, claimed)
+    storage = views.get(key)
+    if storage is None:
+        if ref.byte_offset + claimed > root.nbytes():
+            raise CorruptCheckpointError(
+                f"{source}: storage {ref.key!r} claims {claimed} bytes but only "
+                f"{max(0, root.nbytes() - ref.byte_offset)} are there (from byte {ref.byte_offset}); "
+                "the file is truncated or damaged: download it again.")
+        storage = root
+        if ref.byte_offset or claimed < root.nbytes():
+            storage = root[ref.byte_offset:ref.byte_offset + claimed]
+        views[key] = storage
+    _check_spec(spec, storage.nbytes(), name, source)
+    if storage.data_ptr() % spec.dtype.itemsize:  # misaligned for this dtype: one aligned copy
+        key = (ref.key, ref.byte_offset, -claimed - 1)
+        copy = views.get(key)
+        if copy is None:
+            copy = views[key] = _aligned(storage)
+        storage = copy
+    return storage

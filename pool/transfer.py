@@ -28,7 +28,7 @@ import torch
 
 from .errors import CheckpointError, FileChangedError, UnreadableCheckpointError, printable
 
-__all__ = ["Span", "read_spans", "OpenFile", "open_regular", "pread_into", "FileChangedError"]
+__all__ = ["Span", "read_spans", "OpenFile", "pread_into", "host_buffer"]
 
 log = logging.getLogger(__name__)
 

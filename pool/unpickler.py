@@ -34,13 +34,13 @@ from .errors import (
     amended,
     printable,
 )
-from .pickle_scan import scan_pickle
+from .inert import COPIED_AT_CALL, GlobalRecord, PersistentRecord
+from .pickle_scan import ScanResult, scan_pickle
 
-__all__ = ["GlobalName", "GlobalRecord", "CallRecord", "Record", "PersistentRecord", "Unpickled", "InPlaceBytes",
-           "Reader", "is_unsafe_global", "global_of"]
+__all__ = ["GlobalName", "Unpickled", "InPlaceBytes", "Reader", "is_unsafe_global", "python3_name"]
 
 # How many distinct globals one read may turn into record classes (a real encoder names ~30).
-MAX_RECORD_TYPES = 10_000
+_MAX_RECORD_TYPES = 10_000
 
 
 @dataclass(frozen=True)
@@ -115,234 +115,18 @@ def is_unsafe_global(module: str, name: str) -> bool:
 
 
 def python3_name(module: str, name: str) -> tuple[str, str]:
-    """Map Python 2 names (protocol-2 pickles write ``__builtin__.set``) as pickle itself does."""
+    """Map Python 2 names (protocol-2 pickles write ``__builtin__.set``) as pickle itself does.
+
+    Args:
+        module: the module, as the pickle spells it.
+        name: the name in it.
+
+    Returns:
+        ``(module, name)`` in Python 3's spelling.
+    """
     if (module, name) in _compat_pickle.NAME_MAPPING:
         return _compat_pickle.NAME_MAPPING[(module, name)]
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
-
-
-class Record:
-    """An object a pickle asked for. Keeps what it was made from; runs nothing (``object``'s
-    ``__init__`` is all that follows ``__new__``: the class the file names never runs).
-
-    ``args`` / ``kwargs``: the call or ``NEWOBJ`` arguments; ``state``: what ``BUILD`` handed
-    over (recorded, never applied); ``items``: what ``APPEND(S)`` / ``SETITEM(S)`` added.
-
-    Args:
-        *args: the call's positional arguments, kept as ``args``.
-        **kwargs: its keyword arguments, kept as ``kwargs``.
-    """
-
-    __slots__ = ("args", "kwargs", "state", "items", "called")
-    record_global: GlobalName | None = None
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Record:
-        self = object.__new__(cls)
-        self.args = args
-        self.kwargs = kwargs
-        self.state = None
-        self.items = None
-        self.called = False
-        return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Only a call (REDUCE, INST, OBJ) runs __init__ after __new__; NEWOBJ runs __new__ alone,
-        # which for most classes is another operation (OrderedDict.__new__ ignores its arguments).
-        self.called = True
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def _add_item(self, item: Any) -> None:
-        if self.items is None:
-            self.items = []
-        self.items.append(item)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._add_item((key, value))
-
-    def append(self, value: Any) -> None:
-        """Record what the pickle's ``APPEND`` added (nothing is built).
-
-        Args:
-            value: the item, kept in ``items``.
-        """
-        Record._add_item(self, value)
-
-    def extend(self, values: Any) -> None:
-        """Record what the pickle's ``APPENDS`` added (nothing is built).
-
-        Args:
-            values: the items, kept in ``items`` in order.
-        """
-        for value in values:
-            Record._add_item(self, value)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
-        """A pickle may call what an earlier call returned (``partial(...)()``): one more record."""
-        return CallRecord(self, args, kwargs)
-
-    def __reduce__(self) -> Any:
-        raise TypeError("records are not picklable")
-
-    def __repr__(self) -> str:
-        return f"<record {self.record_global or 'call'}>"
-
-
-class GlobalRecord(Record):
-    """Base of the per-global record classes; an instance is one call (or NEWOBJ) of the global.
-    ``record_name`` is the global's ``module.name`` as the file spells it (compare with it; print
-    ``record_global``, which escapes it). ``record_role`` is its allowlist role when the read
-    enforces roles (`pool.allowlist`), else None: a pickle that uses a global against its role is
-    refused as it is unpickled (docs/design.md §4.2).
-
-    Args:
-        *args: the call's positional arguments, kept as ``args``.
-        **kwargs: its keyword arguments, kept as ``kwargs``.
-    """
-
-    __slots__ = ()
-    record_name: str = "?"
-    record_role: str | None = None
-    record_checked: bool = False  # roles apply: a role from the allowlist (not None, not the user's "any")
-    record_made: list | None = None  # rebuild roles: every tensor record the read made, in order
-    record_copies: bool = False  # a call that copies its first argument when it runs (_COPIED_AT_CALL)
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> GlobalRecord:
-        role = cls.record_role
-        if role in _NEVER_MADE:
-            raise RoleMisuse(f"makes an object of '{cls.record_global}' ({role} {_NEVER_MADE[role]})", cls)
-        if role == "class" and (args or kwargs):
-            raise RoleMisuse(f"creates '{cls.record_global}' with arguments; writers create a model's classes "
-                          "empty and then set their state", cls)
-        if role == "enum" and (len(args) != 1 or kwargs or type(args[0]) not in (str, int)):
-            raise RoleMisuse(f"looks up the enum '{cls.record_global}' with {len(args)} arguments", cls)
-        self = object.__new__(cls)  # Record.__new__, inlined: this runs once per record of a read
-        self.args = args
-        self.kwargs = kwargs
-        self.state = None
-        self.items = None
-        self.called = False
-        return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if self.record_role == "class":
-            raise RoleMisuse(f"calls the class '{self.record_global}'; writers create a model's classes with "
-                          "NEWOBJ (empty) and then set their state", self)
-        self.called = True
-        if self.record_made is not None:
-            self.record_made.append(self)
-        if self.record_copies and args and isinstance(args[0], (dict, list)):
-            # the real call copies its argument now; the pickle may change the same object later
-            self.args = (dict(args[0]) if isinstance(args[0], dict) else list(args[0]), *args[1:])
-
-    def __setstate__(self, state: Any) -> None:
-        if self.record_role == "rebuild":  # torch would set_() the tensor from it: other weights
-            raise RoleMisuse(f"gives the tensor made by '{self.record_global}' a state (BUILD); torch never "
-                          "writes this and a reader would rebuild the tensor from the state", self)
-        self.state = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> CallRecord:
-        if self.record_checked:
-            raise RoleMisuse(f"calls what '{self.record_global}' returned; no writer does this", self)
-        return Record.__call__(self, *args, **kwargs)
-
-    def append(self, value: Any) -> None:
-        """``APPEND`` on a record: no writer appends to anything but a list (refused when roles apply).
-
-        Args:
-            value: the item, kept in ``items`` when roles do not apply.
-        """
-        self._no_appends("APPEND")
-        Record.append(self, value)
-
-    def extend(self, values: Any) -> None:
-        """``APPENDS`` on a record: refused when roles apply, as for `append`.
-
-        Args:
-            values: the items, kept in ``items`` when roles do not apply.
-        """
-        self._no_appends("APPENDS")
-        Record.extend(self, values)
-
-    def _no_appends(self, opcode: str) -> None:
-        if self.record_checked:
-            raise RoleMisuse(f"appends to '{self.record_global}' ({opcode}); only lists take appends", self)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._add_item((key, value))
-
-    def _add_item(self, item: Any) -> None:
-        if self.record_checked and self.record_name not in _ITEM_TARGETS:
-            raise RoleMisuse(f"adds items to '{self.record_global}' (APPEND/SETITEM); a reader that builds it "
-                          "would change it, no writer does this", self)
-        Record._add_item(self, item)
-
-
-#: Roles whose globals a pickle may name but never instantiate, and what they are for.
-_NEVER_MADE = {"storage": "types are named only inside torch's storage references",
-               "dtype": "values are only named", "reference": "is only named, never called"}
-#: Calls that copy their first argument when they run (a later change to it is not theirs).
-_COPIED_AT_CALL = frozenset({"collections.OrderedDict", "collections.Counter", "builtins.set",
-                             "builtins.frozenset", "torch.Size"})
-#: Records that may receive items (SETITEMS of a mapping).
-_ITEM_TARGETS = frozenset({"collections.OrderedDict", "collections.Counter"})
-
-
-class CallRecord(Record):
-    """A call of something that was itself a record instance (``func``).
-
-    Args:
-        func: the record that was called.
-        args: the call's positional arguments.
-        kwargs: its keyword arguments.
-    """
-
-    __slots__ = ("func",)
-
-    def __new__(cls, func: Record, args: tuple, kwargs: dict) -> CallRecord:
-        self = Record.__new__(cls, *args, **kwargs)
-        self.func = func
-        return self
-
-
-class PersistentRecord(Record):
-    """What a persistent id (``BINPERSID``) resolved to, wrapped.
-
-    The pickle can BUILD or APPEND to the wrapper (recorded like any record, and refused by the
-    walker), never to ``value``.
-
-    Args:
-        value: what the container's persistent-id callback returned (a storage reference, the
-            bytes of a large byte string).
-    """
-
-    __slots__ = ("value",)
-
-    def __new__(cls, value: Any) -> PersistentRecord:
-        self = Record.__new__(cls)
-        self.value = value
-        return self
-
-    @property
-    def untouched(self) -> bool:
-        """Whether the pickle left the wrapper as it was made (no BUILD, no items)."""
-        return self.state is None and self.items is None
-
-
-def global_of(obj: Any) -> str | None:
-    """``module.name`` of a record class, or of the class of a record made by calling one.
-
-    Args:
-        obj: anything the unpickler produced.
-
-    Returns:
-        The global's ``module.name`` as the file spells it, or None when ``obj`` is no record
-        class or instance of one (a `CallRecord` included).
-    """
-    if isinstance(obj, GlobalRecord) or (isinstance(obj, type) and issubclass(obj, GlobalRecord)):
-        return obj.record_name
-    return None
 
 
 @dataclass
@@ -369,14 +153,14 @@ class _RecordTypes:
         key = (module, name)
         cls = self.types.get(key)
         if cls is None:
-            if len(self.types) >= MAX_RECORD_TYPES:
-                raise CorruptCheckpointError(f"{source}: the file names more than {MAX_RECORD_TYPES} "
+            if len(self.types) >= _MAX_RECORD_TYPES:
+                raise CorruptCheckpointError(f"{source}: the file names more than {_MAX_RECORD_TYPES} "
                                              "distinct globals; no checkpoint does.")
             cls = type(name if name.isidentifier() else "record", (GlobalRecord,),
                        {"__slots__": (), "record_global": GlobalName(module, name),
                         "record_name": f"{module}.{name}", "record_role": role,
                         "record_checked": role not in (None, "any"),
-                        "record_copies": f"{module}.{name}" in _COPIED_AT_CALL,
+                        "record_copies": f"{module}.{name}" in COPIED_AT_CALL,
                         "record_made": self.tensors if role == "rebuild" else None,
                         "__module__": "pool.unpickler.records"})
             self.types[key] = cls
@@ -503,7 +287,7 @@ class Reader:
         Raises:
             UnsafeCheckpointError: the global (not seen by the scan) is unsafe and
                 ``refuse_unsafe`` is set.
-            CorruptCheckpointError: the read names more than ``MAX_RECORD_TYPES`` globals.
+            CorruptCheckpointError: the read names more than ``_MAX_RECORD_TYPES`` globals.
         """
         key = python3_name(module, name)
         if key not in self.globals:
@@ -538,13 +322,7 @@ class Reader:
                 writer does).
             UnsafeCheckpointError: it names an unsafe global and ``refuse_unsafe`` is set.
         """
-        try:
-            scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
-        except CorruptCheckpointError as exc:
-            self.note_globals(exc.checkpoint_globals)
-            raise amended(exc, checkpoint_globals=self.named_globals) from exc
-        self.note_globals(scan.globals)
-        self.foreign_opcodes |= scan.foreign
+        scan = self._scan(data, what, large_bytes)
         if scan.persistent_ids and persistent is None:
             raise CorruptCheckpointError(
                 f"{self.source}: the {what} refers to external data (persistent ids) but is not "
@@ -558,11 +336,26 @@ class Reader:
             body = bytes(data[:scan.end])  # a mapping another process could change: copy, then
         if body is not data:                # check the copy, which is what gets unpickled
             scan_pickle(body, source=self.source, what=what)
+        return Unpickled(self._load(body, what, persistent), scan.end)
+
+    def _scan(self, data: bytes | memoryview, what: str, large_bytes: int | None) -> ScanResult:
+        """`scan_pickle`, its globals noted (and unsafe ones refused) whether it passes or not."""
+        try:
+            scan = scan_pickle(data, source=self.source, what=what, large_bytes=large_bytes)
+        except CorruptCheckpointError as exc:
+            self.note_globals(exc.checkpoint_globals)
+            raise amended(exc, checkpoint_globals=self.named_globals) from exc
+        self.note_globals(scan.globals)
+        self.foreign_opcodes |= scan.foreign
+        return scan
+
+    def _load(self, body: bytes, what: str, persistent: Callable[[Any], Any] | None) -> Any:
+        """The C unpickler over scanned bytes; what it raises becomes this read's refusal."""
         unpickler = _Unpickler(io.BytesIO(body), encoding="latin1")
         unpickler.reader = self
         unpickler.persistent = persistent
         try:
-            root = unpickler.load()
+            return unpickler.load()
         except CallbackBug as bug:  # our own code failed inside the unpickler: not the file's fault
             raise bug.error from None
         except RoleMisuse as misuse:
@@ -575,7 +368,6 @@ class Reader:
                 f"{self.source}: the {what} cannot be read ({type(exc).__name__}: "
                 f"{str(exc)[:200]}); the file is damaged or was not written by torch.save / "
                 "pickle.dump. Get it again from a trusted source.") from None
-        return Unpickled(root, scan.end)
 
 
 @dataclass(frozen=True)
@@ -591,7 +383,7 @@ class InPlaceBytes:
     offset: int
 
 
-def _without_large_bytes(data: bytes | memoryview, scan: Any, source: str) -> tuple[bytes, Callable[[Any], Any]]:
+def _without_large_bytes(data: bytes | memoryview, scan: ScanResult, source: str) -> tuple[bytes, Callable[[Any], Any]]:
     """The pickle with each large byte string replaced by a persistent id (its index), and the
     lookup that turns those ids into `InPlaceBytes`. Each replacement (``BININT index``,
     ``BINPERSID``) pushes one object, as the byte string did."""

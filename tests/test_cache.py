@@ -541,7 +541,8 @@ def test_a_dtype_safetensors_lacks_is_read_directly_and_not_retried(tmp_path, ca
 
 def test_a_symlink_retargeted_while_read_is_not_cached_under_its_old_target(tmp_path):
     from pool.containers import by_name
-    from pool.containers.base import OpenFile, ReadOptions
+    from pool.containers.base import ReadOptions
+    from pool.transfer import OpenFile
 
     a = synth.save_module(synth.make_original_encoder(seed=1), tmp_path / "a.pt", "legacy")
     b = synth.save_module(synth.make_original_encoder(seed=2), tmp_path / "b.pt", "legacy")

@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from pool.checkpoint import read_checkpoint
 from pool.containers.zipfmt import parse_zip
 from pool.errors import CheckpointError, CorruptCheckpointError
+from pool.inert import GlobalRecord
 from pool.pickle_scan import MAX_TUPLE_DEPTH, scan_pickle
 from pool.tensors import StorageRef, TensorSpec, materialize
-from pool.unpickler import GlobalRecord, Reader
+from pool.unpickler import Reader
 
 
 def torch_zip(obj=None) -> bytes:
@@ -212,6 +213,18 @@ def test_scan_never_fails_with_anything_but_a_typed_error(data):
 ])
 def test_scan_refusals(data, why):
     with pytest.raises(CorruptCheckpointError, match=why):
+        scan_pickle(data, source="evil.pt")
+
+
+@pytest.mark.parametrize("data,at", [
+    (b"\x80\x02N\x85h", 4),  # BINGET cut off: its own offset, not the TUPLE1's before it
+    (b"\x80\x02R.", 2),  # REDUCE on an empty stack
+    (b"\x80\x02r\x00\x00\x00\x00.", 2),  # LONG_BINPUT with nothing to store
+])
+def test_a_refusal_names_the_offset_of_the_opcode_refused(data, at):
+    """Every opcode's refusal points at that opcode, in a short pickle as in a long one (the
+    scan's former inlined fast path named the opcode before it)."""
+    with pytest.raises(CorruptCheckpointError, match=f"malformed at byte {at}:"):
         scan_pickle(data, source="evil.pt")
 
 

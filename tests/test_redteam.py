@@ -59,7 +59,7 @@ from pool.errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
-from pool.records import MAX_WALK_ENTRIES
+from pool.record_values import MAX_WALK_ENTRIES
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS = ("zip", "legacy", "pickle")

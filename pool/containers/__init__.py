@@ -1,7 +1,7 @@
 """Checkpoint containers, registered in one place.
 
 Each container is one module implementing `pool.containers.base.Container` (sniff, read,
-integrity, describe). Adding a format means adding its module and one line to `REGISTRY`.
+integrity, diagnose, and a ``description``). Adding a format means adding its module and one line to `REGISTRY`.
 Sniffing goes by content, never by file name, in registry order.
 """
 
@@ -33,7 +33,7 @@ def by_name(name: str) -> Container:
         KeyError: no container has that name.
 
     Example:
-        >>> by_name("safetensors").describe()
+        >>> by_name("safetensors").description
         'safetensors (tensors and a JSON header; no pickle)'
     """
     return _BY_NAME[name]

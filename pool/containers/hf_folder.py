@@ -18,13 +18,13 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from .base import Checkpoint, ReadOptions
 
-__all__ = ["NAME", "CONFIG", "WEIGHTS", "is_hf_folder", "weights_file", "read_hf_folder"]
+__all__ = ["NAME", "CONFIG", "is_hf_folder", "weights_file", "read_hf_folder"]
 
 #: the container name a folder reads as (`pool.checkpoint.sniff_container`, `Checkpoint.container`)
 NAME = "hf"
 CONFIG = "config.json"
 #: weight files looked for, in this order
-WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 MAX_CONFIG_BYTES = 1 << 20
 _SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -36,10 +36,10 @@ def is_hf_folder(path: Path) -> bool:
         path: any path.
 
     Returns:
-        True for a folder holding `CONFIG` and one of `WEIGHTS` (or a shard index).
+        True for a folder holding `CONFIG` and one of `_WEIGHTS` (or a shard index).
     """
     return path.is_dir() and (path / CONFIG).is_file() and any(
-        (path / name).is_file() for name in (*WEIGHTS, *_SHARDED))
+        (path / name).is_file() for name in (*_WEIGHTS, *_SHARDED))
 
 
 def weights_file(folder: Path) -> Path:
@@ -54,7 +54,7 @@ def weights_file(folder: Path) -> Path:
     Raises:
         CorruptCheckpointError: only a sharded model (an index file) or no weights file.
     """
-    for name in WEIGHTS:
+    for name in _WEIGHTS:
         if (folder / name).is_file():
             return folder / name
     sharded = [name for name in _SHARDED if (folder / name).is_file()]
@@ -62,7 +62,7 @@ def weights_file(folder: Path) -> Path:
         raise CorruptCheckpointError(f"{folder}: holds a sharded model ({sharded[0]}); pool reads one weights "
                                      "file. Merge the shards with transformers (save_pretrained with a "
                                      "larger max_shard_size) first.")
-    raise CorruptCheckpointError(f"{folder}: no {' or '.join(WEIGHTS)} beside {CONFIG}.")
+    raise CorruptCheckpointError(f"{folder}: no {' or '.join(_WEIGHTS)} beside {CONFIG}.")
 
 
 def _config(folder: Path) -> dict[str, Any]:

@@ -18,18 +18,22 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, brief
-from ..records import find_calls, is_key, record_bytes, storage_from_pid, walk
+from ..fileio import FileRanges, copy_bytes, map_file, opened
+from ..inert import GlobalRecord, PersistentRecord, Record
+from ..record_values import is_key, record_bytes, storage_from_pid
+from ..records import find_calls, walk
 from ..tensors import StorageRef, materialize
 from ..transfer import OpenFile
-from ..unpickler import GlobalRecord, InPlaceBytes, PersistentRecord, Reader, Record
-from .base import Checkpoint, FileRanges, ReadOptions, copy_bytes, listing_globals, map_file, opened, result
+from ..unpickler import InPlaceBytes, Reader
+from .base import Checkpoint, ReadOptions
+from .pickled import listing_globals, reader_for, result
 
-__all__ = ["Legacy", "BlobReader", "is_legacy", "parse_legacy"]
+__all__ = ["Legacy", "BlobReader", "is_legacy"]
 
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
-PROTOCOL_VERSION = 1001
-_MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little", signed=True)
+_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_PROTOCOL_VERSION = 1001
+_MAGIC_LONG = b"\x8a\x0a" + _MAGIC_NUMBER.to_bytes(10, "little", signed=True)
 
 
 def is_legacy(head: bytes) -> bool:
@@ -104,9 +108,9 @@ class _Stream:
 
     def parse(self) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The root object and, per storage key, the (start, stop) of its bytes in the buffer."""
-        if self.next_pickle("magic number") != MAGIC_NUMBER:
+        if self.next_pickle("magic number") != _MAGIC_NUMBER:
             raise self.fail("no torch magic number at the start")
-        if self.next_pickle("protocol version") != PROTOCOL_VERSION:
+        if self.next_pickle("protocol version") != _PROTOCOL_VERSION:
             raise self.fail("an unknown legacy protocol version")
         sys_info = self.next_pickle("sys_info")
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
@@ -139,7 +143,7 @@ class _Stream:
         return root, spans
 
 
-def parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str,
+def _parse_legacy(buffer: memoryview | bytes, reader: Reader, what: str,
                  file: tuple[FileRanges, int] | None = None) -> tuple[Any, dict[str, torch.UntypedStorage]]:
     """Parse a legacy stream: its root object and its storages (copied out, aligned).
 
@@ -264,7 +268,7 @@ class BlobReader:
                 f"{source}: a storage blob (torch.storage._load_from_bytes) that is {kind}; only "
                 "legacy torch streams are read inside a pickle, so the file is refused.")
         self.refs[id(record)] = None
-        root, storages = parse_legacy(blob, self.reader, f"storage blob {number}", file)
+        root, storages = _parse_legacy(blob, self.reader, f"storage blob {number}", file)
         self.budget -= sum(s.nbytes() for s in storages.values())
         if self.budget < 0:
             raise CorruptCheckpointError(f"{source}: the storage blobs hold more bytes than the file; the "
@@ -290,14 +294,8 @@ class Legacy:
     """
 
     name = "legacy"
+    description = "torch legacy (_use_new_zipfile_serialization=False)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"torch legacy (_use_new_zipfile_serialization=False)"``.
-        """
-        return "torch legacy (_use_new_zipfile_serialization=False)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a legacy stream (`is_legacy`).
@@ -328,13 +326,13 @@ class Legacy:
             UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
             CheckpointError: the file changed while it was read.
         """
-        reader = options.reader(str(path))
+        reader = reader_for(options, str(path))
         with listing_globals(reader), opened(path, file) as f:
             buffer = map_file(f)
             size = len(buffer)
             blobs = BlobReader(reader, size)
             with FileRanges(f) as ranges:
-                root, storages = parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
+                root, storages = _parse_legacy(buffer, reader, "legacy stream", (ranges, 0))
             blobs.preload(root)
             walked = walk(root, reader.source, blob=blobs.read, made=reader.made_tensors)
             if "" not in walked.modules:  # the root is no pickled model: a state dict

@@ -12,10 +12,13 @@ import pickletools
 import re
 from pathlib import Path
 
+from ..fileio import FileRanges, map_file, opened
 from ..records import walk
 from ..tensors import materialize
-from .base import Checkpoint, FileRanges, OpenFile, ReadOptions, listing_globals, map_file, opened, result
+from ..transfer import OpenFile
+from .base import Checkpoint, ReadOptions
 from .legacy import BlobReader, is_legacy
+from .pickled import listing_globals, reader_for, result
 
 __all__ = ["PlainPickle"]
 
@@ -30,14 +33,8 @@ class PlainPickle:
     """
 
     name = "pickle"
+    description = "plain pickle (pickle.dump of the module)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"plain pickle (pickle.dump of the module)"``.
-        """
-        return "plain pickle (pickle.dump of the module)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a pickle (any protocol) that is no legacy torch stream.
@@ -73,7 +70,7 @@ class PlainPickle:
             UnsafeCheckpointError: it names an unsafe global (when ``options`` refuses them).
             CheckpointError: the file changed while it was read.
         """
-        reader = options.reader(str(path))
+        reader = reader_for(options, str(path))
         # Storage blobs stay in the file (never copied into Python bytes); the legacy parser reads
         # their pickles from the mapping and their storages from the file: one copy of the bytes.
         with listing_globals(reader), opened(path, file) as f, FileRanges(f) as ranges:

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptCheckpointError, brief
+from ..fileio import file_storage, map_file, opened
 from ..tensors import INT_LIMIT, StorageRef, TensorSpec, materialize
 from ..transfer import OpenFile, Span, read_spans
-from .base import Checkpoint, ReadOptions, as_text, file_storage, map_file, opened
+from .base import Checkpoint, ReadOptions
+from .sniffing import as_text
 
-__all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "contiguous_strides",
-           "SAFETENSORS_DTYPES", "SAFETENSORS_DTYPE_BITS", "MAX_HEADER_BYTES", "MAX_TENSORS",
-           "MAX_HEADER_ITEMS"]
+__all__ = ["Safetensors", "SafetensorsEntry", "safetensors_entries", "SAFETENSORS_DTYPES",
+           "MAX_HEADER_BYTES", "MAX_TENSORS", "MAX_HEADER_ITEMS"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     ) if isinstance(dtype, torch.dtype)
 }
 #: safetensors dtype names -> bits per element (every dtype the format defines)
-SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
+_SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
                           "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64,
                           "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 #: the safetensors library's own header limit (``MAX_HEADER_SIZE``, 100,000,000 bytes)
@@ -79,7 +80,7 @@ class SafetensorsEntry:
     nbytes: int
 
 
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Row-major strides of a contiguous tensor of ``shape``.
 
     Args:
@@ -89,16 +90,16 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         The strides, in elements.
 
     Example:
-        >>> contiguous_strides((2, 3, 4))
+        >>> _contiguous_strides((2, 3, 4))
         (12, 4, 1)
     """
     return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
-Refusal = Callable[[str], CorruptCheckpointError]
+_Refusal = Callable[[str], CorruptCheckpointError]
 
 
-def _json_hooks(bad: Refusal) -> dict[str, Callable]:
+def _json_hooks(bad: _Refusal) -> dict[str, Callable]:
     """``json.loads`` hooks that refuse what the safetensors library (serde_json) reads otherwise.
 
     At most `MAX_TENSORS` tensors' worth of objects are built. Duplicate names are refused outright (the library keeps the last tensor of a name and refuses
@@ -141,7 +142,7 @@ def _json_hooks(bad: Refusal) -> dict[str, Callable]:
             "parse_constant": no_float}
 
 
-def _parse_header(raw: bytes, bad: Refusal) -> dict[str, object]:
+def _parse_header(raw: bytes, bad: _Refusal) -> dict[str, object]:
     """The header bytes as a JSON object, parsed within bounds (see `MAX_HEADER_ITEMS`)."""
     items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
     if items > MAX_HEADER_ITEMS:
@@ -158,7 +159,7 @@ def _parse_header(raw: bytes, bad: Refusal) -> dict[str, object]:
     return header
 
 
-def _metadata(header: dict[str, object], bad: Refusal) -> dict[str, str]:
+def _metadata(header: dict[str, object], bad: _Refusal) -> dict[str, str]:
     """Pop ``__metadata__`` off the header: absent or ``null`` (none), else strings to strings."""
     metadata = header.pop("__metadata__", None)
     if metadata is None:
@@ -182,7 +183,7 @@ def _element_count(shape: list[int]) -> int | None:
     return count
 
 
-def _entry(name: str, info: object, base: int, data_len: int, bad: Refusal) -> SafetensorsEntry:
+def _entry(name: str, info: object, base: int, data_len: int, bad: _Refusal) -> SafetensorsEntry:
     """One header entry, checked: dtype, shape, offsets and byte count, as the library checks them.
 
     Stricter than the library in two places: an entry must have exactly its three fields (the
@@ -194,7 +195,7 @@ def _entry(name: str, info: object, base: int, data_len: int, bad: Refusal) -> S
         raise bad(f"tensor {brief(name)} has the fields {brief(sorted(info))}, expected exactly "
                   f"{sorted(_ENTRY_FIELDS)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPE_BITS:
         raise bad(f"tensor {brief(name)} has unknown dtype {brief(dtype, 40)}")
     if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
             and all(type(d) is int and 0 <= d < INT_LIMIT for d in shape)):
@@ -206,7 +207,7 @@ def _entry(name: str, info: object, base: int, data_len: int, bad: Refusal) -> S
         raise bad(f"tensor {brief(name)} spans data bytes {offsets[0]}..{offsets[1]}, the data section "
                   f"has {data_len}")
     count = _element_count(shape)
-    bits = None if count is None else count * SAFETENSORS_DTYPE_BITS[dtype]
+    bits = None if count is None else count * _SAFETENSORS_DTYPE_BITS[dtype]
     if bits is None or bits > _U64_MAX or bits % 8:
         raise bad(f"tensor {brief(name)} ({dtype} {brief(shape)}) has a size that overflows 64 bits or "
                   "is no whole number of bytes")
@@ -216,7 +217,7 @@ def _entry(name: str, info: object, base: int, data_len: int, bad: Refusal) -> S
     return SafetensorsEntry(name, dtype, tuple(shape), base + offsets[0], offsets[1] - offsets[0])
 
 
-def _check_tiling(entries: list[SafetensorsEntry], base: int, size: int, bad: Refusal) -> None:
+def _check_tiling(entries: list[SafetensorsEntry], base: int, size: int, bad: _Refusal) -> None:
     """The byte ranges, sorted as the library sorts them, must tile ``base..size`` exactly.
 
     No overlap (two names for the same bytes), no gap or hidden prefix (bytes no tensor owns) and
@@ -293,14 +294,8 @@ class Safetensors:
     """
 
     name = "safetensors"
+    description = "safetensors (tensors and a JSON header; no pickle)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"safetensors (tensors and a JSON header; no pickle)"``.
-        """
-        return "safetensors (tensors and a JSON header; no pickle)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a safetensors file: a header length that fits, then ``{``.
@@ -376,7 +371,7 @@ class Safetensors:
         for e in entries:
             dtype = SAFETENSORS_DTYPES[e.dtype]
             specs[e.name] = TensorSpec(StorageRef(e.name, torch.uint8, e.nbytes), dtype, 0, e.shape,
-                                       contiguous_strides(e.shape))
+                                       _contiguous_strides(e.shape))
         tensors = materialize(specs, storages, source, f.size())
         # where they are not yet (meta, mps, xpu, ..., or a dict map_location): moved once each
         tensors = options.place(tensors, specs)

@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, brief
-from ..records import storage_from_pid, walk
+from ..fileio import file_storage, map_file, opened
+from ..record_values import storage_from_pid
+from ..records import walk
 from ..tensors import StorageRef, materialize
-from ..transfer import Span, read_spans
-from .base import Checkpoint, OpenFile, ReadOptions, file_storage, listing_globals, map_file, opened, result
+from ..transfer import OpenFile, Span, read_spans
+from .base import Checkpoint, ReadOptions
 from .legacy import BlobReader
+from .pickled import listing_globals, reader_for, result
 from .zipfmt import ZipArchive, parse_zip
 
 __all__ = ["TorchZip", "TorchArchive", "open_archive"]
@@ -195,14 +198,8 @@ class TorchZip:
     """
 
     name = "zip"
+    description = "torch zip (torch.save, torch >= 1.6)"
 
-    def describe(self) -> str:
-        """One line for people: what this format is.
-
-        Returns:
-            ``"torch zip (torch.save, torch >= 1.6)"``.
-        """
-        return "torch zip (torch.save, torch >= 1.6)"
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Whether the bytes start a zip archive (a local file header).
@@ -251,7 +248,7 @@ class TorchZip:
             CheckpointError: the file changed while it was read.
         """
         source = str(path)
-        reader = options.reader(source)
+        reader = reader_for(options, source)
         with listing_globals(reader), opened(path, file) as f:
             buffer = map_file(f)
             archive = open_archive(buffer, source)

@@ -117,7 +117,44 @@ def parse_zip(buffer: memoryview | bytes, source: str,
                                      "file is truncated: download it again.") from None
 
 
-def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | None) -> ZipArchive:  # noqa: C901
+@dataclass(frozen=True)
+class _Directory:
+    """Where the end record puts the central directory, and how many entries it counts."""
+
+    entries: int
+    offset: int  # where the central directory starts
+    end: int  # where it ends: the ZIP64 end record, or the end record
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One central-directory entry, its ZIP64 fields applied."""
+
+    name: str
+    raw_name: bytes
+    flags: int
+    method: int
+    crc: int
+    csize: int
+    usize: int
+    disk_start: int
+    local_at: int
+
+
+def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | None) -> ZipArchive:
+    directory = _end_records(buf)
+    entries, tiled = _central_directory(buf, directory)
+    if check_names is not None:
+        check_names([entry.name for entry in entries])
+    members, spans = _members(buf, entries, directory.offset)
+    if not tiled:  # checked once the members are: their refusals come first
+        raise ZipRefusal("the central directory holds more than the entries the end record counts")
+    _check_layout(spans, directory.offset)
+    return ZipArchive(members)
+
+
+def _end_records(buf: memoryview | bytes) -> _Directory:
+    """The end-of-central-directory record (and a ZIP64 one), checked: where the directory is."""
     n = len(buf)
     if n < _EOCD.size:
         raise ZipRefusal(f"the file has only {n} bytes")
@@ -125,38 +162,49 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
     sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(buf, eocd_at)
     if sig != b"PK\x05\x06":
         raise ZipRefusal("no end-of-central-directory record at the end of the file (a comment, trailing "
-                   "bytes, or a truncated file)")
+                         "bytes, or a truncated file)")
     if comment:
         raise ZipRefusal("the end record claims a comment")
     cd_end = eocd_at
     locator_at = eocd_at - _Z64_LOCATOR.size
     if locator_at >= 0 and bytes(buf[locator_at:locator_at + 4]) == b"PK\x06\x07":
-        lsig, ldisk, z64_at, disks = _Z64_LOCATOR.unpack_from(buf, locator_at)
-        if ldisk != 0 or disks != 1 or z64_at + _Z64_EOCD.size > locator_at:
-            raise ZipRefusal("a ZIP64 locator that points outside the file or to another disk")
-        (zsig, zsize, _, _, zdisk, zcd_disk, zhere, ztotal, zcd_size, zcd_offset) = \
-            _Z64_EOCD.unpack_from(buf, z64_at)
-        if zsig != b"PK\x06\x06" or z64_at + 12 + zsize != locator_at:
-            raise ZipRefusal("the ZIP64 end record is not where its locator says")
-        if zdisk or zcd_disk or zhere != ztotal:
-            raise ZipRefusal("a multi-disk ZIP64 archive")
-        for small, big in ((entries, ztotal), (cd_size, zcd_size), (cd_offset, zcd_offset)):
-            if small not in (big, 0xFFFF, 0xFFFFFFFF):
-                raise ZipRefusal("the ZIP64 end record and the end record disagree")
-        entries, cd_size, cd_offset, cd_end = ztotal, zcd_size, zcd_offset, z64_at
+        entries, cd_size, cd_offset, cd_end = _zip64_end(buf, locator_at, entries, cd_size, cd_offset)
     elif disk or cd_disk or here != entries:
         raise ZipRefusal("a multi-disk archive")
     if cd_offset + cd_size != cd_end:
         raise ZipRefusal(f"the central directory is not where the end record says (offset {cd_offset} + size "
-                   f"{cd_size} != {cd_end})")
+                         f"{cd_size} != {cd_end})")
     if entries > _MAX_MEMBERS:
         raise ZipRefusal(f"{entries} members, more than the {_MAX_MEMBERS} any checkpoint has")
     for signature in (b"PK\x05\x06", b"PK\x06\x06"):
         if bytes(buf[cd_offset:cd_end]).find(signature) >= 0:
             raise ZipRefusal("a second end record inside the central directory")
-    entries_read = []
-    at = cd_offset
-    for _ in range(entries):
+    return _Directory(entries, cd_offset, cd_end)
+
+
+def _zip64_end(buf: memoryview | bytes, locator_at: int, entries: int, cd_size: int,
+               cd_offset: int) -> tuple[int, int, int, int]:
+    """The ZIP64 locator and end record, checked against the end record: entries, directory size,
+    offset and end."""
+    _, ldisk, z64_at, disks = _Z64_LOCATOR.unpack_from(buf, locator_at)
+    if ldisk != 0 or disks != 1 or z64_at + _Z64_EOCD.size > locator_at:
+        raise ZipRefusal("a ZIP64 locator that points outside the file or to another disk")
+    (zsig, zsize, _, _, zdisk, zcd_disk, zhere, ztotal, zcd_size, zcd_offset) = _Z64_EOCD.unpack_from(buf, z64_at)
+    if zsig != b"PK\x06\x06" or z64_at + 12 + zsize != locator_at:
+        raise ZipRefusal("the ZIP64 end record is not where its locator says")
+    if zdisk or zcd_disk or zhere != ztotal:
+        raise ZipRefusal("a multi-disk ZIP64 archive")
+    for small, big in ((entries, ztotal), (cd_size, zcd_size), (cd_offset, zcd_offset)):
+        if small not in (big, 0xFFFF, 0xFFFFFFFF):
+            raise ZipRefusal("the ZIP64 end record and the end record disagree")
+    return ztotal, zcd_size, zcd_offset, z64_at
+
+
+def _central_directory(buf: memoryview | bytes, directory: _Directory) -> tuple[list[_Entry], bool]:
+    """The entries the end record counts, and whether they fill the directory exactly."""
+    entries: list[_Entry] = []
+    at, cd_end = directory.offset, directory.end
+    for _ in range(directory.entries):
         if at + _CENTRAL.size > cd_end:
             raise ZipRefusal("the central directory holds fewer entries than the end record says")
         (csig, _, needed, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
@@ -171,32 +219,42 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
         if at > cd_end:
             raise ZipRefusal("a central directory entry runs past the directory")
         usize, csize, local_at, disk_start = _zip64_fields(extra, usize, csize, local_at, disk_start)
-        entries_read.append((_name(raw_name, flags), raw_name, flags, method, crc, csize, usize,
-                             disk_start, local_at))
-    if check_names is not None:
-        check_names([entry[0] for entry in entries_read])
+        entries.append(_Entry(_name(raw_name, flags), raw_name, flags, method, crc, csize, usize, disk_start,
+                              local_at))
+    return entries, at == cd_end
+
+
+def _members(buf: memoryview | bytes, entries: list[_Entry],
+             cd_offset: int) -> tuple[dict[str, ZipMember], list[tuple[int, int, str, bool]]]:
+    """Each entry checked as a member (stored, unencrypted, one disk, a unique name, a local header
+    that agrees); the members by name and their spans ``(start, stop, name, has descriptor)``."""
     members: dict[str, ZipMember] = {}
     raw_names: set[bytes] = set()
     spans: list[tuple[int, int, str, bool]] = []
-    for name, raw_name, flags, method, crc, csize, usize, disk_start, local_at in entries_read:
+    for entry in entries:
+        name, raw_name, flags = entry.name, entry.raw_name, entry.flags
         if flags & 0x41:
             raise ZipRefusal(f"member {name!r} is encrypted")
-        if method != 0 or csize != usize:
-            raise ZipRefusal(f"member {name!r} is compressed (method {method}); torch stores members uncompressed")
-        if disk_start != 0:
+        if entry.method != 0 or entry.csize != entry.usize:
+            raise ZipRefusal(f"member {name!r} is compressed (method {entry.method}); torch stores members "
+                             "uncompressed")
+        if entry.disk_start != 0:
             raise ZipRefusal(f"member {name!r} is on another disk")
         folded = raw_name.lower()  # torch's zip reader (miniz) looks names up ignoring ASCII case
         if name in members or folded in raw_names:
             raise ZipRefusal(f"two members are named {name!r} (names that differ only in case count as one: "
-                       "torch's reader would take either)")
+                             "torch's reader would take either)")
         raw_names.add(folded)
-        data_at = _local_header(buf, local_at, raw_name, flags, crc, usize, name)
-        if data_at + usize > cd_offset:
+        data_at = _local_header(buf, entry.local_at, raw_name, flags, entry.crc, entry.usize, name)
+        if data_at + entry.usize > cd_offset:
             raise ZipRefusal(f"member {name!r} runs into the central directory")
-        members[name] = ZipMember(name, data_at, usize, crc)
-        spans.append((local_at, data_at + usize, name, bool(flags & 0x8)))
-    if at != cd_end:
-        raise ZipRefusal("the central directory holds more than the entries the end record counts")
+        members[name] = ZipMember(name, data_at, entry.usize, entry.crc)
+        spans.append((entry.local_at, data_at + entry.usize, name, bool(flags & 0x8)))
+    return members, spans
+
+
+def _check_layout(spans: list[tuple[int, int, str, bool]], cd_offset: int) -> None:
+    """Members laid out from byte 0, no overlaps, no gaps but a data descriptor's, up to the directory."""
     end, descriptor = 0, False  # a data descriptor (flag bit 3) may follow a member's data
     for start, stop, name, has_descriptor in sorted(spans):
         if start < end:
@@ -206,7 +264,6 @@ def _parse(buf: memoryview | bytes, check_names: Callable[[list[str]], None] | N
         end, descriptor = stop, has_descriptor
     if cd_offset - end > (_MAX_GAP if descriptor else 0):
         raise ZipRefusal(f"{cd_offset - end} unaccounted bytes before the central directory")
-    return ZipArchive(members)
 
 
 def _name(raw: bytes, flags: int) -> str:
