@@ -20,7 +20,8 @@ import pool.errors
 PACKAGE = Path(pool.__file__).parent
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60  # in the security core
-SECURITY_CORE = ("pickle_scan.py", "unpickler.py", "records.py", "tensors.py", "allowlist.py", "containers")
+SECURITY_CORE = ("pickle_scan.py", "pickle_ops.py", "unpickler.py", "inert.py", "records.py", "record_values.py",
+                 "tensors.py", "allowlist.py", "fileio.py", "containers")
 
 
 def _modules() -> dict[str, Path]:
