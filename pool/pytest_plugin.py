@@ -23,6 +23,7 @@ allowlist, as ``verify --allow-global`` does.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -77,8 +78,6 @@ def enabled(config) -> bool:
 
 
 def pytest_configure(config) -> None:
-    import importlib
-
     if (config.getoption(VERIFY_INI, default=None) or config.getini(VERIFY_INI)) and \
             not config.pluginmanager.has_plugin(VERIFY_PLUGIN):
         module = importlib.import_module(VERIFY_PLUGIN)

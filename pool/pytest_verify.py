@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from .allowlist import parse_allow_globals
-from .errors import EntryFailed
+from .checkpoint import sniff_container
+from .errors import EntryFailed, PoolError
 from .verify import EntryChecker, prepare_pool
 
 __all__ = ["PoolEntryItem", "EntryFailed"]
@@ -142,9 +143,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not path.is_file():
         raise pytest.UsageError(f"--openclip-pool-verify {path}: no such pool config file")
     # the entries are read without loading any weights: prepare_pool only resolves them
-    from .checkpoint import sniff_container
-    from .errors import PoolError
-
     instantiate, allow = instantiate_allowed(config), allowed_globals(config)
     try:
         checker = _checker(str(path), instantiate, allow)
