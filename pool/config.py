@@ -29,15 +29,15 @@ from .configsafety import (
 )
 from .errors import ConfigError, PoolError
 
-__all__ = ["SECTIONS", "KNOWN_KEYS", "as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
+__all__ = ["as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
            "write_yaml"]
 
 log = logging.getLogger(__name__)
 
 #: The config sections that hold entries by name.
-SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
+_SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
 #: Every top-level key the pool reads; others are kept for interpolations.
-KNOWN_KEYS = (*SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
+_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
 
 
 def as_mapping(value: Any, section: str) -> dict[str, Any]:
@@ -75,12 +75,12 @@ def check_keys(keys: list[str], *, where: str) -> None:
         ConfigError: a key is a near miss, naming the key it was probably meant to be.
     """
     for key in keys:
-        if key in KNOWN_KEYS or key.startswith("_"):
+        if key in _KNOWN_KEYS or key.startswith("_"):
             continue
-        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.8)
         if close:
             raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (Known keys: "
-                              f"{', '.join(KNOWN_KEYS)}; other keys are kept only for interpolations.)")
+                              f"{', '.join(_KNOWN_KEYS)}; other keys are kept only for interpolations.)")
         log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
 
 
@@ -163,7 +163,7 @@ def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]]) -> Any:
     Args:
         pool: the pool; its class is the ``_target_`` and its ``device``, ``dtype``,
             ``cache_dir``, ``allow_globals`` and ``extra`` are written when set.
-        sections: its entries by section (`SECTIONS`); empty dataset sections are left out.
+        sections: its entries by section (`_SECTIONS`); empty dataset sections are left out.
 
     Returns:
         The DictConfig; module-instance entries are kept as objects (it cannot be written as YAML).
@@ -172,7 +172,7 @@ def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]]) -> Any:
                             "_recursive_": False,  # Hydra must hand the entries over, not build them
                             "models": dict(sections["models"]),
                             "classification_heads": dict(sections["classification_heads"])}
-    body.update({section: dict(sections[section]) for section in SECTIONS[2:] if sections[section]})
+    body.update({section: dict(sections[section]) for section in _SECTIONS[2:] if sections[section]})
     for key in ("device", "dtype"):
         value = getattr(pool, key)
         if value is not None:
@@ -220,7 +220,8 @@ def _from_mapping(config: Any) -> DictConfig:
     try:
         return OmegaConf.create(dict(config), flags={"allow_objects": True})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"pool config: expected a mapping of sections, found {type(config).__name__}") from exc
+        raise ConfigError(f"pool config: expected a mapping of sections, found "
+                          f"{type(config).__name__}") from exc
 
 
 def _is_hydra_name(config: Any) -> bool:
@@ -250,7 +251,8 @@ def _apply_overrides(config: DictConfig, overrides: list[str], config_name: str)
             raise ValueError(f"{bad} are not key=value strings")
         return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     except Exception as exc:  # a malformed override: one clear message
-        raise ConfigError(f"pool config {config_name}: cannot apply overrides {list(overrides)}: {exc}") from exc
+        raise ConfigError(f"pool config {config_name}: cannot apply overrides "
+                          f"{list(overrides)}: {exc}") from exc
 
 
 def _resolve(config: DictConfig, config_name: str, redact: Redactor, *, instantiate: bool) -> Any:

@@ -45,7 +45,8 @@ def _first(*values: Any) -> Any:
 
 
 def _no_task_vector(name: str, problem: str) -> ArchitectureMismatchError:
-    return ArchitectureMismatchError(f"pool entry models.{name}: no task vector against {PRETRAINED}: {problem}")
+    return ArchitectureMismatchError(f"pool entry models.{name}: no task vector against "
+                                     f"{PRETRAINED}: {problem}")
 
 
 class OpenCLIPVisionModelPool(PoolTables):
@@ -368,8 +369,8 @@ class OpenCLIPVisionModelPool(PoolTables):
             >>> head = pool.load_classification_head("cars")  # doctest: +SKIP
             >>> logits = head(encoder(images))  # doctest: +SKIP
         """
-        entry, device, dtype = self._load_args("load_classification_head", name_or_config,
-                                               "classification_heads", device, dtype, map_location, args, kwargs)
+        entry, device, dtype = self._load_args("load_classification_head", name_or_config, "classification_heads",
+                                               device, dtype, map_location, args, kwargs)
         if entry.form in ("module", "hydra"):
             return self._module(entry, device, dtype)
         ckpt = self.read_entry(entry, device=device)

@@ -27,22 +27,25 @@ from .errors import ConfigError, PoolError
 from .modeling import DType
 from .task_vectors import PRETRAINED
 
-__all__ = ["PoolTables", "MERGED"]
+__all__ = ["PoolTables"]
 
 log = logging.getLogger("pool.modelpool")  # the pool's own logger: verify filters its empty-pool warning
 
 #: The name of a merged model (special: left out of `PoolTables.model_names`).
-MERGED = "_merged_"
+_MERGED = "_merged_"
 _SPLITS = {"train": "train", "val": "validation", "test": "test"}  # split -> how docstrings name it
 _Pool = TypeVar("_Pool", bound="PoolTables")
 
 
 def _names(split: str) -> property:
+    """FusionBench's ``<split>_dataset_names`` property."""
     return property(lambda pool: list(pool._split(split)), doc=f"Every {_SPLITS[split]} dataset name, in order.")
 
 
 def _has(split: str) -> property:
-    return property(lambda pool: bool(pool._split(split)), doc=f"Whether the pool has any {_SPLITS[split]} dataset.")
+    """FusionBench's ``has_<split>_dataset`` property."""
+    return property(lambda pool: bool(pool._split(split)),
+                    doc=f"Whether the pool has any {_SPLITS[split]} dataset.")
 
 
 class PoolTables:
@@ -232,7 +235,7 @@ class PoolTables:
     @property
     def has_merged(self) -> bool:
         """Whether the pool has a ``_merged_`` model."""
-        return MERGED in self._models
+        return _MERGED in self._models
 
     @property
     def has_instance_models(self) -> bool:

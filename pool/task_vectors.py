@@ -14,7 +14,7 @@ import torch
 
 from .keys import key_mismatch, task_vector_pair
 
-__all__ = ["PRETRAINED", "aligned_states", "task_vector", "task_vector_norm"]
+__all__ = ["PRETRAINED", "task_vector", "task_vector_norm"]
 
 #: The pool's name for the pre-trained model, the base every task vector is taken against.
 PRETRAINED = "_pretrained_"
@@ -22,8 +22,8 @@ PRETRAINED = "_pretrained_"
 State = Mapping[str, torch.Tensor]
 
 
-def aligned_states(finetuned: State, pretrained: State, refuse: Callable[[str], Exception]
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _aligned(finetuned: State, pretrained: State, refuse: Callable[[str], Exception]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The two state dicts a task vector is taken over, checked to line up.
 
     Args:
@@ -50,16 +50,19 @@ def task_vector(finetuned: State, pretrained: State, refuse: Callable[[str], Exc
     """``finetuned - pretrained`` for every floating-point tensor; other tensors as ``finetuned`` has them.
 
     Args:
-        finetuned, pretrained, refuse: as `aligned_states`.
+        finetuned: the fine-tuned encoder's state dict.
+        pretrained: the ``_pretrained_`` encoder's state dict.
+        refuse: builds the exception raised with the reason the two do not line up (a key missing
+            on one side, a shape that differs); the pool and verify report it differently.
 
     Returns:
-        The task vector, a state dict with the keys compared.
+        The task vector, a state dict with the keys compared (`pool.keys.task_vector_pair`).
 
     Example:
         >>> print(task_vector({"w": torch.ones(2)}, {"w": torch.zeros(2)}, ValueError))
         {'w': tensor([1., 1.])}
     """
-    state, base = aligned_states(finetuned, pretrained, refuse)
+    state, base = _aligned(finetuned, pretrained, refuse)
     return {k: (v - base[k]) if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -69,7 +72,7 @@ def task_vector_norm(finetuned: State, pretrained: State, refuse: Callable[[str]
     float64 and the squares summed (so a bf16 model's norm does not overflow or round away).
 
     Args:
-        finetuned, pretrained, refuse: as `aligned_states`.
+        finetuned, pretrained, refuse: as `task_vector`.
 
     Returns:
         ``(norm, tensors)``: the norm and how many floating-point tensors it covers.
@@ -78,7 +81,7 @@ def task_vector_norm(finetuned: State, pretrained: State, refuse: Callable[[str]
         >>> task_vector_norm({"w": torch.tensor([3.0, 4.0])}, {"w": torch.zeros(2)}, ValueError)
         (5.0, 1)
     """
-    state, base = aligned_states(finetuned, pretrained, refuse)
+    state, base = _aligned(finetuned, pretrained, refuse)
     total = 0.0
     count = 0
     with torch.no_grad():

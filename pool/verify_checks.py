@@ -27,16 +27,16 @@ from .modelpool import OpenCLIPVisionModelPool, check_head_fits
 from .task_vectors import PRETRAINED, task_vector_norm
 from .verify_report import Architecture, EntryResult, ForwardCheck, HeadCheck, Integrity, TaskVector
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
-__all__ = ["BATCH", "PAGE", "arch_label", "read_weights", "task_vector", "VerifyRun"]
+__all__ = ["arch_label", "read_weights", "task_vector", "VerifyRun"]
 
 log = logging.getLogger("pool.verify")  # verify's logger, as before these checks had a module of their own
 
 #: The forward pass's batch size.
-BATCH = 2
+_BATCH = 2
 #: One byte of every this many is touched to read a weight's pages.
-PAGE = 4096
+_PAGE = 4096
 
 
 def arch_label(arch: VisionArch | None) -> str:
@@ -85,7 +85,7 @@ def read_weights(module: torch.nn.Module) -> int:
         total += storage.nbytes()
         if tensor.device.type == "cpu":
             flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-            flat[::PAGE].sum()
+            flat[::_PAGE].sum()
     if any(t.device.type == "cuda" for t in module.parameters()):
         torch.cuda.synchronize()
     return total
@@ -158,7 +158,7 @@ class VerifyRun:
         self.base_tried = False  # _pretrained_ loaded (or failed) already, as an entry or for task vectors
         known_architectures()  # open_clip's import and configs, once per process: no entry's load time
 
-    def step(self, result: EntryResult, stage: str, fn: Callable[[], T], timing: str | None = None) -> T | None:
+    def step(self, result: EntryResult, stage: str, fn: Callable[[], _T], timing: str | None = None) -> _T | None:
         """Run one check of an entry; a failure is recorded on the entry (and later steps skipped).
 
         Args:
@@ -246,9 +246,10 @@ class VerifyRun:
         elif (base := self.base()) is not None:
             res.task_vector = self.step(res, "task vector", lambda: task_vector(encoder.state_dict(), base),
                                         "task_vector_s")
+        elif self.pool.has_pretrained:
+            res.task_vector = TaskVector(skipped=f"{PRETRAINED} did not pass its checks")
         else:
-            res.task_vector = TaskVector(skipped=f"{PRETRAINED} did not pass its checks" if self.pool.has_pretrained
-                                         else f"the pool has no {PRETRAINED}")
+            res.task_vector = TaskVector(skipped=f"the pool has no {PRETRAINED}")
 
     def base(self) -> dict[str, torch.Tensor] | None:
         """``_pretrained_``'s state dict for task vectors.
@@ -279,19 +280,19 @@ class VerifyRun:
             res.forward = ForwardCheck(skipped="not an ImageEncoder: image size unknown")
             return None
         generator = torch.Generator().manual_seed(0)
-        images = torch.randn(BATCH, 3, size, size, generator=generator).to(device=_param_device(encoder, self.dev),
-                                                                          dtype=_param_dtype(encoder))
+        images = torch.randn(_BATCH, 3, size, size, generator=generator)
+        images = images.to(device=_param_device(encoder, self.dev), dtype=_param_dtype(encoder))
         encoder.eval()
         with torch.no_grad():
             out = encoder(images)
         embed = getattr(encoder, "embed_dim", None)
-        res.forward = ForwardCheck(input=[BATCH, 3, size, size], output=list(out.shape),
+        res.forward = ForwardCheck(input=[_BATCH, 3, size, size], output=list(out.shape),
                                    finite=bool(torch.isfinite(out).all()))
-        if out.dim() != 2 or out.shape[0] != BATCH or (embed is not None and out.shape[1] != embed):
-            raise PoolError(f"forward pass on a {BATCH}x3x{size}x{size} batch gave shape {tuple(out.shape)}, "
-                            f"expected ({BATCH}, {embed})")
+        if out.dim() != 2 or out.shape[0] != _BATCH or (embed is not None and out.shape[1] != embed):
+            raise PoolError(f"forward pass on a {_BATCH}x3x{size}x{size} batch gave shape {tuple(out.shape)}, "
+                            f"expected ({_BATCH}, {embed})")
         if not res.forward.finite:
-            raise PoolError(f"forward pass on a random {BATCH}x3x{size}x{size} batch gave non-finite "
+            raise PoolError(f"forward pass on a random {_BATCH}x3x{size}x{size} batch gave non-finite "
                             "features (NaN or inf): the weights are damaged")
         return out
 
@@ -329,7 +330,7 @@ class VerifyRun:
         def logits() -> None:
             feats = features
             if feats is None or not res.ok:
-                feats = torch.randn(BATCH, info.input_dim or 1, generator=torch.Generator().manual_seed(1))
+                feats = torch.randn(_BATCH, info.input_dim or 1, generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 out = head(feats.to(device=_param_device(head, self.dev), dtype=_param_dtype(head)))
             info.logits = list(out.shape)
