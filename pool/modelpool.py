@@ -114,23 +114,6 @@ class OpenCLIPVisionModelPool(PoolTables):
         module = entry.config if entry.form == "module" else self._instantiate(entry)
         return place_module(module, device, dtype)
 
-    def _instantiate(self, entry: Entry) -> Any:
-        if not self.instantiate:
-            raise ConfigError(f"pool entry {entry.label}: a Hydra entry (_target_), but the pool was built in the "
-                              "data-only mode (instantiate=False), which runs nothing a config names. Give a "
-                              "checkpoint path instead, or build the pool with instantiate=True for a trusted "
-                              "config.")
-        try:
-            return hydra_instantiate(entry.config)
-        except PoolError as exc:
-            raise _with_entry(exc, entry) from exc
-        except Exception as exc:  # Hydra wraps errors: report with the entry name
-            cause = exc.__cause__ if isinstance(exc.__cause__, PoolError) else None
-            if cause is not None:
-                raise _with_entry(cause, entry) from exc
-            raise ConfigError(f"pool entry {entry.label}: Hydra could not instantiate "
-                              f"{entry.config.get('_target_')!r}: {exc}") from exc
-
     # -- models ------------------------------------------------------------------------------------
     def load_model(self, name_or_config: Any, *args: Any, device: Any = None, dtype: DType = None,
                    map_location: Any = None, **kwargs: Any) -> nn.Module:
@@ -452,6 +435,24 @@ class OpenCLIPVisionModelPool(PoolTables):
         if self._processors is None:
             self._processors = image_transforms(self.architecture())
         return self._processors
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _instantiate(self, entry: Entry) -> Any:
+        if not self.instantiate:
+            raise ConfigError(f"pool entry {entry.label}: a Hydra entry (_target_), but the pool was built in the "
+                              "data-only mode (instantiate=False), which runs nothing a config names. Give a "
+                              "checkpoint path instead, or build the pool with instantiate=True for a trusted "
+                              "config.")
+        try:
+            return hydra_instantiate(entry.config)
+        except PoolError as exc:
+            raise _with_entry(exc, entry) from exc
+        except Exception as exc:  # Hydra wraps errors: report with the entry name
+            cause = exc.__cause__ if isinstance(exc.__cause__, PoolError) else None
+            if cause is not None:
+                raise _with_entry(cause, entry) from exc
+            raise ConfigError(f"pool entry {entry.label}: Hydra could not instantiate "
+                              f"{entry.config.get('_target_')!r}: {exc}") from exc
 
 
 def check_head_fits(encoder: nn.Module, head: nn.Module, name: str = "") -> None:

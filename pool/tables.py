@@ -39,7 +39,8 @@ _Pool = TypeVar("_Pool", bound="PoolTables")
 
 def _names(split: str) -> property:
     """FusionBench's ``<split>_dataset_names`` property."""
-    return property(lambda pool: list(pool._split(split)), doc=f"Every {_SPLITS[split]} dataset name, in order.")
+    return property(lambda pool: list(pool._split(split)),
+                    doc=f"Every {_SPLITS[split]} dataset name, in config order.")
 
 
 def _has(split: str) -> property:
