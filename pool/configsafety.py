@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, grammar_parser
+from omegaconf._utils import get_yaml_loader
+from omegaconf.errors import GrammarParseError
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as Grammar
 
 from .errors import ConfigError, PoolError, amended, printable
 
@@ -91,8 +97,6 @@ def _too_many(where: str, found: str) -> ConfigError:
 
 def _counting_loader(where: str) -> type:
     """OmegaConf's YAML loader, stopping once it has composed more than `MAX_CONFIG_NODES` nodes."""
-    from omegaconf._utils import get_yaml_loader
-
     class CountingLoader(get_yaml_loader()):  # type: ignore[misc]
         composed = 0
 
@@ -137,8 +141,6 @@ def load_yaml_config(path: str | Path) -> Any:
     Example:
         >>> config = load_yaml_config("pool.yaml")  # doctest: +SKIP
     """
-    from omegaconf import OmegaConf
-
     file = Path(path).expanduser()
     where = str(file.absolute())
     text = _read_bounded(file)
@@ -171,8 +173,6 @@ def raw_container(config: Any) -> Any:
     Returns:
         Plain dicts and lists holding the config's raw text.
     """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(config, (DictConfig, ListConfig)):
         return OmegaConf.to_container(config, resolve=False)
     return config
@@ -195,9 +195,6 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, Any, bool]]:
 def _resolver_calls(text: str) -> list[tuple[str, Any]]:
     """``(resolver name, its parse-tree node)`` for every resolver call in an interpolated string,
     nested ones included (``${a.${oc.env:B}}``); escaped ``\\${`` is text."""
-    from omegaconf import grammar_parser
-    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as Grammar
-
     calls: list[tuple[str, Any]] = []
     stack = [grammar_parser.parse(text)]
     while stack:
@@ -242,8 +239,6 @@ def check_data_only(config: Any, where: str) -> None:
 
 
 def _check_interpolations(text: str, path: str, where: str) -> None:
-    from omegaconf.errors import GrammarParseError
-
     try:
         calls = _resolver_calls(text)
     except GrammarParseError as exc:
@@ -275,8 +270,6 @@ def resolved_data(config: Any, where: str) -> dict[str, Any]:
     Raises:
         ConfigError: a resolved string holds ``${``.
     """
-    from omegaconf import OmegaConf
-
     data = OmegaConf.to_container(config, resolve=True)
     for path, item, is_key in _walk(data, ""):
         if not is_key and isinstance(item, str) and "${" in item:
@@ -398,8 +391,6 @@ def redact_strings(obj: Any, redact: Callable[[str], str]) -> None:
         obj: the dataclass instance (anything else is left alone).
         redact: text -> text, such as `pool.OpenCLIPVisionModelPool.redact`.
     """
-    from dataclasses import fields, is_dataclass
-
     if not is_dataclass(obj):
         return
     for spec in fields(obj):

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
+
 from .errors import DatasetError
 
 __all__ = ["load_dataset_entry", "SPLITS"]
@@ -25,7 +27,7 @@ def _is_offline_error(exc: BaseException) -> bool:
 
 
 def _load_string(spec: str, split: str, label: str) -> Any:
-    import datasets
+    import datasets  # heavy (about 2 s): imported when a string entry is loaded, not with the pool
 
     local = Path(spec).expanduser()
     candidates = SPLITS.get(split, (split,))
@@ -90,8 +92,6 @@ def load_dataset_entry(config: Any, split: str, label: str) -> Any:
     if isinstance(config, (str, Path)):
         return _load_string(str(config), split, label)
     if isinstance(config, Mapping) or hasattr(config, "keys"):
-        from hydra.utils import instantiate
-
         try:
             return instantiate(config)
         except Exception as exc:  # report with the entry's name

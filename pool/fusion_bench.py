@@ -32,6 +32,7 @@ if sys.version_info < _REQUIRES:
         "pool.OpenCLIPVisionModelPool directly on this Python, or run FusionBench on Python 3.12+.")
 
 try:
+    from fusion_bench.constants import FUSION_BENCH_VERSION
     from fusion_bench.modelpool import BaseModelPool
 except ImportError as exc:  # fusion_bench missing, or broken in this environment
     raise ImportError(
@@ -66,8 +67,6 @@ class OpenCLIPVisionModelPool(_Pool, BaseModelPool):
                  val_datasets: Any = None, test_datasets: Any = None, *, _usage_: str | None = None,
                  _version_: str | None = None, _recursive_: bool = False, **kwargs: Any) -> None:
         _Pool.__init__(self, models, classification_heads, train_datasets, val_datasets, test_datasets, **kwargs)
-        from fusion_bench.constants import FUSION_BENCH_VERSION
-
         self._usage_ = _usage_
         self._version_ = FUSION_BENCH_VERSION if _version_ is None else _version_
         self._recursive_ = _recursive_

@@ -23,70 +23,69 @@ allowlist, as ``verify --allow-global`` does.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
 
-INI = "openclip_pool_fixtures"
-OPTION = "--openclip-pool-fixtures"
-PLUGIN = "pool.testing"
-VERIFY_INI = "openclip_pool_verify"
-VERIFY_OPTION = "--openclip-pool-verify"
-VERIFY_PLUGIN = "pool.pytest_verify"
-NO_INSTANTIATE_INI = "openclip_pool_no_instantiate"
-NO_INSTANTIATE_OPTION = "--openclip-pool-no-instantiate"
-ALLOW_GLOBALS_INI = "openclip_pool_allow_globals"
-ALLOW_GLOBAL_OPTION = "--openclip-pool-allow-global"
+_INI = "openclip_pool_fixtures"
+_OPTION = "--openclip-pool-fixtures"
+_PLUGIN = "pool.testing"
+_VERIFY_INI = "openclip_pool_verify"
+_VERIFY_OPTION = "--openclip-pool-verify"
+_VERIFY_PLUGIN = "pool.pytest_verify"
+_NO_INSTANTIATE_INI = "openclip_pool_no_instantiate"
+_NO_INSTANTIATE_OPTION = "--openclip-pool-no-instantiate"
+_ALLOW_GLOBALS_INI = "openclip_pool_allow_globals"
+_ALLOW_GLOBAL_OPTION = "--openclip-pool-allow-global"
 
 # pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
 # only if pytest rewrites the module's asserts, which must be arranged before it is imported:
 # pytest does it for a module loaded with -p or pytest_plugins, but not for the import in
 # pytest_configure below. (Entry points load before any conftest or test module.)
-if PLUGIN not in sys.modules:
-    pytest.register_assert_rewrite(PLUGIN)
+if _PLUGIN not in sys.modules:
+    pytest.register_assert_rewrite(_PLUGIN)
 
 
 def pytest_addoption(parser) -> None:
-    parser.addini(INI, type="bool", default=False,
+    parser.addini(_INI, type="bool", default=False,
                   help="register pool's checkpoint fixtures (tiny_arch, synth_tree, write_encoder, "
                        "write_head, pool_golden)")
     group = parser.getgroup("openclip-pool")
-    group.addoption(OPTION, action="store_true", default=False, dest="openclip_pool_fixtures",
-                    help=f"register pool's checkpoint fixtures (same as the {INI} ini option)")
-    parser.addini(VERIFY_INI, default="", help="a pool config: one test item per entry, checked as verify does")
-    group.addoption(VERIFY_OPTION, metavar="CONFIG", default=None, dest=VERIFY_INI,
+    group.addoption(_OPTION, action="store_true", default=False, dest="openclip_pool_fixtures",
+                    help=f"register pool's checkpoint fixtures (same as the {_INI} ini option)")
+    parser.addini(_VERIFY_INI, default="", help="a pool config: one test item per entry, checked as verify does")
+    group.addoption(_VERIFY_OPTION, metavar="CONFIG", default=None, dest=_VERIFY_INI,
                     help=f"one test item per entry of this pool config, checked as `python -m pool verify` "
-                         f"does (same as the {VERIFY_INI} ini option)")
-    parser.addini(NO_INSTANTIATE_INI, type="bool", default=False,
+                         f"does (same as the {_VERIFY_INI} ini option)")
+    parser.addini(_NO_INSTANTIATE_INI, type="bool", default=False,
                   help="read the --openclip-pool-verify config in the data-only mode (no _target_, no resolvers)")
-    group.addoption(NO_INSTANTIATE_OPTION, action="store_true", default=False, dest=NO_INSTANTIATE_INI,
+    group.addoption(_NO_INSTANTIATE_OPTION, action="store_true", default=False, dest=_NO_INSTANTIATE_INI,
                     help="data-only mode for a config from outside: refuse Hydra _target_ entries and resolvers "
                          "such as ${oc.env:...} instead of running them, as `python -m pool verify "
-                         f"--no-instantiate` does (same as the {NO_INSTANTIATE_INI} ini option)")
-    parser.addini(ALLOW_GLOBALS_INI, type="linelist", default=[],
+                         f"--no-instantiate` does (same as the {_NO_INSTANTIATE_INI} ini option)")
+    parser.addini(_ALLOW_GLOBALS_INI, type="linelist", default=[],
                   help="globals (MODULE.NAME, one a line) the --openclip-pool-verify entries accept besides "
                        "pool's allowlist")
-    group.addoption(ALLOW_GLOBAL_OPTION, metavar="MODULE.NAME", action="append", default=[],
-                    dest=ALLOW_GLOBALS_INI,
+    group.addoption(_ALLOW_GLOBAL_OPTION, metavar="MODULE.NAME", action="append", default=[],
+                    dest=_ALLOW_GLOBALS_INI,
                     help="accept this exact global besides pool's allowlist, as `python -m pool verify "
-                         f"--allow-global` does (repeatable; adds to the {ALLOW_GLOBALS_INI} ini option)")
+                         f"--allow-global` does (repeatable; adds to the {_ALLOW_GLOBALS_INI} ini option)")
 
 
-def enabled(config) -> bool:
-    return bool(config.getoption("openclip_pool_fixtures", default=False) or config.getini(INI))
+def _enabled(config) -> bool:
+    return bool(config.getoption("openclip_pool_fixtures", default=False) or config.getini(_INI))
 
 
 def pytest_configure(config) -> None:
-    import importlib
-
-    if (config.getoption(VERIFY_INI, default=None) or config.getini(VERIFY_INI)) and \
-            not config.pluginmanager.has_plugin(VERIFY_PLUGIN):
-        module = importlib.import_module(VERIFY_PLUGIN)
-        config.pluginmanager.register(module, VERIFY_PLUGIN)
+    if (config.getoption(_VERIFY_INI, default=None) or config.getini(_VERIFY_INI)) and \
+            not config.pluginmanager.has_plugin(_VERIFY_PLUGIN):
+        module = importlib.import_module(_VERIFY_PLUGIN)
+        config.pluginmanager.register(module, _VERIFY_PLUGIN)
         module.pytest_configure(config)  # registered after the configure hooks ran: its markers now
-    if not enabled(config):
+    if not _enabled(config):
         return
     pm = config.pluginmanager
-    if pm.has_plugin(PLUGIN):  # already loaded by -p or pytest_plugins
+    if pm.has_plugin(_PLUGIN):  # already loaded by -p or pytest_plugins
         return
-    pm.register(importlib.import_module(PLUGIN), PLUGIN)
+    pm.register(importlib.import_module(_PLUGIN), _PLUGIN)

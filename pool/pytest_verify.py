@@ -19,27 +19,28 @@ from typing import Any
 import pytest
 
 from .allowlist import parse_allow_globals
-from .errors import EntryFailed
+from .checkpoint import sniff_container
+from .errors import EntryFailed, PoolError
 from .verify import EntryChecker, prepare_pool
 
 __all__ = ["PoolEntryItem", "EntryFailed"]
 
-OPTION_DEST = "openclip_pool_verify"
-NO_INSTANTIATE_DEST = "openclip_pool_no_instantiate"
-ALLOW_GLOBALS_DEST = "openclip_pool_allow_globals"
+_OPTION_DEST = "openclip_pool_verify"
+_NO_INSTANTIATE_DEST = "openclip_pool_no_instantiate"
+_ALLOW_GLOBALS_DEST = "openclip_pool_allow_globals"
 FORMS = ("path", "pickle_path", "state_dict_path", "hydra", "module")
 CONTAINERS = ("zip", "legacy", "pickle", "safetensors", "hf")
-MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
+_MARKERS = ("pool_models: a pool model entry (pytest --openclip-pool-verify)",
            "pool_heads: a pool classification-head entry (pytest --openclip-pool-verify)",
            *(f"pool_form_{form}: a pool entry of the {form} form" for form in FORMS),
            *(f"pool_container_{c}: a pool entry whose file is a {c} container" for c in CONTAINERS))
 
 
-def config_path(config: pytest.Config) -> Path | None:
+def _config_path(config: pytest.Config) -> Path | None:
     """The pool config to verify: the command-line value relative to the folder pytest started in,
     the ini value relative to the ini file's folder (so ``pytest`` works from any subfolder)."""
-    option = config.getoption(OPTION_DEST, default=None)
-    value = option or config.getini(OPTION_DEST)
+    option = config.getoption(_OPTION_DEST, default=None)
+    value = option or config.getini(_OPTION_DEST)
     if not value:
         return None
     path = Path(str(value)).expanduser()
@@ -49,15 +50,15 @@ def config_path(config: pytest.Config) -> Path | None:
     return Path(base) / path
 
 
-def instantiate_allowed(config: pytest.Config) -> bool:
+def _instantiate_allowed(config: pytest.Config) -> bool:
     """False when ``--openclip-pool-no-instantiate`` (or its ini value) asks for the data-only mode."""
-    return not (config.getoption(NO_INSTANTIATE_DEST, default=False) or config.getini(NO_INSTANTIATE_DEST))
+    return not (config.getoption(_NO_INSTANTIATE_DEST, default=False) or config.getini(_NO_INSTANTIATE_DEST))
 
 
-def allowed_globals(config: pytest.Config) -> tuple[str, ...]:
+def _allowed_globals(config: pytest.Config) -> tuple[str, ...]:
     """The globals ``--openclip-pool-allow-global`` and the ini lines accept besides the allowlist."""
-    return tuple(sorted({*(config.getoption(ALLOW_GLOBALS_DEST, default=None) or []),
-                         *config.getini(ALLOW_GLOBALS_DEST)}))
+    return tuple(sorted({*(config.getoption(_ALLOW_GLOBALS_DEST, default=None) or []),
+                         *config.getini(_ALLOW_GLOBALS_DEST)}))
 
 
 @functools.cache
@@ -129,23 +130,20 @@ class PoolEntryItem(pytest.Item):
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for line in MARKERS:
+    for line in _MARKERS:
         config.addinivalue_line("markers", line)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Add one item per entry (before ``-k`` / ``-m`` deselection, which runs after this hook)."""
-    path = config_path(config)
+    path = _config_path(config)
     if path is None:
         return
     if not path.is_file():
         raise pytest.UsageError(f"--openclip-pool-verify {path}: no such pool config file")
     # the entries are read without loading any weights: prepare_pool only resolves them
-    from .checkpoint import sniff_container
-    from .errors import PoolError
-
-    instantiate, allow = instantiate_allowed(config), allowed_globals(config)
+    instantiate, allow = _instantiate_allowed(config), _allowed_globals(config)
     try:
         checker = _checker(str(path), instantiate, allow)
     except PoolError as exc:  # a config the user fixes: pytest's usage error, not an internal error

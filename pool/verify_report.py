@@ -19,6 +19,7 @@ import traceback
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import __version__
 from .errors import PoolError
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Timings", "Architecture", "Integrity", "ForwardCheck", "HeadCheck",
@@ -290,11 +291,10 @@ def versions() -> dict[str, str]:
         >>> sorted(versions())
         ['open_clip', 'pool', 'python', 'safetensors', 'torch']
     """
+    # heavy: imported when a report is made, not when the CLI (which imports this module) starts
     import safetensors
     import torch
     from open_clip.version import __version__ as open_clip_version  # old releases lack open_clip.__version__
-
-    from . import __version__
 
     return {"pool": __version__, "torch": torch.__version__, "open_clip": open_clip_version,
             "safetensors": safetensors.__version__, "python": platform.python_version()}

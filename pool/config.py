@@ -1,0 +1,275 @@
+"""Pool configs read and written: YAML files, DictConfigs, mappings and Hydra config names.
+
+`read_config` turns what `OpenCLIPVisionModelPool.from_config` is given into the keyword arguments
+of the pool (interpolations resolved, overrides applied, the data-only mode's checks made);
+`pool_config` and `write_yaml` are the other way round (``config`` / ``to_yaml``). The pool
+itself is built in `pool.modelpool`; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, UnsupportedValueType
+from torch import nn
+
+from .configsafety import (
+    Redactor,
+    check_data_only,
+    env_secrets,
+    load_yaml_config,
+    raw_container,
+    resolved_data,
+)
+from .errors import ConfigError, PoolError
+
+__all__ = ["as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
+           "write_yaml"]
+
+log = logging.getLogger(__name__)
+
+#: The config sections that hold entries by name.
+_SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
+#: Every top-level key the pool reads; others are kept for interpolations.
+_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
+
+
+def as_mapping(value: Any, section: str) -> dict[str, Any]:
+    """A section's entries as a plain dict of name -> entry.
+
+    Args:
+        value: the section as given: a mapping, a DictConfig, or None (no entries).
+        section: the section's name, for the message.
+
+    Returns:
+        The entries, names as strings, in their order.
+
+    Raises:
+        ConfigError: the section is no mapping.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): value[k] for k in value.keys()}
+    raise ConfigError(f"{section}: expected a mapping of name -> entry, found {type(value).__name__}")
+
+
+def check_keys(keys: list[str], *, where: str) -> None:
+    """Refuse a top-level key that is a near miss of a known one.
+
+    Extra keys are kept (a config may define ``model_dir`` for its interpolations), but one that is
+    a near miss of a known key (``classification_head``, ``modles``) would silently drop a whole
+    section.
+
+    Args:
+        keys: the top-level keys.
+        where: how the message names the config.
+
+    Raises:
+        ConfigError: a key is a near miss, naming the key it was probably meant to be.
+    """
+    for key in keys:
+        if key in _KNOWN_KEYS or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (Known keys: "
+                              f"{', '.join(_KNOWN_KEYS)}; other keys are kept only for interpolations.)")
+        log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
+
+
+def read_config(config: Any, overrides: list[str] | None = None, *, instantiate: bool = True
+                ) -> tuple[dict[str, Any], Redactor]:
+    """What `OpenCLIPVisionModelPool.from_config` reads: the pool's keyword arguments.
+
+    Args:
+        config: a pool YAML file, a DictConfig or a mapping; with Hydra initialised, a config name
+            that is no file (composed by Hydra, ``overrides`` relative to the pool).
+        overrides: ``key=value`` strings applied before interpolations are resolved.
+        instantiate: False for the data-only mode: Hydra keys and resolver calls are refused
+            before anything is resolved (`pool.configsafety.check_data_only`).
+
+    Returns:
+        ``(values, redact)``: the top-level keys not starting with ``_``, resolved, and the
+        `Redactor` of the values the config took from the environment.
+
+    Raises:
+        ConfigError: as `OpenCLIPVisionModelPool.from_config`.
+    """
+    if not instantiate and isinstance(config, (str, Path)) and not Path(config).expanduser().is_file():
+        raise ConfigError(f"pool config not found: {Path(config).expanduser().absolute()} (the data-only mode "
+                          "reads a YAML file or a mapping, never a Hydra config name, which Hydra composes "
+                          "and resolves first)")
+    config_name = "(mapping)"
+    if _is_hydra_name(config):  # a config *name* (no extension), as FusionBench's CLI passes
+        config_name = str(config)
+        config, overrides = _compose(config_name, overrides), None
+    if isinstance(config, (str, Path)):
+        path = Path(config).expanduser()
+        config_name = str(path.absolute())
+        config = _read_yaml(path)
+    elif not isinstance(config, DictConfig):
+        config = _from_mapping(config)
+    if not isinstance(config, DictConfig):
+        raise ConfigError(f"pool config {config_name}: the top level is a {type(config).__name__}; a pool "
+                          "config is a mapping with models: and classification_heads: sections")
+    if overrides:
+        config = _apply_overrides(config, overrides, config_name)
+    if not instantiate:  # what is checked is what is resolved: the raw data, cut from any parent
+        raw = raw_container(config)
+        check_data_only(raw, f"pool config {config_name}")
+        config = OmegaConf.create(raw, flags={"allow_objects": True})
+    check_keys([str(k) for k in config.keys()], where=f"pool config {config_name}")
+    redact = Redactor(env_secrets(_root(config)))
+    config = _resolve(config, config_name, redact, instantiate=instantiate)
+    return {str(k): config[k] for k in config.keys() if not str(k).startswith("_")}, redact
+
+
+def read_yaml_pool(path: str | Path, *, instantiate: bool = True) -> Any:
+    """The pool section of a YAML file, for `OpenCLIPVisionModelPool.from_yaml`.
+
+    A top-level ``modelpool:`` key, as in FusionBench's files, is entered when the file has no
+    ``models:`` key of its own.
+
+    Args:
+        path: the YAML file (``~`` is expanded).
+        instantiate: False for the data-only mode: the whole file is checked first.
+
+    Returns:
+        The DictConfig `read_config` takes.
+
+    Raises:
+        ConfigError: the file does not exist, is no valid YAML or is past the bounds; in the
+            data-only mode, it has a Hydra key or a resolver call.
+    """
+    file = Path(path).expanduser()
+    config = _read_yaml(file)
+    if not instantiate:
+        check_data_only(config, f"pool config {file.absolute()}")
+    if "modelpool" in config and "models" not in config:
+        config = config.modelpool
+    return config
+
+
+def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A pool as a config (a DictConfig with ``_target_``), what `OpenCLIPVisionModelPool.config` is.
+
+    Args:
+        pool: the pool; its class is the ``_target_`` and its ``device``, ``dtype``,
+            ``cache_dir``, ``allow_globals`` and ``extra`` are written when set.
+        sections: its entries by section (`_SECTIONS`); empty dataset sections are left out.
+
+    Returns:
+        The DictConfig; module-instance entries are kept as objects (it cannot be written as YAML).
+    """
+    body: dict[str, Any] = {"_target_": f"{type(pool).__module__}.{type(pool).__qualname__}",
+                            "_recursive_": False,  # Hydra must hand the entries over, not build them
+                            "models": dict(sections["models"]),
+                            "classification_heads": dict(sections["classification_heads"])}
+    body.update({section: dict(sections[section]) for section in _SECTIONS[2:] if sections[section]})
+    for key in ("device", "dtype"):
+        value = getattr(pool, key)
+        if value is not None:
+            body[key] = str(value).removeprefix("torch.")
+    if pool.cache_dir is not None:
+        body["cache_dir"] = pool.cache_dir if isinstance(pool.cache_dir, bool) else str(pool.cache_dir)
+    if pool.allow_globals:
+        body["allow_globals"] = sorted(pool.allow_globals)
+    body.update(pool.extra)
+    try:
+        return OmegaConf.create(body)
+    except UnsupportedValueType:  # module instances: kept as objects
+        return OmegaConf.create(body, flags={"allow_objects": True})
+
+
+def write_yaml(config: Any, sections: Mapping[str, Mapping[str, Any]], path: str | Path, *,
+               resolve: bool = True) -> None:
+    """Write a pool's config (`pool_config`) as YAML.
+
+    Args:
+        config: the pool's config.
+        sections: its entries by section, to name the module instances YAML cannot hold.
+        path: the file to write (``~`` is expanded).
+        resolve: resolve interpolations before writing.
+
+    Raises:
+        ConfigError: a model or head is a module instance.
+    """
+    instances = [f"{section}.{name}" for section in ("models", "classification_heads")
+                 for name, value in sections[section].items() if isinstance(value, nn.Module)]
+    if instances:
+        raise ConfigError(f"cannot write {', '.join(instances)} as YAML: module instances. Save them "
+                          "with save_model and use the files' paths instead.")
+    OmegaConf.save(config, Path(path).expanduser(), resolve=resolve)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A pool YAML file read within bounds (`pool.configsafety.load_yaml_config`)."""
+    if not path.is_file():
+        raise ConfigError(f"pool config not found: {path.absolute()}")
+    return load_yaml_config(path)
+
+
+def _from_mapping(config: Any) -> DictConfig:
+    try:
+        return OmegaConf.create(dict(config), flags={"allow_objects": True})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"pool config: expected a mapping of sections, found "
+                          f"{type(config).__name__}") from exc
+
+
+def _is_hydra_name(config: Any) -> bool:
+    """A string with no extension that names no file, while Hydra is initialised: a config name."""
+    return (isinstance(config, (str, Path)) and not Path(config).suffix
+            and not Path(config).expanduser().is_file() and GlobalHydra.instance().is_initialized())
+
+
+def _compose(config_name: str, overrides: list[str] | None) -> Any:
+    """The pool section of a Hydra config name, composed with ``overrides``."""
+    groups = config_name.split("/")[:-1]
+    try:  # overrides are relative to the pool, as for a file: the group path put before them,
+        # and "++" (set, whether or not the key exists), as key=value does for a file
+        config = compose(config_name=config_name,
+                         overrides=["++" + ".".join([*groups, o.lstrip("+")]) for o in (overrides or [])])
+        for group in groups:
+            config = config[group]
+    except Exception as exc:  # Hydra's own exceptions: one clear message
+        raise ConfigError(f"pool config {config_name!r}: Hydra could not compose it: {exc}") from exc
+    return config
+
+
+def _apply_overrides(config: DictConfig, overrides: list[str], config_name: str) -> DictConfig:
+    bad = [o for o in overrides if not isinstance(o, str) or "=" not in o or not o.split("=", 1)[0].strip()]
+    try:
+        if bad:
+            raise ValueError(f"{bad} are not key=value strings")
+        return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as exc:  # a malformed override: one clear message
+        raise ConfigError(f"pool config {config_name}: cannot apply overrides "
+                          f"{list(overrides)}: {exc}") from exc
+
+
+def _resolve(config: DictConfig, config_name: str, redact: Redactor, *, instantiate: bool) -> Any:
+    """The config with its interpolations resolved; in the data-only mode, as plain data once (a
+    resolved ``"${...}"`` stays text, never resolved again)."""
+    try:
+        if instantiate:
+            OmegaConf.resolve(config)
+            return config
+        return resolved_data(config, f"pool config {config_name}")
+    except PoolError:
+        raise
+    except Exception as exc:  # interpolation errors
+        raise redact.error(ConfigError(f"pool config: cannot resolve interpolations: {exc}")) from exc
+
+
+def _root(config: Any) -> Any:
+    """The whole config a DictConfig belongs to (its interpolations may reach any of it)."""
+    get_root = getattr(config, "_get_root", None)
+    return get_root() if callable(get_root) else config
