@@ -89,13 +89,24 @@ def _public() -> Iterator[tuple[str, Any]]:
         qualname = f"{obj.__module__}.{obj.__qualname__}"
         yield qualname, obj
         if inspect.isclass(obj):
-            for attr, value in vars(obj).items():
-                if attr.startswith("_"):
-                    continue
-                if isinstance(value, (staticmethod, classmethod)):
-                    value = value.__func__
-                if isinstance(value, property) or inspect.isfunction(value):
-                    yield f"{qualname}.{attr}", value
+            yield from _methods(obj, qualname)
+
+
+def _methods(cls: type, qualname: str) -> Iterator[tuple[str, Any]]:
+    """The public methods and properties of ``cls``, those it inherits from pool's own classes included
+    (the pool's table methods live on a base class)."""
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("pool"):
+            continue
+        for attr, value in vars(klass).items():
+            if attr.startswith("_") or attr in seen:
+                continue
+            seen.add(attr)
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if isinstance(value, property) or inspect.isfunction(value):
+                yield f"{qualname}.{attr}", value
 
 
 PUBLIC = sorted(_public(), key=lambda item: item[0])
@@ -157,6 +168,7 @@ def test_the_walk_finds_the_public_api() -> None:
                  "pool.errors.CheckpointNotFoundError"):
         assert any(i.endswith(name.partition(".")[2].partition(".")[2]) for i in IDS), name
     assert any(i.endswith("ImageEncoder.load") for i in IDS)
+    assert any(i.endswith("OpenCLIPVisionModelPool.from_config") for i in IDS)  # inherited from its base
     assert len(PUBLIC) > 40
 
 
