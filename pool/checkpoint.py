@@ -29,7 +29,7 @@ from .containers import CONTAINERS, REGISTRY, Checkpoint, ReadOptions
 from .containers import by_name as _container
 from .containers import sniff as _sniff
 from .containers.hf_folder import NAME as HF_FOLDER
-from .containers.hf_folder import is_hf_folder, read_hf_folder
+from .containers.hf_folder import is_hf_folder, read_config, weights_file, with_config
 from .containers.sniffing import as_text
 from .errors import (
     CheckpointError,
@@ -301,8 +301,9 @@ def read_checkpoint(path: PathLike, *, map_location: Any = None, mmap: bool | No
     cache = resolve_cache_dir(cache_dir)  # a bad value is the caller's mistake whatever the path is
     folder = Path(path).expanduser()
     if _is_hf_folder(folder):  # a transformers model folder: its weights file, its config as metadata
+        config = read_config(folder)
         with paused_gc():
-            return read_hf_folder(folder, options, _read_file)
+            return with_config(folder, config, _read_file(weights_file(folder), options))
     p = _existing_file(path)
     with _open(p) as file:  # one descriptor: every byte of the read, and the cache's identity, from it
         container = _container(_sniff_open(file))

@@ -11,14 +11,13 @@ knows only the folder's files.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptCheckpointError
-from .base import Checkpoint, ReadOptions
+from .base import Checkpoint
 
-__all__ = ["NAME", "CONFIG", "is_hf_folder", "weights_file", "read_hf_folder"]
+__all__ = ["NAME", "CONFIG", "is_hf_folder", "weights_file", "read_config", "with_config"]
 
 #: the container name a folder reads as (`pool.checkpoint.sniff_container`, `Checkpoint.container`)
 NAME = "hf"
@@ -65,7 +64,12 @@ def weights_file(folder: Path) -> Path:
     raise CorruptCheckpointError(f"{folder}: no {' or '.join(_WEIGHTS)} beside {CONFIG}.")
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's ``config.json``, checked to be a small JSON object (read before the weights).
+
+    Raises:
+        CorruptCheckpointError: too large, not JSON, or not an object.
+    """
     path = folder / CONFIG
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes; a model config is a few kB.")
@@ -78,14 +82,16 @@ def _config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def read_hf_folder(folder: Path, options: ReadOptions,
-                   read_file: Callable[[Path, ReadOptions], Checkpoint]) -> Checkpoint:
-    """Read the folder's weights with ``read_file`` and attach its config as metadata.
+def with_config(folder: Path, config: dict[str, Any], weights: Checkpoint) -> Checkpoint:
+    """The folder's `Checkpoint`: its weights file's, with ``config.json`` attached as metadata.
+
+    `pool.checkpoint` reads the config (`read_config`), then the weights file (`weights_file`) as
+    any other file, then calls this: the container never reads a file through its caller.
 
     Args:
         folder: a transformers model folder.
-        options: how to read the weights file.
-        read_file: reads one checkpoint file (`pool.checkpoint` passes its own reader).
+        config: what `read_config` returned.
+        weights: the weights file, read.
 
     Returns:
         The `Checkpoint`: container ``hf``, root type ``transformers <architecture>``, the weights
@@ -93,14 +99,12 @@ def read_hf_folder(folder: Path, options: ReadOptions,
         from its ``vision_config``).
 
     Raises:
-        CorruptCheckpointError: a missing, sharded or unreadable weights file, or a bad config.json.
+        CorruptCheckpointError: a config value of the wrong type.
     """
-    config = _config(folder)
     model_type = str(config.get("model_type", ""))
     vision = config.get("vision_config") if model_type == "clip" else config
     if not isinstance(vision, dict):
         vision = {}
-    weights = read_file(weights_file(folder), options)
     metadata = dict(weights.metadata)
     metadata["hf.model_type"] = model_type
     for key in ("hidden_act", "layer_norm_eps", "projection_dim", "image_size", "num_attention_heads"):
