@@ -191,3 +191,49 @@ def test_the_public_api_is_what_the_readme_documents() -> None:
     builtin = {n for n in named if isinstance(getattr(builtins, n, None), type)}
     classes = {n for n in named - builtin if n[0].isupper() and (n.endswith("Error") or n in paragraph)}
     assert classes - set(pool.__all__) == set(), "documented in the README but not exported"
+
+
+def _design_file(name: str) -> Path | None:
+    """A file docs/design.md names (``records.py``, ``containers/zipfmt.py``, ``pool/keys.py``, a test)."""
+    root = PACKAGE.parent
+    for base in (root, PACKAGE, PACKAGE / "containers", PACKAGE / "arch"):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def _defines(path: Path, dotted: str) -> bool:
+    """Whether ``path`` defines ``dotted`` (``f``, ``Class.method``, ``CONSTANT``) at its top level."""
+    scope: list[ast.stmt] = ast.parse(path.read_text()).body
+    for part in dotted.split("."):
+        found = None
+        for node in scope:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                     else [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+                           if isinstance(t, ast.Name)])
+            if part in names:
+                found = node
+        if found is None:
+            return False
+        scope = getattr(found, "body", [])
+    return True
+
+
+def _design_references() -> list[tuple[str, str]]:
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    refs = []
+    for file, names in re.findall(r"`((?:[\w]+/)*[\w]+\.py): ([\w.]+(?:`, `[\w.]+)*)`", text):
+        refs += [(file, name) for name in names.split("`, `")]
+    return refs
+
+
+def test_design_doc_names_files_and_functions_that_exist() -> None:
+    """Every ``file.py: name`` docs/design.md cites is there, so that one guess finds the code."""
+    refs = _design_references()
+    assert len(refs) > 40
+    missing = [f"{file}: {name}" for file, name in refs
+               if _design_file(file) is None or not _defines(_design_file(file), name)]
+    assert missing == []
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    files = set(re.findall(r"`((?:pool/|tests/)[\w/]+\.py)", text))
+    assert [f for f in files if _design_file(f) is None] == []
