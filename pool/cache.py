@@ -39,7 +39,7 @@ parser, and everything read from the cache is checked as untrusted input. Guaran
   checkpoint is read from its source.
 
 - Never stale: an entry is served only while the source has the identity and sampled digest
-  recorded, and a file changed less than `RACY_SECONDS` before it was read is not cached yet (on
+  recorded, and a file changed less than `pool.cache_layout.RACY_SECONDS` before it was read is not cached yet (on
   file systems with coarse timestamps a second write in the same tick keeps the identity).
 - Damage is rebuilt: an unreadable index, or an entry that is missing, unreadable, not what the
   cache writes, or changed since it was written (its identity; ``cache info`` also checks its
@@ -67,14 +67,14 @@ from pathlib import Path
 from typing import Any
 
 from . import cache_layout as layout
-from .cache_layout import CACHEABLE, RACY_SECONDS
+from .cache_layout import CACHEABLE
 from .cache_listing import CacheEntry, CacheListing
 from .cache_store import CacheStore
 from .containers.base import Checkpoint, ReadOptions
 from .errors import CheckpointError, ConfigError, NotACacheError
 from .transfer import OpenFile
 
-__all__ = ["CACHE_ENV", "CACHEABLE", "RACY_SECONDS", "CacheEntry", "CheckpointCache", "NotACacheError",
+__all__ = ["CACHE_ENV", "CACHEABLE", "CacheEntry", "CheckpointCache", "NotACacheError",
            "resolve_cache_dir"]
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra import compose
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, UnsupportedValueType
 from torch import nn
 
@@ -32,7 +31,7 @@ from .errors import ConfigError, PoolError
 __all__ = ["as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
            "write_yaml"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pool.modelpool")  # the name its messages always had
 
 #: The config sections that hold entries by name.
 _SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
@@ -227,7 +226,16 @@ def _from_mapping(config: Any) -> DictConfig:
 def _is_hydra_name(config: Any) -> bool:
     """A string with no extension that names no file, while Hydra is initialised: a config name."""
     return (isinstance(config, (str, Path)) and not Path(config).suffix
-            and not Path(config).expanduser().is_file() and GlobalHydra.instance().is_initialized())
+            and not Path(config).expanduser().is_file() and _hydra_initialized())
+
+
+def _hydra_initialized() -> bool:
+    """Whether a Hydra app (FusionBench's CLI) is running, so that a config name can be composed."""
+    if "hydra" not in sys.modules:  # never imported: no Hydra app can be running
+        return False
+    from hydra.core.global_hydra import GlobalHydra  # lazy: hydra takes ~0.2 s to import
+
+    return GlobalHydra.instance().is_initialized()
 
 
 def _compose(config_name: str, overrides: list[str] | None) -> Any:
@@ -235,6 +243,8 @@ def _compose(config_name: str, overrides: list[str] | None) -> Any:
     groups = config_name.split("/")[:-1]
     try:  # overrides are relative to the pool, as for a file: the group path put before them,
         # and "++" (set, whether or not the key exists), as key=value does for a file
+        from hydra import compose  # lazy: only a running Hydra app composes config names
+
         config = compose(config_name=config_name,
                          overrides=["++" + ".".join([*groups, o.lstrip("+")]) for o in (overrides or [])])
         for group in groups:

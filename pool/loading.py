@@ -11,7 +11,9 @@ An encoder::
     place           pool.placement.place_module        device and dtype
 
 `load_encoder` runs them all from a path, `encoder_from_checkpoint` from a read checkpoint and
-`encoder_from_state_dict` from tensors (each starts the same run at a later step). A head
+`encoder_from_state_dict` from tensors (each starts the same run at a later step, and hands on
+through the class's own ``from_checkpoint`` / ``from_state_dict``, so that a subclass that
+overrides one of them takes part, as it did before the pipeline had its own module). A head
 (`load_head`, `head_from_checkpoint`): read, DDP prefix stripped, its tensors checked, built,
 placed. The classes to build are passed in (``ImageEncoder``, ``ClassificationHead``), so no step
 calls back up into `pool.modeling`.
@@ -50,7 +52,7 @@ from .placement import DType, place_module
 __all__ = ["load_encoder", "encoder_from_checkpoint", "encoder_from_state_dict", "load_head",
            "head_from_checkpoint", "recorded_options", "normalise_keys", "resolve_arch"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pool.modeling")  # the name its messages always had
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -80,8 +82,9 @@ def load_encoder(cls: type[_M], path: str | PathLike[str], *, model_name: str | 
     device = device if device is not None else map_location
     checkpoint = read_checkpoint(path, map_location=device, mmap=mmap, cache_dir=cache_dir,
                                  allow_globals=allow_globals)
-    return encoder_from_checkpoint(cls, checkpoint, model_name=model_name, quick_gelu=quick_gelu,
-                                   device=device, dtype=dtype)
+    # through the class, so that a subclass's own from_checkpoint / from_state_dict take part
+    return cls.from_checkpoint(checkpoint, model_name=model_name, quick_gelu=quick_gelu, device=device,
+                               dtype=dtype)
 
 
 def encoder_from_checkpoint(cls: type[_M], checkpoint: Checkpoint, **kwargs: Any) -> _M:
@@ -99,7 +102,7 @@ def encoder_from_checkpoint(cls: type[_M], checkpoint: Checkpoint, **kwargs: Any
     kwargs.setdefault("source", str(checkpoint.path))
     kwargs["quick_gelu"], kwargs["heads"] = recorded_options(
         checkpoint, quick_gelu=kwargs.get("quick_gelu"), heads=kwargs.get("heads"), source=kwargs["source"])
-    return encoder_from_state_dict(cls, checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
+    return cls.from_state_dict(checkpoint.state_dict, modules=checkpoint.modules or None, **kwargs)
 
 
 def encoder_from_state_dict(cls: type[_M], state_dict: Mapping[str, torch.Tensor], *,
@@ -280,7 +283,7 @@ def load_head(cls: type[_M], path: str | PathLike[str], *, normalize: bool | Non
     """
     device = device if device is not None else map_location
     checkpoint = read_checkpoint(path, map_location=device, cache_dir=cache_dir, allow_globals=allow_globals)
-    return head_from_checkpoint(cls, checkpoint, normalize=normalize, device=device, dtype=dtype)
+    return cls.from_checkpoint(checkpoint, normalize=normalize, device=device, dtype=dtype)
 
 
 def head_from_checkpoint(cls: type[_M], checkpoint: Checkpoint, *, normalize: bool | None = None,

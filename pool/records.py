@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import record_values
 from .errors import CorruptCheckpointError, brief
 from .inert import CallRecord, PersistentRecord, Record
-from .record_values import MAPPINGS, MAX_WALK_ENTRIES, SETS, ValueReader, call_name, is_key, type_name
+from .record_values import MAPPINGS, SETS, ValueReader, call_name, is_key, type_name
 from .tensors import INT_LIMIT, StorageRef, TensorSpec
 
 __all__ = ["ModuleInfo", "Walked", "walk", "find_calls"]
@@ -208,8 +209,8 @@ def find_calls(root: Any, name: str, source: str) -> list[Record]:
             continue
         seen.add(id(obj))
         steps += 1
-        if steps > 4 * MAX_WALK_ENTRIES:
-            raise CorruptCheckpointError(f"{source}: the pickle holds more than {4 * MAX_WALK_ENTRIES} "
+        if steps > 4 * record_values.MAX_WALK_ENTRIES:  # one bound, read where it is defined
+            raise CorruptCheckpointError(f"{source}: the pickle holds more than {4 * record_values.MAX_WALK_ENTRIES} "
                                          "objects; no model checkpoint does.")
         if isinstance(obj, (list, tuple, set, frozenset)):
             pending.extend(obj)

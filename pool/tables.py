@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
-from functools import partialmethod
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -403,8 +402,10 @@ class PoolTables:
         Yields:
             Each dataset (errors as `load_dataset`, when the iteration reaches it).
         """
+        self._split(split)  # an unknown split fails here, before anything is loaded
+        load = getattr(self, f"load_{split}_dataset")  # FusionBench's per-split loader, overridable
         for name in list(self._split(split)):
-            yield self.load_dataset(split, name)
+            yield load(name)
 
     @staticmethod
     def _ignored(method: str, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -418,13 +419,31 @@ class PoolTables:
             raise ConfigError(f"unknown dataset split {split!r}; the splits are: {', '.join(_SPLITS)}")
         return self._datasets[split]
 
-    # FusionBench's names, one split each
-    load_train_dataset = partialmethod(load_dataset, "train")
-    load_val_dataset = partialmethod(load_dataset, "val")
-    load_test_dataset = partialmethod(load_dataset, "test")
-    train_datasets = partialmethod(datasets, "train")
-    val_datasets = partialmethod(datasets, "val")
-    test_datasets = partialmethod(datasets, "test")
+    # FusionBench's names, one split each: real methods, so that a subclass may override one
+    def load_train_dataset(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """One train dataset by name (`load_dataset` with ``split="train"``)."""
+        return self.load_dataset("train", name, *args, **kwargs)
+
+    def load_val_dataset(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """One validation dataset by name (`load_dataset` with ``split="val"``)."""
+        return self.load_dataset("val", name, *args, **kwargs)
+
+    def load_test_dataset(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """One test dataset by name (`load_dataset` with ``split="test"``)."""
+        return self.load_dataset("test", name, *args, **kwargs)
+
+    def train_datasets(self) -> Iterator[Any]:
+        """Each train dataset in order, one at a time, through `load_train_dataset`."""
+        return self.datasets("train")
+
+    def val_datasets(self) -> Iterator[Any]:
+        """Each validation dataset in order, one at a time, through `load_val_dataset`."""
+        return self.datasets("val")
+
+    def test_datasets(self) -> Iterator[Any]:
+        """Each test dataset in order, one at a time, through `load_test_dataset`."""
+        return self.datasets("test")
+
     train_dataset_names = _names("train")
     val_dataset_names = _names("val")
     test_dataset_names = _names("test")

@@ -51,7 +51,7 @@ from redteam_files import Op, Pickled
 
 import pool.pickle_scan
 from pool import ClassificationHead, ImageEncoder, synth
-from pool.arch import MAX_LAYERS
+from pool.arch.infer import MAX_LAYERS
 from pool.checkpoint import load_state_dict, read_checkpoint
 from pool.errors import (
     ArchitectureMismatchError,
@@ -1733,7 +1733,7 @@ def _no_model_is_built() -> None:
 def test_block_count_is_bounded_before_a_model_is_built(sandbox, blocks):
     """Zero-byte keys ``visual.transformer.resblocks.N.x`` for N up to 20,000 made the loader build a
     20,000-block CLIP (> 10 s, > 1 GB) before it compared keys. The block count is bounded
-    (`pool.arch.MAX_LAYERS`) and every block must hold its weights, checked before any model is
+    (`pool.arch.infer.MAX_LAYERS`) and every block must hold its weights, checked before any model is
     built (a spy makes building one fail the test)."""
     tensors = {**vit_tensors(), **{f"visual.transformer.resblocks.{i}.x": ("F32", [0]) for i in range(1, blocks)}}
     path = sandbox.path(f"blocks-{blocks}.safetensors", rf.safetensors_bytes(tensors))
@@ -1757,7 +1757,7 @@ def _shared_mapping_file(sb: Sandbox, pairs: int, refs: int) -> Path:
 
 
 def test_a_mapping_with_more_pairs_than_the_walk_allows_is_refused(sandbox):
-    """The pairs of one mapping record count against `pool.records.MAX_WALK_ENTRIES` (they were one
+    """The pairs of one mapping record count against `pool.record_values.MAX_WALK_ENTRIES` (they were one
     step, however many), so a single reference to one with more pairs than that is refused."""
     path = _shared_mapping_file(sandbox, MAX_WALK_ENTRIES + 1, 1)
     assert_refused(sandbox, path, CorruptCheckpointError)

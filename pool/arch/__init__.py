@@ -15,7 +15,7 @@ One module per job; this package is their public face (``from pool.arch import .
 from __future__ import annotations
 
 from .build import build_clip, image_transforms
-from .infer import MAX_LAYERS, infer_arch
+from .infer import infer_arch
 from .names import (
     OPENAI_MODEL_NAMES,
     arch_for_name,
@@ -30,7 +30,6 @@ from .spec import VisionArch
 __all__ = [
     "VisionArch",
     "OPENAI_MODEL_NAMES",
-    "MAX_LAYERS",
     "arch_for_name",
     "infer_arch",
     "build_clip",

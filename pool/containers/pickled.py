@@ -19,7 +19,7 @@ from ..records import Walked
 from ..unpickler import Reader
 from .base import Checkpoint, ReadOptions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pool.containers.base")  # the name its messages always had
 
 __all__ = ["reader_for", "listing_globals", "result"]
 
