@@ -39,6 +39,7 @@ from .errors import (
     UnreadableCheckpointError,
 )
 from .gcpause import paused_gc
+from .notfound import missing_message
 from .records import ModuleInfo
 from .transfer import OpenFile
 
@@ -188,18 +189,8 @@ def _checked_file(p: Path) -> Path:
 
 
 def _missing_message(p: Path) -> str:
-    absolute = p.absolute()
-    parent = absolute.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        near = sorted(x.name + ("/" if x.is_dir() else "") for x in parent.iterdir())
-    except OSError:
-        near = []
-    listing = ", ".join(near[:15]) + (" ..." if len(near) > 15 else "")
-    return (f"checkpoint not found: {absolute}. The nearest existing folder is {parent}, which "
-            f"holds: {listing or 'nothing'}. Check the path (relative paths resolve against the "
-            f"working directory, {Path.cwd()}).")
+    """The not-found message (`pool.notfound.missing_message`: short, with the config-folder hint)."""
+    return missing_message(p)
 
 
 # -- reading ------------------------------------------------------------------------------------

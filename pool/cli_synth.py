@@ -73,6 +73,6 @@ def run(args: argparse.Namespace, out: Style) -> int:
              "",
              table(["file", "size"], rows, right=(1,)),
              "",
-             f"next: python -m pool verify {tree.config}"]
+             f"next: openclip-pool verify {tree.config}"]
     print("\n".join(lines))
     return EXIT_OK

@@ -27,6 +27,7 @@ from .configsafety import (
     resolved_data,
 )
 from .errors import ConfigError, PoolError
+from .notfound import note_config_file
 
 __all__ = ["as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
            "write_yaml"]
@@ -212,6 +213,7 @@ def _read_yaml(path: Path) -> Any:
     """A pool YAML file read within bounds (`pool.configsafety.load_yaml_config`)."""
     if not path.is_file():
         raise ConfigError(f"pool config not found: {path.absolute()}")
+    note_config_file(path)  # a not-found checkpoint message then says where a relative path exists
     return load_yaml_config(path)
 
 

@@ -267,7 +267,9 @@ def write_tree(root: str | Path, *, arch: VisionArch | str = TINY, tasks: Sequen
     ``root/<ARCH>/zeroshot.pt`` (zip), ``root/<ARCH>/<Task>/finetuned.pt`` cycling through the zip,
     legacy and plain-pickle containers, a state-dict file and a safetensors file for the first
     task, and ``root/<ARCH>/head_<Task>.pt`` heads; ``root/pool.yaml`` points at all of them.
-    ``<ARCH>`` is the model name, or ``tiny``.
+    ``<ARCH>`` is the model name, or ``tiny``. The config names every file by its absolute path, so
+    it works from any working directory (pool resolves relative paths against the working
+    directory, not the config's folder); a tree that is moved needs writing again.
 
     Args:
         root: the folder to write in (created if needed; existing files are overwritten).
@@ -291,7 +293,7 @@ def write_tree(root: str | Path, *, arch: VisionArch | str = TINY, tasks: Sequen
     """
     model_name = arch if isinstance(arch, str) else None
     spec = arch_for_name(arch) if isinstance(arch, str) else arch
-    root = Path(root)
+    root = Path(root).expanduser().absolute()  # the config's paths work from any working directory
     arch_dir = root / (model_name or "tiny")
     files: dict[str, Path] = {}
     pretrained = make_original_encoder(spec, seed=seed)

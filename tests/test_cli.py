@@ -520,7 +520,7 @@ def test_synth_then_verify(capsys, tmp_path):
     code, out, err = run(capsys, "synth", root, "--tasks", "Cars,SVHN")
     assert code == 0, err
     config = root / "pool.yaml"
-    assert f"config  {config}" in out and f"python -m pool verify {config}" in out
+    assert f"config  {config}" in out and f"openclip-pool verify {config}" in out
     assert (root / "tiny" / "SVHN" / "finetuned.pt").is_file()
     code, out, err = run(capsys, "verify", config)
     assert code == 0, out + err

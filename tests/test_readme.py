@@ -66,8 +66,8 @@ def test_readme_opens_with_the_install_and_test_commands():
         extra = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
         needed = {re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0].lower() for req in extra["test"]}
         assert {"pytest", "hypothesis"} <= needed, extra["test"]
-    assert verify[:3] == ["python", "-m", "pool"]
-    args = build_parser().parse_args(verify[3:])
+    assert verify[:1] == ["openclip-pool"]  # the console script: no pool/ folder in the working directory shadows it
+    args = build_parser().parse_args(verify[1:])
     assert args.command == "verify" and args.config is None  # the embedded default, no file needed
     assert tests == ["pytest", "-q"]
     ci = [_without_quiet(c) for c in _commands((README.parent / ".ci" / "run").read_text())]
