@@ -106,7 +106,7 @@ def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None
         ConfigError: a key is a near miss, naming the entry, the key and the one it was probably
             meant to be.
     """
-    if not (isinstance(entry, Mapping) or isinstance(entry, DictConfig)) or "_target_" in entry:
+    if not isinstance(entry, Mapping) or "_target_" in entry:  # a DictConfig is a Mapping
         return
     for key in (str(k) for k in entry.keys()):
         if key in _ENTRY_KEYS or key.startswith("_"):
@@ -121,7 +121,7 @@ def _check_entries(config: Any, where: str) -> None:
     """`check_entry_keys` for every model and head of a config's sections."""
     for section in SECTIONS[:2]:
         entries = config.get(section) if hasattr(config, "get") else None
-        if isinstance(entries, Mapping) or isinstance(entries, DictConfig):
+        if isinstance(entries, Mapping):
             for name in entries.keys():
                 check_entry_keys(section, str(name), entries[name], where=where)
 
@@ -152,6 +152,8 @@ def read_config(config: Any, overrides: list[str] | None = None, *, instantiate:
     config_name = "(mapping)"
     if _is_hydra_name(config):  # a config *name* (no extension), as FusionBench's CLI passes
         config_name = str(config)
+        if overrides:  # each must land where the pool reads it, as for a file
+            _check_overrides(_compose(config_name, None), overrides, config_name)
         config, overrides = _compose(config_name, overrides), None
     if isinstance(config, (str, Path)):
         path = Path(config).expanduser()
@@ -314,14 +316,20 @@ def _apply_overrides(config: DictConfig, overrides: list[str], config_name: str)
     try:
         if bad:
             raise ValueError(f"{bad} are not key=value strings")
-        for override in overrides:
-            _check_override_target(config, override, config_name)
+        _check_overrides(config, overrides, config_name)
         return OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
     except PoolError:
         raise
     except Exception as exc:  # a malformed override: one clear message
         raise ConfigError(f"pool config {config_name}: cannot apply overrides "
                           f"{list(overrides)}: {exc}") from exc
+
+
+def _check_overrides(config: DictConfig, overrides: list[str], config_name: str) -> None:
+    """`_check_override_target` for each ``key=value`` string (malformed ones are reported elsewhere)."""
+    for override in overrides:
+        if isinstance(override, str) and "=" in override:
+            _check_override_target(config, override, config_name)
 
 
 def _check_override_target(config: DictConfig, override: str, config_name: str) -> None:

@@ -142,3 +142,16 @@ def test_a_fusion_bench_program_file_takes_modelpool_overrides(tmp_path):
     with pytest.raises(ConfigError, match=r"the pool is under modelpool:, so write 'modelpool\.model_dir=/x'"):
         OpenCLIPVisionModelPool.from_config(program, overrides=["model_dir=/x"])
     assert OpenCLIPVisionModelPool.from_yaml(program).all_model_names == ["_pretrained_"]
+
+
+def test_a_hydra_config_name_refuses_an_override_nothing_reads(tmp_path):
+    from hydra import initialize_config_dir
+
+    (tmp_path / "modelpool").mkdir()
+    OmegaConf.save(OmegaConf.create({"model_dir": "/ckpt", "models": {"_pretrained_": "${..model_dir}/z.pt"}}),
+                   tmp_path / "modelpool" / "mine.yaml")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        with pytest.raises(ConfigError, match=r"drop the 'modelpool\.' prefix: 'model_dir=/x'"):
+            OpenCLIPVisionModelPool.from_config("modelpool/mine", overrides=["modelpool.model_dir=/x"])
+        pool = OpenCLIPVisionModelPool.from_config("modelpool/mine", overrides=["model_dir=/x", "device=cpu"])
+        assert str(pool.entry("_pretrained_").path) == "/x/z.pt" and pool.device == "cpu"
