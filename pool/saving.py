@@ -122,7 +122,9 @@ def torch_format_for(module: nn.Module, destination: Path) -> bool:
 def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignored: Any) -> Path:
     """Save ``module``'s weights to ``path``: safetensors, or a torch zip state dict when the name ends
     in ``.pt``, ``.pth`` or ``.bin``. Atomic and read back before it replaces anything; never a
-    pickled module, so the file loads with any reader, ours included, in every pool form.
+    pickled module, so the file loads with any reader, ours included, in every pool form. A new
+    file gets ``0666 & ~umask`` (as ``open`` gives), a replaced one keeps its mode
+    (`pool.writer.written_mode`).
 
     Args:
         module: an `ImageEncoder`, a `ClassificationHead` or any module.
