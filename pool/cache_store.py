@@ -90,7 +90,7 @@ class CacheStore(CacheIndex):
             except (KeyError, ValueError, TypeError) as exc:  # what the file holds: the same at every load
                 self._commit(key, {**record, "entry": None, "reason": f"{type(exc).__name__}: {exc}"[:500]})
                 raise
-            write_checked(tensors, metadata, entry)
+            write_checked(tensors, metadata, entry, mode=0o600)  # a per-user cache: its entries stay private
             log.info("cache: %s (%s) cached as %s", source, ckpt.container, entry.name)
             entry_identity, entry_sample = layout.probe(entry, nofollow=True)
             self._commit(key, {**record, "entry": entry.name, "entry_identity": entry_identity,

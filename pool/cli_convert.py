@@ -1,5 +1,6 @@
 """``python -m pool convert SRC DST [--to hf]`` and ``convert --tree DIR``: convert checkpoints to
-safetensors (or a transformers folder), and print what was written."""
+safetensors (a torch zip state dict for a ``.pt`` / ``.pth`` / ``.bin`` DST, a transformers folder
+with ``--to hf``), and print what was written."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import argparse
 from .cli_common import EXIT_FOUND, EXIT_OK, message, rel, stderr_tty
 from .cli_progress import Progress
 from .convert import convert_tree, plan_tree
-from .convert_single import convert_file
+from .convert_single import ConvertResult, convert_file
 from .errors import CheckpointNotFoundError, DestinationExistsError, UsageError
 from .hf_export import convert_to_hf
 from .report import Style, human_size, human_time, paragraph, table
+from .saving import TORCH_SUFFIXES
 
 __all__ = ["run"]
 
@@ -99,10 +101,17 @@ def _convert_one(args: argparse.Namespace, out: Style) -> int:
             ("source", f"sha256 {res.source_sha256} (never modified)"),
             ("time", human_time(res.seconds))]
     if res.kind == "encoder" and res.quick_gelu is not None:
-        where = ("config.json as hidden_act=" + ("quick_gelu" if res.quick_gelu else "gelu")) if args.to == "hf" \
-            else "the file's metadata"
-        rows.insert(2, ("activation", f"{'QuickGELU' if res.quick_gelu else 'GELU'}, recorded in {where} "
-                                      "(read back by pool; no config key needed)"))
+        rows.insert(2, ("activation", f"{'QuickGELU' if res.quick_gelu else 'GELU'}, {_activation_kept(args, res)}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     return EXIT_OK
+
+
+def _activation_kept(args: argparse.Namespace, res: ConvertResult) -> str:
+    """How the written file keeps an encoder's activation."""
+    if args.to == "hf":
+        return (f"recorded in config.json as hidden_act={'quick_gelu' if res.quick_gelu else 'gelu'} "
+                "(read back by pool; no config key needed)")
+    if res.destination.suffix.lower() in TORCH_SUFFIXES:
+        return "the default for its shapes (a torch file records none; pool infers the same)"
+    return "recorded in the file's metadata (read back by pool; no config key needed)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, UnsupportedValueType
 from torch import nn
 
 from .configsafety import (
+    HYDRA_KEYS,
     Redactor,
     check_data_only,
     env_secrets,
@@ -26,18 +27,21 @@ from .configsafety import (
     raw_container,
     resolved_data,
 )
+from .entries import _OPTION_KEYS
 from .errors import ConfigError, PoolError
 from .notfound import note_config_file
 
-__all__ = ["as_mapping", "check_keys", "read_config", "read_yaml_pool", "pool_config",
-           "write_yaml"]
+__all__ = ["as_mapping", "check_keys", "check_entry_keys", "read_config", "read_yaml_pool", "pool_config",
+           "write_yaml", "SECTIONS"]
 
 log = logging.getLogger("pool.modelpool")  # the name its messages always had
 
 #: The config sections that hold entries by name.
-_SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
+SECTIONS = ("models", "classification_heads", "train_datasets", "val_datasets", "test_datasets")
 #: Every top-level key the pool reads; others are kept for interpolations.
-_KNOWN_KEYS = (*_SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
+_KNOWN_KEYS = (*SECTIONS, "device", "dtype", "cache_dir", "allow_globals")
+#: Every key of a model or head entry given as a mapping (`pool.entries`), Hydra entries aside.
+_ENTRY_KEYS = ("pickle_path", "state_dict_path", *sorted(_OPTION_KEYS))
 
 
 def as_mapping(value: Any, section: str) -> dict[str, Any]:
@@ -84,6 +88,44 @@ def check_keys(keys: list[str], *, where: str) -> None:
         log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
 
 
+def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None:
+    """Refuse a key of a model or head entry that is a near miss of an entry key (``model_nme``,
+    ``pickle_pth``, ``normalise``), as `check_keys` does for top-level keys.
+
+    Keys that are no near miss are left to `pool.entries.resolve_entry` (which refuses them at the
+    load); entries that are no mapping, Hydra entries (``_target_``: their keys are the target's
+    arguments) and keys starting with ``_`` are not checked.
+
+    Args:
+        section: ``"models"`` or ``"classification_heads"``.
+        name: the entry's name.
+        entry: its configuration, in any form.
+        where: how the message names the config.
+
+    Raises:
+        ConfigError: a key is a near miss, naming the entry, the key and the one it was probably
+            meant to be.
+    """
+    if not isinstance(entry, Mapping) or "_target_" in entry:  # a DictConfig is a Mapping
+        return
+    for key in (str(k) for k in entry.keys()):
+        if key in _ENTRY_KEYS or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, _ENTRY_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{where}: {section}.{name}: unknown key {key!r}; did you mean {close[0]!r}? "
+                              f"(Known keys of an entry: {', '.join(_ENTRY_KEYS)}.)")
+
+
+def _check_entries(config: Any, where: str) -> None:
+    """`check_entry_keys` for every model and head of a config's sections."""
+    for section in SECTIONS[:2]:
+        entries = config.get(section) if hasattr(config, "get") else None
+        if isinstance(entries, Mapping):
+            for name in entries.keys():
+                check_entry_keys(section, str(name), entries[name], where=where)
+
+
 def read_config(config: Any, overrides: list[str] | None = None, *, instantiate: bool = True
                 ) -> tuple[dict[str, Any], Redactor]:
     """What `OpenCLIPVisionModelPool.from_config` reads: the pool's keyword arguments.
@@ -96,8 +138,9 @@ def read_config(config: Any, overrides: list[str] | None = None, *, instantiate:
             before anything is resolved (`pool.configsafety.check_data_only`).
 
     Returns:
-        ``(values, redact)``: the top-level keys not starting with ``_``, resolved, and the
-        `Redactor` of the values the config took from the environment.
+        ``(values, redact)``: the top-level keys but Hydra's own (`pool.configsafety.HYDRA_KEYS`:
+        ``_target_``, ``_recursive_``, ...), resolved, FusionBench's ``_usage_`` and ``_version_``
+        included; and the `Redactor` of the values the config took from the environment.
 
     Raises:
         ConfigError: as `OpenCLIPVisionModelPool.from_config`.
@@ -109,6 +152,8 @@ def read_config(config: Any, overrides: list[str] | None = None, *, instantiate:
     config_name = "(mapping)"
     if _is_hydra_name(config):  # a config *name* (no extension), as FusionBench's CLI passes
         config_name = str(config)
+        if overrides:  # each must land where the pool reads it, as for a file
+            _check_overrides(_compose(config_name, None), overrides, config_name)
         config, overrides = _compose(config_name, overrides), None
     if isinstance(config, (str, Path)):
         path = Path(config).expanduser()
@@ -125,10 +170,23 @@ def read_config(config: Any, overrides: list[str] | None = None, *, instantiate:
         raw = raw_container(config)
         check_data_only(raw, f"pool config {config_name}")
         config = OmegaConf.create(raw, flags={"allow_objects": True})
+    config = _pool_section(config)
     check_keys([str(k) for k in config.keys()], where=f"pool config {config_name}")
     redact = Redactor(env_secrets(_root(config)))
     config = _resolve(config, config_name, redact, instantiate=instantiate)
-    return {str(k): config[k] for k in config.keys() if not str(k).startswith("_")}, redact
+    _check_entries(config, f"pool config {config_name}")
+    return {str(k): config[k] for k in config.keys() if str(k) not in HYDRA_KEYS}, redact
+
+
+def _is_program(config: Any) -> bool:
+    """A FusionBench program file: the pool under a top-level ``modelpool:``, no ``models:`` of its own."""
+    return "modelpool" in config and "models" not in config and isinstance(config.get("modelpool"), DictConfig)
+
+
+def _pool_section(config: DictConfig) -> DictConfig:
+    """The pool of a config: its ``modelpool:`` section in a FusionBench program file (its
+    interpolations still reach the whole file), else the config itself."""
+    return config.modelpool if _is_program(config) else config
 
 
 def read_yaml_pool(path: str | Path, *, instantiate: bool = True) -> Any:
@@ -152,27 +210,29 @@ def read_yaml_pool(path: str | Path, *, instantiate: bool = True) -> Any:
     config = _read_yaml(file)
     if not instantiate:
         check_data_only(config, f"pool config {file.absolute()}")
-    if "modelpool" in config and "models" not in config:
-        config = config.modelpool
-    return config
+    return _pool_section(config)
 
 
-def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]]) -> Any:
+def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]], null: Collection[str] = ()) -> Any:
     """A pool as a config (a DictConfig with ``_target_``), what `OpenCLIPVisionModelPool.config` is.
 
     Args:
         pool: the pool; its class is the ``_target_`` and its ``device``, ``dtype``,
-            ``cache_dir``, ``allow_globals`` and ``extra`` are written when set.
-        sections: its entries by section (`_SECTIONS`); empty dataset sections are left out.
+            ``cache_dir``, ``allow_globals`` and ``extra`` (FusionBench's ``_usage_`` and
+            ``_version_`` among them) are written when set.
+        sections: its entries by section (`SECTIONS`); empty dataset sections are left out.
+        null: the sections its config gave as null: each is written as null while it is empty.
 
     Returns:
         The DictConfig; module-instance entries are kept as objects (it cannot be written as YAML).
     """
     body: dict[str, Any] = {"_target_": f"{type(pool).__module__}.{type(pool).__qualname__}",
-                            "_recursive_": False,  # Hydra must hand the entries over, not build them
-                            "models": dict(sections["models"]),
-                            "classification_heads": dict(sections["classification_heads"])}
-    body.update({section: dict(sections[section]) for section in _SECTIONS[2:] if sections[section]})
+                            "_recursive_": False}  # Hydra must hand the entries over, not build them
+    for section in SECTIONS:
+        if sections[section] or section in SECTIONS[:2]:
+            body[section] = dict(sections[section]) if sections[section] or section not in null else None
+        elif section in null:
+            body[section] = None
     for key in ("device", "dtype"):
         value = getattr(pool, key)
         if value is not None:
@@ -182,6 +242,9 @@ def pool_config(pool: Any, sections: Mapping[str, Mapping[str, Any]]) -> Any:
     if pool.allow_globals:
         body["allow_globals"] = sorted(pool.allow_globals)
     body.update(pool.extra)
+    for key in ("_usage_", "_version_"):  # FusionBench's metadata, where its pool class keeps them
+        if getattr(pool, key, None) is not None and key not in body:
+            body[key] = getattr(pool, key)
     try:
         return OmegaConf.create(body)
     except UnsupportedValueType:  # module instances: kept as objects
@@ -257,14 +320,48 @@ def _compose(config_name: str, overrides: list[str] | None) -> Any:
 
 
 def _apply_overrides(config: DictConfig, overrides: list[str], config_name: str) -> DictConfig:
+    """``key=value`` overrides merged into the config, as Hydra applies them: relative to the
+    config (a FusionBench program file's root, so ``modelpool.model_dir=...``; else the pool's,
+    so ``model_dir=...``). A key that is neither in the config nor one the pool reads is refused
+    rather than added where nothing reads it; ``+key=value`` adds it."""
     bad = [o for o in overrides if not isinstance(o, str) or "=" not in o or not o.split("=", 1)[0].strip()]
     try:
         if bad:
             raise ValueError(f"{bad} are not key=value strings")
-        return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        _check_overrides(config, overrides, config_name)
+        return OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    except PoolError:
+        raise
     except Exception as exc:  # a malformed override: one clear message
         raise ConfigError(f"pool config {config_name}: cannot apply overrides "
                           f"{list(overrides)}: {exc}") from exc
+
+
+def _check_overrides(config: DictConfig, overrides: list[str], config_name: str) -> None:
+    """`_check_override_target` for each ``key=value`` string (malformed ones are reported elsewhere)."""
+    for override in overrides:
+        if isinstance(override, str) and "=" in override:
+            _check_override_target(config, override, config_name)
+
+
+def _check_override_target(config: DictConfig, override: str, config_name: str) -> None:
+    """ConfigError for an override whose first key the config lacks and nothing would read."""
+    key = override.split("=", 1)[0].strip()
+    top = key.lstrip("+").split(".", 1)[0]
+    program = _is_program(config)
+    if key.startswith("+") or top in config or (top in _KNOWN_KEYS and not program):
+        return
+    keys = ", ".join(str(k) for k in config.keys()) or "(none)"
+    if program:
+        hint = f"the pool is under modelpool:, so write 'modelpool.{override}'"
+    elif top == "modelpool":
+        hint = (f"overrides apply to the pool config itself, so drop the 'modelpool.' prefix: "
+                f"'{override.split('.', 1)[1] if '.' in override else override}'")
+    else:
+        close = difflib.get_close_matches(top, [str(k) for k in config.keys()] + list(_KNOWN_KEYS), n=1, cutoff=0.8)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + f"Write '+{override}' to add a new key"
+    raise ConfigError(f"pool config {config_name}: the override {override!r} sets {top!r}, which the config "
+                      f"does not have and the pool does not read (the config's keys: {keys}); {hint}.")
 
 
 def _resolve(config: DictConfig, config_name: str, redact: Redactor, *, instantiate: bool) -> Any:

@@ -24,6 +24,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+import yaml.reader
 from omegaconf import DictConfig, ListConfig, OmegaConf, grammar_parser
 from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import GrammarParseError
@@ -31,7 +33,7 @@ from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser 
 
 from .errors import ConfigError, PoolError, amended, printable
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_NODES", "MAX_CONFIG_DEPTH", "HYDRA_KEYS", "load_yaml_config",
+__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_NODES", "MAX_CONFIG_DEPTH", "HYDRA_KEYS", "load_yaml_config", "yaml_problem",
            "check_data_only", "resolved_data", "raw_container", "env_secrets", "Redactor", "redact_strings"]
 
 #: The largest pool config file read, in bytes (a pool of 2,000 entries is about 120 KiB).
@@ -124,6 +126,53 @@ def _parse_bounded(text: str, where: str) -> Any:
         loader.dispose()
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: its lines joined by ``; ``, runs of blanks as one space."""
+    return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def _position(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def yaml_problem(exc: BaseException, text: str | None = None) -> str:
+    """A YAML parser's error on one line: the problem and its position, then what was being
+    parsed and where (PyYAML's own text spans several lines and quotes the source's lines).
+
+    Args:
+        exc: the exception the parser raised.
+        text: the document parsed, to tell the line and column of a character the reader refused
+            (PyYAML gives its offset only).
+
+    Returns:
+        One line such as ``line 3, column 4: expected ',' or ']', but got ':' (while parsing a
+        flow sequence at line 2, column 6)``; for another exception, its text on one line.
+
+    Example:
+        >>> import yaml
+        >>> try:
+        ...     yaml.safe_load("a: [1, 2\\nb: 3\\n")
+        ... except yaml.YAMLError as exc:
+        ...     print(yaml_problem(exc))
+        line 2, column 2: expected ',' or ']', but got ':' (while parsing a flow sequence at line 1, column 4)
+    """
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        where = f"offset {exc.position}"
+        if text is not None and 0 <= exc.position <= len(text):
+            line, line_start = text.count("\n", 0, exc.position) + 1, text.rfind("\n", 0, exc.position) + 1
+            where = f"line {line}, column {exc.position - line_start + 1}"
+        return f"{where}: unacceptable character #x{exc.character:04x}: {_one_line(str(exc.reason))}"
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or problem is None:
+        return _one_line(str(exc)) or type(exc).__name__
+    text = f"{_position(mark)}: {problem}" if mark is not None else str(problem)
+    context, context_mark = exc.context, exc.context_mark
+    if context:
+        where = f" at {_position(context_mark)}" if context_mark is not None else ""
+        text += f" ({context}{where})"
+    return _one_line(text)
+
+
 def load_yaml_config(path: str | Path) -> Any:
     """Read a pool config file into a DictConfig, within bounds; nothing is resolved.
 
@@ -151,7 +200,7 @@ def load_yaml_config(path: str | Path) -> Any:
     except RecursionError as exc:  # PyYAML composes recursively
         raise ConfigError(f"{where}: the pool config nests too deep to read; flatten it.") from exc
     except Exception as exc:  # YAML errors: one clear message
-        raise ConfigError(f"{where}: not a valid YAML pool config: {exc}") from exc
+        raise ConfigError(f"{where}: not a valid YAML pool config: {yaml_problem(exc, text)}") from exc
     if data is None:
         return OmegaConf.create()
     if not isinstance(data, (dict, list)):  # OmegaConf would parse a string as YAML once more, unbounded
@@ -160,7 +209,7 @@ def load_yaml_config(path: str | Path) -> Any:
     try:
         return OmegaConf.create(data)
     except Exception as exc:  # OmegaConf's own checks (unsupported key types, ...)
-        raise ConfigError(f"{where}: not a valid pool config: {exc}") from exc
+        raise ConfigError(f"{where}: not a valid pool config: {_one_line(str(exc))}") from exc
 
 
 # -- the raw config ----------------------------------------------------------------------------------

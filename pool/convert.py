@@ -21,6 +21,7 @@ face; one file is `pool.convert_single`, a transformers folder `pool.hf_export`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from .convert_single import (
 )
 from .errors import CheckpointError, DestinationExistsError, PoolError
 from .hf_export import convert_to_hf
+from .writer import written_mode
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
            "convert_tree", "sha256_file"]
@@ -291,6 +293,12 @@ def _write_config(config: Path, group: Path, members: Iterable[TreeItem], by_sou
             "# safetensors copies, bit-identical tensors; `python -m pool verify` this file to check them.\n"
             + body)
     fd, tmp = tempfile.mkstemp(dir=config.parent, prefix=f".{config.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, config)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), written_mode(config))  # mkstemp makes it 0600; shared like its files
+            f.write(text)
+        os.replace(tmp, config)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,10 +1,14 @@
-"""Convert one checkpoint (an image encoder or a classification head) to safetensors: what
-``python -m pool convert SRC DST`` runs, and each file of ``convert --tree`` (`pool.convert`).
+"""Convert one checkpoint (an image encoder or a classification head) to safetensors, or to a torch
+zip state dict for a ``.pt`` / ``.pth`` / ``.bin`` destination: what ``python -m pool convert SRC
+DST`` runs, and each file of ``convert --tree`` (`pool.convert`, always safetensors).
 
 The file is read with the restricted reader and never written to; encoders are written with
-`ImageEncoder` state-dict keys and heads as ``weight`` / ``bias``, with metadata (``format=pt``,
-``pool.kind``, the architecture, ``pool.quick_gelu``, the source's sha256, file name and container,
-a head's ``normalize``), through `pool.writer.write_checked` (atomic, read back bit for bit).
+`ImageEncoder` state-dict keys and heads as ``weight`` / ``bias``, with metadata in a safetensors
+file (``format=pt``, ``pool.kind``, the architecture, ``pool.quick_gelu``, the source's sha256,
+file name and container, a head's ``normalize``), through `pool.writer.write_checked` (atomic,
+read back bit for bit). The destination's format follows its name as for `save_model`
+(`pool.saving.torch_format_for`): a torch file keeps tensors only, so one that would lose an
+activation, head count or ``normalize=False`` is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import safetensors
 import torch
+from torch import nn
 
 from . import __version__
 from .arch import name_for_arch
@@ -27,7 +32,7 @@ from .containers.hf_folder import CONFIG, is_hf_folder, weights_file
 from .errors import CheckpointError, DestinationExistsError, PoolError
 from .keys import checkpoint_kind
 from .modeling import ClassificationHead, ImageEncoder
-from .saving import module_payload
+from .saving import module_payload, torch_format_for
 from .writer import compare_tensors, tensor_difference, write_checked
 
 __all__ = ["ConvertResult", "convert_file", "sha256_file", "conversion_payload", "existing_difference",
@@ -42,7 +47,8 @@ class ConvertResult:
 
     Attributes:
         source: the checkpoint converted.
-        destination: the safetensors file.
+        destination: the file written (safetensors, or a torch zip state dict for ``.pt`` /
+            ``.pth`` / ``.bin``).
         kind: ``"encoder"`` or ``"head"`` (empty when the conversion failed before telling).
         ok: whether the destination now holds the source's tensors.
         status: ``"converted"``, ``"up to date"``, ``"same tensors"`` or ``"failed"``.
@@ -54,7 +60,7 @@ class ConvertResult:
         classes: a head's classes.
         tensors: the tensors written (or found).
         bytes: the destination's size.
-        source_sha256: the source's sha256, recorded in the destination's metadata.
+        source_sha256: the source's sha256, recorded in a safetensors destination's metadata.
         seconds: how long the conversion took.
     """
 
@@ -117,20 +123,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _encoder_payload(ckpt: Checkpoint, model_name: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
+def _encoder_module(ckpt: Checkpoint, model_name: str | None) -> tuple[nn.Module, ConvertResult]:
     encoder = ImageEncoder.from_checkpoint(ckpt, model_name=model_name)
     arch = encoder.arch
     res = ConvertResult(ckpt.path, ckpt.path, "encoder", model_name=name_for_arch(arch),
                         architecture=arch.describe(), quick_gelu=arch.quick_gelu)
-    return *module_payload(encoder), res
+    return encoder, res
 
 
-def _head_payload(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertResult]:
+def _head_module(ckpt: Checkpoint) -> tuple[nn.Module, ConvertResult]:
     head = ClassificationHead.from_checkpoint(ckpt)  # validates shapes, resolves normalize
     classes, dim = (int(x) for x in head.weight.shape)
     res = ConvertResult(ckpt.path, ckpt.path, "head", normalize=head.normalize, classes=classes,
                         architecture=f"{classes} classes x {dim}")
-    return *module_payload(head), res
+    return head, res
+
+
+def _converted_module(ckpt: Checkpoint, model_name: str | None) -> tuple[nn.Module, ConvertResult]:
+    """The encoder or head a conversion of ``ckpt`` writes, and its `ConvertResult` so far."""
+    kind = checkpoint_kind(ckpt.state_dict)
+    if kind == "encoder":
+        return _encoder_module(ckpt, model_name)
+    if kind == "head":
+        return _head_module(ckpt)
+    raise CheckpointError(
+        f"{ckpt.path}: neither an image encoder (no visual.conv1.weight) nor a classification head "
+        f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
+        "`python -m pool inspect` shows what it is.")
 
 
 def conversion_payload(ckpt: Checkpoint, model_name: str | None = None
@@ -148,17 +167,8 @@ def conversion_payload(ckpt: Checkpoint, model_name: str | None = None
     Raises:
         CheckpointError: it is neither an image encoder nor a classification head.
     """
-    kind = checkpoint_kind(ckpt.state_dict)
-    if kind == "encoder":
-        tensors, meta, res = _encoder_payload(ckpt, model_name)
-    elif kind == "head":
-        tensors, meta, res = _head_payload(ckpt)
-    else:
-        raise CheckpointError(
-            f"{ckpt.path}: neither an image encoder (no visual.conv1.weight) nor a classification head "
-            f"(weight [classes, dim] and bias); it holds {', '.join(list(ckpt.state_dict)[:5])} ... "
-            "`python -m pool inspect` shows what it is.")
-    return tensors, meta, res
+    module, res = _converted_module(ckpt, model_name)
+    return *module_payload(module), res
 
 
 def existing_difference(destination: Path, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -197,7 +207,10 @@ def stored_source_sha(path: Path) -> str | None:
 def convert_file(source: str | Path, destination: str | Path, *, force: bool = False,
                  model_name: str | None = None, source_sha256: str | None = None,
                  keep_current: bool = False) -> ConvertResult:
-    """Convert one checkpoint (encoder or head) to safetensors; see the module docstring.
+    """Convert one checkpoint (encoder or head) to safetensors, or to a torch zip state dict when
+    ``destination`` ends in ``.pt``, ``.pth`` or ``.bin`` (as `save_model` writes); see the module
+    docstring. The file written gets the mode of the file it replaces, else what ``open`` gives
+    under the umask (`pool.writer.written_mode`).
 
     ``keep_current``: an existing destination converted earlier from the same source bytes (its
     ``pool.source_sha256``) is read back and compared instead of rewritten (status "up to date");
@@ -207,7 +220,9 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
     Args:
         source: the checkpoint to convert (any container; ``~`` is expanded). It is read with
             the restricted reader and never written to.
-        destination: the safetensors file to write; its folder must exist.
+        destination: the file to write; its folder must exist. A name ending in ``.pt``, ``.pth``
+            or ``.bin`` gets a torch zip state dict (``torch.load(weights_only=True)`` reads it;
+            no metadata), any other name safetensors.
         force: replace an existing destination.
         model_name: an open_clip name to check an encoder's weights against; None infers the
             architecture from them.
@@ -232,7 +247,9 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
             cannot be used otherwise.
         ArchitectureMismatchError: an encoder's weights are no ViT image tower this loader
             builds, or not the one ``model_name`` names; a head's tensors are inconsistent.
-        ConfigError: ``model_name`` is no open_clip ViT config this loader can build.
+        ConfigError: ``model_name`` is no open_clip ViT config this loader can build, or a
+            ``.pt`` / ``.pth`` / ``.bin`` destination could not carry the model's activation, head
+            count or ``normalize=False`` (`pool.saving.torch_format_for`): write safetensors.
 
     Example:
         >>> from pool.convert import convert_file
@@ -254,7 +271,9 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
         raise DestinationExistsError(f"{dst.parent} is not an existing folder; create it first.")
     ckpt = read_checkpoint(src, cache_dir=False)
     digest = source_sha256 or sha256_file(src)
-    tensors, meta, res = conversion_payload(ckpt, model_name)
+    module, res = _converted_module(ckpt, model_name)
+    torch_format = torch_format_for(module, dst)  # as save_model: .pt / .pth / .bin, else safetensors
+    tensors, meta = module_payload(module)
     meta.update({"format": "pt", "pool.source_sha256": digest, "pool.source_name": src.name,
                  "pool.source_container": ckpt.container, "pool.writer": f"openclip-pool {__version__}"})
     res.source, res.destination, res.source_sha256 = src, dst, digest
@@ -274,7 +293,7 @@ def convert_file(source: str | Path, destination: str | Path, *, force: bool = F
         res.ok, res.bytes = True, dst.stat().st_size
         res.seconds = time.perf_counter() - start
         return res
-    res.bytes = write_checked(tensors, meta, dst)
+    res.bytes = write_checked(tensors, meta, dst, torch_format=torch_format)
     res.ok, res.status = True, "converted"
     res.seconds = time.perf_counter() - start
     log.info("converted %s -> %s (%d tensors) in %.3f s", src, dst, res.tensors, res.seconds)

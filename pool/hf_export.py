@@ -26,7 +26,7 @@ from .errors import CheckpointError, DestinationExistsError
 from .hf import HF_ACTIVATIONS, LAYER_NORM_EPS, to_hf
 from .keys import checkpoint_kind, to_clip_keys
 from .modeling import ImageEncoder
-from .writer import compare_tensors, contiguous_unshared, signals_as_exit, write_checked
+from .writer import compare_tensors, contiguous_unshared, signals_as_exit, write_checked, written_mode
 
 __all__ = ["convert_to_hf", "write_hf_folder", "vision_config", "preprocessor_config"]
 
@@ -161,7 +161,9 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     ``preprocessor_config.json``. The files are written into a temporary folder beside it, then a
     new (or empty) folder is renamed into place in one step; in an existing folder each file is
     replaced atomically. An interrupted or failed write leaves no partial file and nothing of the
-    temporary folder (SIGTERM / SIGHUP included: `pool.writer.signals_as_exit`).
+    temporary folder (SIGTERM / SIGHUP included: `pool.writer.signals_as_exit`). A new folder and
+    its files get the modes ``mkdir`` and ``open`` give under the umask; an existing folder and the
+    files it replaces keep theirs (`pool.writer.written_mode`).
 
     Args:
         encoder: an `ImageEncoder` (its ``arch`` and ``val_preprocess`` are used).
@@ -183,6 +185,7 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     with signals_as_exit():
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
+            os.chmod(staging, written_mode(folder, folder=True))  # mkdtemp makes it 0700
             write_checked(tensors, metadata, staging / "model.safetensors")
             for name, body in (("config.json", vision_config(encoder.arch)),
                                ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):
@@ -202,4 +205,5 @@ def _publish(staging: Path, folder: Path) -> None:
         os.rename(staging, folder)
         return
     for item in staging.iterdir():
+        os.chmod(item, written_mode(folder / item.name))  # a file replaced keeps its mode
         os.replace(item, folder / item.name)

@@ -295,7 +295,9 @@ class OpenCLIPVisionModelPool(PoolTables):
         Safetensors by default (with the encoder's architecture and activation, or a head's
         ``normalize`` flag, in its metadata); a torch zip state dict when ``path`` ends in
         ``.pt``, ``.pth`` or ``.bin``. Written atomically and read back before it replaces
-        anything; never a pickled module. Extra arguments (FusionBench passes some) are ignored.
+        anything; never a pickled module. A new file gets the mode ``open`` would give it
+        (``0666 & ~umask``), a replaced one keeps its own. Extra arguments (FusionBench passes
+        some) are ignored.
 
         Args:
             model: the module to save: an `ImageEncoder`, a `ClassificationHead` or any module.

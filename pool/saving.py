@@ -29,7 +29,7 @@ from .arch import (
 from .errors import ConfigError
 from .writer import contiguous_unshared, write_checked
 
-__all__ = ["module_payload", "save_module_weights", "TORCH_SUFFIXES"]
+__all__ = ["module_payload", "save_module_weights", "torch_format_for", "TORCH_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,41 @@ def _lost_in_torch_format(module: nn.Module) -> list[str]:
     return []
 
 
+def torch_format_for(module: nn.Module, destination: Path) -> bool:
+    """Whether ``destination`` is written as a torch zip state dict (its name ends in ``.pt``,
+    ``.pth`` or ``.bin``; any other name is written as safetensors), refusing a torch file that
+    would lose what ``module`` needs to read back as it is.
+
+    A torch file keeps tensors only, no metadata: a reader infers the activation and head count
+    from the shapes and takes a head's ``normalize`` as True.
+
+    Args:
+        module: the module to write (`module_payload` says what is written).
+        destination: the file to write.
+
+    Returns:
+        True for a torch file, False for safetensors.
+
+    Raises:
+        ConfigError: a torch file could not carry the model's activation or head count (other
+            than its shapes' default) or a head's ``normalize=False``: save it as safetensors.
+    """
+    if destination.suffix.lower() not in TORCH_SUFFIXES:
+        return False
+    lost = _lost_in_torch_format(module)
+    if lost:
+        raise ConfigError(f"{destination}: a {destination.suffix} file keeps tensors only, and this model's "
+                          f"{' and '.join(lost)} would read back otherwise. Save it as .safetensors, "
+                          "which records it.")
+    return True
+
+
 def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignored: Any) -> Path:
     """Save ``module``'s weights to ``path``: safetensors, or a torch zip state dict when the name ends
     in ``.pt``, ``.pth`` or ``.bin``. Atomic and read back before it replaces anything; never a
-    pickled module, so the file loads with any reader, ours included, in every pool form.
+    pickled module, so the file loads with any reader, ours included, in every pool form. A new
+    file gets ``0666 & ~umask`` (as ``open`` gives), a replaced one keeps its mode
+    (`pool.writer.written_mode`).
 
     Args:
         module: an `ImageEncoder`, a `ClassificationHead` or any module.
@@ -120,14 +151,8 @@ def save_module_weights(module: nn.Module, path: str | os.PathLike[str], **ignor
         raise ConfigError(f"{destination} is a folder; give the file to write, e.g. {destination / 'merged.safetensors'}")
     if not destination.parent.is_dir():
         raise ConfigError(f"{destination.parent} does not exist; create the folder first.")
+    torch_format = torch_format_for(module, destination)
     tensors, metadata = module_payload(module)
-    torch_format = destination.suffix.lower() in TORCH_SUFFIXES
-    if torch_format:
-        lost = _lost_in_torch_format(module)
-        if lost:
-            raise ConfigError(f"{destination}: a {destination.suffix} file keeps tensors only, and this model's "
-                              f"{' and '.join(lost)} would read back otherwise. Save it as .safetensors, "
-                              "which records it.")
     size = write_checked(tensors, metadata, destination, torch_format=torch_format)
     log.info("saved %s (%d tensors, %d bytes)", destination, len(tensors), size)
     return destination

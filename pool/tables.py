@@ -18,8 +18,17 @@ from torch import nn
 
 from .allowlist import parse_allow_globals
 from .cache import resolve_cache_dir
-from .config import as_mapping, check_keys, pool_config, read_config, read_yaml_pool, write_yaml
-from .configsafety import Redactor
+from .config import (
+    SECTIONS,
+    as_mapping,
+    check_entry_keys,
+    check_keys,
+    pool_config,
+    read_config,
+    read_yaml_pool,
+    write_yaml,
+)
+from .configsafety import HYDRA_KEYS, Redactor
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
 from .errors import ConfigError, PoolError
@@ -71,12 +80,15 @@ class PoolTables:
         allow_globals: exact ``module.name`` globals every file load accepts besides pool's
             allowlist (`pool.allowlist`); each stays an inert record in pool, and the verify report
             lists those a file named.
-        **extra: other keys, kept in ``extra`` (a config's ``model_dir`` for its interpolations);
-            keys starting with ``_`` are dropped.
+        **extra: other keys, kept in ``extra`` (a config's ``model_dir`` for its interpolations,
+            FusionBench's ``_usage_`` and ``_version_``) and written back by `config`; Hydra's
+            own keys (``_target_``, ``_recursive_``, ...) are dropped.
 
     Raises:
-        ConfigError: a section is not a mapping, or an extra key is a near miss of a known one
-            (``classification_head``, ``modles``), which would silently drop a whole section.
+        ConfigError: a section is not a mapping, an extra key is a near miss of a known one
+            (``classification_head``, ``modles``), which would silently drop a whole section, or
+            a key of a model or head entry is a near miss of an entry key (``model_nme``,
+            ``pickle_pth``, ``normalise``).
     """
 
     def __init__(self, models: Any = None, classification_heads: Any = None, train_datasets: Any = None,
@@ -95,7 +107,11 @@ class PoolTables:
         self.cache_dir = cache_dir
         self.allow_globals = parse_allow_globals(allow_globals)
         check_keys(list(extra), where="OpenCLIPVisionModelPool")
-        self.extra = {k: v for k, v in extra.items() if not k.startswith("_")}
+        for section, table in (("models", self._models), ("classification_heads", self._heads)):
+            for name, value in table.items():
+                check_entry_keys(section, name, value, where="OpenCLIPVisionModelPool")
+        self.extra = {k: v for k, v in extra.items() if k not in HYDRA_KEYS}
+        self._null_sections: frozenset[str] = frozenset()  # from_config: the sections its config gave as null
         self._processors: tuple[Any, Any] | None = None  # open_clip's transforms, until the models change
         self._redact = Redactor()  # from_config fills it with the config's environment values
         self.instantiate = True  # from_config(instantiate=False) turns Hydra entries off
@@ -120,12 +136,17 @@ class PoolTables:
         ``overrides`` are ``key=value`` strings applied to the config first (``["device=cuda",
         "models.cars=cars.pt"]``), as in FusionBench's ``from_config(config_name, overrides)``; a
         config *name* that is no file is composed by Hydra when Hydra is initialised (as
-        FusionBench's CLI does). ``kwargs`` replace top-level keys.
+        FusionBench's CLI does). They are relative to the config given: the pool's keys, or in a
+        FusionBench program file (the pool under ``modelpool:``, which is entered) the file's, so
+        ``modelpool.model_dir=...``. An override of a key the config lacks and the pool does not
+        read is refused, naming the keys there are (``+key=value`` adds one). ``kwargs`` replace
+        top-level keys.
 
         Args:
             config: a pool YAML file (``~`` is expanded), a DictConfig or a mapping; with Hydra
-                initialised, a config name that is no file. Keys starting with ``_`` (such as
-                ``_target_``) are left out.
+                initialised, a config name that is no file. Hydra's own keys (``_target_``,
+                ``_recursive_``, ...) are left out; other keys starting with ``_`` (FusionBench's
+                ``_usage_``, ``_version_``) are kept and written back by `config`.
             overrides: ``key=value`` strings applied to the config before its interpolations are
                 resolved; None applies none.
             instantiate: False for the data-only mode (above); True (the default) trusts the config.
@@ -155,6 +176,7 @@ class PoolTables:
         except PoolError as exc:
             raise redact.error(exc) from exc
         pool._redact, pool.instantiate = redact, instantiate
+        pool._null_sections = frozenset(s for s in SECTIONS if s in values and values[s] is None)
         return pool
 
     @classmethod
@@ -180,8 +202,10 @@ class PoolTables:
     def config(self) -> Any:
         """The pool as a config (a DictConfig with ``_target_``): what `to_yaml` writes and
         `from_config` / Hydra's ``instantiate`` read back. Module-instance entries are included as
-        objects (such a config cannot be written as YAML)."""
-        return pool_config(self, self._sections())
+        objects (such a config cannot be written as YAML). Keys starting with ``_`` other than
+        Hydra's (FusionBench's ``_usage_``, ``_version_``) and the sections that `from_config`'s
+        config gave as null (while still empty) are written back as they were."""
+        return pool_config(self, self._sections(), null=self._null_sections)
 
     def to_yaml(self, path: str | Path, resolve: bool = True) -> None:
         """Write `config` as YAML (``from_yaml`` reads it back, heads and datasets included).
@@ -313,6 +337,7 @@ class PoolTables:
         if name in self._models:
             raise ConfigError(f"the pool already has a model named {name!r}; models are: "
                               f"{', '.join(self._models)}")
+        check_entry_keys("models", name, model_or_config, where="add_model")
         resolve_entry(name, model_or_config, "models")  # refuses what no form reads
         self._models[name] = model_or_config
         self._processors = None

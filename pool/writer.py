@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from .errors import CorruptCheckpointError
 from .gcpause import paused_gc
 
 __all__ = ["write_checked", "tensor_difference", "compare_tensors", "contiguous_unshared", "safetensors_layout",
-           "signals_as_exit"]
+           "signals_as_exit", "current_umask", "written_mode"]
 
 #: Signals whose default action ends the process without running ``finally`` blocks.
 _ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -59,6 +60,54 @@ def signals_as_exit() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``);
+    elsewhere set and put back at once (`os.umask` has no read-only form).
+
+    Returns:
+        The umask's permission bits (``0o022`` on most systems).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask & 0o777
+
+
+def written_mode(destination: Path, *, folder: bool = False) -> int:
+    """The permission bits a file (or folder) written to ``destination`` gets: those of the file
+    it replaces, as ``cp`` and editors keep them; for a new one, what ``open(path, "w")`` (or
+    ``mkdir``) gives under the current umask: ``0o666 & ~umask`` (``0o777 & ~umask``).
+
+    Temporary files are made private (``tempfile.mkstemp``: 0600); each writer sets this mode
+    on its temporary file before renaming it into place.
+
+    Args:
+        destination: the file or folder about to be written or replaced.
+        folder: whether it is a folder.
+
+    Returns:
+        The permission bits (``0o644`` for a new file under the usual umask ``022``).
+
+    Example:
+        >>> from pathlib import Path
+        >>> written_mode(Path("/nonexistent/new.safetensors")) == 0o666 & ~current_umask()
+        True
+    """
+    try:
+        info = os.lstat(destination)
+    except OSError:
+        info = None
+    if info is not None and (stat.S_ISDIR(info.st_mode) if folder else stat.S_ISREG(info.st_mode)):
+        return stat.S_IMODE(info.st_mode) & 0o777
+    return (0o777 if folder else 0o666) & ~current_umask()
 
 
 def contiguous_unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,7 +215,7 @@ def compare_tensors(written: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], destination: Path, *,
-                  torch_format: bool = False) -> int:
+                  torch_format: bool = False, mode: int | None = None) -> int:
     """Write ``tensors`` to ``destination`` through a temporary file beside it that is read back by
     the restricted reader and compared bit for bit before it is renamed into place.
 
@@ -175,6 +224,8 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
         metadata: string metadata (safetensors only; a torch file has nowhere to keep it).
         destination: the file to create or replace.
         torch_format: write ``torch.save`` of the plain dict of tensors (a zip) instead of safetensors.
+        mode: the written file's permission bits; None (the default) keeps those of the file it
+            replaces, else gives what ``open(path, "w")`` would under the umask (`written_mode`).
 
     Returns:
         The size of the written file in bytes.
@@ -186,12 +237,13 @@ def write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], de
             after the same cleanup (`signals_as_exit`).
     """
     with signals_as_exit():
-        return _write_checked(tensors, metadata, destination, torch_format)
+        return _write_checked(tensors, metadata, destination, torch_format,
+                              written_mode(destination) if mode is None else mode)
 
 
 def _write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], destination: Path,
-                   torch_format: bool) -> int:
-    """`write_checked`, its signals already taken over."""
+                   torch_format: bool, mode: int) -> int:
+    """`write_checked`, its signals already taken over and the file's mode decided."""
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -200,6 +252,8 @@ def _write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], d
             torch.save(tensors, tmp)
         else:
             safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        # after the write: mkstemp makes the file 0600, and safetensors renames its own 0600 file over it
+        os.chmod(tmp, mode)
         back = _read_back(tmp)
         compare_tensors(back.state_dict, tensors, str(destination))
         if not torch_format and back.metadata != metadata:
