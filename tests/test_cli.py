@@ -105,7 +105,7 @@ def test_verify_embedded_default_exits_0(capsys):
     assert code == 0, out + err
     assert "embedded default" in out
     assert "all 11 entries passed (7/7 models, 4/4 heads)" in out
-    assert "integrity  not checked" in out
+    assert "integrity  on:" in out  # the integrity pass is the default (issue 23)
     for name in ("_pretrained_", "cars", "dtd", "eurosat", "mnist", "cars_safetensors"):
         assert f"\n  {name} " in out
     for container in ("zip", "legacy", "pickle", "safetensors"):
@@ -119,7 +119,7 @@ def test_verify_json_report(capsys, synth_tree):
     assert code == 0, err
     report = json.loads(out)  # stdout holds the JSON alone
     assert report["schema"] == SCHEMA and report["schema_version"] == SCHEMA_VERSION
-    assert report["ok"] is True and report["integrity_checked"] is False
+    assert report["ok"] is True and report["integrity_checked"] is True  # the default (issue 23)
     assert set(report["versions"]) >= {"pool", "torch", "open_clip", "python"}
     entries = {(e["section"], e["name"]): e for e in report["entries"]}
     assert len(entries) == 11
@@ -274,7 +274,7 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     assert code == 2 and "Traceback" in err and "pool config not found" in err
 
 
-def test_integrity_catches_flipped_bits_that_plain_verify_misses(capsys, synth_tree, tmp_path):
+def test_integrity_catches_flipped_bits_that_no_integrity_misses(capsys, synth_tree, tmp_path):
     damaged = tmp_path / "finetuned.pt"
     shutil.copyfile(synth_tree.files["cars"], damaged)
     member = flip_byte_in_zip_record(damaged)
@@ -284,11 +284,11 @@ def test_integrity_catches_flipped_bits_that_plain_verify_misses(capsys, synth_t
         "dtd": str(synth_tree.files["dtd"]),  # legacy: no checksums to check
         "cars_safetensors": {"state_dict_path": str(synth_tree.files["cars_safetensors"])},
     })
-    code, out, _ = run(capsys, "verify", config)
-    assert code == 0, out  # the damage loads silently: exactly why --integrity exists
-    assert "integrity  not checked" in out
+    code, out, _ = run(capsys, "verify", config, "--no-integrity")
+    assert code == 0, out  # the damage loads silently: exactly why the integrity pass is the default
+    assert "integrity  off (--no-integrity)" in out
 
-    code, out, err = run(capsys, "verify", config, "--integrity", "--json", "-")
+    code, out, err = run(capsys, "verify", config, "--json", "-")
     assert code == 1, err
     report = json.loads(out)
     entries = {e["name"]: e for e in report["entries"]}
