@@ -198,6 +198,8 @@ class VerifyRun:
         try:
             value = fn()
         except Exception as exc:  # every failure is reported, the run goes on
+            if timing == "integrity_s":  # the pass's cost shows on a file it refused too
+                result.timings.integrity_s = time.perf_counter() - start
             result.failed(exc, stage=stage, debug=self.debug)
             log.debug("%s failed at %s", result.label, stage, exc_info=True)
             return None
