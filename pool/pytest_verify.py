@@ -121,9 +121,16 @@ class PoolEntryItem(pytest.Item):
             EntryFailed: the entry did not pass.
         """
         result = _checker(self.config_file, self.instantiate, self.allow, self.integrity, self.locked).check(self.label)
-        self.user_properties.append(("pool_entry", result.as_dict()))
+        data = result.as_dict()
+        if not self._long_tracebacks:  # JUnit XML carries the entry's report, not the traceback
+            data.pop("traceback", None)
+        self.user_properties.append(("pool_entry", data))
         if not result.ok:
             raise EntryFailed(result)
+
+    @property
+    def _long_tracebacks(self) -> bool:
+        return self.config.getoption("tbstyle", "auto") == "long"
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         """The entry's report for a failed entry (its traceback only with ``--tb=long``); pytest's
@@ -141,7 +148,7 @@ class PoolEntryItem(pytest.Item):
             lines = [f"{r.label} failed at {r.stage}: {r.error}", f"  form       {r.form}",
                      f"  file       {r.file or '-'}", f"  container  {r.container or '-'}",
                      f"  error type {r.error_type}"]
-            if r.traceback and self.config.getoption("tbstyle", "auto") == "long":
+            if r.traceback and self._long_tracebacks:
                 lines += ["", r.traceback.rstrip()]
             return "\n".join(lines)
         return super().repr_failure(excinfo, style=style)

@@ -171,6 +171,7 @@ def test_pytest_items_run_the_integrity_pass_and_junit_names_the_config(damaged,
     assert "models.cars failed at integrity" in text and "CRC32" in text and member in text
     assert "Traceback" not in text and "During handling" not in text and "direct cause" not in text
     assert [name for name, case in cases.items() if case.find("failure") is not None] == ["models.cars"]
+    assert "Traceback" not in (project / "junit.xml").read_text()  # nor in the entry's JUnit property
 
     proc, cases = run_pytest(local, project, "--openclip-pool-no-integrity")
     assert proc.returncode == 0, proc.stdout[-3000:]
