@@ -1,4 +1,4 @@
-"""``python -m pool`` / ``openclip-pool``: verify, inspect, convert, synth, cache.
+"""``python -m pool`` / ``openclip-pool``: verify, lock, inspect, convert, synth, cache.
 
 Exit status (one policy: `exit_status`): 0 all good; 1 the command ran and found a problem (an entry
 failed, a file names unsafe globals, a conversion failed), or a bug / a closed output pipe; 2 the
@@ -93,8 +93,17 @@ def _allow_global_option(parser: argparse.ArgumentParser) -> None:
                              "pool, but other readers of the file (torch.load(weights_only=False)) would call it")
 
 
+def _lock_options(parser: argparse.ArgumentParser) -> None:
+    """``--locked`` and ``--lock PATH``: check every entry against the pool's lock file."""
+    parser.add_argument("--locked", action="store_true",
+                        help="fail every entry whose file or tensors drifted from the lock file (pool.lock beside "
+                             "CONFIG, written by `python -m pool lock CONFIG`), and entries only one of them has")
+    parser.add_argument("--lock", metavar="PATH", help="the lock file --locked reads (implies --locked; default: "
+                                                       "pool.lock beside CONFIG)")
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The command line's parser: ``verify``, ``inspect``, ``convert``, ``synth`` and ``cache``.
+    """The command line's parser: ``verify``, ``lock``, ``inspect``, ``convert``, ``synth`` and ``cache``.
 
     Each subcommand sets ``func``, the function `main` runs, and takes ``--debug``.
 
@@ -105,9 +114,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         The parser (a command is required).
 
     Example:
-        >>> args = build_parser().parse_args(["verify", "pool.yaml", "--integrity"])
-        >>> args.command, args.config, args.integrity, args.device
-        ('verify', 'pool.yaml', True, None)
+        >>> args = build_parser().parse_args(["verify", "pool.yaml", "--locked"])
+        >>> args.command, args.config, args.no_integrity, args.locked, args.device
+        ('verify', 'pool.yaml', False, True, None)
     """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
@@ -128,8 +137,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                    "temporary folder.")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="pool YAML (default: the embedded tiny tree)")
     p.add_argument("--json", metavar="PATH", help="also write a machine-readable report to PATH ('-': stdout only)")
+    p.add_argument("--no-integrity", action="store_true",
+                   help="skip the integrity pass (zip CRC32s, safetensors headers) that runs before each load by "
+                        "default: damaged bytes inside a zip checkpoint then load as wrong weights")
     p.add_argument("--integrity", action="store_true",
-                   help="check zip CRC32s and safetensors headers before loading each file")
+                   help="accepted for old command lines; does nothing: the integrity pass is the default")
+    _lock_options(p)
     p.add_argument("--device", metavar="D", help="device to load on and run the forward pass (default cpu; "
                                                  "under torchrun, cuda means each rank's own GPU)")
     p.add_argument("--no-instantiate", action="store_true",
@@ -140,6 +153,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--timeout", metavar="S", type=float, default=1800.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 1800)")
     p.set_defaults(func=_command("verify"))
+
+    p = sub.add_parser("lock", parents=[common], help="approve a pool's files: write pool.lock beside its config",
+                       description="Verify every entry of CONFIG (integrity pass included) and, when all pass, "
+                                   "write its lock file (pool.lock beside CONFIG): per entry the path, size, sha256, "
+                                   "container, architecture, the globals the file names and their verdicts, and a "
+                                   "digest of the loaded tensors. Stable JSON (sorted keys, no times): diff it in "
+                                   "review. `verify --locked` fails every entry that drifted from it.")
+    p.add_argument("config", metavar="CONFIG", help="pool YAML")
+    p.add_argument("--lock", metavar="PATH", help="write the lock here (default: pool.lock beside CONFIG)")
+    p.add_argument("--device", metavar="D", help="device to load on (default cpu); the digests do not depend on it")
+    p.add_argument("--no-instantiate", action="store_true",
+                   help="data-only mode for a config from outside, as verify --no-instantiate")
+    _allow_global_option(p)
+    p.set_defaults(func=_command("lock"))
 
     p = sub.add_parser("inspect", parents=[common], help="describe a checkpoint file without loading it",
                        description="Container, every global the file names with its verdict (allowed, and "
@@ -152,7 +179,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.set_defaults(func=_command("inspect"))
 
     p = sub.add_parser("convert", parents=[common], help="convert checkpoints to safetensors",
-                       description="Write SRC as safetensors at DST (or every .pt under --tree DIR beside the "
+                       description="Write SRC as safetensors at DST (a torch state dict when DST ends in .pt, "
+                                   ".pth or .bin; or every .pt under --tree DIR as safetensors beside the "
                                    "originals, plus DIR/pool.safetensors.yaml), or with --to hf as a transformers "
                                    "CLIPVisionModelWithProjection folder. SRC may be any checkpoint pool reads, a "
                                    "transformers CLIP folder included. Atomic writes; each file is read back and "

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .entries import Entry
 from .errors import DistributedError
+from .lock import PoolLock
 from .modelpool import OpenCLIPVisionModelPool
 from .verify import shard_entries, verify_order, verify_pool
 from .verify_report import EntryResult, VerifyReport, versions
@@ -48,15 +49,17 @@ def world() -> tuple[int, int] | None:
 
 
 def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[Entry], *,
-                       config_label: str, device: str | None = None, integrity: bool = False,
+                       config_label: str, device: str | None = None, integrity: bool = True,
                        debug: bool = False, timeout_s: float = 1800.0,
-                       on_result: Callable[[EntryResult], None] | None = None) -> tuple[VerifyReport, int]:
+                       on_result: Callable[[EntryResult], None] | None = None,
+                       lock: PoolLock | None = None) -> tuple[VerifyReport, int]:
     """Check this rank's share of the entries, gather every rank's results and merge them.
 
     Args:
         pool, models, heads: what `pool.verify.prepare_pool` returned (the same on every rank).
-        config_label, device, integrity, debug, on_result: as for `pool.verify.verify_pool`;
-            ``device="cuda"`` means each rank's own GPU (``LOCAL_RANK``).
+        config_label, device, integrity, debug, on_result, lock: as for `pool.verify.verify_pool`
+            (the integrity pass is on by default); ``device="cuda"`` means each rank's own GPU
+            (``LOCAL_RANK``).
         timeout_s: how long a rank waits for the others before failing.
 
     Returns:
@@ -86,7 +89,7 @@ def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads
         mine_models, mine_heads = shard_entries(models, heads, rank, size)
         log.info("rank %d of %d checks %d models and %d heads", rank, size, len(mine_models), len(mine_heads))
         report = verify_pool(pool, mine_models, mine_heads, config_label=config_label, device=device,
-                             integrity=integrity, debug=debug, on_result=on_result)
+                             integrity=integrity, debug=debug, on_result=on_result, lock=lock)
         for entry in report.entries:
             entry.rank = rank
         gathered: list[list[dict] | None] = [None] * size
@@ -107,5 +110,6 @@ def verify_distributed(pool: OpenCLIPVisionModelPool, models: list[Entry], heads
     entries = [by_label[label] for label in order if label in by_label]
     label = f"{'cuda' if cuda else str(report.device)} x {size} ranks"
     merged = VerifyReport(config_label, label, integrity, entries, time.perf_counter() - start, versions=versions(),
-                          allowed_globals=sorted(pool.allow_globals))
+                          allowed_globals=sorted(pool.allow_globals), cache_dir=report.cache_dir,
+                          lock_file=report.lock_file)
     return merged, rank

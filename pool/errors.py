@@ -34,6 +34,7 @@ __all__ = [
     "TaskVectorError",
     "DistributedError",
     "UsageError",
+    "LockMismatchError",
 ]
 
 
@@ -282,6 +283,11 @@ class DistributedError(PoolError):
 
 class UsageError(PoolError):
     """The command cannot run as asked: exit status 2."""
+
+
+class LockMismatchError(PoolError):
+    """A pool entry differs from its lock file (``verify --locked``): its file or tensors changed,
+    or it is in the config but not in the lock (or in the lock but not in the config)."""
 
 
 # -- internal control flow: never escape the module that raises them ---------------------------------

@@ -1,14 +1,22 @@
-"""Integrity checks on checkpoint files, run before loading (``verify --integrity``).
+"""Integrity checks on checkpoint files, run before loading (``verify``'s default; ``--no-integrity``
+skips them).
 
 Each container checks what it can (`pool.containers`): torch zip recomputes every member's CRC32
 (torch's own reader never checks them, so flipped bits in tensor data otherwise load as wrong
 weights); safetensors checks its header and that the tensors tile the data section up to the
 file's end; legacy torch files and plain pickles carry no checksums and are reported as not
 checkable. Nothing here unpickles anything.
+
+With ``digest=True`` the file's sha256 is computed too (what ``pool.lock`` records): for a zip it
+comes from the same pass over the bytes as the CRC32s (`_zip_pass`: each 1 MiB chunk of the
+mapped file feeds the sha256 and the CRC32 of the members it overlaps), so a locked verify reads
+the file once; other containers are hashed in one sequential pass of their own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +24,15 @@ from .checkpoint import sniff_container
 from .containers import by_name
 from .containers.hf_folder import NAME as HF_FOLDER
 from .containers.hf_folder import weights_file
+from .containers.zipfmt import ZipMember, parse_zip
+from .errors import CorruptCheckpointError
+from .fileio import map_file
 
-__all__ = ["IntegrityResult", "check_integrity"]
+__all__ = ["IntegrityResult", "check_integrity", "file_digest"]
+
+#: Bytes per chunk of a pass over a file.
+_CHUNK = 1 << 20
+_ZIP = "zip"
 
 
 @dataclass(frozen=True)
@@ -28,14 +43,18 @@ class IntegrityResult:
         container: the file's container (``zip``, ``legacy``, ``safetensors``, ``pickle``).
         checked: whether the container has checksums (or a header) that were checked.
         detail: what was checked, or why nothing could be.
+        sha256: the file's sha256 (of a transformers folder: its weights file's), when asked for.
+        size: the file's size in bytes, when ``sha256`` was asked for.
     """
 
     container: str
     checked: bool
     detail: str
+    sha256: str | None = None
+    size: int | None = None
 
 
-def check_integrity(path: str | Path) -> IntegrityResult:
+def check_integrity(path: str | Path, *, digest: bool = False, crc: bool = True) -> IntegrityResult:
     """Check one checkpoint file's integrity as far as its container allows.
 
     A torch zip's members are checked against their CRC32s, a safetensors header against the
@@ -44,6 +63,8 @@ def check_integrity(path: str | Path) -> IntegrityResult:
 
     Args:
         path: the checkpoint file, or a transformers model folder.
+        digest: also compute the file's sha256 and size (in the same pass as a zip's CRC32s).
+        crc: False skips the checks (``verify --no-integrity``): only the digest is computed.
 
     Returns:
         The `IntegrityResult`; a check that fails raises instead.
@@ -62,9 +83,79 @@ def check_integrity(path: str | Path) -> IntegrityResult:
     """
     p = Path(path)
     container = sniff_container(p)
+    target, prefix = p, ""
     if container == HF_FOLDER:  # a transformers folder: its weights file's own check
-        weights = weights_file(p)
-        checked, detail = by_name(sniff_container(weights)).integrity(weights)
-        return IntegrityResult(container, checked, f"{weights.name}: {detail}")
-    checked, detail = by_name(container).integrity(p)
-    return IntegrityResult(container, checked, detail)
+        target = weights_file(p)
+        prefix = f"{target.name}: "
+    kind = sniff_container(target) if target is not p else container
+    if kind == _ZIP:
+        checked, detail, sha, size = _zip_pass(target, digest=digest, crc=crc)
+    else:
+        checked, detail = by_name(kind).integrity(target) if crc else (False, "not checked")
+        sha, size = file_digest(target) if digest else (None, None)
+    if not crc:
+        checked, detail = False, "not checked (--no-integrity)"
+    return IntegrityResult(container, checked, prefix + detail, sha, size)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """A file's sha256 and size, in one sequential pass over its mapped bytes.
+
+    Args:
+        path: a regular file.
+
+    Returns:
+        ``(hex digest, size in bytes)``.
+    """
+    buffer = map_file(path)
+    sha = hashlib.sha256()
+    for start in range(0, len(buffer), _CHUNK):
+        sha.update(buffer[start:start + _CHUNK])
+    return sha.hexdigest(), len(buffer)
+
+
+def _zip_pass(path: Path, *, digest: bool, crc: bool) -> tuple[bool, str, str | None, int | None]:
+    """One pass over a torch zip: each chunk feeds the sha256 (``digest``) and the CRC32 of every
+    member it overlaps (``crc``); then the CRC32s are compared with the central directory's."""
+    buffer = map_file(path)
+    members = sorted(parse_zip(buffer, str(path)).members.values(), key=lambda m: m.offset) if crc else []
+    sha = hashlib.sha256() if digest else None
+    crcs = [0] * len(members)
+    first = 0  # the first member not yet wholly read
+    for start in range(0, len(buffer), _CHUNK):
+        end = min(start + _CHUNK, len(buffer))
+        if sha is not None:
+            sha.update(buffer[start:end])
+        first = _crc_chunk(buffer, members, crcs, first, start, end)
+        if sha is None and first == len(members):
+            break
+    for member, value in zip(members, crcs, strict=True):
+        _check_crc(path, member, value)
+    total = sum(m.size for m in members)
+    detail = f"{len(members)} zip members, {total:,} bytes: CRC32 ok" if crc else "not checked"
+    return crc, detail, sha.hexdigest() if sha is not None else None, len(buffer) if digest else None
+
+
+def _crc_chunk(buffer: memoryview, members: list[ZipMember], crcs: list[int], first: int, start: int,
+               end: int) -> int:
+    """Feed ``buffer[start:end]`` to the CRC32 of each member it overlaps; returns the index of the
+    first member that ends after ``end`` (members are sorted by offset and never overlap)."""
+    i = first
+    while i < len(members) and members[i].offset < end:
+        member = members[i]
+        lo, hi = max(member.offset, start), min(member.offset + member.size, end)
+        if lo < hi:
+            crcs[i] = zlib.crc32(buffer[lo:hi], crcs[i])
+        i += 1
+    while first < len(members) and members[first].offset + members[first].size <= end:
+        first += 1
+    return first
+
+
+def _check_crc(path: Path, member: ZipMember, crc: int) -> None:
+    if crc != member.crc32:
+        raise CorruptCheckpointError(
+            f"{path}: zip member {member.name} ({member.size} bytes) fails its CRC32 check "
+            f"(stored {member.crc32:08x}, computed {crc:08x}): its bytes changed after it was "
+            "written (disk or transfer damage), so it would load wrong weights. Download the "
+            "file again and compare its sha256 with the source.")

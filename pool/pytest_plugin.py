@@ -18,7 +18,11 @@ value), registers `pool.pytest_verify`: one test item per entry of that pool con
 ``--openclip-pool-no-instantiate`` (or ``openclip_pool_no_instantiate = true``) the config is read
 in the data-only mode, as ``verify --no-instantiate`` reads it; ``--openclip-pool-allow-global
 MODULE.NAME`` (or the ``openclip_pool_allow_globals`` ini lines) accepts a global besides pool's
-allowlist, as ``verify --allow-global`` does.
+allowlist, as ``verify --allow-global`` does. Each item runs the integrity pass first (zip CRC32s,
+safetensors headers), as ``verify`` does by default; ``--openclip-pool-no-integrity`` (or
+``openclip_pool_no_integrity = true``) skips it, as ``verify --no-integrity``. With
+``--openclip-pool-locked`` (or ``openclip_pool_locked = true``) every item is checked against the
+config's ``pool.lock`` (``python -m pool lock CONFIG``), as ``verify --locked`` checks it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ _NO_INSTANTIATE_INI = "openclip_pool_no_instantiate"
 _NO_INSTANTIATE_OPTION = "--openclip-pool-no-instantiate"
 _ALLOW_GLOBALS_INI = "openclip_pool_allow_globals"
 _ALLOW_GLOBAL_OPTION = "--openclip-pool-allow-global"
+_NO_INTEGRITY_INI = "openclip_pool_no_integrity"
+_NO_INTEGRITY_OPTION = "--openclip-pool-no-integrity"
+_LOCKED_INI = "openclip_pool_locked"
+_LOCKED_OPTION = "--openclip-pool-locked"
 
 # pool.testing's assert helpers (GoldenTree.assert_encoder, ...) report the values they compared
 # only if pytest rewrites the module's asserts, which must be arranged before it is imported:
@@ -71,6 +79,18 @@ def pytest_addoption(parser) -> None:
                     dest=_ALLOW_GLOBALS_INI,
                     help="accept this exact global besides pool's allowlist, as `python -m pool verify "
                          f"--allow-global` does (repeatable; adds to the {_ALLOW_GLOBALS_INI} ini option)")
+    parser.addini(_NO_INTEGRITY_INI, type="bool", default=False,
+                  help="skip the integrity pass (zip CRC32s, safetensors headers) of the --openclip-pool-verify items")
+    group.addoption(_NO_INTEGRITY_OPTION, action="store_true", default=False, dest=_NO_INTEGRITY_INI,
+                    help="skip the integrity pass (zip CRC32s, safetensors headers) each item runs before loading "
+                         f"by default, as `python -m pool verify --no-integrity` (same as the {_NO_INTEGRITY_INI} "
+                         "ini option)")
+    parser.addini(_LOCKED_INI, type="bool", default=False,
+                  help="check every --openclip-pool-verify item against the config's pool.lock")
+    group.addoption(_LOCKED_OPTION, action="store_true", default=False, dest=_LOCKED_INI,
+                    help="fail every item whose file or tensors drifted from pool.lock beside the config (written "
+                         "by `python -m pool lock CONFIG`), as `python -m pool verify --locked` (same as the "
+                         f"{_LOCKED_INI} ini option)")
 
 
 def _enabled(config) -> bool:

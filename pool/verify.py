@@ -20,18 +20,21 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .arch import arch_for_name
+from .cache import resolve_cache_dir
 from .entries import Entry
 from .errors import ConfigError, TaskVectorError
+from .lock import PoolLock
 from .modelpool import OpenCLIPVisionModelPool
 from .sharding import shard_units
 from .task_vectors import PRETRAINED
 from .verify_checks import VerifyRun, arch_label, read_weights, task_vector
 from .verify_report import EntryResult, VerifyReport, versions
 
-__all__ = ["EntryResult", "VerifyReport", "verify_pool", "prepare_pool", "versions", "arch_label",
-           "TaskVectorError", "shard_entries", "verify_order", "EntryChecker", "read_weights", "task_vector"]
+__all__ = ["EntryResult", "VerifyReport", "verify_pool", "prepare_pool", "versions", "arch_label", "cache_label",
+           "TaskVectorError", "shard_entries", "verify_order", "lock_orphans", "orphan_results", "EntryChecker", "read_weights", "task_vector"]
 
 
 class _DropMessage(logging.Filter):
@@ -100,19 +103,24 @@ def prepare_pool(config: str | Path, *, instantiate: bool = True
 
 
 def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[Entry], *,
-                config_label: str, device: str | None = None, integrity: bool = False, debug: bool = False,
+                config_label: str, device: str | None = None, integrity: bool = True, debug: bool = False,
                 progress: Callable[[str], None] | None = None,
-                on_result: Callable[[EntryResult], None] | None = None) -> VerifyReport:
+                on_result: Callable[[EntryResult], None] | None = None, lock: PoolLock | None = None,
+                records: dict[str, dict[str, Any]] | None = None, lock_dir: Path | None = None) -> VerifyReport:
     """Check every entry of a prepared pool (`prepare_pool`) and return the report.
 
     Args:
         pool, models, heads: what `prepare_pool` returned (``_pretrained_`` first).
         config_label: how the report names the config.
         device: where to load and run (default CPU).
-        integrity: check each file's checksums / header before loading it.
+        integrity: check each file's checksums / header before loading it (the default).
         debug: keep each failure's traceback in the report.
         progress: called with an entry's label when its check starts.
         on_result: called with each `EntryResult` as soon as it is complete (to stream it).
+        lock: fail every entry that drifted from this lock file (``verify --locked``); entries of
+            the lock that the config lacks are the caller's to report (`pool.lock.PoolLock.orphans`).
+        records: when a dict, each passing entry's lock record goes there by label (``lock``).
+        lock_dir: the folder the records' paths are relative to (default: ``lock``'s folder).
 
     Returns:
         The `VerifyReport`; it never raises for an entry's failure, which is recorded instead.
@@ -133,7 +141,8 @@ def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[
         models.cars_safetensors True
     """
     start = time.perf_counter()
-    run = VerifyRun(pool, device=device, integrity=integrity, debug=debug, on_result=on_result)
+    run = VerifyRun(pool, device=device, integrity=integrity, debug=debug, on_result=on_result, lock=lock,
+                    records=records, lock_dir=lock_dir)
     tick = progress or (lambda _label: None)
     head_by_name = {e.name: e for e in heads}
     results: list[EntryResult] = []
@@ -157,7 +166,54 @@ def verify_pool(pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[
         tick(entry.label)
         done(run.head(entry, None, None, paired_ok=None))
     return VerifyReport(config_label, str(run.dev), integrity, results, time.perf_counter() - start,
-                        versions=versions(), allowed_globals=sorted(pool.allow_globals))
+                        versions=versions(), allowed_globals=sorted(pool.allow_globals),
+                        cache_dir=cache_label(pool), lock_file=str(lock.path) if lock is not None else None)
+
+
+def cache_label(pool: OpenCLIPVisionModelPool) -> str | None:
+    """The conversion cache the pool's loads use (its ``cache_dir``, else ``$OPENCLIP_POOL_CACHE_DIR``).
+
+    Args:
+        pool: the pool.
+
+    Returns:
+        The cache folder, or None when the cache is off (or its setting is no path).
+    """
+    try:
+        where = resolve_cache_dir(pool.cache_dir)
+    except ConfigError:
+        return None
+    return str(where) if where is not None else None
+
+
+def lock_orphans(lock: PoolLock | None, labels: list[str]) -> list[tuple[str, Exception]]:
+    """The lock file's entries that the config lacks, each with its failure (none without a lock).
+
+    Args:
+        lock: the lock file, or None.
+        labels: every entry label of the config.
+
+    Returns:
+        ``(label, error)`` pairs, sorted by label.
+    """
+    return lock.orphans(labels) if lock is not None else []
+
+
+def orphan_results(lock: PoolLock | None, labels: list[str]) -> list[EntryResult]:
+    """A failed `EntryResult` per entry of the lock file that the config lacks (``verify --locked``).
+
+    Args:
+        lock: the lock file, or None.
+        labels: every entry label of the config.
+
+    Returns:
+        The failed results (stage ``lock``), sorted by label.
+    """
+    out = []
+    for label, error in lock_orphans(lock, labels):
+        section, _, name = label.partition(".")
+        out.append(EntryResult(name, section, "-").failed(error, stage="lock"))
+    return out
 
 
 def verify_order(models: list[Entry], heads: list[Entry]) -> list[str]:
@@ -208,7 +264,8 @@ class EntryChecker:
     Args:
         pool, models, heads: what `prepare_pool` returned.
         device: where to load and run (default CPU).
-        integrity: check each file's checksums / header first.
+        integrity: check each file's checksums / header first (the default).
+        lock: fail every entry that drifted from this lock file (``--openclip-pool-locked``).
 
     Example:
         >>> checker = EntryChecker(*prepare_pool("pool.yaml"))  # doctest: +SKIP
@@ -217,15 +274,18 @@ class EntryChecker:
     """
 
     def __init__(self, pool: OpenCLIPVisionModelPool, models: list[Entry], heads: list[Entry], *,
-                 device: str | None = None, integrity: bool = False) -> None:
-        self.run = VerifyRun(pool, device=device, integrity=integrity, debug=True, on_result=None)
+                 device: str | None = None, integrity: bool = True, lock: PoolLock | None = None) -> None:
+        self.run = VerifyRun(pool, device=device, integrity=integrity, debug=True, on_result=None, lock=lock)
+        self.lock = lock
         self.models = {e.name: e for e in models}
         self.heads = {e.name: e for e in heads}
 
     @property
     def labels(self) -> list[str]:
-        """Every entry's label, in verify's order (each model followed by its head)."""
-        return verify_order(list(self.models.values()), list(self.heads.values()))
+        """Every entry's label, in verify's order (each model followed by its head), then the
+        labels only the lock file has (each fails: `lock_orphans`)."""
+        order = verify_order(list(self.models.values()), list(self.heads.values()))
+        return order + [label for label, _ in lock_orphans(self.lock, order)]
 
     def entry(self, label: str) -> Entry:
         """The resolved entry of a label.
@@ -252,6 +312,8 @@ class EntryChecker:
             The entry's `EntryResult` (a failure is recorded in it, never raised).
         """
         section, _, name = label.partition(".")
+        if name not in (self.models if section == "models" else self.heads):
+            return next(r for r in orphan_results(self.lock, self.labels) if r.label == label)
         if section == "models":
             result, _, _ = self.run.model(self.models[name])
             if name in self.heads:

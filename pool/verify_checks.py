@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from .arch import VisionArch, known_architectures, name_for_arch
-from .checkpoint import sniff_container
+from .checkpoint import read_checkpoint, sniff_container
 from .configsafety import redact_strings
 from .entries import Entry
 from .errors import PoolError, TaskVectorError
-from .integrity import check_integrity
+from .integrity import IntegrityResult, check_integrity
+from .lock import PoolLock, tensors_digest
 from .modeling import check_head_fits
 from .modelpool import OpenCLIPVisionModelPool
 from .task_vectors import PRETRAINED, task_vector_norm
@@ -128,6 +131,16 @@ def _param_device(module: torch.nn.Module, default: torch.device) -> torch.devic
     return p.device if p is not None else default
 
 
+def _arch_text(result: EntryResult) -> str | None:
+    """What a lock records as an entry's architecture: a model's (and its activation), a head's size."""
+    arch, head = result.architecture, result.head
+    if arch is not None and arch.inferred:
+        return f"{arch.inferred}{', QuickGELU' if arch.quick_gelu else ''}"
+    if head is not None:
+        return f"head {head.classes} classes x {head.input_dim}, normalize={head.normalize}"
+    return None
+
+
 def _image_size(encoder: torch.nn.Module) -> int | None:
     arch = getattr(encoder, "arch", None)
     if arch is not None:
@@ -148,11 +161,19 @@ class VerifyRun:
         integrity: check each file's checksums / header before loading it.
         debug: keep each failure's traceback in its result.
         on_result: called with each complete `EntryResult` (None: nothing is called).
+        lock: check each entry against this lock file (``verify --locked``), or None.
+        records: when a dict, each entry's lock record is put there by label (``python -m pool lock``).
+        lock_dir: the folder a record's ``path`` is relative to (default: ``lock``'s folder).
     """
 
     def __init__(self, pool: OpenCLIPVisionModelPool, *, device: str | None, integrity: bool, debug: bool,
-                 on_result: Callable[[EntryResult], None] | None) -> None:
+                 on_result: Callable[[EntryResult], None] | None, lock: PoolLock | None = None,
+                 records: dict[str, dict[str, Any]] | None = None, lock_dir: Path | None = None) -> None:
         self.pool, self.device, self.integrity, self.debug = pool, device, integrity, debug
+        self.lock, self.records = lock, records
+        self.locking = lock is not None or records is not None
+        self.lock_dir = lock_dir or (lock.path.parent if lock is not None else None)
+        self._files: dict[str, IntegrityResult] = {}
         self.dev = torch.device(device) if device else torch.device("cpu")
         self.on_result = on_result or (lambda _result: None)
         self.base_state: dict[str, torch.Tensor] | None = None
@@ -177,6 +198,8 @@ class VerifyRun:
         try:
             value = fn()
         except Exception as exc:  # every failure is reported, the run goes on
+            if timing == "integrity_s":  # the pass's cost shows on a file it refused too
+                result.timings.integrity_s = time.perf_counter() - start
             result.failed(exc, stage=stage, debug=self.debug)
             log.debug("%s failed at %s", result.label, stage, exc_info=True)
             return None
@@ -191,16 +214,49 @@ class VerifyRun:
                 result.container = sniff_container(entry.path)
 
         self.step(result, "file", file)
-        if self.integrity:
-            self.step(result, "integrity", lambda: self._integrity(entry, result))
+        if self.integrity or self.locking:  # one pass: the CRC32s and, when locking, the sha256
+            self.step(result, "integrity" if self.integrity else "lock", lambda: self._integrity(entry, result),
+                      "integrity_s")
 
-    @staticmethod
-    def _integrity(entry: Entry, result: EntryResult) -> None:
+    def _integrity(self, entry: Entry, result: EntryResult) -> None:
         if entry.path is None:
-            result.integrity = Integrity(False, f"a {entry.form} entry has no file to check")
+            if self.integrity:
+                result.integrity = Integrity(False, f"a {entry.form} entry has no file to check")
             return
-        res = check_integrity(entry.path)
-        result.integrity = Integrity(res.checked, res.detail)
+        res = check_integrity(entry.path, digest=self.locking, crc=self.integrity)
+        if self.integrity:
+            result.integrity = Integrity(res.checked, res.detail)
+        if self.locking:
+            self._files[result.label] = res
+
+    def _lock(self, entry: Entry, result: EntryResult, module: torch.nn.Module) -> None:
+        """The entry's lock record (`pool.lock`): kept for ``lock``, compared for ``--locked``."""
+        file = self._files.pop(result.label, None)
+        record = {"path": self._path_text(entry), "form": entry.form, "container": result.container,
+                  "size": file.size if file else None, "sha256": file.sha256 if file else None,
+                  "architecture": _arch_text(result), "globals": self._globals(entry),
+                  "tensors": tensors_digest(module)}
+        if self.records is not None:
+            self.records[result.label] = record
+        if self.lock is not None:
+            self.lock.check(result.label, record)
+
+    def _path_text(self, entry: Entry) -> str | None:
+        """The entry's file as the lock records it: relative to the lock's folder when under it."""
+        if entry.path is None:
+            return None
+        path = entry.path.absolute()
+        if self.lock_dir is not None and path.is_relative_to(self.lock_dir):
+            return path.relative_to(self.lock_dir).as_posix()
+        return self.pool.redact(os.fspath(path))
+
+    def _globals(self, entry: Entry) -> dict[str, str]:
+        """Every global the entry's file names, with the allowlist's verdict (nothing is loaded)."""
+        if entry.path is None:
+            return {}
+        ckpt = read_checkpoint(entry.path, map_location="meta", cache_dir=False,
+                               allow_globals=self.pool.allow_globals)
+        return {str(g): g.verdict for g in ckpt.globals}
 
     def _finish(self, result: EntryResult) -> EntryResult:
         """The one place a result's text is made safe to report: every value the config took from
@@ -233,6 +289,8 @@ class VerifyRun:
                 quick_gelu=getattr(arch, "quick_gelu", None))
             res.params = sum(p.numel() for p in encoder.parameters())
             self.step(res, "weights", lambda: read_weights(encoder), "weights_s")
+            if self.locking:
+                self.step(res, "lock", lambda: self._lock(entry, res, encoder), "lock_s")
         features = self.step(res, "forward", lambda: self._forward(encoder, res), "forward_s")
         if entry.name == PRETRAINED:
             self.base_tried = True
@@ -322,6 +380,8 @@ class VerifyRun:
             classes=getattr(head, "out_features", None), input_dim=getattr(head, "in_features", None),
             normalize=bool(normalize) if normalize is not None else None,
             paired_with=f"models.{entry.name}" if paired_ok is not None else None)
+        if self.locking:
+            self.step(res, "lock", lambda: self._lock(entry, res, head), "lock_s")
         if encoder is not None:
             self.step(res, "pairing", lambda: check_head_fits(encoder, head, entry.name))
             info.encoder_embed_dim = getattr(encoder, "embed_dim", None)

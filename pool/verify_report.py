@@ -39,21 +39,27 @@ class Timings:
     page cache shows there, not in ``forward_s``.
 
     Attributes:
+        integrity_s: the integrity pass over the file (zip CRC32s, a safetensors header; with
+            ``--locked``, the file's sha256 in the same pass).
         load_s: reading the file's structure and building the module.
         weights_s: reading every weight's bytes.
         forward_s: the forward pass (a head's: its logits).
         task_vector_s: computing the task vector against ``_pretrained_``.
+        lock_s: comparing the entry with the lock file (its globals read, its tensors hashed).
     """
 
+    integrity_s: float | None = None
     load_s: float | None = None
     weights_s: float | None = None
     forward_s: float | None = None
     task_vector_s: float | None = None
+    lock_s: float | None = None
 
     @property
     def total_s(self) -> float:
         """The seconds of the steps that ran, summed (0.0 when none did)."""
-        return sum(t for t in (self.load_s, self.weights_s, self.forward_s, self.task_vector_s) if t)
+        return sum(t for t in (self.integrity_s, self.load_s, self.weights_s, self.forward_s, self.task_vector_s,
+                               self.lock_s) if t)
 
 
 @dataclass
@@ -153,7 +159,7 @@ class EntryResult:
     """The outcome of one pool entry (a model or a head).
 
     ``stage`` names the step that failed (``file``, ``integrity``, ``load``, ``weights``,
-    ``forward``, ``task vector``, ``pairing``, ``logits``). A model's ``paired_head`` is the label
+    ``lock``, ``forward``, ``task vector``, ``pairing``, ``logits``). A model's ``paired_head`` is the label
     of its head (``classification_heads.<name>``); a head's details are in ``head``.
 
     Attributes:
@@ -167,7 +173,7 @@ class EntryResult:
         error: ``"<stage>: <message>"`` for a failure.
         error_type: the failure's exception class name.
         stage: the step that failed.
-        integrity: the file's checksum check, when asked for.
+        integrity: the file's checksum check (verify's default; None with ``--no-integrity``).
         architecture: a model's architecture, inferred and configured.
         params: the module's parameter count.
         timings: seconds per step.
@@ -308,6 +314,9 @@ class VerifyReport:
         config: how the report names the config (its path, or ``embedded default``).
         device: where the entries were loaded and run.
         integrity_checked: whether each file's checksums were checked before loading.
+        cache_dir: the conversion cache the loads used, or None when it was off.
+        lock_file: the lock file the entries were compared with (``--locked``), or None.
+        interrupted: True when the run was interrupted (Ctrl-C): the entries are those done.
         entries: one `EntryResult` per model and head, in the order they were checked.
         seconds: the run's duration.
         note: a remark on the run (what the embedded default is), or None.
@@ -324,11 +333,14 @@ class VerifyReport:
     note: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     allowed_globals: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+    lock_file: str | None = None
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        """Whether every entry passed (True for a report without entries)."""
-        return all(e.ok for e in self.entries)
+        """Whether every entry passed and the run was not interrupted (True for a report without entries)."""
+        return all(e.ok for e in self.entries) and not self.interrupted
 
     @property
     def failed(self) -> list[EntryResult]:
@@ -364,6 +376,9 @@ class VerifyReport:
             "device": self.device,
             "integrity_checked": self.integrity_checked,
             "allowed_globals": list(self.allowed_globals),
+            "cache_dir": self.cache_dir,
+            "lock_file": self.lock_file,
+            "interrupted": self.interrupted,
             "seconds": round(self.seconds, 4),
             "summary": {
                 "models": len(models), "models_passed": sum(e.ok for e in models),
@@ -420,4 +435,5 @@ class VerifyReport:
         return cls(config=data["config"], device=data["device"], integrity_checked=data["integrity_checked"],
                    entries=[EntryResult.from_dict(e) for e in data["entries"]], seconds=data.get("seconds", 0.0),
                    note=data.get("note"), versions=dict(data.get("versions") or {}),
-                   allowed_globals=list(data.get("allowed_globals") or []))
+                   allowed_globals=list(data.get("allowed_globals") or []), cache_dir=data.get("cache_dir"),
+                   lock_file=data.get("lock_file"), interrupted=bool(data.get("interrupted", False)))

@@ -105,7 +105,7 @@ def test_verify_embedded_default_exits_0(capsys):
     assert code == 0, out + err
     assert "embedded default" in out
     assert "all 11 entries passed (7/7 models, 4/4 heads)" in out
-    assert "integrity  not checked" in out
+    assert "integrity  on:" in out  # the integrity pass is the default (issue 23)
     for name in ("_pretrained_", "cars", "dtd", "eurosat", "mnist", "cars_safetensors"):
         assert f"\n  {name} " in out
     for container in ("zip", "legacy", "pickle", "safetensors"):
@@ -119,7 +119,7 @@ def test_verify_json_report(capsys, synth_tree):
     assert code == 0, err
     report = json.loads(out)  # stdout holds the JSON alone
     assert report["schema"] == SCHEMA and report["schema_version"] == SCHEMA_VERSION
-    assert report["ok"] is True and report["integrity_checked"] is False
+    assert report["ok"] is True and report["integrity_checked"] is True  # the default (issue 23)
     assert set(report["versions"]) >= {"pool", "torch", "open_clip", "python"}
     entries = {(e["section"], e["name"]): e for e in report["entries"]}
     assert len(entries) == 11
@@ -129,7 +129,9 @@ def test_verify_json_report(capsys, synth_tree):
     timings = pre["timings"]
     assert pre["params"] > 0 and timings["load_s"] > 0 and timings["weights_s"] > 0 and timings["forward_s"] > 0
     assert timings["task_vector_s"] is None  # _pretrained_ has no task vector
-    assert timings["total_s"] == pytest.approx(timings["load_s"] + timings["weights_s"] + timings["forward_s"])
+    assert timings["integrity_s"] > 0  # the integrity pass is the default (issue 23), timed apart
+    assert timings["total_s"] == pytest.approx(timings["integrity_s"] + timings["load_s"] + timings["weights_s"]
+                                               + timings["forward_s"])
     assert pre["architecture"]["description"] == synth.TINY.describe()
     assert pre["paired_head"] is None and pre["head"] is None
     for name in ("cars", "dtd", "eurosat", "mnist"):
@@ -153,7 +155,8 @@ def test_verify_streams_one_line_per_entry_to_stderr_when_it_is_no_terminal(caps
     assert code == 0
     lines = [line for line in err.splitlines() if line.startswith("verify [")]
     assert len(lines) == 11
-    assert lines[0].startswith("verify [ 1/11] PASS models._pretrained_: load ")
+    assert lines[0].startswith("verify [ 1/11] PASS models._pretrained_: integrity ")  # the default (issue 23)
+    assert " load " in lines[0]
     assert "weights " in lines[0] and "forward " in lines[0]
     assert lines[-1].startswith("verify [11/11] PASS ")
     assert any(" task vector " in line for line in lines)
@@ -199,12 +202,14 @@ def test_verify_corrupted_file_fails_and_reports_the_others(capsys, synth_tree, 
     rows = {line.split()[0]: line for line in models_table.splitlines()}
     assert rows["cars"].rstrip().endswith("FAIL")
     assert rows["dtd"].rstrip().endswith("PASS") and rows["_pretrained_"].rstrip().endswith("PASS")
-    assert "models.cars: load:" in out and str(truncated) in out
+    assert "models.cars: integrity:" in out and str(truncated) in out  # the integrity pass: the default
     assert "1 of 5 entries failed" in out
     report = json.loads(json_path.read_text())
     assert report["ok"] is False and report["summary"]["failed"] == ["models.cars"]
     failed = next(e for e in report["entries"] if e["name"] == "cars" and e["section"] == "models")
-    assert failed["error_type"] == "CorruptCheckpointError" and failed["stage"] == "load"
+    assert failed["error_type"] == "CorruptCheckpointError" and failed["stage"] == "integrity"
+    code, out, _ = run(capsys, "verify", config, "--no-integrity")  # without it, the load refuses the file
+    assert code == 1 and "models.cars: load:" in out and str(truncated) in out
     # the head paired with the broken model is still checked, alone
     head = next(e for e in report["entries"] if e["name"] == "cars" and e["section"] != "models")
     assert head["ok"] and "checked alone" in head["head"]["note"]
@@ -274,7 +279,7 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     assert code == 2 and "Traceback" in err and "pool config not found" in err
 
 
-def test_integrity_catches_flipped_bits_that_plain_verify_misses(capsys, synth_tree, tmp_path):
+def test_integrity_catches_flipped_bits_that_no_integrity_misses(capsys, synth_tree, tmp_path):
     damaged = tmp_path / "finetuned.pt"
     shutil.copyfile(synth_tree.files["cars"], damaged)
     member = flip_byte_in_zip_record(damaged)
@@ -284,11 +289,11 @@ def test_integrity_catches_flipped_bits_that_plain_verify_misses(capsys, synth_t
         "dtd": str(synth_tree.files["dtd"]),  # legacy: no checksums to check
         "cars_safetensors": {"state_dict_path": str(synth_tree.files["cars_safetensors"])},
     })
-    code, out, _ = run(capsys, "verify", config)
-    assert code == 0, out  # the damage loads silently: exactly why --integrity exists
-    assert "integrity  not checked" in out
+    code, out, _ = run(capsys, "verify", config, "--no-integrity")
+    assert code == 0, out  # the damage loads silently: exactly why the integrity pass is the default
+    assert "integrity  off (--no-integrity)" in out
 
-    code, out, err = run(capsys, "verify", config, "--integrity", "--json", "-")
+    code, out, err = run(capsys, "verify", config, "--json", "-")
     assert code == 1, err
     report = json.loads(out)
     entries = {e["name"]: e for e in report["entries"]}
