@@ -8,7 +8,7 @@ file's end; legacy torch files and plain pickles carry no checksums and are repo
 checkable. Nothing here unpickles anything.
 
 With ``digest=True`` the file's sha256 is computed too (what ``pool.lock`` records): for a zip it
-comes from the same pass over the bytes as the CRC32s (`_zip_pass`: each 1 MiB chunk of the
+comes from the same pass over the bytes as the CRC32s (`pool.containers.zipfmt.check_crcs`: each 1 MiB chunk of the
 mapped file feeds the sha256 and the CRC32 of the members it overlaps), so a locked verify reads
 the file once; other containers are hashed in one sequential pass of their own.
 """
@@ -16,7 +16,6 @@ the file once; other containers are hashed in one sequential pass of their own.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from .checkpoint import sniff_container
 from .containers import by_name
 from .containers.hf_folder import NAME as HF_FOLDER
 from .containers.hf_folder import weights_file
-from .containers.zipfmt import ZipMember, parse_zip
-from .errors import CorruptCheckpointError
+from .containers.zipfmt import check_crcs, parse_zip
 from .fileio import map_file
 
 __all__ = ["IntegrityResult", "check_integrity", "file_digest"]
@@ -115,47 +113,14 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 def _zip_pass(path: Path, *, digest: bool, crc: bool) -> tuple[bool, str, str | None, int | None]:
-    """One pass over a torch zip: each chunk feeds the sha256 (``digest``) and the CRC32 of every
-    member it overlaps (``crc``); then the CRC32s are compared with the central directory's."""
+    """A torch zip's CRC32 check and, with ``digest``, its sha256, from one pass over its bytes
+    (`pool.containers.zipfmt.check_crcs`)."""
+    if not crc:
+        sha_hex, size = file_digest(path) if digest else (None, None)
+        return False, "not checked", sha_hex, size
     buffer = map_file(path)
-    members = sorted(parse_zip(buffer, str(path)).members.values(), key=lambda m: m.offset) if crc else []
     sha = hashlib.sha256() if digest else None
-    crcs = [0] * len(members)
-    first = 0  # the first member not yet wholly read
-    for start in range(0, len(buffer), _CHUNK):
-        end = min(start + _CHUNK, len(buffer))
-        if sha is not None:
-            sha.update(buffer[start:end])
-        first = _crc_chunk(buffer, members, crcs, first, start, end)
-        if sha is None and first == len(members):
-            break
-    for member, value in zip(members, crcs, strict=True):
-        _check_crc(path, member, value)
-    total = sum(m.size for m in members)
-    detail = f"{len(members)} zip members, {total:,} bytes: CRC32 ok" if crc else "not checked"
-    return crc, detail, sha.hexdigest() if sha is not None else None, len(buffer) if digest else None
-
-
-def _crc_chunk(buffer: memoryview, members: list[ZipMember], crcs: list[int], first: int, start: int,
-               end: int) -> int:
-    """Feed ``buffer[start:end]`` to the CRC32 of each member it overlaps; returns the index of the
-    first member that ends after ``end`` (members are sorted by offset and never overlap)."""
-    i = first
-    while i < len(members) and members[i].offset < end:
-        member = members[i]
-        lo, hi = max(member.offset, start), min(member.offset + member.size, end)
-        if lo < hi:
-            crcs[i] = zlib.crc32(buffer[lo:hi], crcs[i])
-        i += 1
-    while first < len(members) and members[first].offset + members[first].size <= end:
-        first += 1
-    return first
-
-
-def _check_crc(path: Path, member: ZipMember, crc: int) -> None:
-    if crc != member.crc32:
-        raise CorruptCheckpointError(
-            f"{path}: zip member {member.name} ({member.size} bytes) fails its CRC32 check "
-            f"(stored {member.crc32:08x}, computed {crc:08x}): its bytes changed after it was "
-            "written (disk or transfer damage), so it would load wrong weights. Download the "
-            "file again and compare its sha256 with the source.")
+    archive = parse_zip(buffer, str(path))
+    total = check_crcs(buffer, archive, str(path), sha)
+    detail = f"{len(archive.members)} zip members, {total:,} bytes: CRC32 ok"
+    return True, detail, sha.hexdigest() if sha is not None else None, len(buffer) if digest else None

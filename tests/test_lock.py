@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pool import LockMismatchError, synth
+from pool import CorruptCheckpointError, LockMismatchError, synth
 from pool.cli import main
+from pool.integrity import check_integrity
 from pool.lock import LOCK_NAME, LOCK_SCHEMA, tensors_digest
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -177,3 +178,18 @@ def test_pytest_locked_items_fail_a_replaced_file(capsys, tree, tmp_path):
     assert "models.cars failed at lock" in proc.stdout and "sha256 changed" in proc.stdout
     assert "tensors digest changed" in proc.stdout and "python -m pool lock" in proc.stdout
     assert "1 failed" in proc.stdout and "1 passed" in proc.stdout  # its head still matches
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_one_pass_gives_the_file_sha256_and_catches_a_flipped_byte(write_encoder, digest) -> None:
+    """The zip pass (`pool.containers.zipfmt.check_crcs`) hashes every byte of the file while it
+    checks the members' CRC32s: the digest is the file's own, and a flipped byte still fails."""
+    path, _ = write_encoder("zip")
+    result = check_integrity(path, digest=digest)
+    assert result.checked
+    assert result.sha256 == (hashlib.sha256(path.read_bytes()).hexdigest() if digest else None)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the largest member's tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="CRC32"):
+        check_integrity(path, digest=digest)

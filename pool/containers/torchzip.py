@@ -8,7 +8,6 @@ parser (`pool.containers.zipfmt`) and our own unpickler; TorchScript archives (`
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,10 @@ from ..transfer import OpenFile, Span, read_spans
 from .base import Checkpoint, ReadOptions
 from .legacy import BlobReader
 from .pickled import listing_globals, reader_for, result
-from .zipfmt import ZipArchive, parse_zip
+from .zipfmt import ZipArchive, check_crcs, parse_zip
 
 __all__ = ["TorchZip", "TorchArchive", "open_archive"]
 
-_CHUNK = 1 << 20
 _MAX_FORMAT_VERSION = 10  # torch's kMaxSupportedFileFormatVersion
 
 
@@ -296,16 +294,5 @@ class TorchZip:
         """
         buffer = map_file(path)
         archive = parse_zip(buffer, str(path))
-        total = 0
-        for member in archive.members.values():
-            crc = 0
-            for start in range(member.offset, member.offset + member.size, _CHUNK):
-                crc = zlib.crc32(buffer[start:min(start + _CHUNK, member.offset + member.size)], crc)
-            if crc != member.crc32:
-                raise CorruptCheckpointError(
-                    f"{path}: zip member {member.name} ({member.size} bytes) fails its CRC32 check "
-                    f"(stored {member.crc32:08x}, computed {crc:08x}): its bytes changed after it was "
-                    "written (disk or transfer damage), so it would load wrong weights. Download the "
-                    "file again and compare its sha256 with the source.")
-            total += member.size
+        total = check_crcs(buffer, archive, str(path))
         return True, f"{len(archive.members)} zip members, {total:,} bytes: CRC32 ok"

@@ -23,10 +23,11 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import CorruptCheckpointError, ZipRefusal
 
-__all__ = ["ZipMember", "ZipArchive", "parse_zip"]
+__all__ = ["ZipMember", "ZipArchive", "parse_zip", "check_crcs"]
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # sig, disk, cd disk, entries here, entries, cd size, cd offset, comment
 _Z64_LOCATOR = struct.Struct("<4sIQI")  # sig, disk with z64 eocd, z64 eocd offset, disks
@@ -332,3 +333,62 @@ def _local_header(buf: memoryview | bytes, at: int, raw_name: bytes, flags: int,
         if lcrc != crc or lusize != usize or lcsize != usize:
             raise ZipRefusal(f"member {name!r} has sizes or CRC in its local header that disagree with the directory")
     return at + _LOCAL.size + name_len + extra_len
+
+
+#: Bytes per chunk of a checksum pass.
+_CHUNK = 1 << 20
+
+
+def check_crcs(buffer: memoryview | bytes, archive: ZipArchive, source: str, sha: Any = None) -> int:
+    """Recompute every member's CRC32 in one pass over ``buffer`` (torch's reader never checks them).
+
+    Each 1 MiB chunk of the whole file feeds ``sha`` (a ``hashlib`` object, when given: the file's
+    digest in the same read) and the CRC32 of every member it overlaps; the CRC32s are then compared
+    with the central directory's.
+
+    Args:
+        buffer: the whole file's bytes (mapped).
+        archive: what `parse_zip` made of them.
+        source: how messages name the file.
+        sha: a hash object to feed every byte of the file, or None.
+
+    Returns:
+        The members' total size in bytes.
+
+    Raises:
+        CorruptCheckpointError: a member fails its CRC32 check.
+    """
+    members = sorted(archive.members.values(), key=lambda m: m.offset)
+    crcs = [0] * len(members)
+    first = 0  # the first member not yet wholly read
+    for start in range(0, len(buffer), _CHUNK):
+        end = min(start + _CHUNK, len(buffer))
+        if sha is not None:
+            sha.update(buffer[start:end])
+        elif first == len(members):
+            break
+        first = _crc_chunk(buffer, members, crcs, first, start, end)
+    for member, value in zip(members, crcs, strict=True):
+        if value != member.crc32:
+            raise CorruptCheckpointError(
+                f"{source}: zip member {member.name} ({member.size} bytes) fails its CRC32 check "
+                f"(stored {member.crc32:08x}, computed {value:08x}): its bytes changed after it was "
+                "written (disk or transfer damage), so it would load wrong weights. Download the "
+                "file again and compare its sha256 with the source.")
+    return sum(m.size for m in members)
+
+
+def _crc_chunk(buffer: memoryview | bytes, members: list[ZipMember], crcs: list[int], first: int, start: int,
+               end: int) -> int:
+    """Feed ``buffer[start:end]`` to the CRC32 of each member it overlaps; returns the index of the
+    first member that ends after ``end`` (members are sorted by offset and never overlap)."""
+    i = first
+    while i < len(members) and members[i].offset < end:
+        member = members[i]
+        lo, hi = max(member.offset, start), min(member.offset + member.size, end)
+        if lo < hi:
+            crcs[i] = zlib.crc32(buffer[lo:hi], crcs[i])
+        i += 1
+    while first < len(members) and members[first].offset + members[first].size <= end:
+        first += 1
+    return first
