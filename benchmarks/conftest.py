@@ -148,10 +148,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if loads:
             tr.write_line(f"{arch}: load times (s)")
             tr.write_line("  " + "  ".join(f"{k}={v['seconds']:.4g}" for k, v in loads.items()))
-            tr.write_line(f"  {'ratio':<30} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
+            tr.write_line(f"  {'ratio':<38} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
             for name, r in benchlib.ratios(arch).items():
                 met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-                tr.write_line(f"  {name:<30} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
+                tr.write_line(f"  {name:<38} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
                               f"{r['denominator_s']:>12.4f}  {r['target']:>7}  {met}")
         _write_ttff(tr, arch, benchlib.ttff_table(figures))
         memory = benchlib.MEMORY.get(arch, {})
