@@ -40,7 +40,10 @@ def pytest_configure(config: pytest.Config) -> None:
     cold = config.getoption("--cold", default=None)
     if cold:  # benchlib.drop_page_cache (and the child processes) read the variable
         os.environ["POOL_BENCH_COLD"] = cold
-    benchlib.cold_method()  # a bad $POOL_BENCH_COLD fails here, before any synthesis
+    try:
+        benchlib.cold_method()  # a bad $POOL_BENCH_COLD fails here, before any synthesis
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
