@@ -140,7 +140,9 @@ def benchmarks(session: nox.Session) -> None:
     """CPU benchmarks, each beside its baseline in the same run, then the results file and chart.
 
     ``nox -s benchmarks -- --benchmark-disable`` runs each benchmark once, as a test (what CI does).
-    Architectures: ``POOL_BENCH_ARCHS=ViT-B-32,ViT-B-16,ViT-L-14`` (default ViT-B-32).
+    Architectures: ``POOL_BENCH_ARCHS=ViT-B-32,ViT-B-16,ViT-L-14`` (default ViT-B-32). Warm page
+    cache only unless ``-- --cold`` (the benchmark's files) or ``-- --cold=drop_caches`` (the whole
+    machine's page cache) is given. Needs the ``bench`` extra (pytest-benchmark, matplotlib).
     """
     quick = "--benchmark-disable" in session.posargs
     out = ROOT / ".benchmarks" / "run.json"

@@ -2,7 +2,13 @@
 
 Architectures: ``$POOL_BENCH_ARCHS`` (comma separated, or ``all`` for ViT-B-32, ViT-B-16,
 ViT-L-14); unset, or with ``--benchmark-disable``, ViT-B-32 alone. Checkpoints are synthesized
-once under ``benchmarks/.cache/`` (random weights at the real size; never downloaded).
+once under ``benchmarks/.cache/`` (or ``$POOL_BENCH_CACHE``; random weights at the real size;
+never downloaded).
+
+Cold page cache rounds are opt-in: ``--cold`` (evict the benchmark's own files with
+``posix_fadvise``), ``--cold=drop_caches`` (the whole machine's page cache, as root), or
+``$POOL_BENCH_COLD`` (``1``/``fadvise``, ``drop_caches``, ``auto``); without either, every
+benchmark parametrized ``cache="cold"`` is skipped, and nothing touches the page cache.
 """
 
 from __future__ import annotations
@@ -21,6 +27,34 @@ import benchlib
 # The conversion cache (pool.cache) is opt-in through this variable: a benchmark that means to time
 # a cache hit passes cache_dir= itself, so none (nor any child process) uses one by accident.
 os.environ.pop("OPENCLIP_POOL_CACHE_DIR", None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cold", nargs="?", const="fadvise", default=None, choices=("fadvise", "drop_caches", "auto"),
+                     help="also time with a cold page cache: evict the benchmark's files (fadvise, the default of "
+                          "--cold) or drop the whole machine's page cache (drop_caches, root); same as "
+                          "$POOL_BENCH_COLD. Off unless given.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cold = config.getoption("--cold", default=None)
+    if cold:  # benchlib.drop_page_cache (and the child processes) read the variable
+        os.environ["POOL_BENCH_COLD"] = cold
+    try:
+        benchlib.cold_method()  # a bad $POOL_BENCH_COLD fails here, before any synthesis
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the cold page cache rounds unless asked for (``--cold`` / ``$POOL_BENCH_COLD``)."""
+    if benchlib.cold_method() is not None:
+        return
+    skip = pytest.mark.skip(reason="cold page cache rounds are opt-in: pytest benchmarks --cold (or POOL_BENCH_COLD=1)")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("cache") == "cold":
+            item.add_marker(skip)
 
 
 def _disabled(config: pytest.Config) -> bool:
@@ -117,10 +151,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         if loads:
             tr.write_line(f"{arch}: load times (s)")
             tr.write_line("  " + "  ".join(f"{k}={v['seconds']:.4g}" for k, v in loads.items()))
-            tr.write_line(f"  {'ratio':<30} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
+            tr.write_line(f"  {'ratio':<38} {'value':>8}  {'ours (s)':>9}  {'baseline (s)':>12}  {'target':>7}  met")
             for name, r in benchlib.ratios(arch).items():
                 met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-                tr.write_line(f"  {name:<30} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
+                tr.write_line(f"  {name:<38} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
                               f"{r['denominator_s']:>12.4f}  {r['target']:>7}  {met}")
         _write_ttff(tr, arch, benchlib.ttff_table(figures))
         memory = benchlib.MEMORY.get(arch, {})

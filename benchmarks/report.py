@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +100,53 @@ def collect_cpu(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     return machine, archs
 
 
-def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
+#: characters per line of a panel title (the ratios): it is centred over the bars, right of the long labels
+TITLE_WIDTH = 90
+
+
+def _wrap(text: str, width: int = TITLE_WIDTH) -> str:
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
+def _ratio_lines(parts: list[str], width: int = TITLE_WIDTH) -> list[str]:
+    """The ratios, ``; ``-joined, broken between ratios (within one only when it alone is too long)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += "; " + part
+        else:
+            lines.append(part)
+    return [_wrap(line, width) for line in lines]
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (then no PNG: ``pip install -e ".[bench]"``)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no PNG written (pip install matplotlib)")
-        return False
+        return None
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the PNG with every title, label and legend inside it (``bbox_inches="tight"``)."""
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)
+
+
+def draw_cpu(archs: dict[str, Any], title: str) -> Any:
+    """The CPU load-time figure (one panel per architecture), or None without matplotlib or figures."""
+    plt = _pyplot()
+    if plt is None:
+        return None
     order_ours = [label for label, _, _ in benchlib.FORMS]
     order_base = ["floor", "floor_nommap", "read_legacy", "read_pickle", "manual"]
     names = [a for a in archs if any(k in archs[a].get("figures", {}) for k in order_ours + order_base)]
     if not names:
-        return False
-    fig, axes = plt.subplots(len(names), 1, figsize=(10, 0.5 + 4.2 * len(names)), squeeze=False)
+        return None
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.2 + 4.6 * len(names)), squeeze=False)
     for ax, arch in zip(axes[:, 0], names, strict=True):
         figures = archs[arch]["figures"]
         rows = [(OURS_TEXT[k], figures[k]["seconds"], "ours") for k in order_ours if k in figures]
@@ -128,29 +161,34 @@ def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
         ax.set_xlabel("seconds to a ready encoder (log scale; median, warm page cache)")
         parts = [f"{n} = {r['ratio']:.2f}x (target {r['target']})" for n, r in archs[arch].get("ratios", {}).items()
                  if r["target"]]
-        lines = ["; ".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]
-        ax.set_title("\n".join([arch, *lines]), fontsize=8)
+        ax.set_title("\n".join([arch, *_ratio_lines(parts)]), fontsize=8)
         for bar, value in zip(bars, values, strict=True):
             ax.text(value * 1.05, bar.get_y() + bar.get_height() / 2, f"{value:.3g} s", va="center", fontsize=7)
         ax.set_xlim(min(values) / 2, max(values) * 4)
         ax.grid(axis="x", which="both", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color="#1f77b4"), plt.Rectangle((0, 0), 1, 1, color="#b0b0b0")]
     axes[0, 0].legend(handles, ["pool (ours)", "baseline, same run"], loc="upper right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(_wrap(title, 90), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def chart_cpu(archs: dict[str, Any], path: Path, title: str) -> bool:
+    if _pyplot() is None:
+        print('matplotlib is not installed: no PNG written (pip install -e ".[bench]")')
+        return False
+    fig = draw_cpu(archs, title)
+    if fig is None:
+        return False
+    _save(fig, path)
+    _pyplot().close(fig)
     return True
 
 
 def chart_ttff(archs: dict[str, Any], path: Path, title: str) -> bool:
     """Time to first features per form, warm and cold page cache, beside the same run's baseline."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     names = [a for a in archs if archs[a].get("ttff")]
     if not names:
@@ -175,20 +213,16 @@ def chart_ttff(archs: dict[str, Any], path: Path, title: str) -> bool:
             ax.text(value * 1.01, bar.get_y() + bar.get_height() / 2, f"{value:.3g} s", va="center", fontsize=7)
         ax.set_xlim(0, max(b[1] for b in bars) * 1.15)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    fig.suptitle(_wrap(title, 90), fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
     plt.close(fig)
     return True
 
 
 def chart_gpu(gpu: dict[str, Any], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     timings = gpu.get("load_to_gpu", {}).get("timings", {})
     if not timings:
@@ -203,9 +237,9 @@ def chart_gpu(gpu: dict[str, Any], path: Path, title: str) -> bool:
     ax.set_xlabel("ms, ViT-B-32 checkpoint to GPU (median of 5)")
     for bar, value in zip(bars, values, strict=True):
         ax.text(value * 1.05, bar.get_y() + bar.get_height() / 2, f"{value:.1f} ms", va="center", fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title, 90), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
     return True
 

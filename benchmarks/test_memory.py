@@ -90,7 +90,8 @@ def test_peak_rss_torch_load_baseline(benchmark, arch, checkpoints, import_basel
 
 
 def test_peak_rss_named_models(benchmark, arch, checkpoints, import_baseline):
-    """``OpenCLIPVisionModelPool(models=8 fine-tuned zips).named_models()``, one forward each."""
+    """``OpenCLIPVisionModelPool(models=N fine-tuned zips).named_models()``, one forward each
+    (``benchlib.N_FINETUNED``: 4 by default, ``$POOL_BENCH_FINETUNED``)."""
     import pool
 
     if getattr(pool, "OpenCLIPVisionModelPool", None) is None:
@@ -102,4 +103,4 @@ def test_peak_rss_named_models(benchmark, arch, checkpoints, import_baseline):
     result: dict = {}
     benchmark.group = f"{arch} memory (child wall time)"
     benchlib.time_it(benchmark, lambda: result.update(run_child("pool", *paths)), rounds=1, warmup=0)
-    _report(benchmark, arch, "named_models x8", _figure(result, import_baseline, Path(paths[0]).stat().st_size))
+    _report(benchmark, arch, benchlib.MEMORY_NAMED_MODELS, _figure(result, import_baseline, Path(paths[0]).stat().st_size))
