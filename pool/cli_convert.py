@@ -21,10 +21,6 @@ __all__ = ["run"]
 def run(args: argparse.Namespace, out: Style) -> int:
     """Run ``convert`` as parsed (`pool.cli.build_parser`).
 
-    Args:
-        args: the parsed command line.
-        out: stdout's style.
-
     Returns:
         The exit status (0 converted, 1 a file failed).
     """

@@ -22,10 +22,6 @@ __all__ = ["run"]
 def run(args: argparse.Namespace, out: Style) -> int:
     """Run ``inspect`` as parsed (`pool.cli.build_parser`).
 
-    Args:
-        args: the parsed command line.
-        out: stdout's style.
-
     Returns:
         The exit status (0 safe to load, 1 a load would refuse it, 2 it cannot be read).
     """

@@ -22,10 +22,6 @@ __all__ = ["run"]
 def run(args: argparse.Namespace, out: Style) -> int:
     """Run ``lock`` as parsed (`pool.cli.build_parser`).
 
-    Args:
-        args: the parsed command line.
-        out: stdout's style.
-
     Returns:
         0 the lock file was written; 1 an entry failed its checks (nothing written).
 

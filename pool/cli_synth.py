@@ -24,10 +24,6 @@ __all__ = ["run"]
 def run(args: argparse.Namespace, out: Style) -> int:
     """Run ``synth`` as parsed (`pool.cli.build_parser`).
 
-    Args:
-        args: the parsed command line.
-        out: stdout's style.
-
     Returns:
         The exit status (0 written).
 

@@ -32,10 +32,6 @@ __all__ = ["run", "check_device", "config_file"]
 def run(args: argparse.Namespace, out: Style) -> int:
     """Run ``verify`` as parsed (`pool.cli.build_parser`).
 
-    Args:
-        args: the parsed command line.
-        out: stdout's style.
-
     Returns:
         The exit status: 0 every entry passed, 1 one failed, 130 interrupted (after the report of
         the entries done).
