@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from pool import CorruptCheckpointError, LockMismatchError, synth
 from pool.cli import main
+from pool.containers.zipfmt import parse_zip
 from pool.integrity import check_integrity
 from pool.lock import LOCK_NAME, LOCK_SCHEMA, tensors_digest
 
@@ -193,3 +194,21 @@ def test_one_pass_gives_the_file_sha256_and_catches_a_flipped_byte(write_encoder
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="CRC32"):
         check_integrity(path, digest=digest)
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_every_member_is_checked_by_both_passes(write_encoder, digest) -> None:
+    """The CRC32s computed several members at a time (no digest) and in the one pass that also
+    hashes the file (digest) both name the member whose byte flipped, whichever it is."""
+    path, _ = write_encoder("zip")
+    original = path.read_bytes()
+    members = [m for m in parse_zip(original, str(path)).members.values() if m.size]
+    assert len(members) > 3
+    for member in members:
+        data = bytearray(original)
+        data[member.offset + member.size // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptCheckpointError, match=f"zip member {member.name} "):
+            check_integrity(path, digest=digest)
+    path.write_bytes(original)
+    assert check_integrity(path, digest=digest).checked
