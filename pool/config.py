@@ -81,11 +81,17 @@ def check_keys(keys: list[str], *, where: str) -> None:
     for key in keys:
         if key in _KNOWN_KEYS or key.startswith("_"):
             continue
-        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1, cutoff=0.8)
+        close = _near_miss(key, _KNOWN_KEYS)
         if close:
-            raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}? (Known keys: "
+            raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close!r}? (Known keys: "
                               f"{', '.join(_KNOWN_KEYS)}; other keys are kept only for interpolations.)")
         log.debug("%s: keeping extra key %r (usable in interpolations)", where, key)
+
+
+def _near_miss(key: str, known: tuple[str, ...]) -> str | None:
+    """The known key ``key`` is probably a typo of (``classification_head``, ``model_nme``), or None."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None:
@@ -111,9 +117,9 @@ def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None
     for key in (str(k) for k in entry.keys()):
         if key in _ENTRY_KEYS or key.startswith("_"):
             continue
-        close = difflib.get_close_matches(key, _ENTRY_KEYS, n=1, cutoff=0.8)
+        close = _near_miss(key, _ENTRY_KEYS)
         if close:
-            raise ConfigError(f"{where}: {section}.{name}: unknown key {key!r}; did you mean {close[0]!r}? "
+            raise ConfigError(f"{where}: {section}.{name}: unknown key {key!r}; did you mean {close!r}? "
                               f"(Known keys of an entry: {', '.join(_ENTRY_KEYS)}.)")
 
 
@@ -358,8 +364,8 @@ def _check_override_target(config: DictConfig, override: str, config_name: str) 
         hint = (f"overrides apply to the pool config itself, so drop the 'modelpool.' prefix: "
                 f"'{override.split('.', 1)[1] if '.' in override else override}'")
     else:
-        close = difflib.get_close_matches(top, [str(k) for k in config.keys()] + list(_KNOWN_KEYS), n=1, cutoff=0.8)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + f"Write '+{override}' to add a new key"
+        close = _near_miss(top, (*(str(k) for k in config.keys()), *_KNOWN_KEYS))
+        hint = (f"did you mean {close!r}? " if close else "") + f"Write '+{override}' to add a new key"
     raise ConfigError(f"pool config {config_name}: the override {override!r} sets {top!r}, which the config "
                       f"does not have and the pool does not read (the config's keys: {keys}); {hint}.")
 
