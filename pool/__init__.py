@@ -43,10 +43,13 @@ _EXPORTS = {
     "OpenCLIPVisionModelPool": "modelpool",
     "EntryResult": "verify_report",
     "VerifyReport": "verify_report",
+    "Atlas": "atlas_core",
+    "atlas": "atlas_core",
 }
 
 __all__ = [
     "ArchitectureMismatchError",
+    "Atlas",
     "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -70,12 +73,14 @@ __all__ = [
     "VerifyReport",
     "VisionArch",
     "__version__",
+    "atlas",
     "load_state_dict",
     "read_checkpoint",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .arch import VisionArch
+    from .atlas_core import Atlas, atlas
     from .checkpoint import Checkpoint, load_state_dict, read_checkpoint
     from .errors import (
         ArchitectureMismatchError,

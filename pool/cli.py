@@ -103,7 +103,8 @@ def _lock_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The command line's parser: ``verify``, ``lock``, ``inspect``, ``convert``, ``synth`` and ``cache``.
+    """The command line's parser: ``verify``, ``lock``, ``atlas``, ``inspect``, ``convert``, ``synth`` and
+    ``cache``.
 
     Each subcommand sets ``func``, the function `main` runs, and takes ``--debug``.
 
@@ -167,6 +168,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="data-only mode for a config from outside, as verify --no-instantiate")
     _allow_global_option(p)
     p.set_defaults(func=_command("lock"))
+
+    p = sub.add_parser("atlas", parents=[common], help="task-vector atlas: cosine similarity, norms and sign "
+                                                      "conflicts of a pool's task vectors",
+                       description="Against _pretrained_, for every other model of CONFIG: the pairwise cosine "
+                                   "similarity of the task vectors (whole and per block: embeddings, attention, "
+                                   "MLP, norms, output, each layer), each task vector's norm per layer, and the "
+                                   "pairwise sign-conflict rate. Streams tensor by tensor over mapped checkpoints "
+                                   "in float64. Writes DIR/atlas.json and, with matplotlib, PNG figures.")
+    p.add_argument("config", metavar="CONFIG", help="pool YAML (with a _pretrained_ model)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for atlas.json and the figures (created)")
+    p.add_argument("--no-plots", action="store_true", help="write atlas.json only")
+    p.add_argument("--no-instantiate", action="store_true",
+                   help="data-only mode for a config from outside, as verify --no-instantiate")
+    _allow_global_option(p)
+    p.set_defaults(func=_command("atlas"))
 
     p = sub.add_parser("inspect", parents=[common], help="describe a checkpoint file without loading it",
                        description="Container, every global the file names with its verdict (allowed, and "

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, LockMismatchError, printable
+from .writer import write_bytes_atomic
 
 __all__ = ["LOCK_NAME", "LOCK_SCHEMA", "LOCK_SCHEMA_VERSION", "PoolLock", "default_lock_path", "tensors_digest",
            "render_lock", "write_lock"]
@@ -85,22 +84,13 @@ def render_lock(config: str, entries: dict[str, dict[str, Any]]) -> str:
 
 
 def write_lock(path: Path, text: str) -> None:
-    """Write the lock file atomically: a temporary file beside it, fsynced, then renamed.
+    """Write the lock file atomically (`pool.writer.write_bytes_atomic`).
 
     Args:
         path: the lock file.
         text: its text (`render_lock`).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode("ascii"))
 
 
 def _short(value: Any) -> str:

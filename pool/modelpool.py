@@ -71,13 +71,15 @@ class OpenCLIPVisionModelPool(PoolTables):
                 f"classification_heads={self.classification_head_names})")
 
     # -- entries -----------------------------------------------------------------------------------
-    def read_entry(self, entry: Entry, *, device: Any = None) -> Checkpoint:
+    def read_entry(self, entry: Entry, *, device: Any = None, mmap: bool | None = None) -> Checkpoint:
         """Read the checkpoint file an entry points at (raises with the entry's name).
 
         Args:
             entry: a file entry (`entry`).
             device: where the tensors go, in any form `pool.checkpoint.read_checkpoint` takes
-                (None: the CPU); the entry's ``mmap`` option applies.
+                (None: the CPU).
+            mmap: map the tensors from the file (`pool.checkpoint.read_checkpoint`); None: the
+                entry's ``mmap`` option decides.
 
         Returns:
             The `pool.checkpoint.Checkpoint`.
@@ -90,7 +92,8 @@ class OpenCLIPVisionModelPool(PoolTables):
         if entry.path is None:
             raise ConfigError(f"pool entry {entry.label} is a {entry.form} entry, not a file")
         try:
-            return read_checkpoint(entry.path, map_location=device, mmap=entry.options.get("mmap"),
+            mapped = entry.options.get("mmap") if mmap is None else mmap
+            return read_checkpoint(entry.path, map_location=device, mmap=mapped,
                                    cache_dir=self.cache_dir, allow_globals=self.allow_globals)
         except PoolError as exc:
             raise _with_entry(exc, entry) from exc

@@ -28,7 +28,7 @@ from .errors import CorruptCheckpointError
 from .gcpause import paused_gc
 
 __all__ = ["write_checked", "tensor_difference", "compare_tensors", "contiguous_unshared", "safetensors_layout",
-           "signals_as_exit", "current_umask", "written_mode"]
+           "signals_as_exit", "current_umask", "written_mode", "write_bytes_atomic"]
 
 #: Signals whose default action ends the process without running ``finally`` blocks.
 _ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -265,6 +265,28 @@ def _write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], d
         if tmp.exists():
             tmp.unlink()
     return destination.stat().st_size
+
+
+def write_bytes_atomic(destination: Path, data: bytes) -> None:
+    """Write a small file (a lock file, a report, a figure) atomically: a temporary file beside it,
+    fsynced, given the mode `written_mode` decides, then renamed over ``destination``; an
+    interrupted write leaves the old file whole and no temporary file behind.
+
+    Args:
+        destination: the file to write or replace (its folder must exist).
+        data: its bytes.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, written_mode(destination))
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_back(path: Path) -> Checkpoint:

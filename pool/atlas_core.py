@@ -1,0 +1,260 @@
+"""The task-vector atlas: how a pool's fine-tuned encoders moved away from ``_pretrained_``.
+
+`atlas` computes, over the pool's regular models, for the whole task vector and for each block
+(`pool.atlas_blocks`): the Gram matrix of the task vectors (each one's norm, the pairwise cosine
+similarity) and the pairwise sign-conflict rate (the disagreement TIES resolves). It streams:
+every checkpoint is mapped (``mmap=True``), and the tensors are taken one key at a time across all
+models, in column blocks of `CHUNK` elements, so that the private memory it needs is about
+``N x CHUNK x 16`` bytes whatever the model's size; no task vector is ever built whole. Differences
+are taken and accumulated in float64. `pool.atlas_report` writes the result (JSON, PNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .atlas_blocks import block_order, blocks_of
+from .atlas_report import write_atlas
+from .errors import ConfigError, TaskVectorError
+from .keys import key_mismatch, task_vector_pair, to_clip_keys
+from .task_vectors import PRETRAINED
+
+if TYPE_CHECKING:  # the pool imports nothing of the atlas
+    from .modelpool import OpenCLIPVisionModelPool
+
+__all__ = ["Atlas", "AtlasGroup", "atlas", "CHUNK"]
+
+log = logging.getLogger("pool.atlas")
+
+#: Elements per column block. Sign products are summed in float32 and are exact only while a
+#: block's counts stay below 2**24: keep CHUNK at or under that.
+CHUNK = 1 << 20
+#: containers whose tensors ``mmap=True`` maps from the file (the others are read into memory)
+_MAPPED = ("zip", "safetensors")
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class AtlasGroup:
+    """The sums of one block of tensors (or all of them), for N task vectors.
+
+    Attributes:
+        name: the block (``all``, ``attention``, ``layer.3``, ``layer.3.mlp``...; `pool.atlas_blocks`).
+        gram: ``gram[i, j]`` = the dot product of task vectors i and j over the block (float64).
+        conflicts: ``conflicts[i, j]`` = how many elements have nonzero, opposite signs in i and j.
+        both_nonzero: ``both_nonzero[i, j]`` = how many elements are nonzero in both i and j.
+        elements: the block's elements (per model).
+        tensors: the block's tensors.
+    """
+
+    name: str
+    gram: np.ndarray
+    conflicts: np.ndarray
+    both_nonzero: np.ndarray
+    elements: int = 0
+    tensors: int = 0
+
+    @classmethod
+    def empty(cls, name: str, n: int) -> AtlasGroup:
+        """A group with nothing summed yet, for ``n`` models."""
+        return cls(name, np.zeros((n, n)), np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64))
+
+    def add(self, gram: np.ndarray, conflicts: np.ndarray, both: np.ndarray, elements: int, tensors: int) -> None:
+        """Add one block's sums (`_block_sums`)."""
+        self.gram += gram
+        self.conflicts += conflicts
+        self.both_nonzero += both
+        self.elements += elements
+        self.tensors += tensors
+
+    @property
+    def norm(self) -> np.ndarray:
+        """Each task vector's L2 norm over the block (float64, shape ``(N,)``)."""
+        return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
+
+    @property
+    def cosine(self) -> np.ndarray:
+        """Pairwise cosine similarity over the block, ``(N, N)``; NaN where a task vector is zero there."""
+        norm = self.norm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.gram / np.outer(norm, norm)
+
+    @property
+    def sign_conflict(self) -> np.ndarray:
+        """Pairwise sign-conflict rate, ``(N, N)``: of the elements nonzero in both task vectors, the
+        fraction whose signs differ (NaN where no element is nonzero in both)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.conflicts / self.both_nonzero
+
+
+@dataclass
+class Atlas:
+    """A pool's task-vector atlas (`atlas`); `pool.atlas_report.write_atlas` writes it.
+
+    Attributes:
+        models: the regular models' names, in the pool's order (the matrices' rows and columns).
+        pretrained: what ``_pretrained_`` is (its file, or its entry form).
+        sources: each model's file (or entry form), in ``models`` order.
+        groups: every block's `AtlasGroup`, ``all`` first (`pool.atlas_blocks.block_order`).
+        layers: the residual blocks (``layer.0`` ... ``layer.{layers-1}``).
+        seconds: the wall time of the computation.
+    """
+
+    models: list[str]
+    pretrained: str
+    sources: list[str]
+    groups: dict[str, AtlasGroup] = field(default_factory=dict)
+    layers: int = 0
+    seconds: float = 0.0
+
+    def write(self, out_dir: Any, *, plots: bool = True) -> list[Any]:
+        """Write ``atlas.json`` and, when matplotlib is installed and ``plots``, the PNG figures
+        into ``out_dir`` (`pool.atlas_report.write_atlas`); returns the files written."""
+        return write_atlas(self, out_dir, plots=plots)
+
+    def norms_by_layer(self, kind: str | None = None) -> np.ndarray:
+        """Each model's task-vector norm per residual block, ``(layers, N)`` (NaN where absent).
+
+        Args:
+            kind: None for the whole block, or ``attention`` / ``mlp`` for that part of it.
+        """
+        suffix = f".{kind}" if kind else ""
+        rows = []
+        for layer in range(self.layers):
+            group = self.groups.get(f"layer.{layer}{suffix}")
+            rows.append(group.norm if group is not None else np.full(len(self.models), math.nan))
+        return np.array(rows).reshape(self.layers, len(self.models))
+
+
+def _block_sums(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One column block's Gram matrix (float64), sign conflicts and both-nonzero counts.
+
+    ``block`` is ``(N, m)`` float64 with ``m <= CHUNK``. With ``s`` the signs (-1, 0, 1) and
+    ``a = |s|``: ``a @ a.T`` counts the elements nonzero in both, ``s @ s.T`` is agreements minus
+    disagreements among them, so disagreements = ``(a @ a.T - s @ s.T) / 2``. Those sums are of
+    integers below 2**24 and so exact in float32.
+    """
+    gram = (block @ block.T).numpy()
+    sign = torch.sign(block).to(torch.float32)
+    nonzero = sign.abs()
+    both = nonzero @ nonzero.T
+    conflicts = (both - sign @ sign.T) / 2
+    return gram, conflicts.round().to(torch.int64).numpy(), both.round().to(torch.int64).numpy()
+
+
+def _state(pool: OpenCLIPVisionModelPool, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """One model's tensors under CLIP keys (mapped from its file where the container allows), and
+    how the atlas names its source."""
+    entry = pool.entry(name)
+    if entry.path is None:  # a Hydra or module entry: the module's own tensors
+        return to_clip_keys(pool.load_model(name, device="cpu").state_dict(), source=entry.label), entry.form
+    checkpoint = pool.read_entry(entry, mmap=True)
+    if checkpoint.container not in _MAPPED and checkpoint.cache_entry is None:
+        log.info("%s: %s is a %s file, which cannot be mapped: its tensors are held in memory for the "
+                 "whole atlas (`openclip-pool convert` writes a safetensors copy that maps)",
+                 entry.label, entry.path, checkpoint.container)
+    return to_clip_keys(checkpoint.state_dict, source=str(entry.path)), str(entry.path)
+
+
+def _shared_keys(names: list[str], states: list[State], base: State) -> list[str]:
+    """The floating-point keys the atlas covers: ``_pretrained_``'s, less the one-sided text-side
+    leftovers any pair drops (`pool.keys.task_vector_pair`); every pair must line up on them."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    for name, state in zip(names, states, strict=True):
+        finetuned, pretrained = task_vector_pair(state, base)
+        problem = key_mismatch(finetuned, pretrained, PRETRAINED)
+        if problem:
+            raise TaskVectorError(f"models.{name}: no task vector against {PRETRAINED}: {problem}")
+        keys = [k for k in keys if k in finetuned]
+    return keys
+
+
+def _progress(enabled: bool | None, total: int) -> tqdm:
+    """A tqdm bar over the tensors on stderr (default: only when stderr is a terminal)."""
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc="atlas", unit="tensor", file=sys.stderr, disable=not show, leave=False)
+
+
+def atlas(pool: OpenCLIPVisionModelPool | Any, *, progress: bool | None = None, chunk: int = CHUNK) -> Atlas:
+    """The task-vector atlas of a pool: per block, the Gram matrix of the task vectors (norms,
+    pairwise cosine similarity) and the pairwise sign-conflict rate, streamed tensor by tensor.
+
+    Args:
+        pool: an `OpenCLIPVisionModelPool` with ``_pretrained_`` and at least one regular model,
+            or anything `OpenCLIPVisionModelPool.from_config` reads (a YAML path, a mapping).
+        progress: a tqdm bar over the tensors on stderr; None: only when stderr is a terminal.
+        chunk: elements per column block (at most `CHUNK`; smaller bounds memory further).
+
+    Returns:
+        The `Atlas`.
+
+    Raises:
+        ConfigError: the pool has no ``_pretrained_`` or no regular model.
+        TaskVectorError: a model does not line up with ``_pretrained_`` key for key.
+        CheckpointError: a file cannot be read (the message names the entry).
+
+    Example:
+        >>> result = atlas("pool.yaml")  # doctest: +SKIP
+        >>> result.groups["all"].cosine  # doctest: +SKIP
+    """
+    if not 0 < chunk <= CHUNK:
+        raise ConfigError(f"atlas: chunk={chunk}; it must be between 1 and {CHUNK} elements")
+    if not hasattr(pool, "model_names"):
+        from .modelpool import OpenCLIPVisionModelPool
+
+        pool = OpenCLIPVisionModelPool.from_config(pool)
+    names = list(pool.model_names)
+    if not pool.has_pretrained or not names:
+        raise ConfigError(f"atlas: the pool needs {PRETRAINED} and at least one other model; it has "
+                          f"{pool.all_model_names or 'no models'}. Task vectors are taken against {PRETRAINED}.")
+    start = time.perf_counter()
+    base, pretrained = _state(pool, PRETRAINED)
+    loaded = [_state(pool, name) for name in names]
+    states = [state for state, _ in loaded]
+    keys = _shared_keys(names, states, base)
+    result = Atlas(names, pretrained, [source for _, source in loaded])
+    groups: dict[str, AtlasGroup] = {}
+    with torch.no_grad(), _progress(progress, len(keys)) as bar:
+        for key in keys:
+            _add_tensor(groups, key, base[key], [state[key] for state in states], chunk)
+            bar.update(1)
+    result.groups = {name: groups[name] for name in block_order(groups)}
+    result.layers = sum(1 for name in groups if name.startswith("layer.") and name.count(".") == 1)
+    result.seconds = time.perf_counter() - start
+    log.info("atlas of %d models over %d tensors (%s elements) in %.2f s", len(names), len(keys),
+             f"{groups['all'].elements:,}" if groups else 0, result.seconds)
+    return result
+
+
+def _add_tensor(groups: dict[str, AtlasGroup], key: str, base: torch.Tensor, tensors: list[torch.Tensor],
+                chunk: int) -> None:
+    """Add one key's task vectors (``tensors[i] - base``) to every block the key belongs to."""
+    flat_base = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    numel = flat_base.numel()
+    n = len(tensors)
+    sums = [np.zeros((n, n)), np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
+    block = torch.empty((n, min(chunk, max(numel, 1))), dtype=torch.float64)
+    for lo in range(0, numel, chunk):
+        hi = min(lo + chunk, numel)
+        rows = block[:, :hi - lo]
+        p = flat_base[lo:hi].to(torch.float64)
+        for i, flat in enumerate(flats):
+            torch.sub(flat[lo:hi], p, out=rows[i])  # promoted to float64 as it is subtracted
+        for total, part in zip(sums, _block_sums(rows), strict=True):
+            total += part
+    for name in blocks_of(key):
+        group = groups.setdefault(name, AtlasGroup.empty(name, n))
+        group.add(*sums, elements=numel, tensors=1)
+
