@@ -53,6 +53,10 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
     "integrity zip / read + crc32": ("integrity_zip", "read_crc32_zip", "", 0.0),
     "integrity safetensors / read bytes": ("integrity_safetensors", "read_chunks_safetensors", "", 0.0),
     "verify 2 processes / 1 process": ("verify_2proc", "verify_1proc", "", 0.0),  # issue 13 (informative)
+    # issue 24: the task-vector atlas against FusionBench's TaskVectorCosSimilarity (or, where
+    # fusion_bench cannot be imported, its algorithm reproduced), same pool, same run (informative)
+    "atlas / FusionBench cos similarity": ("atlas", "atlas_fusion_bench", "", 0.0),
+    "atlas / FusionBench reproduction": ("atlas", "atlas_fusion_bench_reproduction", "", 0.0),
     # informative, no target in the issue:
     "state_dict / torch.load (copying)": ("state_dict", "floor_nommap", "", 0.0),
     "safetensors / torch.load (copying)": ("safetensors", "floor_nommap", "", 0.0),
