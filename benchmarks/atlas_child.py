@@ -198,11 +198,19 @@ def set_limit(limit: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def is_allocation_error(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(w in text for w in ("allocate", "out of memory", "not enough memory"))
+def is_allocation_error(exc: BaseException | None) -> bool:
+    """A failed allocation: MemoryError, torch's allocator RuntimeError, or an error raised while
+    handling one (a loader may wrap it: its cause or context is searched)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, MemoryError):
+            return True
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and any(w in text for w in ("allocate", "out of memory", "not enough memory")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def main() -> None:
@@ -235,7 +243,7 @@ def main() -> None:
             out["names"], out["cosine"] = reproduce_fusion_bench(pool_cls(models=models), progress)
         elif mode != "imports":
             raise SystemExit(f"unknown mode {mode}")
-    except (MemoryError, RuntimeError) as exc:
+    except Exception as exc:  # only allocation failures are results; anything else is re-raised
         if not is_allocation_error(exc):
             raise
         gc.collect()

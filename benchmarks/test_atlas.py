@@ -12,7 +12,8 @@ pickles (4; 2 under ``--benchmark-disable`` so CI stays light; ``$POOL_BENCH_ATL
   It computes the whole-model cosine matrix only: each flattened task vector in float64, all of
   them ``torch.stack``-ed before the first dot product.
 
-Figures: time in process (pytest-benchmark rounds, ``rounds["slow"]``); peak memory in a fresh
+Figures: time in process (pytest-benchmark rounds, ``rounds["slow"]``, after one untimed pass; the
+other processes' CPU during the rounds and the load average recorded); peak memory in a fresh
 child each (`atlas_child.py`): peak RSS (``VmHWM``) and peak anonymous memory (``RssAnon`` sampled
 every 5 ms), over the child's own figures after its imports. Checked: the atlas's
 ``groups["all"].cosine`` equals the baseline's matrix to 1e-10 (in process and in the children).
@@ -102,11 +103,18 @@ def max_abs_diff(ours: tuple[list[str], np.ndarray], theirs: tuple[list[str], np
 
 def _timed(benchmark, arch: str, label: str, role: str, fn, rounds: int, models: dict[str, str],
            who: str) -> None:
+    """``fn(models)`` timed in process: one untimed warm-up (benchmarks enabled), then ``rounds``;
+    the other processes' CPU during the rounds (``others_cpu_cores``) and the load average kept."""
     results: list[tuple[list[str], np.ndarray]] = []
-    seconds, n = benchlib.time_it(benchmark, lambda: results.append(fn(models)), rounds=rounds)
+    if not getattr(benchmark, "disabled", False):
+        results.append(fn(models))
+    load = os.getloadavg()
+    seconds, n, extra = benchlib.time_with_page_cache(benchmark, lambda: results.append(fn(models)), cache="warm",
+                                                      files=lambda: [Path(p) for p in models.values()], rounds=rounds)
     MATRICES[arch, who] = results[-1]
     text = "pool.atlas (every group)" if who == "atlas" else BASELINE_TEXT
-    benchlib.record_benchmark(benchmark, arch, label, role, None, seconds, n, models=len(models) - 1, what=text)
+    benchlib.record_benchmark(benchmark, arch, label, role, None, seconds, n, models=len(models) - 1, what=text,
+                              load_average_before=load, load_average_after=os.getloadavg(), **extra)
 
 
 def test_atlas_time(benchmark, arch, atlas_models, rounds):
@@ -183,13 +191,14 @@ def test_atlas_peak_memory(benchmark, arch, atlas_models, bench_disabled, who):
     mode = "atlas" if who == "atlas" else BASELINE
     result: dict = {}
     benchmark.group = f"{arch} atlas memory (child wall time)"
+    load = os.getloadavg()
     benchlib.time_it(benchmark, lambda: result.update(run_child(mode, atlas_models)), rounds=1, warmup=0)
     assert result["error"] is None, result["error"]
     other = _matrix(arch, "baseline" if who == "atlas" else "atlas", atlas_models)
     diff = max_abs_diff((result["names"], np.asarray(result["cosine"])), other)
     assert diff <= TOLERANCE, f"{mode} child vs the other: max abs difference {diff:.3g}"
     figure = memory_figure(result, Path(atlas_models["_pretrained_"]).stat().st_size)
-    figure["max_abs_diff_vs_other"] = diff
+    figure.update(max_abs_diff_vs_other=diff, load_average_before=load, load_average_after=os.getloadavg())
     _report(benchmark, arch, _memory_name(who, len(atlas_models) - 1), figure)
 
 
@@ -241,6 +250,7 @@ def test_atlas_large(benchmark, who):
         assert result["error"] is None, result["error"]
         cosine = np.asarray(result["cosine"])
         assert cosine.shape == (n, n) and np.allclose(np.diag(cosine), 1.0)
-    _report(benchmark, atlas_large.ARCH, _memory_name(who, n, large=True), figure)
-    benchlib.record(atlas_large.ARCH, f"{'atlas' if who == 'atlas' else BASELINE_LABEL}_large", result["seconds"],
+    key = f"{atlas_large.ARCH} large pool x{n}"  # its own entry: results files merge runs by this key
+    _report(benchmark, key, _memory_name(who, n, large=True), figure)
+    benchlib.record(key, f"{'atlas' if who == 'atlas' else BASELINE_LABEL}_large", result["seconds"],
                     rounds=1, role="ours" if who == "atlas" else "baseline", models=n, error=result["error"])
