@@ -156,6 +156,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                 met = {True: "yes", False: "NO", None: "-"}[r["met"]]
                 tr.write_line(f"  {name:<38} {r['ratio']:>8.2f}  {r['numerator_s']:>9.4f}  "
                               f"{r['denominator_s']:>12.4f}  {r['target']:>7}  {met}")
+            # test_atlas.py: how far the atlas's cosine matrix is from its baseline's (asserted <= 1e-10)
+            diffs = {k: v["max_abs_diff_vs_other"] for k, v in loads.items() if "max_abs_diff_vs_other" in v}
+            if diffs:
+                tr.write_line("  cosine matrices, max |difference| from the other side: " +
+                              "  ".join(f"{k}={v:.3g}" for k, v in diffs.items()))
         _write_ttff(tr, arch, benchlib.ttff_table(figures))
         memory = benchlib.MEMORY.get(arch, {})
         if memory:
