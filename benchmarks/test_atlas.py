@@ -71,6 +71,30 @@ def atlas_models(checkpoints, bench_disabled) -> dict[str, str]:
     return models
 
 
+def baseline_need(models: dict[str, str]) -> int:
+    """Bytes the baseline holds at its peak, estimated: N float64 task vectors, their stack, and
+    ``cosine_similarity``'s temporaries (about N more vectors' worth); parameters from the
+    pretrained file's size (float32)."""
+    parameters = Path(models["_pretrained_"]).stat().st_size // 4
+    return 3 * (len(models) - 1) * parameters * 8
+
+
+def baseline_too_big(models: dict[str, str]) -> str | None:
+    """Why the baseline is not run (it would need more than 80% of the memory available now), or None."""
+    need, available = baseline_need(models), meminfo()["MemAvailable"]
+    if need > 0.8 * available:
+        return (f"{BASELINE_TEXT} over {len(models) - 1} models needs about {need / 1e9:.1f} GB (estimated), "
+                f"more than 80% of the {available / 1e9:.1f} GB available now")
+    return None
+
+
+def skip_unless_baseline_fits(models: dict[str, str]) -> None:
+    """Skip rather than run the baseline into the OOM killer (e.g. ViT-L-14 with ``$POOL_BENCH_ARCHS``)."""
+    reason = baseline_too_big(models)
+    if reason:
+        pytest.skip(reason)
+
+
 def run_atlas(models: dict[str, str]) -> tuple[list[str], np.ndarray]:
     names, cosine, _ = atlas_child.run_atlas(models, [0, 0])
     return names, np.asarray(cosine)
@@ -126,11 +150,13 @@ def test_atlas_time(benchmark, arch, atlas_models, rounds):
 def test_atlas_baseline_time(benchmark, arch, atlas_models, rounds):
     """Baseline: FusionBench's TaskVectorCosSimilarity (or its reproduction), same pool, in process."""
     benchmark.group = f"{arch} atlas"
+    skip_unless_baseline_fits(atlas_models)
     _timed(benchmark, arch, BASELINE_LABEL, "baseline", run_baseline, rounds["slow"], atlas_models, "baseline")
 
 
 def test_atlas_equals_baseline(arch, atlas_models):
     """``groups["all"].cosine`` is the baseline's matrix to 1e-10."""
+    skip_unless_baseline_fits(atlas_models)
     diff = max_abs_diff(_matrix(arch, "atlas", atlas_models), _matrix(arch, "baseline", atlas_models))
     assert diff <= TOLERANCE, f"atlas vs {BASELINE_TEXT}: max abs difference {diff:.3g}"
     for label in ("atlas", BASELINE_LABEL):
@@ -188,15 +214,20 @@ def test_atlas_peak_memory(benchmark, arch, atlas_models, bench_disabled, who):
     if who == "baseline" and bench_disabled:
         pytest.skip("the baseline's child runs with benchmarks enabled only (CI time: 20-45 s on 2 cores); "
                     "under --benchmark-disable its algorithm runs once in process, above")
+    too_big = baseline_too_big(atlas_models)
+    if who == "baseline" and too_big:
+        pytest.skip(too_big)
     mode = "atlas" if who == "atlas" else BASELINE
     result: dict = {}
     benchmark.group = f"{arch} atlas memory (child wall time)"
     load = os.getloadavg()
     benchlib.time_it(benchmark, lambda: result.update(run_child(mode, atlas_models)), rounds=1, warmup=0)
     assert result["error"] is None, result["error"]
-    other = _matrix(arch, "baseline" if who == "atlas" else "atlas", atlas_models)
-    diff = max_abs_diff((result["names"], np.asarray(result["cosine"])), other)
-    assert diff <= TOLERANCE, f"{mode} child vs the other: max abs difference {diff:.3g}"
+    diff = None
+    if not too_big:  # the atlas alone where the baseline cannot run
+        other = _matrix(arch, "baseline" if who == "atlas" else "atlas", atlas_models)
+        diff = max_abs_diff((result["names"], np.asarray(result["cosine"])), other)
+        assert diff <= TOLERANCE, f"{mode} child vs the other: max abs difference {diff:.3g}"
     figure = memory_figure(result, Path(atlas_models["_pretrained_"]).stat().st_size)
     figure.update(max_abs_diff_vs_other=diff, load_average_before=load, load_average_after=os.getloadavg())
     _report(benchmark, arch, _memory_name(who, len(atlas_models) - 1), figure)
