@@ -191,7 +191,14 @@ def run_atlas(models: dict[str, str], progress: list[int]) -> tuple[list[str], l
 
 
 def set_limit(limit: int | None) -> None:
+    """``RLIMIT_AS`` = ``limit`` bytes; and, should the machine run short anyway, this process is
+    the OOM killer's first choice (``oom_score_adj`` 1000), not a neighbour's."""
     if limit:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000\n")
+        except OSError:
+            pass
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)

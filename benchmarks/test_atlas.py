@@ -21,8 +21,10 @@ every 5 ms), over the child's own figures after its imports. Checked: the atlas'
 The large case (opt-in: ``POOL_BENCH_ATLAS_LARGE=1``, never in CI): `atlas_large.py`'s pool of 40
 fine-tuned ViT-B-32 image towers (14.4 GB on disk), the atlas in one child, the baseline in another
 under ``RLIMIT_AS`` = the machine's memory (MemTotal, lowered to MemAvailable - 1 GiB when less is
-free), so that it fails with an allocation error rather than waking the OOM killer; recorded: how
-far it got, and its need as computed from the parameter count (labelled as computed).
+free), so that it fails with an allocation error rather than waking the OOM killer (and with
+``oom_score_adj`` 1000, so that were the machine to run short anyway the child, not a neighbour,
+would go); recorded: how far it got, and its need as computed from the parameter count (labelled
+as computed).
 """
 
 from __future__ import annotations
