@@ -78,9 +78,7 @@ def _with_grey(name: str):
     """A copy of a colour map that draws missing cells light grey."""
     from matplotlib import colormaps
 
-    cmap = colormaps[name].copy()
-    cmap.set_bad("#dddddd")
-    return cmap
+    return colormaps[name].with_extremes(bad="#dddddd")
 
 
 def _cosine_scale(matrices: Sequence[np.ndarray]) -> float:
