@@ -185,14 +185,16 @@ def test_module_and_transformers_folder_entries_give_the_same_atlas(tree, tmp_pa
 
 @settings(max_examples=examples(40), deadline=None)
 @given(n=st.integers(1, 4), numel=st.integers(1, 300), chunk=st.integers(1, 64),
-       zeros=st.floats(0.0, 0.9), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       seed=st.integers(0, 2**16))
-def test_column_blocks_of_any_size_give_the_same_sums(n, numel, chunk, zeros, dtype, seed) -> None:
+       zeros=st.floats(0.0, 0.9),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       scale=st.sampled_from([1.0, 1e-4, 1e-200]), seed=st.integers(0, 2**16))
+def test_column_blocks_of_any_size_give_the_same_sums(n, numel, chunk, zeros, dtype, scale, seed) -> None:
+    # scale 1e-200: float64 differences far below float32's range must keep their signs
     generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=generator).to(dtype)
+    base = (torch.randn(numel, generator=generator, dtype=torch.float64) * scale).to(dtype)
     tensors = []
     for _ in range(n):
-        delta = torch.randn(numel, generator=generator)
+        delta = torch.randn(numel, generator=generator, dtype=torch.float64) * scale
         delta[torch.rand(numel, generator=generator) < zeros] = 0  # unchanged elements: sign 0
         tensors.append((base.double() + delta).to(dtype))
     groups: dict[str, AtlasGroup] = {}
