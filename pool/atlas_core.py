@@ -5,7 +5,7 @@
 similarity) and the pairwise sign-conflict rate (the disagreement TIES resolves). It streams:
 every checkpoint is mapped (``mmap=True``), and the tensors are taken one key at a time across all
 models, in column blocks of `CHUNK` elements, so that the private memory it needs is about
-``N x CHUNK x 16`` bytes whatever the model's size; no task vector is ever built whole. Differences
+``N x CHUNK x 20`` bytes (a float64 block, its float32 signs) whatever the model's size; no task vector is ever built whole. Differences
 are taken and accumulated in float64. `pool.atlas_report` writes the result (JSON, PNG).
 """
 

@@ -206,7 +206,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--tree", metavar="DIR", help="convert a whole checkpoint tree and write a pool config")
     p.add_argument("--to", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors in pool's layout (default), or hf: a transformers folder (config.json, "
-                        "model.safetensors, preprocessor_config.json)")
+                        "model.safetensors, preprocessor_config.json and the tokenizer files: vocab.json, "
+                        "merges.txt, tokenizer_config.json, special_tokens_map.json)")
     p.add_argument("--force", action="store_true", help="overwrite existing destinations")
     p.set_defaults(func=_command("convert"))
 
