@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -142,34 +142,46 @@ def cosine_by_block_png(result: Atlas) -> bytes:
     return _png(fig)
 
 
-def norms_by_layer_png(result: Atlas) -> bytes:
-    """``norms_by_layer.png``: each task vector's norm per residual block (whole, attention, MLP)."""
+_PARTS = ((None, "whole block"), ("attention", "attention"), ("mlp", "MLP"))
+
+
+def _layer_panels(result: Atlas, ylabel: str, title: str,
+                  draw: Callable[[object, str | None, np.ndarray], None]) -> bytes:
+    """Three panels over the residual blocks (whole block, attention, MLP), ``draw(ax, part,
+    layers)`` plotting each, one legend on the right."""
     fig = Figure(figsize=(13, 4), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     layers = np.arange(result.layers)
-    for ax, kind, title in zip(axes, (None, "attention", "mlp"), ("whole block", "attention", "MLP"), strict=True):
-        norms = result.norms_by_layer(kind)
-        for i, name in enumerate(result.models):
-            ax.plot(layers, norms[:, i], marker="o", markersize=3, label=name)
-        ax.set_title(title, fontsize=10)
+    for ax, (part, name) in zip(axes, _PARTS, strict=True):
+        draw(ax, part, layers)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("residual block (layer)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("task-vector L2 norm")
+    axes[0].set_ylabel(ylabel)
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Task-vector norm per layer: {_subtitle(result)}", fontsize=10)
+    fig.suptitle(f"{title}: {_subtitle(result)}", fontsize=10)
     return _png(fig)
+
+
+def norms_by_layer_png(result: Atlas) -> bytes:
+    """``norms_by_layer.png``: each task vector's norm per residual block (whole, attention, MLP)."""
+    def draw(ax, part: str | None, layers: np.ndarray) -> None:
+        norms = result.norms_by_layer(part)
+        for i, name in enumerate(result.models):
+            ax.plot(layers, norms[:, i], marker="o", markersize=3, label=name)
+
+    return _layer_panels(result, "task-vector L2 norm", "Task-vector norm per layer", draw)
 
 
 def cosine_by_layer_png(result: Atlas) -> bytes:
     """``cosine_by_layer.png``: pairwise cosine per residual block, per pair or as a band."""
-    pairs = list(itertools.combinations(range(len(result.models)), 2))
-    fig = Figure(figsize=(13, 4), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
-    layers = np.arange(result.layers)
-    for ax, suffix, title in zip(axes, ("", ".attention", ".mlp"), ("whole block", "attention", "MLP"), strict=True):
-        cos = np.array([result.groups[f"layer.{n}{suffix}"].cosine if f"layer.{n}{suffix}" in result.groups
-                        else np.full((len(result.models),) * 2, np.nan) for n in layers])
+    n = len(result.models)
+    pairs = list(itertools.combinations(range(n), 2))
+
+    def draw(ax, part: str | None, layers: np.ndarray) -> None:
+        names = [f"layer.{layer}" + (f".{part}" if part else "") for layer in layers]
+        cos = np.array([result.groups[g].cosine if g in result.groups else np.full((n, n), np.nan) for g in names])
         values = np.array([cos[:, i, j] for i, j in pairs]).reshape(len(pairs), len(layers))
         if len(pairs) <= PAIR_LINES_MAX:
             for (i, j), line in zip(pairs, values, strict=True):
@@ -179,14 +191,8 @@ def cosine_by_layer_png(result: Atlas) -> bytes:
                             label=f"min-max over {len(pairs)} pairs")
             ax.plot(layers, np.nanmean(values, axis=0), marker="o", markersize=3, label="mean over pairs")
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("residual block (layer)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cosine similarity")
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Pairwise task-vector cosine per layer: {_subtitle(result)}", fontsize=10)
-    return _png(fig)
+
+    return _layer_panels(result, "cosine similarity", "Pairwise task-vector cosine per layer", draw)
 
 
 def draw_all(result: Atlas) -> list[tuple[str, bytes]]:
