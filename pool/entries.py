@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .containers.hf_folder import is_hf_folder, weights_file
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, printable
+from .errors import CheckpointError, ConfigError, printable
 from .hub import HF_PREFIX, HubId, hub_cache_dir, parse_hub_id, placeholder, snapshot_folder
 from .notfound import note_explained
 
@@ -128,9 +128,9 @@ def _locate(given: Path | None, hub: HubId | None) -> tuple[Path | None, str | N
     cache = hub_cache_dir()
     try:
         folder = snapshot_folder(hub, cache)
-    except CheckpointNotFoundError as exc:
+    except CheckpointError as exc:  # missing, or the cache unreadable: reported when the entry is read
         where = placeholder(hub, cache)
-        message = str(exc.strerror)
+        message = exc.strerror or str(exc)
         if given is not None:
             message += (f" Nor is {printable(str(given))!r} a local path ({given.absolute()} does not exist); a bare "
                         "ORG/NAME is read as a local path when one exists, write hf://ORG/NAME for the hub alone.")

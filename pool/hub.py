@@ -18,9 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .errors import CheckpointNotFoundError, ConfigError, printable
+from .errors import CheckpointNotFoundError, ConfigError, UnreadableCheckpointError, printable
 
 __all__ = ["HF_PREFIX", "HubId", "parse_hub_id", "hub_cache_dir", "snapshot_folder", "placeholder",
            "missing_hub_message"]
@@ -103,9 +104,7 @@ def hub_cache_dir() -> Path:
         value = os.environ.get(variable)
         if value:
             return Path(os.path.expandvars(value)).expanduser() / below
-    from huggingface_hub import constants  # the library's default when the environment names none
-
-    return Path(constants.HF_HUB_CACHE)
+    return Path(constants.HF_HUB_CACHE)  # the library's default (computed at its import)
 
 
 def snapshot_folder(hub: HubId, cache_dir: Path | None = None) -> Path:
@@ -121,6 +120,7 @@ def snapshot_folder(hub: HubId, cache_dir: Path | None = None) -> Path:
     Raises:
         CheckpointNotFoundError: the model or the revision is not in the cache (the message says
             where it looked, what the cache holds of that model, and how to fetch it).
+        UnreadableCheckpointError: the cache cannot be read (no permission, an I/O error).
     """
     # lazy: huggingface_hub's download module imports its HTTP stack (~0.2 s); only hub entries need it
     from huggingface_hub import snapshot_download
@@ -130,6 +130,8 @@ def snapshot_folder(hub: HubId, cache_dir: Path | None = None) -> Path:
         folder = snapshot_download(hub.repo_id, revision=hub.revision, cache_dir=cache, local_files_only=True)
     except FileNotFoundError as exc:  # LocalEntryNotFoundError (and IncompleteSnapshotError) are ones
         raise CheckpointNotFoundError(2, missing_hub_message(hub, cache, exc), hub.text) from None
+    except OSError as exc:  # the cache's refs or snapshots cannot be read (permissions, I/O)
+        raise UnreadableCheckpointError.from_os_error(f"{hub.text} in the Hugging Face cache {cache}", exc) from None
     return Path(folder)
 
 
