@@ -242,9 +242,12 @@ class VerifyRun:
             self.lock.check(result.label, record)
 
     def _path_text(self, entry: Entry) -> str | None:
-        """The entry's file as the lock records it: relative to the lock's folder when under it."""
+        """The entry's file as the lock records it: relative to the lock's folder when under it; a
+        hub entry's ``hf://org/name@<commit>`` (the same on every machine; a moved ref is a drift)."""
         if entry.path is None:
             return None
+        if entry.hub_source is not None:
+            return entry.hub_source
         path = entry.path.absolute()
         if self.lock_dir is not None and path.is_relative_to(self.lock_dir):
             return path.relative_to(self.lock_dir).as_posix()
