@@ -25,7 +25,7 @@ from torch import nn
 
 from .containers.hf_folder import is_hf_folder, weights_file
 from .errors import CheckpointError, ConfigError, printable
-from .hub import HF_PREFIX, HubId, hub_cache_dir, parse_hub_id, placeholder, snapshot_folder
+from .hub import HF_PREFIX, HubId, hub_cache_dir, model_path, parse_hub_id, placeholder, snapshot_folder
 from .notfound import note_explained
 
 __all__ = ["Entry", "resolve_entry", "is_special_name"]
@@ -136,7 +136,7 @@ def _locate(given: Path | None, hub: HubId | None) -> tuple[Path | None, str | N
                         "ORG/NAME is read as a local path when one exists, write hf://ORG/NAME for the hub alone.")
         note_explained(where, message)
         return where, None
-    return folder, f"{HF_PREFIX}{hub.repo_id}@{folder.name}"
+    return model_path(folder), f"{HF_PREFIX}{hub.repo_id}@{folder.name}"
 
 
 def plain_config(config: Any) -> Any:

@@ -135,6 +135,29 @@ def snapshot_folder(hub: HubId, cache_dir: Path | None = None) -> Path:
     return Path(folder)
 
 
+#: open_clip's own files in a hub repo (``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``, ``timm/...``), newest first
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def model_path(snapshot: Path) -> Path:
+    """What pool reads in a snapshot: open_clip's own weights file when the repo has one
+    (`OPEN_CLIP_WEIGHTS`, open_clip's CLIP keys, read like any state dict: ``timm/`` repos hold
+    timm's ``config.json`` and ``model.safetensors`` beside it, which are not transformers'),
+    else the folder (a transformers model: ``config.json`` and its weights; reading it says what
+    is missing otherwise).
+
+    Args:
+        snapshot: a snapshot folder (`snapshot_folder`).
+
+    Returns:
+        The weights file in it, or the folder.
+    """
+    for name in OPEN_CLIP_WEIGHTS:
+        if (snapshot / name).is_file():
+            return snapshot / name
+    return snapshot
+
+
 def placeholder(hub: HubId, cache_dir: Path) -> Path:
     """Where a missing model's snapshot would be: what a missing hub entry's path is (nothing is there).
 

@@ -169,6 +169,27 @@ def test_a_hub_id_loads_bit_equal_to_its_snapshot_folder_in_every_form(cache, no
     assert no_network == []
 
 
+def test_an_open_clip_repo_reads_its_open_clip_weights_file(cache, no_network, tmp_path):
+    # laion/ and timm/ repos: open_clip_config.json + open_clip_model.safetensors (CLIP keys, text tower
+    # included); a timm repo's own config.json and model.safetensors beside them are not transformers'
+    encoder = synth.make_original_encoder(seed=5)
+    made = tmp_path / "openclip-repo"
+    made.mkdir()
+    save_file({k.removeprefix("model."): v.contiguous() for k, v in encoder.state_dict().items()},
+              str(made / "open_clip_model.safetensors"))
+    (made / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 32}}))
+    (made / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224"}))  # timm's
+    save_file({"head.weight": torch.zeros(2, 2)}, str(made / "model.safetensors"))
+    add_to_cache(cache, "timm/tiny-clip", made, commit_of(5))
+    pool = OpenCLIPVisionModelPool(models={"_pretrained_": "hf://timm/tiny-clip"})
+    assert pool.entry("_pretrained_").path.name == "open_clip_model.safetensors"
+    loaded = pool.load_model("_pretrained_").state_dict()
+    for key, value in encoder.state_dict().items():
+        if key.startswith("model.visual."):
+            assert torch.equal(loaded[key], value), key
+    assert no_network == []
+
+
 def test_revisions_branch_and_commit_hash(cache, no_network):
     pool = OpenCLIPVisionModelPool(models={
         "main": f"hf://{CARS}", "v2": f"hf://{CARS}@v2", "by_hash": {"pickle_path": f"hf://{CARS}@{commit_of(3)}"}})
