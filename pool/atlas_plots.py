@@ -134,15 +134,26 @@ def cosine_by_block_png(result: Atlas) -> bytes:
         _heatmap(fig, ax, matrix, result.models, vmin=-scale, vmax=scale, cmap="RdBu_r", label=None,
                  annotate=len(result.models) <= ANNOTATE_MAX // 2, diagonal="1")
         group = result.groups[kind]
-        ax.set_title(f"{kind}: {group.tensors} tensors, {group.elements:,} elements", fontsize=9)
+        ax.set_title(f"{kind}\n{group.tensors} tensors, {group.elements:,} elements", fontsize=9)
     for ax in axes[len(kinds):]:
         ax.set_axis_off()
-    fig.colorbar(axes[0].images[0], ax=list(axes), shrink=0.8).set_label("cosine similarity")
+    # below the heatmaps: beside them, a narrow figure's colour bar would cover the right-hand titles
+    fig.colorbar(axes[0].images[0], ax=list(axes), location="bottom", shrink=0.6,
+                 aspect=40).set_label("cosine similarity")
     fig.suptitle(f"Task-vector cosine similarity by block\n{_subtitle(result)}", fontsize=10)
     return _png(fig)
 
 
 _PARTS = ((None, "whole block"), ("attention", "attention"), ("mlp", "MLP"))
+_LINES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def _style(i: int) -> dict[str, object]:
+    """Line ``i``'s colour, line style and marker: ten colours, then the next line style, then the
+    next marker, so that up to 200 lines all differ."""
+    return {"color": f"C{i % 10}", "linestyle": _LINES[(i // 10) % len(_LINES)],
+            "marker": _MARKERS[(i // 40) % len(_MARKERS)], "markersize": 3}
 
 
 def _layer_panels(result: Atlas, ylabel: str, title: str,
@@ -169,7 +180,7 @@ def norms_by_layer_png(result: Atlas) -> bytes:
     def draw(ax, part: str | None, layers: np.ndarray) -> None:
         norms = result.norms_by_layer(part)
         for i, name in enumerate(result.models):
-            ax.plot(layers, norms[:, i], marker="o", markersize=3, label=name)
+            ax.plot(layers, norms[:, i], label=name, **_style(i))
 
     return _layer_panels(result, "task-vector L2 norm", "Task-vector norm per layer", draw)
 
@@ -184,8 +195,8 @@ def cosine_by_layer_png(result: Atlas) -> bytes:
         cos = np.array([result.groups[g].cosine if g in result.groups else np.full((n, n), np.nan) for g in names])
         values = np.array([cos[:, i, j] for i, j in pairs]).reshape(len(pairs), len(layers))
         if len(pairs) <= PAIR_LINES_MAX:
-            for (i, j), line in zip(pairs, values, strict=True):
-                ax.plot(layers, line, marker="o", markersize=3, label=f"{result.models[i]} / {result.models[j]}")
+            for k, ((i, j), line) in enumerate(zip(pairs, values, strict=True)):
+                ax.plot(layers, line, label=f"{result.models[i]} / {result.models[j]}", **_style(k))
         else:
             ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.25,
                             label=f"min-max over {len(pairs)} pairs")

@@ -335,7 +335,7 @@ def test_cli_writes_the_atlas_and_prints_the_matrix(tree, tmp_path, capsys) -> N
     (["atlas", "{config}"], "--out"),
     (["atlas", "{missing}", "--out", "{out}"], "not found"),
     (["atlas", "{nopretrained}", "--out", "{out}"], "_pretrained_"),
-    (["atlas", "{config}", "--out", "{file}"], "a file, not a folder"),
+    (["atlas", "{config}", "--out", "{file}"], "is a file"),
 ])
 def test_cli_refusals_exit_2_with_the_reason(tree, tmp_path, capsys, argv, message) -> None:
     nopretrained = tmp_path / "nopre.yaml"
