@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .atlas_blocks import block_order, blocks_of
 from .atlas_report import write_atlas
+from .deferred import meta_tensors
 from .errors import ConfigError, TaskVectorError
 from .keys import key_mismatch, task_vector_pair, to_clip_keys
 from .task_vectors import PRETRAINED
@@ -204,15 +205,30 @@ def _state(pool: OpenCLIPVisionModelPool, name: str) -> tuple[dict[str, torch.Te
         log.warning("%s: %s is a %s file, which cannot be mapped: its tensors are held in memory for the "
                     "whole atlas (`openclip-pool convert` writes a safetensors copy that maps)",
                     entry.label, entry.path, checkpoint.container)
-    return to_clip_keys(checkpoint.state_dict, source=str(entry.path)), str(entry.path)
+    # deferred: a transformers folder's fused q/k/v are made key by key, not copied up front
+    return to_clip_keys(checkpoint.state_dict, source=str(entry.path), deferred=True), str(entry.path)
+
+
+#: keys one model may have and another lack: a transformers CLIPVisionModel has no projection
+#: (the text-side leftovers are `pool.keys.task_vector_pair`'s)
+_ONE_SIDED = ("visual.proj",)
 
 
 def _shared_keys(names: list[str], states: list[State], base: State) -> list[str]:
-    """The floating-point keys the atlas covers: ``_pretrained_``'s, less the one-sided text-side
-    leftovers any pair drops (`pool.keys.task_vector_pair`); every pair must line up on them."""
-    keys = [k for k, v in base.items() if v.is_floating_point()]
+    """The floating-point keys the atlas covers: ``_pretrained_``'s, less the keys some models lack
+    by their form (text-side leftovers, `pool.keys.task_vector_pair`; the projection a vision-only
+    transformers model has not, `_ONE_SIDED`); every pair must line up on the rest. Shapes are
+    compared on meta tensors: nothing deferred is made."""
+    base_meta = meta_tensors(base)
+    keys = [k for k, v in base_meta.items() if v.is_floating_point()]
     for name, state in zip(names, states, strict=True):
-        finetuned, pretrained = task_vector_pair(state, base)
+        finetuned, pretrained = task_vector_pair(meta_tensors(state), base_meta)
+        for key in _ONE_SIDED:
+            if (key in finetuned) != (key in pretrained):
+                log.info("models.%s: %s is on one side only (a vision-only model has no projection): the "
+                         "atlas leaves it out", name, key)
+                finetuned.pop(key, None)
+                pretrained.pop(key, None)
         problem = key_mismatch(finetuned, pretrained, PRETRAINED)
         if problem:
             raise TaskVectorError(f"models.{name}: no task vector against {PRETRAINED}: {problem}")

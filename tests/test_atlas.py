@@ -183,6 +183,27 @@ def test_module_and_transformers_folder_entries_give_the_same_atlas(tree, tmp_pa
         np.testing.assert_allclose(a.groups[block].gram, b.groups[block].gram, rtol=1e-12, atol=1e-12)
 
 
+def test_a_vision_only_transformers_model_is_compared_without_the_projection(tree, tmp_path) -> None:
+    # FusionBench's CLIP pools hold CLIPVisionModel folders (tanganke/...): no visual_projection
+    from safetensors.torch import load_file, save_file
+
+    from pool.hf_export import convert_to_hf
+
+    folder = tmp_path / "dtd-vision-only"
+    convert_to_hf(tree.files["dtd"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["visual_projection.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPVisionModel"]}))
+    files = {"_pretrained_": str(tree.files["_pretrained_"]), "cars": str(tree.files["cars"])}
+    result = atlas(OpenCLIPVisionModelPool(models={**files, "dtd": str(folder)}))
+    reference = atlas(OpenCLIPVisionModelPool(models={**files, "dtd": str(tree.files["dtd"])}))
+    assert result.groups["output"].elements == reference.groups["output"].elements - synth.TINY.width * synth.TINY.embed_dim
+    for block in ("attention", "mlp", "embeddings", "layer.1"):
+        np.testing.assert_allclose(result.groups[block].gram, reference.groups[block].gram, rtol=1e-12, atol=1e-12)
+
+
 @settings(max_examples=examples(40), deadline=None)
 @given(n=st.integers(1, 4), numel=st.integers(1, 300), chunk=st.integers(1, 64),
        zeros=st.floats(0.0, 0.9),
