@@ -23,7 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import CheckpointNotFoundError, ConfigError, UnreadableCheckpointError, printable
 
-__all__ = ["HF_PREFIX", "HubId", "parse_hub_id", "hub_cache_dir", "snapshot_folder", "placeholder",
+__all__ = ["HF_PREFIX", "OPEN_CLIP_WEIGHTS", "HubId", "parse_hub_id", "hub_cache_dir", "snapshot_folder", "model_path", "placeholder",
            "missing_hub_message"]
 
 #: the prefix that always means the hub
