@@ -5,7 +5,7 @@
 similarity) and the pairwise sign-conflict rate (the disagreement TIES resolves). It streams:
 every checkpoint is mapped (``mmap=True``), and the tensors are taken one key at a time across all
 models, in column blocks of `CHUNK` elements, so that the private memory it needs is about
-``N x CHUNK x 16`` bytes whatever the model's size; no task vector is ever built whole. Differences
+``N x CHUNK x 20`` bytes (a float64 block, its float32 signs) whatever the model's size; no task vector is ever built whole. Differences
 are taken and accumulated in float64. `pool.atlas_report` writes the result (JSON, PNG).
 """
 
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .atlas_blocks import block_order, blocks_of
 from .atlas_report import write_atlas
+from .deferred import meta_tensors
 from .errors import ConfigError, TaskVectorError
 from .keys import key_mismatch, task_vector_pair, to_clip_keys
 from .task_vectors import PRETRAINED
@@ -32,7 +33,7 @@ from .task_vectors import PRETRAINED
 if TYPE_CHECKING:  # the pool imports nothing of the atlas
     from .modelpool import OpenCLIPVisionModelPool
 
-__all__ = ["Atlas", "AtlasGroup", "atlas", "CHUNK"]
+__all__ = ["Atlas", "AtlasGroup", "Scratch", "atlas", "CHUNK"]
 
 log = logging.getLogger("pool.atlas")
 
@@ -88,7 +89,7 @@ class AtlasGroup:
         """Pairwise cosine similarity over the block, ``(N, N)``; NaN where a task vector is zero there."""
         norm = self.norm
         with np.errstate(divide="ignore", invalid="ignore"):
-            return self.gram / np.outer(norm, norm)
+            return np.clip(self.gram / np.outer(norm, norm), -1.0, 1.0)  # rounding can reach 1 + 2e-16
 
     @property
     def sign_conflict(self) -> np.ndarray:
@@ -137,17 +138,55 @@ class Atlas:
         return np.array(rows).reshape(self.layers, len(self.models))
 
 
-def _block_sums(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class Scratch:
+    """The column-block buffers of one atlas run, allocated once and reused for every key: fresh
+    ``(N, CHUNK)`` blocks per key would leave freed memory in the allocator's heap and let the
+    private memory creep up key after key.
+
+    Args:
+        n: the models.
+        chunk: elements per column block.
+    """
+
+    def __init__(self, n: int, chunk: int) -> None:
+        self.block = torch.empty((n, chunk), dtype=torch.float64)  # the task vectors' columns
+        self.base = torch.empty(chunk, dtype=torch.float64)  # _pretrained_'s columns
+        self.sign = torch.empty((n, chunk), dtype=torch.float32)
+        self.nonzero = torch.empty((n, chunk), dtype=torch.float32)
+        self._wide: torch.Tensor | None = None  # float64 signs, only for float64 checkpoints
+
+    def signs(self, rows: torch.Tensor, narrow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The signs of ``rows`` (``-1, 0, 1`` in float32) and their absolute values, in the buffers.
+
+        ``narrow``: the differences are of tensors of 32 bits or fewer, so each is 0 or at least
+        float32's smallest subnormal and keeps its sign when narrowed to float32 first (twice as fast
+        as taking it in float64).
+        """
+        m = rows.shape[1]
+        sign, nonzero = self.sign[:, :m], self.nonzero[:, :m]
+        if narrow:
+            sign.copy_(rows)
+            torch.sign(sign, out=sign)
+        else:
+            if self._wide is None:
+                self._wide = torch.empty_like(self.block)
+            wide = self._wide[:, :m]
+            torch.sign(rows, out=wide)
+            sign.copy_(wide)
+        torch.abs(sign, out=nonzero)
+        return sign, nonzero
+
+
+def _block_sums(rows: torch.Tensor, scratch: Scratch, narrow: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One column block's Gram matrix (float64), sign conflicts and both-nonzero counts.
 
-    ``block`` is ``(N, m)`` float64 with ``m <= CHUNK``. With ``s`` the signs (-1, 0, 1) and
+    ``rows`` is ``(N, m)`` float64 with ``m <= CHUNK``. With ``s`` the signs (-1, 0, 1) and
     ``a = |s|``: ``a @ a.T`` counts the elements nonzero in both, ``s @ s.T`` is agreements minus
     disagreements among them, so disagreements = ``(a @ a.T - s @ s.T) / 2``. Those sums are of
     integers below 2**24 and so exact in float32.
     """
-    gram = (block @ block.T).numpy()
-    sign = torch.sign(block).to(torch.float32)
-    nonzero = sign.abs()
+    gram = (rows @ rows.T).numpy()
+    sign, nonzero = scratch.signs(rows, narrow)
     both = nonzero @ nonzero.T
     conflicts = (both - sign @ sign.T) / 2
     return gram, conflicts.round().to(torch.int64).numpy(), both.round().to(torch.int64).numpy()
@@ -157,27 +196,56 @@ def _state(pool: OpenCLIPVisionModelPool, name: str) -> tuple[dict[str, torch.Te
     """One model's tensors under CLIP keys (mapped from its file where the container allows), and
     how the atlas names its source."""
     entry = pool.entry(name)
-    if entry.path is None:  # a Hydra or module entry: the module's own tensors
-        return to_clip_keys(pool.load_model(name, device="cpu").state_dict(), source=entry.label), entry.form
+    if entry.path is None:  # a Hydra or module entry: the module's own tensors, in their own dtype as a file's
+        # not load_model: the pool's dtype and device would cast and move them (a module instance in place)
+        module = pool._module(entry, None, None)
+        return to_clip_keys(module.state_dict(), source=entry.label), entry.form
     checkpoint = pool.read_entry(entry, mmap=True)
     if checkpoint.container not in _MAPPED and checkpoint.cache_entry is None:
-        log.info("%s: %s is a %s file, which cannot be mapped: its tensors are held in memory for the "
-                 "whole atlas (`openclip-pool convert` writes a safetensors copy that maps)",
-                 entry.label, entry.path, checkpoint.container)
-    return to_clip_keys(checkpoint.state_dict, source=str(entry.path)), str(entry.path)
+        log.warning("%s: %s is a %s file, which cannot be mapped: its tensors are held in memory for the "
+                    "whole atlas (`openclip-pool convert` writes a safetensors copy that maps)",
+                    entry.label, entry.path, checkpoint.container)
+    # deferred: a transformers folder's fused q/k/v are made key by key, not copied up front
+    return to_clip_keys(checkpoint.state_dict, source=str(entry.path), deferred=True), str(entry.path)
+
+
+#: keys one model may have and another lack: a transformers CLIPVisionModel has no projection
+#: (the text-side leftovers are `pool.keys.task_vector_pair`'s)
+_ONE_SIDED = ("visual.proj",)
 
 
 def _shared_keys(names: list[str], states: list[State], base: State) -> list[str]:
-    """The floating-point keys the atlas covers: ``_pretrained_``'s, less the one-sided text-side
-    leftovers any pair drops (`pool.keys.task_vector_pair`); every pair must line up on them."""
-    keys = [k for k, v in base.items() if v.is_floating_point()]
+    """The floating-point keys the atlas covers: ``_pretrained_``'s, less the keys some models lack
+    by their form (text-side leftovers, `pool.keys.task_vector_pair`; the projection a vision-only
+    transformers model has not, `_ONE_SIDED`); every pair must line up on the rest. Shapes are
+    compared on meta tensors: nothing deferred is made."""
+    base_meta = meta_tensors(base)
+    keys = [k for k, v in base_meta.items() if v.is_floating_point()]
     for name, state in zip(names, states, strict=True):
-        finetuned, pretrained = task_vector_pair(state, base)
+        finetuned, pretrained = task_vector_pair(meta_tensors(state), base_meta)
+        for key in _ONE_SIDED:
+            if (key in finetuned) != (key in pretrained):
+                log.info("models.%s: %s is on one side only (a vision-only model has no projection): the "
+                         "atlas leaves it out", name, key)
+                finetuned.pop(key, None)
+                pretrained.pop(key, None)
         problem = key_mismatch(finetuned, pretrained, PRETRAINED)
         if problem:
             raise TaskVectorError(f"models.{name}: no task vector against {PRETRAINED}: {problem}")
         keys = [k for k in keys if k in finetuned]
     return keys
+
+
+def _check_finite(gram: np.ndarray, key: str, names: list[str], pretrained: str) -> None:
+    """Refuse a tensor whose task vectors hold NaN or infinity (the sums would be NaN, and NaN has
+    no sign): name the models, the tensor and what to do."""
+    bad = [name for name, value in zip(names, np.diag(gram), strict=True) if not math.isfinite(value)]
+    if bad:
+        raise TaskVectorError(
+            f"{key}: the task vector of {', '.join('models.' + b for b in bad)} holds NaN or infinite values "
+            f"(that model's {key} or {PRETRAINED}'s, {pretrained}, has non-finite weights): its norm, cosines and "
+            "sign conflicts would be undefined. Check that checkpoint (`openclip-pool verify` runs a forward "
+            "pass) or leave it out of the pool.")
 
 
 def _progress(enabled: bool | None, total: int) -> tqdm:
@@ -225,9 +293,11 @@ def atlas(pool: OpenCLIPVisionModelPool | Any, *, progress: bool | None = None, 
     keys = _shared_keys(names, states, base)
     result = Atlas(names, pretrained, [source for _, source in loaded])
     groups: dict[str, AtlasGroup] = {}
+    scratch = Scratch(len(names), chunk)
     with torch.no_grad(), _progress(progress, len(keys)) as bar:
         for key in keys:
-            _add_tensor(groups, key, base[key], [state[key] for state in states], chunk)
+            gram = _add_tensor(groups, key, base[key], [state[key] for state in states], chunk, scratch)
+            _check_finite(gram, key, names, pretrained)
             bar.update(1)
     result.groups = {name: groups[name] for name in block_order(groups)}
     result.layers = sum(1 for name in groups if name.startswith("layer.") and name.count(".") == 1)
@@ -238,23 +308,28 @@ def atlas(pool: OpenCLIPVisionModelPool | Any, *, progress: bool | None = None, 
 
 
 def _add_tensor(groups: dict[str, AtlasGroup], key: str, base: torch.Tensor, tensors: list[torch.Tensor],
-                chunk: int) -> None:
-    """Add one key's task vectors (``tensors[i] - base``) to every block the key belongs to."""
+                chunk: int, scratch: Scratch | None = None) -> np.ndarray:
+    """Add one key's task vectors (``tensors[i] - base``) to every block the key belongs to.
+
+    Returns:
+        The key's Gram matrix (a non-finite diagonal: a NaN or infinite weight).
+    """
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     numel = flat_base.numel()
     n = len(tensors)
+    scratch = scratch if scratch is not None else Scratch(n, chunk)
     sums = [np.zeros((n, n)), np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
-    block = torch.empty((n, min(chunk, max(numel, 1))), dtype=torch.float64)
+    narrow = all(t.element_size() <= 4 for t in (base, *tensors))
     for lo in range(0, numel, chunk):
         hi = min(lo + chunk, numel)
-        rows = block[:, :hi - lo]
-        p = flat_base[lo:hi].to(torch.float64)
+        rows, p = scratch.block[:, :hi - lo], scratch.base[:hi - lo]
+        p.copy_(flat_base[lo:hi])
         for i, flat in enumerate(flats):
-            torch.sub(flat[lo:hi], p, out=rows[i])  # promoted to float64 as it is subtracted
-        for total, part in zip(sums, _block_sums(rows), strict=True):
+            torch.sub(flat[lo:hi].cpu(), p, out=rows[i])  # promoted to float64 as it is subtracted
+        for total, part in zip(sums, _block_sums(rows, scratch, narrow), strict=True):
             total += part
     for name in blocks_of(key):
         group = groups.setdefault(name, AtlasGroup.empty(name, n))
         group.add(*sums, elements=numel, tensors=1)
-
+    return sums[0]

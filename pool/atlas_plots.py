@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,9 +78,7 @@ def _with_grey(name: str):
     """A copy of a colour map that draws missing cells light grey."""
     from matplotlib import colormaps
 
-    cmap = colormaps[name].copy()
-    cmap.set_bad("#dddddd")
-    return cmap
+    return colormaps[name].with_extremes(bad="#dddddd")
 
 
 def _cosine_scale(matrices: Sequence[np.ndarray]) -> float:
@@ -136,59 +134,76 @@ def cosine_by_block_png(result: Atlas) -> bytes:
         _heatmap(fig, ax, matrix, result.models, vmin=-scale, vmax=scale, cmap="RdBu_r", label=None,
                  annotate=len(result.models) <= ANNOTATE_MAX // 2, diagonal="1")
         group = result.groups[kind]
-        ax.set_title(f"{kind}: {group.tensors} tensors, {group.elements:,} elements", fontsize=9)
+        ax.set_title(f"{kind}\n{group.tensors} tensors, {group.elements:,} elements", fontsize=9)
     for ax in axes[len(kinds):]:
         ax.set_axis_off()
-    fig.colorbar(axes[0].images[0], ax=list(axes), shrink=0.8).set_label("cosine similarity")
+    # below the heatmaps: beside them, a narrow figure's colour bar would cover the right-hand titles
+    fig.colorbar(axes[0].images[0], ax=list(axes), location="bottom", shrink=0.6,
+                 aspect=40).set_label("cosine similarity")
     fig.suptitle(f"Task-vector cosine similarity by block\n{_subtitle(result)}", fontsize=10)
+    return _png(fig)
+
+
+_PARTS = ((None, "whole block"), ("attention", "attention"), ("mlp", "MLP"))
+_LINES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def _style(i: int) -> dict[str, object]:
+    """Line ``i``'s colour, line style and marker: ten colours, then the next line style, then the
+    next marker, so that up to 200 lines all differ."""
+    return {"color": f"C{i % 10}", "linestyle": _LINES[(i // 10) % len(_LINES)],
+            "marker": _MARKERS[(i // 40) % len(_MARKERS)], "markersize": 3}
+
+
+def _layer_panels(result: Atlas, ylabel: str, title: str,
+                  draw: Callable[[object, str | None, np.ndarray], None]) -> bytes:
+    """Three panels over the residual blocks (whole block, attention, MLP), ``draw(ax, part,
+    layers)`` plotting each, one legend on the right."""
+    fig = Figure(figsize=(13, 4), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    layers = np.arange(result.layers)
+    for ax, (part, name) in zip(axes, _PARTS, strict=True):
+        draw(ax, part, layers)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("residual block (layer)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{title}: {_subtitle(result)}", fontsize=10)
     return _png(fig)
 
 
 def norms_by_layer_png(result: Atlas) -> bytes:
     """``norms_by_layer.png``: each task vector's norm per residual block (whole, attention, MLP)."""
-    fig = Figure(figsize=(13, 4), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
-    layers = np.arange(result.layers)
-    for ax, kind, title in zip(axes, (None, "attention", "mlp"), ("whole block", "attention", "MLP"), strict=True):
-        norms = result.norms_by_layer(kind)
+    def draw(ax, part: str | None, layers: np.ndarray) -> None:
+        norms = result.norms_by_layer(part)
         for i, name in enumerate(result.models):
-            ax.plot(layers, norms[:, i], marker="o", markersize=3, label=name)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("residual block (layer)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("task-vector L2 norm")
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Task-vector norm per layer: {_subtitle(result)}", fontsize=10)
-    return _png(fig)
+            ax.plot(layers, norms[:, i], label=name, **_style(i))
+
+    return _layer_panels(result, "task-vector L2 norm", "Task-vector norm per layer", draw)
 
 
 def cosine_by_layer_png(result: Atlas) -> bytes:
     """``cosine_by_layer.png``: pairwise cosine per residual block, per pair or as a band."""
-    pairs = list(itertools.combinations(range(len(result.models)), 2))
-    fig = Figure(figsize=(13, 4), layout="constrained")
-    axes = fig.subplots(1, 3, sharey=True)
-    layers = np.arange(result.layers)
-    for ax, suffix, title in zip(axes, ("", ".attention", ".mlp"), ("whole block", "attention", "MLP"), strict=True):
-        cos = np.array([result.groups[f"layer.{n}{suffix}"].cosine if f"layer.{n}{suffix}" in result.groups
-                        else np.full((len(result.models),) * 2, np.nan) for n in layers])
+    n = len(result.models)
+    pairs = list(itertools.combinations(range(n), 2))
+
+    def draw(ax, part: str | None, layers: np.ndarray) -> None:
+        names = [f"layer.{layer}" + (f".{part}" if part else "") for layer in layers]
+        cos = np.array([result.groups[g].cosine if g in result.groups else np.full((n, n), np.nan) for g in names])
         values = np.array([cos[:, i, j] for i, j in pairs]).reshape(len(pairs), len(layers))
         if len(pairs) <= PAIR_LINES_MAX:
-            for (i, j), line in zip(pairs, values, strict=True):
-                ax.plot(layers, line, marker="o", markersize=3, label=f"{result.models[i]} / {result.models[j]}")
+            for k, ((i, j), line) in enumerate(zip(pairs, values, strict=True)):
+                ax.plot(layers, line, label=f"{result.models[i]} / {result.models[j]}", **_style(k))
         else:
             ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.25,
                             label=f"min-max over {len(pairs)} pairs")
             ax.plot(layers, np.nanmean(values, axis=0), marker="o", markersize=3, label="mean over pairs")
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("residual block (layer)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cosine similarity")
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Pairwise task-vector cosine per layer: {_subtitle(result)}", fontsize=10)
-    return _png(fig)
+
+    return _layer_panels(result, "cosine similarity", "Pairwise task-vector cosine per layer", draw)
 
 
 def draw_all(result: Atlas) -> list[tuple[str, bytes]]:

@@ -4,7 +4,7 @@ when matplotlib is installed, the PNG figures `pool.atlas_plots` draws.
 ``atlas.json``, schema ``openclip-pool.atlas`` version 1 (keys sorted, no times: the same pool gives
 the same bytes)::
 
-    {"schema": "openclip-pool.atlas", "version": 1,
+    {"schema": "openclip-pool.atlas", "version": 1, "written_by": "openclip-pool <version>",
      "models": [N names], "pretrained": "<file>", "sources": {"<name>": "<file>"},
      "layers": L, "definitions": {...},
      "blocks": {"all": BLOCK, "embeddings": BLOCK, "attention": BLOCK, "mlp": BLOCK, "norm": BLOCK,
@@ -35,7 +35,7 @@ from .writer import write_bytes_atomic
 if TYPE_CHECKING:  # the atlas imports this module to write itself
     from .atlas_core import Atlas, AtlasGroup
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "JSON_NAME", "atlas_dict", "write_atlas", "PLOTS_HINT"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "JSON_NAME", "atlas_dict", "check_out_dir", "write_atlas", "PLOTS_HINT"]
 
 log = logging.getLogger("pool.atlas")
 
@@ -87,6 +87,30 @@ def atlas_dict(result: Atlas) -> dict[str, Any]:
             "definitions": DEFINITIONS, "blocks": {name: _block(g) for name, g in result.groups.items()}}
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The folder the atlas is written to, checked before anything is computed: it (or the first
+    of its parents that exists) must be a folder.
+
+    Args:
+        out_dir: the folder (``~`` expanded); it need not exist yet.
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        UsageError: it, or a parent of it, is a file.
+    """
+    folder = Path(out_dir).expanduser()
+    for place in (folder, *folder.parents):
+        if place.exists():
+            if not place.is_dir():
+                what = "is a file" if place == folder else f"lies below {place}, which is a file"
+                raise UsageError(f"--out {folder} {what}; the atlas writes {JSON_NAME} and PNG figures into a "
+                                 "folder. Give a folder name (it is created if missing).")
+            break
+    return folder
+
+
 def write_atlas(result: Atlas, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
     """Write ``atlas.json`` and, when matplotlib is installed and ``plots``, the PNG figures.
 
@@ -102,12 +126,9 @@ def write_atlas(result: Atlas, out_dir: str | Path, *, plots: bool = True) -> li
         The files written, ``atlas.json`` first.
 
     Raises:
-        UsageError: ``out_dir`` is a file.
+        UsageError: ``out_dir``, or a parent of it, is a file (`check_out_dir`).
     """
-    folder = Path(out_dir).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder}: a file, not a folder; the atlas writes {JSON_NAME} and PNG figures "
-                         "into a folder. Give a folder name.")
+    folder = check_out_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(atlas_dict(result), indent=1, sort_keys=True, allow_nan=False) + "\n"
     write_bytes_atomic(folder / JSON_NAME, text.encode("utf-8"))

@@ -1,4 +1,4 @@
-"""``python -m pool`` / ``openclip-pool``: verify, lock, inspect, convert, synth, cache.
+"""``python -m pool`` / ``openclip-pool``: verify, lock, atlas, inspect, convert, synth, cache.
 
 Exit status (one policy: `exit_status`): 0 all good; 1 the command ran and found a problem (an entry
 failed, a file names unsafe globals, a conversion failed), or a bug / a closed output pipe; 2 the
@@ -124,8 +124,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="debug logging, and tracebacks with errors")
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Safe, offline loader for OpenCLIP vision-encoder pools: verify a pool, inspect a "
-                    "checkpoint, convert checkpoints to safetensors, synthesize a test tree.",
+        description="Safe, offline loader for OpenCLIP vision-encoder pools: verify a pool, map its task "
+                    "vectors, inspect a checkpoint, convert checkpoints to safetensors, synthesize a test tree.",
         epilog="exit status: 0 all good; 1 a check failed (entry, unsafe globals, conversion); 2 usage or "
                "configuration error.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -206,7 +206,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--tree", metavar="DIR", help="convert a whole checkpoint tree and write a pool config")
     p.add_argument("--to", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors in pool's layout (default), or hf: a transformers folder (config.json, "
-                        "model.safetensors, preprocessor_config.json)")
+                        "model.safetensors, preprocessor_config.json and the tokenizer files: vocab.json, "
+                        "merges.txt, tokenizer_config.json, special_tokens_map.json)")
     p.add_argument("--force", action="store_true", help="overwrite existing destinations")
     p.set_defaults(func=_command("convert"))
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from .allowlist import parse_allow_globals
 from .atlas_core import Atlas, atlas
-from .atlas_report import PLOTS_HINT
+from .atlas_report import PLOTS_HINT, check_out_dir
 from .cli_common import EXIT_OK, stderr_tty
 from .cli_verify import config_file
 from .report import Style, human_count, human_time, table
@@ -29,9 +31,10 @@ def run(args: argparse.Namespace, out: Style) -> int:
     Raises:
         ConfigError: CONFIG cannot be used, or the pool has no ``_pretrained_`` or no other model.
         TaskVectorError: a model does not line up with ``_pretrained_``.
-        UsageError: ``--out`` is a file.
+        UsageError: ``--out`` (or a parent of it) is a file.
     """
     config = config_file(args.config)
+    check_out_dir(args.out)  # before minutes of work, not after
     pool, _, _ = prepare_pool(config, instantiate=not args.no_instantiate)
     pool.allow_globals |= parse_allow_globals(args.allow_global)
     result = atlas(pool, progress=stderr_tty())
@@ -57,6 +60,9 @@ def _summary(result: Atlas, out: Style) -> None:
           f"{whole.tensors} tensors, {human_count(whole.elements)} elements per model, "
           f"{result.layers} layers, in {human_time(result.seconds)}")
     cos, conflict, norm = whole.cosine, whole.sign_conflict, whole.norm
+    zero = [name for name, value in zip(result.models, norm, strict=True) if value == 0]
+    if zero:
+        print(out.warn(f"no cosine for {', '.join(zero)}: identical to _pretrained_ (a zero task vector)"))
     if len(result.models) <= MATRIX_MAX:
         headers = ["model", "norm", *(f"cos {name}" for name in result.models)]
         rows = [[name, f"{norm[i]:.4g}", *(f"{cos[i, j]:.3f}" for j in range(len(result.models)))]
@@ -67,8 +73,11 @@ def _summary(result: Atlas, out: Style) -> None:
                 for i, name in enumerate(result.models)]
         print(table(["model", *result.models], rows))
         return
-    pairs = sorted(((cos[i, j], result.models[i], result.models[j]) for i in range(len(result.models))
-                    for j in range(i + 1, len(result.models))), reverse=True)
-    rows = [[f"{a} / {b}", f"{c:.3f}"] for c, a, b in pairs[:5] + pairs[-5:]]
+    n = len(result.models)
+    pairs = sorted(((float(cos[i, j]), result.models[i], result.models[j]) for i in range(n)
+                    for j in range(i + 1, n) if np.isfinite(cos[i, j])), reverse=True)
+    shown = pairs if len(pairs) <= 10 else pairs[:5] + pairs[-5:]
+    rows = [[f"{a} / {b}", f"{c:.3f}"] for c, a, b in shown]
     print(table(["most and least similar pairs", "cosine"], rows))
+
 

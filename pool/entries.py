@@ -2,7 +2,9 @@
 
 One entry of ``models:`` or ``classification_heads:`` can be:
 
-* a string: the path of a checkpoint file (any container; a pickled encoder or head);
+* a string: the path of a checkpoint file (any container; a pickled encoder or head), or a
+  Hugging Face hub id (``hf://org/name[@revision]``, or a bare ``org/name`` when no such local path
+  exists) read from the local cache (`pool.hub`), in this form and in the two below;
 * ``{model_name, pickle_path}`` or ``{model_name, state_dict_path}`` (``model_name`` optional:
   the architecture is read from the weights), with optional ``quick_gelu``, ``normalize``;
 * a Hydra config with ``_target_`` (configs are trusted code: Hydra runs what it names);
@@ -11,15 +13,20 @@ One entry of ``models:`` or ``classification_heads:`` can be:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import ConfigError
+from .containers.hf_folder import is_hf_folder, weights_file
+from .errors import CheckpointError, ConfigError, printable
+from .hub import HF_PREFIX, HubId, hub_cache_dir, model_path, parse_hub_id, placeholder, snapshot_folder
+from .notfound import note_explained
 
 __all__ = ["Entry", "resolve_entry", "is_special_name"]
 
@@ -50,20 +57,45 @@ class Entry:
         name: the entry's name in its section.
         section: ``"models"`` or ``"classification_heads"``.
         form: ``"path"``, ``"pickle_path"``, ``"state_dict_path"``, ``"hydra"`` or ``"module"``.
-        path: the checkpoint file (``~`` expanded) of a file entry, else None.
+        given: the checkpoint path as written (``~`` expanded) of a file entry, else None (also
+            for an ``hf://`` id); `path` is where it is read from.
         model_name: the configured open_clip name, if any.
         options: the entry's options among ``quick_gelu``, ``normalize``, ``dtype``, ``device``
             and ``mmap``.
         config: the Hydra config or module instance, for those forms.
+        hub: the Hugging Face hub id the file entry may name (`pool.hub.parse_hub_id`), else None.
     """
 
     name: str
     section: str  # "models" or "classification_heads"
     form: str
-    path: Path | None = None
+    given: Path | None = None
     model_name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     config: Any = None  # the Hydra config or module instance
+    hub: HubId | None = None
+
+    @cached_property
+    def _located(self) -> tuple[Path | None, str | None]:
+        """`path` and `hub_source`, looked up once per entry (the first time either is asked for)."""
+        return _locate(self.given, self.hub)
+
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint file (or transformers folder) of a file entry, else None.
+
+        The path as written; for a hub id, its snapshot folder in the local Hugging Face cache,
+        looked up when first asked for (nothing is downloaded). A hub id missing from the cache
+        gives the place its snapshot would be, which every reader then reports as a
+        `pool.errors.CheckpointNotFoundError` saying how to fetch it (`pool.notfound.note_explained`),
+        as a missing local file is reported when it is read.
+        """
+        return self._located[0]
+
+    @property
+    def hub_source(self) -> str | None:
+        """``hf://org/name@<commit>`` for an entry read from the hub cache (what a lock records), else None."""
+        return self._located[1]
 
     @property
     def label(self) -> str:
@@ -72,12 +104,39 @@ class Entry:
 
     @property
     def file_size(self) -> int:
-        """The entry's file's bytes on disk (what sharding balances); 0 for an entry with no
-        regular file (a Hydra or module entry, a folder, a missing file)."""
+        """The entry's file's bytes on disk (what sharding balances): a transformers folder's (a hub
+        snapshot's) weights file's; 0 for an entry with no regular file (a Hydra or module entry,
+        another folder, a missing file or hub model)."""
         try:
-            return self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
-        except OSError:
+            path = self.path
+            if path is not None and is_hf_folder(path):
+                path = weights_file(path)
+            return path.stat().st_size if path is not None and path.is_file() else 0
+        except (OSError, CheckpointError):
             return 0
+
+
+def _locate(given: Path | None, hub: HubId | None) -> tuple[Path | None, str | None]:
+    """Where a file entry is read from, and its ``hf://org/name@<commit>`` when that is the hub cache.
+
+    A bare ``org/name`` is the local path when one exists (file, folder or link); otherwise, as an
+    ``hf://`` id always, it is looked up in the cache. A model missing there gives its placeholder
+    path, with the not-found message noted for it (`pool.notfound.note_explained`).
+    """
+    if hub is None or (given is not None and os.path.lexists(given)):
+        return given, None
+    cache = hub_cache_dir()
+    try:
+        folder = snapshot_folder(hub, cache)
+    except CheckpointError as exc:  # missing, or the cache unreadable: reported when the entry is read
+        where = placeholder(hub, cache)
+        message = exc.strerror or str(exc)
+        if given is not None:
+            message += (f" Nor is {printable(str(given))!r} a local path ({given.absolute()} does not exist); a bare "
+                        "ORG/NAME is read as a local path when one exists, write hf://ORG/NAME for the hub alone.")
+        note_explained(where, message)
+        return where, None
+    return model_path(folder), f"{HF_PREFIX}{hub.repo_id}@{folder.name}"
 
 
 def plain_config(config: Any) -> Any:
@@ -105,7 +164,8 @@ def _flag(value: Any, where: str) -> bool:
 def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
     """Classify one entry's configuration into an `Entry`.
 
-    Nothing is read or instantiated: the form is told from the configuration alone.
+    Nothing is read or instantiated: the form is told from the configuration alone (a hub id is
+    looked up in the local cache when the entry's `Entry.path` is first asked for).
 
     Args:
         name: the entry's name.
@@ -118,7 +178,8 @@ def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
         The `Entry`.
 
     Raises:
-        ConfigError: a file mapping has unknown keys, or the configuration is no entry form.
+        ConfigError: a file mapping has unknown keys, an ``hf://`` id is malformed, or the
+            configuration is no entry form.
 
     Example:
         >>> entry = resolve_entry("cars", {"model_name": "ViT-B-32", "state_dict_path": "cars.pt"})
@@ -128,7 +189,8 @@ def resolve_entry(name: str, config: Any, section: str = "models") -> Entry:
     if isinstance(config, nn.Module):
         return Entry(name, section, "module", config=config)
     if isinstance(config, (str, Path)):
-        return Entry(name, section, "path", path=Path(config).expanduser())
+        given, hub = _file_target(config)
+        return Entry(name, section, "path", given=given, hub=hub)
     if isinstance(config, Mapping) or hasattr(config, "keys"):
         if "_target_" in config:
             return Entry(name, section, "hydra", config=config)
@@ -158,6 +220,16 @@ def _file_entry(name: str, section: str, plain: Mapping[str, Any]) -> Entry | No
                 raise ConfigError(
                     f"{section}.{name}: unknown keys {sorted(unknown)}; a {form} entry takes "
                     f"{form} plus any of {sorted(_OPTION_KEYS)}.")
-            return Entry(name, section, form, path=Path(str(plain[form])).expanduser(),
-                         model_name=plain.get("model_name"), options=options)
+            given, hub = _file_target(str(plain[form]))
+            return Entry(name, section, form, given=given, hub=hub, model_name=plain.get("model_name"),
+                         options=options)
     return None
+
+
+def _file_target(config: str | Path) -> tuple[Path | None, HubId | None]:
+    """A file entry's path as written and the hub id it may name: no path for ``hf://`` (always
+    the hub), both for a bare ``org/name`` (`_locate` prefers an existing local path)."""
+    hub = parse_hub_id(config) if isinstance(config, str) else None
+    if hub is not None and hub.explicit:
+        return None, hub
+    return Path(config).expanduser(), hub

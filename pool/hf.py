@@ -18,11 +18,13 @@ tanh approximations are other functions and are refused).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
 import torch
 
+from .deferred import Deferred, DeferredTensors
 from .errors import ArchitectureMismatchError
 
 __all__ = ["is_hf_layout", "from_hf", "to_hf", "HF_ACTIVATIONS", "LAYER_NORM_EPS"]
@@ -76,7 +78,8 @@ def is_hf_layout(keys: list[str]) -> bool:
     return any(k.startswith("vision_model.") for k in keys)
 
 
-def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+            deferred: bool = False) -> Mapping[str, torch.Tensor]:
     """transformers CLIP keys -> open_clip CLIP keys; the text transformer is dropped.
 
     Kept: the vision tower, the projection, and a whole CLIPModel's text-side pieces an
@@ -85,15 +88,17 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint
     Args:
         state_dict: a ``CLIPVisionModelWithProjection`` or ``CLIPModel`` state dict.
         source: how error messages name the file.
+        deferred: make the fused and transposed tensors only when each is looked up
+            (`pool.deferred.DeferredTensors`), for a reader that takes one key at a time.
 
     Returns:
         A new dict under open_clip CLIP keys (fused and transposed tensors are new; the others
-        are the same tensors).
+        are the same tensors); with ``deferred``, a `pool.deferred.DeferredTensors`.
 
     Raises:
         ArchitectureMismatchError: a key no open_clip ViT has, or q/k/v projections missing.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | Deferred] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if _DROPPED.match(key):
@@ -101,7 +106,8 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint
         if key in _TOP_FROM_HF:
             out[_TOP_FROM_HF[key]] = value
         elif key in _TRANSPOSED_FROM_HF:
-            out[_TRANSPOSED_FROM_HF[key]] = value.t().contiguous()
+            out[_TRANSPOSED_FROM_HF[key]] = (Deferred(value.t, tuple(reversed(value.shape)), value.dtype) if deferred
+                                             else value.t().contiguous())
         elif (m := _BLOCK_HF.match(key)) is not None:
             index, rest = m.groups()
             name, _, kind = rest.rpartition(".")
@@ -118,8 +124,11 @@ def from_hf(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint
     for (index, kind), parts in qkv.items():
         if set(parts) != set(_QKV):
             raise ArchitectureMismatchError(f"{source}: layer {index} has {sorted(parts)} {kind}s, not q, k and v")
-        out[f"visual.transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat([parts[p] for p in _QKV])
-    return out
+        ordered = [parts[p] for p in _QKV]
+        fused = Deferred(functools.partial(torch.cat, ordered),
+                         (sum(p.shape[0] for p in ordered), *ordered[0].shape[1:]), ordered[0].dtype)
+        out[f"visual.transformer.resblocks.{index}.attn.in_proj_{kind}"] = fused if deferred else fused.make()
+    return DeferredTensors(out) if deferred else out  # type: ignore[return-value]
 
 
 def to_hf(clip: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,9 +3,12 @@ what ``python -m pool convert SRC DST --to hf`` runs.
 
 `convert_to_hf` reads any checkpoint pool reads and writes the folder with `write_hf_folder`:
 ``config.json`` (`vision_config`: the activation is ``hidden_act``, ``quick_gelu`` for
-OpenAI-derived weights), ``model.safetensors`` (the keys `pool.hf.to_hf` maps) and
-``preprocessor_config.json`` (`preprocessor_config`), written into a temporary folder and moved
-into place; the weights are read back and compared bit for bit.
+OpenAI-derived weights), ``model.safetensors`` (the keys `pool.hf.to_hf` maps),
+``preprocessor_config.json`` (`preprocessor_config`) and CLIP's tokenizer files
+(`pool.hf_tokenizer.tokenizer_files`: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+``special_tokens_map.json``), so that ``CLIPProcessor.from_pretrained`` (FusionBench's
+``load_processor``) loads the folder as well as ``CLIPVisionModelWithProjection`` does. Written into a
+temporary folder and moved into place; the weights are read back and compared bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .checkpoint import read_checkpoint
 from .convert_single import ConvertResult, sha256_file
 from .errors import CheckpointError, DestinationExistsError
 from .hf import HF_ACTIVATIONS, LAYER_NORM_EPS, to_hf
+from .hf_tokenizer import tokenizer_files
 from .keys import checkpoint_kind, to_clip_keys
 from .modeling import ImageEncoder
 from .writer import compare_tensors, contiguous_unshared, signals_as_exit, write_checked, written_mode
@@ -37,9 +41,11 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
                   model_name: str | None = None) -> ConvertResult:
     """Write an encoder checkpoint (any form pool reads) as a transformers
     ``CLIPVisionModelWithProjection`` folder (`write_hf_folder`): ``config.json`` with
-    the activation (``quick_gelu`` for OpenAI-derived weights), ``model.safetensors`` and
-    ``preprocessor_config.json``. The weights are read back from the folder by pool's own reader
-    and compared bit for bit with the encoder's; the source is never modified.
+    the activation (``quick_gelu`` for OpenAI-derived weights), ``model.safetensors``,
+    ``preprocessor_config.json`` and the tokenizer files (``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``), which ``CLIPProcessor`` loads. The
+    weights are read back from the folder by pool's own reader and compared bit for bit with the
+    encoder's; the source is never modified.
 
     Args:
         source: an encoder checkpoint (a head has no transformers counterpart).
@@ -62,7 +68,7 @@ def convert_to_hf(source: str | Path, destination: str | Path, *, force: bool = 
                                      "overwritten. Choose another folder.")
     if dst.exists() and not dst.is_dir():
         raise DestinationExistsError(f"{dst} is a file; --to hf writes a folder (config.json, model.safetensors, "
-                                     "preprocessor_config.json). Give a folder name.")
+                                     "preprocessor_config.json, tokenizer files). Give a folder name.")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise DestinationExistsError(f"{dst} exists and is not empty; refusing to write into it. Pass --force, "
                                      "or choose a new folder.")
@@ -124,7 +130,8 @@ def preprocessor_config(image_size: int, mean: tuple[float, ...], std: tuple[flo
     """``preprocessor_config.json`` for ``CLIPImageProcessor``.
 
     Resize the shortest side (bicubic), center-crop, scale to [0, 1], normalise with the encoder's
-    own mean and std.
+    own mean and std. ``processor_class`` tells ``AutoProcessor`` to pair it with the tokenizer
+    (``config.json``'s ``clip_vision_model`` names no processor).
 
     Args:
         image_size: the encoder's input resolution (the resize and the crop).
@@ -141,6 +148,7 @@ def preprocessor_config(image_size: int, mean: tuple[float, ...], std: tuple[flo
         "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
         "do_convert_rgb": True,
+        "processor_class": "CLIPProcessor",
     }
 
 
@@ -157,13 +165,18 @@ def _normalize_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
     """Write an `ImageEncoder` as a transformers ``CLIPVisionModelWithProjection`` folder:
-    ``config.json``, ``model.safetensors`` (written and read back by `pool.writer.write_checked`) and
-    ``preprocessor_config.json``. The files are written into a temporary folder beside it, then a
-    new (or empty) folder is renamed into place in one step; in an existing folder each file is
-    replaced atomically. An interrupted or failed write leaves no partial file and nothing of the
-    temporary folder (SIGTERM / SIGHUP included: `pool.writer.signals_as_exit`). A new folder and
-    its files get the modes ``mkdir`` and ``open`` give under the umask; an existing folder and the
-    files it replaces keep theirs (`pool.writer.written_mode`).
+    ``config.json``, ``model.safetensors`` (written and read back by `pool.writer.write_checked`),
+    ``preprocessor_config.json`` and the CLIP tokenizer files ``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` (`pool.hf_tokenizer.tokenizer_files`,
+    built from open_clip's BPE vocabulary; no download), so that ``CLIPProcessor`` and
+    ``AutoProcessor`` load the folder too. Every file but ``model.safetensors`` is the same bytes
+    each time (safetensors orders its metadata keys by hash; the tensors are equal). The files are
+    written into a temporary folder beside it, then a new (or empty) folder is renamed into place
+    in one step; in an existing folder each file is replaced atomically. An interrupted or failed
+    write leaves no partial file and nothing of the temporary folder (SIGTERM / SIGHUP included:
+    `pool.writer.signals_as_exit`). A new folder and its files get the modes ``mkdir`` and ``open``
+    give under the umask; an existing folder and the files it replaces keep theirs
+    (`pool.writer.written_mode`).
 
     Args:
         encoder: an `ImageEncoder` (its ``arch`` and ``val_preprocess`` are used).
@@ -174,6 +187,7 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
 
     Raises:
         CorruptCheckpointError: ``model.safetensors`` did not read back identical.
+        PoolError: open_clip's BPE vocabulary file is missing or damaged.
     """
     folder = Path(destination).expanduser()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +204,8 @@ def write_hf_folder(encoder: Any, destination: str | os.PathLike[str]) -> Path:
             for name, body in (("config.json", vision_config(encoder.arch)),
                                ("preprocessor_config.json", preprocessor_config(encoder.arch.image_size, mean, std))):
                 (staging / name).write_text(json.dumps(body, indent=2) + "\n")
+            for name, data in tokenizer_files().items():
+                (staging / name).write_bytes(data)
             _publish(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

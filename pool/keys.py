@@ -133,7 +133,8 @@ def describe_layout(keys: list[str], wrapper: str | None = None) -> str:
     return layout
 
 
-def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+                 deferred: bool = False) -> dict[str, torch.Tensor]:
     """Any known writer's keys -> open_clip CLIP keys, text transformer dropped.
 
     The DDP ``module.`` prefix (when every key has it) and the ImageEncoder's ``model.`` prefix
@@ -145,6 +146,8 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
         state_dict: tensors by key, in any of the layouts the module docstring lists, or
             transformers' CLIP layout.
         source: how the debug log (and a transformers layout's errors) name the tensors' file.
+        deferred: for transformers' layout, make the fused and transposed tensors only when each
+            is looked up (`pool.hf.from_hf`), so a mapped file is not copied up front.
 
     Returns:
         A new dict of the tensors under open_clip CLIP keys (not copied, except transformers'
@@ -160,7 +163,7 @@ def to_clip_keys(state_dict: Mapping[str, torch.Tensor], *, source: str = "check
     """
     plain = strip_ddp(state_dict)
     if is_hf_layout(list(plain)):  # transformers' CLIP: renamed, q/k/v fused, projections transposed
-        return from_hf(plain, source=source)
+        return from_hf(plain, source=source, deferred=deferred)  # type: ignore[return-value]
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in plain.items():

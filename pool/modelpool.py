@@ -8,10 +8,11 @@ tables, config and datasets) is `pool.tables.PoolTables`; its task vectors are `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,23 @@ class OpenCLIPVisionModelPool(PoolTables):
         return (f"OpenCLIPVisionModelPool(models={self.all_model_names}, "
                 f"classification_heads={self.classification_head_names})")
 
+    #: called with ``(entry, checkpoint)`` after each `read_entry` (`observing_reads`)
+    _read_observer: Callable[[Entry, Checkpoint], None] | None = None
+
+    @contextlib.contextmanager
+    def observing_reads(self, observer: Callable[[Entry, Checkpoint], None]) -> Iterator[None]:
+        """Call ``observer(entry, checkpoint)`` after each `read_entry` while the block runs: what a
+        load read (the globals a file names) is then known without reading the file again.
+
+        Args:
+            observer: called with the entry and the `pool.checkpoint.Checkpoint` read.
+        """
+        previous, self._read_observer = self._read_observer, observer
+        try:
+            yield
+        finally:
+            self._read_observer = previous
+
     # -- entries -----------------------------------------------------------------------------------
     def read_entry(self, entry: Entry, *, device: Any = None, mmap: bool | None = None) -> Checkpoint:
         """Read the checkpoint file an entry points at (raises with the entry's name).
@@ -93,10 +111,13 @@ class OpenCLIPVisionModelPool(PoolTables):
             raise ConfigError(f"pool entry {entry.label} is a {entry.form} entry, not a file")
         try:
             mapped = entry.options.get("mmap") if mmap is None else mmap
-            return read_checkpoint(entry.path, map_location=device, mmap=mapped,
+            ckpt = read_checkpoint(entry.path, map_location=device, mmap=mapped,
                                    cache_dir=self.cache_dir, allow_globals=self.allow_globals)
         except PoolError as exc:
             raise _with_entry(exc, entry) from exc
+        if self._read_observer is not None:
+            self._read_observer(entry, ckpt)
+        return ckpt
 
     def _load_args(self, method: str, name_or_config: Any, section: str, device: Any, dtype: DType,
                    map_location: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Entry, Any, DType]:

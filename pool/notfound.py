@@ -8,7 +8,9 @@ contents only when that folder is where the file was expected (a misspelt file n
 unrelated contents of the working directory or of the file system's root.
 
 `note_config_file` is called by the config reader for every pool config file it reads; the
-folders it records serve hints only, never the resolution of a path.
+folders it records serve hints only, never the resolution of a path. `note_explained` records the
+message for a path that stands for something absent (a hub id missing from the local Hugging Face
+cache: `pool.entries.Entry.path`), so that every reader of the entry fails with that message.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["note_config_file", "missing_message"]
+__all__ = ["note_config_file", "note_explained", "missing_message"]
 
 #: How many config files are remembered for hints (the newest first).
 _REMEMBERED = 8
 _CONFIG_FILES: list[Path] = []
 #: How many names of the folder where the file was expected are listed.
 _LISTED = 10
+#: Messages of paths that stand for something absent, by absolute path (`note_explained`).
+_EXPLAINED: dict[Path, str] = {}
 
 
 def note_config_file(path: str | os.PathLike[str]) -> None:
@@ -38,6 +42,16 @@ def note_config_file(path: str | os.PathLike[str]) -> None:
         _CONFIG_FILES.remove(config)
     _CONFIG_FILES.insert(0, config)
     del _CONFIG_FILES[_REMEMBERED:]
+
+
+def note_explained(path: str | os.PathLike[str], message: str) -> None:
+    """Remember why ``path`` is not there: `missing_message` returns ``message`` for it.
+
+    Args:
+        path: the path a reader will be given (a hub entry's placeholder in the cache).
+        message: the whole not-found message (what is missing, where it was looked for, the fix).
+    """
+    _EXPLAINED[Path(os.path.abspath(Path(path)))] = message
 
 
 def _nearest_existing(absolute: Path) -> Path:
@@ -85,7 +99,7 @@ def missing_message(path: str | os.PathLike[str]) -> str:
         ``checkpoint not found: ABSOLUTE.``, the deepest existing folder and the first missing
         name, that folder's contents when the file was expected there or below (a misspelt name),
         and, for a relative path that exists beside a pool config file read in this process, that
-        place and the fix.
+        place and the fix; for a path noted by `note_explained`, the message noted.
 
     Example:
         >>> missing_message("/nonexistent-root/zeroshot.pt")
@@ -93,6 +107,9 @@ def missing_message(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     absolute = p.absolute()
+    explained = _EXPLAINED.get(Path(os.path.abspath(absolute)))
+    if explained is not None:
+        return explained
     parent = _nearest_existing(absolute)
     missing = absolute.relative_to(parent).parts[0]
     text = f"checkpoint not found: {absolute}. {parent} has no {missing}."

@@ -31,8 +31,10 @@ from .config import (
 from .configsafety import HYDRA_KEYS, Redactor
 from .data import load_dataset_entry
 from .entries import Entry, is_special_name, plain_config, resolve_entry
-from .errors import ConfigError, PoolError
+from .errors import CheckpointNotFoundError, ConfigError, PoolError
+from .hub import HF_PREFIX
 from .modeling import DType
+from .notfound import missing_message
 from .task_vectors import PRETRAINED
 
 __all__ = ["PoolTables"]
@@ -301,8 +303,8 @@ class PoolTables:
 
         Args:
             name_or_config: a name in ``section``; else the path of an existing checkpoint file
-                (the entry is named after the file); else an inline configuration of any entry
-                form (named by its ``name`` attribute, or ``<inline>``).
+                (the entry is named after the file) or an ``hf://`` hub id (named by it); else an
+                inline configuration of any entry form (named by its ``name`` attribute, or ``<inline>``).
             section: ``"models"`` (the default) or ``"classification_heads"``.
 
         Returns:
@@ -318,6 +320,8 @@ class PoolTables:
         if isinstance(name_or_config, str):
             if Path(name_or_config).expanduser().is_file():
                 return resolve_entry(Path(name_or_config).name, name_or_config, section)
+            if name_or_config.startswith(HF_PREFIX):  # a hub id is always an entry (looked up when read)
+                return resolve_entry(name_or_config, name_or_config, section)
             kind = "model" if section == "models" else "classification head"
             raise ConfigError(
                 f"unknown {kind} {name_or_config!r}; the pool's {section} are: "
@@ -368,15 +372,20 @@ class PoolTables:
             name: the model's name.
 
         Returns:
-            The file's path (``~`` expanded), as a string.
+            The file's path (``~`` expanded), as a string; for a hub id, its snapshot folder in the
+            local Hugging Face cache.
 
         Raises:
             ConfigError: unknown name, or a Hydra / module entry (no file).
+            CheckpointNotFoundError: a hub id missing from the local cache (the message says how to
+                fetch it); a missing local file is returned as written, and fails when read.
         """
         self._model_entry(name)
         entry = self.entry(name, "models")
         if entry.path is None:
             raise ConfigError(f"pool entry {entry.label} is a {entry.form} entry: it has no checkpoint file")
+        if entry.hub is not None and entry.hub_source is None and not entry.path.exists():
+            raise CheckpointNotFoundError(2, f"pool entry {entry.label}: {missing_message(entry.path)}", str(entry.path))
         return str(entry.path)
 
     def _model_entry(self, name: str) -> Any:

@@ -9,6 +9,7 @@ encoder of the same name. Each step is timed, and a failure is recorded on the e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from .arch import VisionArch, known_architectures, name_for_arch
-from .checkpoint import read_checkpoint, sniff_container
+from .checkpoint import Checkpoint, read_checkpoint, sniff_container
 from .configsafety import redact_strings
 from .entries import Entry
 from .errors import PoolError, TaskVectorError
@@ -174,6 +175,7 @@ class VerifyRun:
         self.locking = lock is not None or records is not None
         self.lock_dir = lock_dir or (lock.path.parent if lock is not None else None)
         self._files: dict[str, IntegrityResult] = {}
+        self._seen_globals: dict[str, dict[str, str]] = {}  # what each load's own read listed
         self.dev = torch.device(device) if device else torch.device("cpu")
         self.on_result = on_result or (lambda _result: None)
         self.base_state: dict[str, torch.Tensor] | None = None
@@ -242,18 +244,34 @@ class VerifyRun:
             self.lock.check(result.label, record)
 
     def _path_text(self, entry: Entry) -> str | None:
-        """The entry's file as the lock records it: relative to the lock's folder when under it."""
+        """The entry's file as the lock records it: relative to the lock's folder when under it; a
+        hub entry's ``hf://org/name@<commit>`` (the same on every machine; a moved ref is a drift)."""
         if entry.path is None:
             return None
+        if entry.hub_source is not None:
+            return entry.hub_source
         path = entry.path.absolute()
         if self.lock_dir is not None and path.is_relative_to(self.lock_dir):
             return path.relative_to(self.lock_dir).as_posix()
         return self.pool.redact(os.fspath(path))
 
+    def _loading(self) -> contextlib.AbstractContextManager[None]:
+        """Around a load when locking: the globals its read lists are kept (`_note_globals`)."""
+        return self.pool.observing_reads(self._note_globals) if self.locking else contextlib.nullcontext()
+
+    def _note_globals(self, entry: Entry, ckpt: Checkpoint) -> None:
+        """Keep the globals a load's read of the file itself listed (not a conversion cache's copy)."""
+        if ckpt.cache_entry is None:
+            self._seen_globals[entry.label] = {str(g): g.verdict for g in ckpt.globals}
+
     def _globals(self, entry: Entry) -> dict[str, str]:
-        """Every global the entry's file names, with the allowlist's verdict (nothing is loaded)."""
+        """Every global the entry's file names, with the allowlist's verdict: as the load's own read
+        listed them, else (a load served by the cache) from the file itself, nothing loaded."""
         if entry.path is None:
             return {}
+        seen = self._seen_globals.pop(entry.label, None)
+        if seen is not None:
+            return seen
         ckpt = read_checkpoint(entry.path, map_location="meta", cache_dir=False,
                                allow_globals=self.pool.allow_globals)
         return {str(g): g.verdict for g in ckpt.globals}
@@ -279,7 +297,8 @@ class VerifyRun:
         if entry.model_name:
             res.architecture = Architecture(configured=entry.model_name)
         self._file_checks(entry, res)
-        encoder = self.step(res, "load", lambda: self.pool.load_model(entry.name, device=self.device), "load_s")
+        with self._loading():
+            encoder = self.step(res, "load", lambda: self.pool.load_model(entry.name, device=self.device), "load_s")
         if encoder is not None:
             arch = getattr(encoder, "arch", None)
             res.architecture = Architecture(
@@ -370,8 +389,9 @@ class VerifyRun:
         """
         res = EntryResult(entry.name, "classification_heads", entry.form)
         self._file_checks(entry, res)
-        head = self.step(res, "load", lambda: self.pool.load_classification_head(entry.name, device=self.device),
-                         "load_s")
+        with self._loading():
+            head = self.step(res, "load", lambda: self.pool.load_classification_head(entry.name, device=self.device),
+                             "load_s")
         if head is None:
             return self._finish(res)
         res.params = sum(p.numel() for p in head.parameters())

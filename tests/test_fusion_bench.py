@@ -225,3 +225,42 @@ def test_from_config_takes_fusion_bench_overrides(tree, tmp_path):
     modelpool = FBPool.from_config(str(config), overrides=["device=cpu", f"models.extra={tree / 'zeroshot.pt'}"])
     assert isinstance(modelpool, FBPool) and modelpool.all_model_names == ["_pretrained_", "cars", "dtd", "extra"]
     assert modelpool.device == "cpu"
+
+
+# -- FusionBench's own transformers pool on a converted folder (issue 24) ------------------------------------
+@needs_fusion_bench
+def test_fusion_bench_clip_vision_model_pool_loads_a_converted_folder_and_its_processor(tmp_path):
+    """FusionBench's ``CLIPVisionModelPool`` (transformers models) takes a folder ``convert --to hf``
+    wrote as a model and as its processor: ``load_processor()`` gives a CLIPProcessor whose tokenizer
+    gives open_clip's ids and whose images are the encoder's own transform's, and ``load_model`` gives
+    a CLIPVisionModel that, with the folder's projection, computes the encoder's features."""
+    import numpy as np
+    import open_clip
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import CLIPProcessor, CLIPVisionModel
+
+    from pool.convert import convert_to_hf
+
+    src = synth.save_module(synth.make_original_encoder(seed=0), tmp_path / "enc.pt", "zip")
+    folder = tmp_path / "hf"
+    convert_to_hf(src, folder)
+    fb_pool = CLIPVisionModelPool(OmegaConf.create({"_pretrained_": str(folder)}), processor=str(folder))
+
+    processor = fb_pool.load_processor()
+    assert isinstance(processor, CLIPProcessor)
+    texts = ["a photo of a Boeing 737-800, a type of aircraft.", "itap of a 7."]
+    expected = [row[:row.index(49407) + 1] for row in open_clip.tokenize(texts).tolist()]
+    assert processor.tokenizer(texts)["input_ids"] == expected
+
+    model = fb_pool.load_model("_pretrained_")
+    assert isinstance(model, CLIPVisionModel)
+    encoder = ImageEncoder.load(src).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels[0], encoder.val_preprocess(image), atol=1e-6, rtol=0)
+    projection = load_file(str(folder / "model.safetensors"))["visual_projection.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values=pixels).pooler_output @ projection.T, encoder(pixels),
+                                   atol=1e-5, rtol=0)

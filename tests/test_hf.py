@@ -86,7 +86,8 @@ def test_convert_to_hf_gives_equal_image_embeds(tmp_path, quick_gelu):
     src = synth.save_module(synth.make_original_encoder(arch, seed=3), tmp_path / "enc.pt", "legacy")
     res = convert_to_hf(src, tmp_path / "hf")
     assert res.ok and sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "model.safetensors", "preprocessor_config.json"]
+        "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+        "tokenizer_config.json", "vocab.json"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["hidden_act"] == ("quick_gelu" if quick_gelu else "gelu")
     hf = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf").eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pool import CorruptCheckpointError, LockMismatchError, synth
+from pool import CorruptCheckpointError, LockMismatchError, OpenCLIPVisionModelPool, synth
 from pool.cli import main
 from pool.containers.zipfmt import parse_zip
 from pool.integrity import check_integrity
@@ -212,3 +212,26 @@ def test_every_member_is_checked_by_both_passes(write_encoder, digest) -> None:
             check_integrity(path, digest=digest)
     path.write_bytes(original)
     assert check_integrity(path, digest=digest).checked
+
+
+def test_lock_takes_each_files_globals_from_its_load_not_a_second_read(tmp_path, monkeypatch) -> None:
+    # the globals a lock records come from the read the load already did: no file is parsed again,
+    # and they are what a read of the file itself lists
+    from pool import verify_checks
+    from pool.checkpoint import read_checkpoint
+
+    tree = synth.write_tree(tmp_path / "tree", tasks=["Cars", "DTD", "EuroSAT"])  # zip, legacy, plain pickle
+
+    def second_read(*args, **kwargs):
+        raise AssertionError(f"the file was read a second time for its globals: {args[0]}")
+
+    monkeypatch.setattr(verify_checks, "read_checkpoint", second_read)
+    assert main(["lock", str(tree.config)]) == 0
+    locked = json.loads((tree.config.parent / LOCK_NAME).read_text())["entries"]
+    pool = OpenCLIPVisionModelPool.from_config(tree.config)
+    for section, names in (("models", pool.all_model_names), ("classification_heads", pool.classification_head_names)):
+        for name in names:
+            path = pool.entry(name, section).path
+            listed = read_checkpoint(path, map_location="meta", cache_dir=False).globals
+            assert locked[f"{section}.{name}"]["globals"] == {str(g): g.verdict for g in listed}, name
+    assert main(["verify", str(tree.config), "--locked"]) == 0

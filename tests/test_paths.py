@@ -90,8 +90,9 @@ def test_missing_entries_from_another_folder_name_the_config_folder_and_list_not
     text = " ".join(out.split())
     assert f"exists relative to the folder of the pool config relative.yaml, {config.parent}" in text
     assert "run from that folder, or make the path absolute" in text
-    # each entry's message is short: a few lines, not a listing
-    assert len(text) < 400 * 7 + 2000, len(text)
+    # each entry's message is short: a few lines, not a listing (the temporary folder's own length,
+    # which pytest's numbering and xdist's worker names vary, is not the message's)
+    assert len(text.replace(str(tmp_path), "T")) < 400 * 7 + 2000, len(text)
     monkeypatch.chdir(config.parent)  # the fix the message gives works
     assert main(["verify", str(config)]) == 0, capsys.readouterr()
 

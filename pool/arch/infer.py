@@ -73,6 +73,17 @@ def _not_buildable(source: str, why: str) -> ArchitectureMismatchError:
         "ViT CLIP image encoder (the file may be damaged or another architecture).")
 
 
+def _no_projection(source: str) -> ArchitectureMismatchError:
+    """A tower without its output projection (a transformers ``CLIPVisionModel``): never invented."""
+    return ArchitectureMismatchError(
+        f"{source}: a ViT image tower without its output projection (visual.proj; in a transformers folder "
+        "visual_projection.weight, which a CLIPVisionModel, unlike CLIPVisionModelWithProjection or CLIPModel, "
+        "does not have). An ImageEncoder's features are the projected embeddings, and pool does not invent a "
+        "projection. Use a CLIPVisionModelWithProjection or CLIPModel folder (a fine-tuned vision tower with "
+        "the projection of the model it was fine-tuned from, if that is what its user does), or read the "
+        "tower's tensors with pool.load_state_dict.")
+
+
 def _shape(state_dict: Mapping[str, torch.Tensor], key: str, dims: int, source: str, *,
            required: bool = True) -> tuple[int, ...] | None:
     """The shape of ``state_dict[key]``: ``dims`` positive integers; None for a missing optional key."""
@@ -104,6 +115,8 @@ def _tower(state_dict: Mapping[str, torch.Tensor], source: str) -> _Tower:
     """Patch embedding, positional embedding, projection and block 0's MLP, checked to agree."""
     conv = _shape(state_dict, "visual.conv1.weight", 4, source)
     pos = _shape(state_dict, "visual.positional_embedding", 2, source)
+    if "visual.proj" not in state_dict:
+        raise _no_projection(source)
     proj = _shape(state_dict, "visual.proj", 2, source)
     fc = _shape(state_dict, _MLP.format(0), 2, source)
     assert conv is not None and pos is not None and proj is not None and fc is not None
