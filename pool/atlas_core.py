@@ -326,7 +326,8 @@ def _add_tensor(groups: dict[str, AtlasGroup], key: str, base: torch.Tensor, ten
         rows, p = scratch.block[:, :hi - lo], scratch.base[:hi - lo]
         p.copy_(flat_base[lo:hi])
         for i, flat in enumerate(flats):
-            torch.sub(flat[lo:hi].cpu(), p, out=rows[i])  # promoted to float64 as it is subtracted
+            rows[i].copy_(flat[lo:hi])  # widened to float64 (exact), then the subtraction in float64
+            rows[i].sub_(p)
         for total, part in zip(sums, _block_sums(rows, scratch, narrow), strict=True):
             total += part
     for name in blocks_of(key):
