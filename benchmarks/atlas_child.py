@@ -26,6 +26,7 @@ memory figures, and ``progress`` (task vectors built before the end or the failu
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -206,12 +207,12 @@ def set_limit(limit: int | None) -> None:
 
 
 def is_allocation_error(exc: BaseException | None) -> bool:
-    """A failed allocation: MemoryError, torch's allocator RuntimeError, or an error raised while
+    """A failed allocation: MemoryError, ENOMEM, torch's allocator RuntimeError, or an error raised while
     handling one (a loader may wrap it: its cause or context is searched)."""
     seen = 0
     while exc is not None and seen < 20:
-        if isinstance(exc, MemoryError):
-            return True
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            return True  # ENOMEM: a reader's own mmap of its buffer refused under the limit
         text = str(exc).lower()
         if isinstance(exc, RuntimeError) and any(w in text for w in ("allocate", "out of memory", "not enough memory")):
             return True
