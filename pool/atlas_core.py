@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .atlas_blocks import block_order, blocks_of
 from .atlas_report import write_atlas
+from .cache_layout import CACHEABLE
 from .deferred import meta_tensors
 from .errors import ConfigError, TaskVectorError
 from .keys import key_mismatch, task_vector_pair, to_clip_keys
@@ -40,8 +41,6 @@ log = logging.getLogger("pool.atlas")
 #: Elements per column block. Sign products are summed in float32 and are exact only while a
 #: block's counts stay below 2**24: keep CHUNK at or under that.
 CHUNK = 1 << 20
-#: containers whose tensors ``mmap=True`` maps from the file (the others are read into memory)
-_MAPPED = ("zip", "safetensors")
 
 State = Mapping[str, torch.Tensor]
 
@@ -201,7 +200,7 @@ def _state(pool: OpenCLIPVisionModelPool, name: str) -> tuple[dict[str, torch.Te
         module = pool._module(entry, None, None)
         return to_clip_keys(module.state_dict(), source=entry.label), entry.form
     checkpoint = pool.read_entry(entry, mmap=True)
-    if checkpoint.container not in _MAPPED and checkpoint.cache_entry is None:
+    if checkpoint.container in CACHEABLE and checkpoint.cache_entry is None:  # the containers mmap cannot map
         log.warning("%s: %s is a %s file, which cannot be mapped: its tensors are held in memory for the "
                     "whole atlas (`openclip-pool convert` writes a safetensors copy that maps)",
                     entry.label, entry.path, checkpoint.container)

@@ -167,6 +167,17 @@ def test_every_checkpoint_is_read_mapped(tree_pool, monkeypatch) -> None:
     assert sorted(seen) == sorted((name, True) for name in tree_pool.all_model_names)
 
 
+def test_only_unmappable_files_are_named_as_held_in_memory(tree, tmp_path, caplog) -> None:
+    from pool.hf_export import convert_to_hf
+
+    convert_to_hf(tree.files["cars"], tmp_path / "cars-hf")  # safetensors inside: mapped
+    caplog.set_level("WARNING", logger="pool.atlas")
+    atlas(OpenCLIPVisionModelPool(models={"_pretrained_": str(tree.files["_pretrained_"]),
+                                          "hf": str(tmp_path / "cars-hf"), "dtd": str(tree.files["dtd"])}))
+    held = [r.getMessage() for r in caplog.records if "cannot be mapped" in r.getMessage()]
+    assert len(held) == 1 and "models.dtd" in held[0], held  # DTD is a legacy file
+
+
 def test_module_and_transformers_folder_entries_give_the_same_atlas(tree, tmp_path) -> None:
     from pool.hf_export import convert_to_hf
 
