@@ -71,12 +71,16 @@ class AtlasGroup:
         return cls(name, np.zeros((n, n)), np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64))
 
     def add(self, gram: np.ndarray, conflicts: np.ndarray, both: np.ndarray, elements: int, tensors: int) -> None:
-        """Add one block's sums (`_block_sums`)."""
+        """Add one column block's sums (`_block_sums`)."""
         self.gram += gram
         self.conflicts += conflicts
         self.both_nonzero += both
         self.elements += elements
         self.tensors += tensors
+
+    def merge(self, other: AtlasGroup) -> None:
+        """Add another group's sums (one tensor's, to each block it belongs to)."""
+        self.add(other.gram, other.conflicts, other.both_nonzero, other.elements, other.tensors)
 
     @property
     def norm(self) -> np.ndarray:
@@ -318,7 +322,7 @@ def _add_tensor(groups: dict[str, AtlasGroup], key: str, base: torch.Tensor, ten
     numel = flat_base.numel()
     n = len(tensors)
     scratch = scratch if scratch is not None else Scratch(n, chunk)
-    sums = [np.zeros((n, n)), np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
+    sums = AtlasGroup.empty(key, n)
     narrow = all(t.element_size() <= 4 for t in (base, *tensors))
     for lo in range(0, numel, chunk):
         hi = min(lo + chunk, numel)
@@ -327,9 +331,8 @@ def _add_tensor(groups: dict[str, AtlasGroup], key: str, base: torch.Tensor, ten
         for i, flat in enumerate(flats):
             rows[i].copy_(flat[lo:hi])  # widened to float64 (exact), then the subtraction in float64
             rows[i].sub_(p)
-        for total, part in zip(sums, _block_sums(rows, scratch, narrow), strict=True):
-            total += part
+        sums.add(*_block_sums(rows, scratch, narrow), elements=hi - lo, tensors=0)
+    sums.tensors = 1
     for name in blocks_of(key):
-        group = groups.setdefault(name, AtlasGroup.empty(name, n))
-        group.add(*sums, elements=numel, tensors=1)
-    return sums[0]
+        groups.setdefault(name, AtlasGroup.empty(name, n)).merge(sums)
+    return sums.gram
