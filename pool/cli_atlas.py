@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .allowlist import parse_allow_globals
 from .atlas_core import Atlas, atlas
 from .atlas_report import PLOTS_HINT, check_out_dir
-from .cli_common import EXIT_OK, stderr_tty
-from .cli_verify import config_file
+from .cli_common import EXIT_OK, rel, stderr_tty
+from .cli_verify import config_file, pool_from_args
 from .report import Style, human_count, human_time, table
-from .verify import prepare_pool
 
 __all__ = ["run"]
 
@@ -35,22 +33,15 @@ def run(args: argparse.Namespace, out: Style) -> int:
     """
     config = config_file(args.config)
     check_out_dir(args.out)  # before minutes of work, not after
-    pool, _, _ = prepare_pool(config, instantiate=not args.no_instantiate)
-    pool.allow_globals |= parse_allow_globals(args.allow_global)
+    pool, _, _ = pool_from_args(config, args)
     result = atlas(pool, progress=stderr_tty())
     written = result.write(args.out, plots=not args.no_plots)
     _summary(result, out)
-    print(f"wrote {', '.join(_relative(p) for p in written)}")
+    print(f"wrote {', '.join(rel(p.absolute(), Path.cwd()) for p in written)}")
     if not args.no_plots and len(written) == 1:
         print(out.warn(f"no figures: matplotlib is not installed; {PLOTS_HINT}"))
     return EXIT_OK
 
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _summary(result: Atlas, out: Style) -> None:

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .allowlist import parse_allow_globals
 from .cli_common import EXIT_FOUND, EXIT_OK
-from .cli_verify import check_device, config_file
+from .cli_verify import check_device, config_file, pool_from_args
 from .errors import printable
 from .lock import default_lock_path, render_lock, write_lock
 from .report import Style, human_time, paragraph
-from .verify import prepare_pool, verify_pool
+from .verify import verify_pool
 
 __all__ = ["run"]
 
@@ -32,8 +31,7 @@ def run(args: argparse.Namespace, out: Style) -> int:
     check_device(args.device)
     config = config_file(args.config)
     target = Path(args.lock).expanduser().absolute() if args.lock else default_lock_path(config)
-    pool, models, heads = prepare_pool(config, instantiate=not args.no_instantiate)
-    pool.allow_globals |= parse_allow_globals(args.allow_global)
+    pool, models, heads = pool_from_args(config, args)
     records: dict[str, dict[str, Any]] = {}
     report = verify_pool(pool, models, heads, config_label=str(config.absolute()), device=args.device,
                          debug=args.debug, records=records, lock_dir=target.parent)

@@ -26,7 +26,7 @@ from .report import Style, human_count, human_time, paragraph, table
 from .verify import cache_label, orphan_results, prepare_pool, verify_order, verify_pool
 from .verify_report import EntryResult, HeadCheck, VerifyReport, versions
 
-__all__ = ["run", "check_device", "config_file"]
+__all__ = ["run", "check_device", "config_file", "pool_from_args"]
 
 
 def run(args: argparse.Namespace, out: Style) -> int:
@@ -107,13 +107,24 @@ def config_file(value: str) -> Path:
     return config
 
 
+def pool_from_args(config: Path, args: argparse.Namespace) -> tuple[OpenCLIPVisionModelPool, list[Entry], list[Entry]]:
+    """The pool CONFIG describes, read as ``--no-instantiate`` says, accepting ``--allow-global``'s
+    globals (what ``verify``, ``lock`` and ``atlas`` all start from; `pool.verify.prepare_pool`).
+
+    Raises:
+        ConfigError: the config cannot be used (every problem listed).
+    """
+    pool, models, heads = prepare_pool(config, instantiate=not args.no_instantiate)
+    pool.allow_globals |= parse_allow_globals(args.allow_global)
+    return pool, models, heads
+
+
 def _verify(args: argparse.Namespace, out: Style, config: Path, label: str, note: str | None, *,
             cache: bool = True) -> int:
     """Verify the pool ``config`` describes, print the report, and return the exit status (130
     after a partial report when interrupted)."""
     lock = _read_lock(args, config if cache else None)
-    pool, models, heads = prepare_pool(config, instantiate=not args.no_instantiate)
-    pool.allow_globals |= parse_allow_globals(args.allow_global)
+    pool, models, heads = pool_from_args(config, args)
     if not cache:  # the embedded default: a temporary tree, nothing worth caching
         pool.cache_dir = False
     integrity = not args.no_integrity
