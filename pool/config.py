@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,7 @@ def check_keys(keys: list[str], *, where: str) -> None:
     Raises:
         ConfigError: a key is a near miss, naming the key it was probably meant to be.
     """
-    for key in keys:
-        if key in _KNOWN_KEYS or key.startswith("_"):
-            continue
-        close = _near_miss(key, _KNOWN_KEYS)
+    for key, close in _unknown_keys(keys, _KNOWN_KEYS):
         if close:
             raise ConfigError(f"{where}: unknown key {key!r}; did you mean {close!r}? (Known keys: "
                               f"{', '.join(_KNOWN_KEYS)}; other keys are kept only for interpolations.)")
@@ -92,6 +89,14 @@ def _near_miss(key: str, known: tuple[str, ...]) -> str | None:
     """The known key ``key`` is probably a typo of (``classification_head``, ``model_nme``), or None."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
     return close[0] if close else None
+
+
+def _unknown_keys(keys: Iterable[Any], known: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+    """Each key that is neither known nor private (``_...``), with the known key it is a near miss
+    of (`_near_miss`), or None."""
+    for key in (str(k) for k in keys):
+        if key not in known and not key.startswith("_"):
+            yield key, _near_miss(key, known)
 
 
 def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None:
@@ -114,10 +119,7 @@ def check_entry_keys(section: str, name: str, entry: Any, *, where: str) -> None
     """
     if not isinstance(entry, Mapping) or "_target_" in entry:  # a DictConfig is a Mapping
         return
-    for key in (str(k) for k in entry.keys()):
-        if key in _ENTRY_KEYS or key.startswith("_"):
-            continue
-        close = _near_miss(key, _ENTRY_KEYS)
+    for key, close in _unknown_keys(entry.keys(), _ENTRY_KEYS):
         if close:
             raise ConfigError(f"{where}: {section}.{name}: unknown key {key!r}; did you mean {close!r}? "
                               f"(Known keys of an entry: {', '.join(_ENTRY_KEYS)}.)")
