@@ -94,15 +94,6 @@ def bpe_merges(path: Path) -> list[tuple[str, str]]:
     return merges  # type: ignore[return-value]  # every tuple has two items (checked)
 
 
-def _byte_symbols() -> list[str]:
-    """The 256 printable symbols byte-level BPE writes the bytes 0..255 as, in vocabulary order
-    (open_clip's and OpenAI's ``bytes_to_unicode``: printable bytes stand for themselves, the others
-    are shifted past 255)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(rest))]
-
-
 def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """CLIP's vocabulary, token -> id, as ``SimpleTokenizer`` numbers it (transformers' special-token names).
 
@@ -117,7 +108,11 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
         >>> vocab["!"], vocab["!</w>"], vocab["th"], vocab["the</w>"], vocab["<|endoftext|>"]
         (0, 256, 512, 513, 515)
     """
-    symbols = _byte_symbols()
+    # open_clip's own byte -> symbol table (printable bytes stand for themselves, the others are shifted
+    # past 255); a writer of these files has built an encoder, so open_clip is imported already
+    from open_clip.tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
     tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
     return {token: i for i, token in enumerate(tokens)}
 
