@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from .cache_format import checkpoint_metadata
 from .cache_index import CacheIndex
 from .containers.base import Checkpoint, ReadOptions
 from .transfer import OpenFile
-from .writer import contiguous_unshared, safetensors_layout, write_checked
+from .writer import contiguous_unshared, safetensors_layout, write_bytes_atomic, write_checked
 
 __all__ = ["CacheStore"]
 
@@ -99,16 +98,9 @@ class CacheStore(CacheIndex):
 
     def _commit(self, key: str, record: dict[str, Any], entry: Path | None = None) -> None:
         """Replace the index in one rename, then remove what it no longer names (we hold the lock)."""
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / f"{key}.json")
+        try:  # a per-user cache: its index stays private too
+            write_bytes_atomic(self.folder / f"{key}.json", json.dumps(record, indent=1).encode("utf-8"), mode=0o600)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             if entry is not None:
                 with contextlib.suppress(OSError):
                     entry.unlink()

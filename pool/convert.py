@@ -21,9 +21,6 @@ face; one file is `pool.convert_single`, a transformers folder `pool.hf_export`.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +40,7 @@ from .convert_single import (
 )
 from .errors import CheckpointError, DestinationExistsError, PoolError
 from .hf_export import convert_to_hf
-from .writer import written_mode
+from .writer import write_bytes_atomic
 
 __all__ = ["ConvertResult", "DestinationExistsError", "TreePlan", "convert_file", "convert_to_hf", "plan_tree",
            "convert_tree", "sha256_file"]
@@ -292,13 +289,4 @@ def _write_config(config: Path, group: Path, members: Iterable[TreeItem], by_sou
     text = (f"{_CONFIG_HEADER} from the .pt files under {group.absolute()}\n"
             "# safetensors copies, bit-identical tensors; `python -m pool verify` this file to check them.\n"
             + body)
-    fd, tmp = tempfile.mkstemp(dir=config.parent, prefix=f".{config.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), written_mode(config))  # mkstemp makes it 0600; shared like its files
-            f.write(text)
-        os.replace(tmp, config)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(config, text.encode("utf-8"))  # shared like its files (`written_mode`)

@@ -267,14 +267,15 @@ def _write_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str], d
     return destination.stat().st_size
 
 
-def write_bytes_atomic(destination: Path, data: bytes) -> None:
-    """Write a small file (a lock file, a report, a figure) atomically: a temporary file beside it,
-    fsynced, given the mode `written_mode` decides, then renamed over ``destination``; an
+def write_bytes_atomic(destination: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write a small file (a lock file, a config, an index, a report, a figure) atomically: a
+    temporary file beside it, fsynced, given its mode, then renamed over ``destination``; an
     interrupted write leaves the old file whole and no temporary file behind.
 
     Args:
         destination: the file to write or replace (its folder must exist).
         data: its bytes.
+        mode: its permission bits; None: what `written_mode` decides.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     try:
@@ -282,7 +283,7 @@ def write_bytes_atomic(destination: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, written_mode(destination))
+        os.chmod(tmp, written_mode(destination) if mode is None else mode)
         os.replace(tmp, destination)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
